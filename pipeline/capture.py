@@ -1,0 +1,42 @@
+"""Stage `capture`: stream layer-boundary statistics of the dense model over the calibration blocks.
+
+    dvc repro capture     # params: capture  ->  artifacts/capture/{stats.safetensors, stats.json}
+"""
+
+import logging
+
+from safetensors.torch import load_file, save_file
+
+from layerfold.capture import capture_statistics
+from layerfold.io import atomic_dir, write_json
+from layerfold.models import load_checkpoint
+from layerfold.scoring.similarity import block_influence
+from layerfold.stage import BASE, CALIBRATION, CAPTURE, start
+
+
+def main() -> None:
+    stage = start("capture")
+    model, _ = load_checkpoint(BASE, stage.device, stage.dtype)
+    blocks = load_file(CALIBRATION / "blocks.safetensors")["input_ids"]
+    stats = capture_statistics(model, blocks, stage.params.capture.batch_size)
+    bi = block_influence(stats.cosine)
+    with atomic_dir(CAPTURE) as tmp:
+        save_file({k: v.contiguous() for k, v in stats.tensors().items()}, tmp / "stats.safetensors")
+        write_json(
+            tmp / "stats.json",
+            {
+                "num_layers": len(bi),
+                "tokens": stats.tokens,
+                "sequences": stats.sequences,
+                "device": str(stage.device),
+                "dtype": str(stage.dtype).replace("torch.", ""),
+                "block_influence": [float(v) for v in bi],
+                "cosine": stats.cosine.tolist(),
+                "last_token_angular": stats.last_token_angular.tolist(),
+            },
+        )
+    logging.info("lowest-BI layers: %s", sorted(range(len(bi)), key=lambda i: float(bi[i]))[:8])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Stage `evaluate@<name>`: perplexity, lm-eval benchmarks and efficiency of one checkpoint.
+
+    dvc repro evaluate@dense evaluate@compressed   # params: eval  ->  metrics/<name>.json
+
+Usage: python -m pipeline.evaluate <name> <checkpoint dir>
+"""
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from layerfold.evaluation.efficiency import device_name, measure_efficiency
+from layerfold.evaluation.perplexity import perplexity
+from layerfold.io import write_json
+from layerfold.models import describe, load_checkpoint
+from layerfold.stage import EVAL_DATA, METRICS, start
+from layerfold.tracking import init_run
+
+PPL_TEXT = {"wikitext2": "wikitext2_test.txt", "c4": "c4.txt"}
+
+
+def main(name: str, checkpoint: str) -> None:
+    stage = start(f"evaluate@{name}")
+    cfg = stage.params.eval
+    run = init_run(stage.params, f"evaluate-{name}")
+    model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)
+    metrics: dict = {"model": describe(model), "device": device_name(stage.device), "dtype": str(model.dtype).replace("torch.", "")}
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    metrics["perplexity"] = {}
+    for dataset in cfg.perplexity.datasets:
+        if dataset not in PPL_TEXT:
+            raise ValueError(f"Unknown perplexity dataset '{dataset}'; choose from {sorted(PPL_TEXT)}.")
+        text = (EVAL_DATA / PPL_TEXT[dataset]).read_text(encoding="utf-8")
+        p = cfg.perplexity
+        metrics["perplexity"][dataset] = perplexity(model, tokenizer, text, p.seq_len, p.max_windows, p.add_bos, p.batch_size, desc=f"ppl {dataset}")
+        logging.info("%s perplexity: %.3f", dataset, metrics["perplexity"][dataset]["perplexity"])
+    timings["perplexity_s"] = time.perf_counter() - started
+
+    if cfg.lm_eval.tasks:
+        from layerfold.evaluation.harness import run_lm_eval, write_task_configs
+
+        started = time.perf_counter()
+        benchmarks = EVAL_DATA / "benchmarks"
+        with tempfile.TemporaryDirectory() as task_dir:
+            local = write_task_configs(benchmarks, Path(task_dir)) if benchmarks.exists() else None
+            le = cfg.lm_eval
+            metrics["lm_eval"] = run_lm_eval(
+                model, tokenizer, list(le.tasks), dict(le.num_fewshot), le.batch_size, le.limit, local, le.max_length, le.bootstrap_iters
+            )
+        metrics["lm_eval_settings"] = {"limit": cfg.lm_eval.limit, "num_fewshot": dict(cfg.lm_eval.num_fewshot), "local_tasks": local is not None}
+        timings["lm_eval_s"] = time.perf_counter() - started
+
+    if cfg.efficiency.enabled:
+        e = cfg.efficiency
+        metrics["efficiency"] = measure_efficiency(model, e.batch_size, e.prompt_len, e.new_tokens, e.repeats, stage.params.runtime.seed)
+    metrics["wall_time"] = {k: round(v, 2) for k, v in timings.items()}
+    write_json(METRICS / f"{name}.json", metrics)
+    run.log(_flatten(metrics))
+    run.finish()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m pipeline.evaluate <name> <checkpoint dir>")
+    main(sys.argv[1], sys.argv[2])

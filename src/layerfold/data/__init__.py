@@ -1,0 +1,1 @@
+"""Datasets: calibration text, evaluation corpora and offline benchmark files."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, lm-eval benchmarks and efficiency measurements."""

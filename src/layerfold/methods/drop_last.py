@@ -1,0 +1,19 @@
+"""Drop the last ``n`` decoder layers (keeping the final norm and LM head): the simplest baseline."""
+
+from dataclasses import dataclass
+
+from layerfold.methods import MethodContext, check_target, register
+
+
+@dataclass
+class DropLastConfig:
+    name: str = "drop_last"
+    num_remove: int = 8
+
+
+@register("drop_last", DropLastConfig)
+def drop_last(ctx: MethodContext, cfg: DropLastConfig) -> dict:
+    check_target(ctx, cfg.num_remove)
+    chosen = list(range(ctx.num_layers - cfg.num_remove, ctx.num_layers))
+    ctx.remove(chosen)
+    return {"removed_layers": chosen}

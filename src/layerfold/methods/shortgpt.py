@@ -1,0 +1,24 @@
+"""ShortGPT (Men et al., 2024): remove the ``n`` layers with the lowest Block Influence, in one shot.
+
+``BI_i = 1 - E_t[cos(h_i, h_{i+1})]`` over calibration tokens, with ``h`` the pre-norm residual stream.
+"""
+
+from dataclasses import dataclass
+
+from layerfold.methods import MethodContext, check_target, register
+from layerfold.scoring.similarity import block_influence, lowest
+
+
+@dataclass
+class ShortGPTConfig:
+    name: str = "shortgpt"
+    num_remove: int = 8
+
+
+@register("shortgpt", ShortGPTConfig)
+def shortgpt(ctx: MethodContext, cfg: ShortGPTConfig) -> dict:
+    check_target(ctx, cfg.num_remove)
+    bi = block_influence(ctx.dense_stats().cosine)
+    chosen = lowest(bi, cfg.num_remove)
+    ctx.remove(chosen)
+    return {"block_influence": [round(float(v), 6) for v in bi], "removed_layers": chosen}

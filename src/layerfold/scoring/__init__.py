@@ -1,0 +1,1 @@
+"""Layer and channel scores: pure functions over captured statistics."""

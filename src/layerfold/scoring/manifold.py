@@ -1,0 +1,413 @@
+"""MKA layer similarity: diffusion-map manifolds and the NPIB score (Liu et al., EMNLP 2024).
+
+Pipeline (``research/methods.md`` section 3.2, formulas as in the released ``pipeline.py``)::
+
+    features_l (N, D)  --diffusion_map-->  (N, dim)  --rank_normalise-->  Y_l (N, dim) in [0, 1)
+    S_ij = MI(Y_i, Y_j) / sqrt(H(Y_i) H(Y_j))                             (npib_similarity)
+    pair  = most similar adjacent pair (paper) ; alpha = S_lm (paper) or sigmoid ratio (code)
+
+Deliberate departures from the released code (section 3.4), all documented where they happen:
+
+- The kernel is built over **calibration samples** (one row per sample). The released code meant to
+  do this but, through ``L2_distance_chunked``/``next(...)``, built it over the first token rows of
+  prompt 0 only.
+- The NPIB denominator is guarded against negative kNN entropies (``guard=``), NaN is replaced by 0,
+  and the matrix is symmetrised; ``guard="none"`` keeps the released behaviour for parity runs.
+
+Everything is computed in float64 with numpy/scikit-learn; the functions are pure and
+deterministic (the only randomness, the jitter ``mutual_info_regression`` adds, is seeded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.feature_selection import mutual_info_regression
+from sklearn.neighbors import NearestNeighbors
+
+ArrayLike = np.ndarray | torch.Tensor
+
+GUARDS = ("abs", "shift", "none")
+ALPHA_MODES = ("paper", "code")
+
+# Feature columns converted to float64 at a time when building the Gram matrix: bounds the extra
+# memory to N x 65536 doubles even when a sample is a flattened (tokens x hidden) activation.
+_FEATURE_CHUNK = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion map
+# --------------------------------------------------------------------------------------------
+
+
+def _rows(features: ArrayLike) -> ArrayLike:
+    """View ``features`` as ``(N, F)``: one row per sample, trailing axes flattened.
+
+    A ``(N, T, d)`` activation stack becomes ``(N, T*d)``, so the distance between two samples is
+    the Frobenius distance between their activation matrices: the sample x sample kernel the
+    released code intended (its bug took token rows of prompt 0 instead).
+    """
+    if features.ndim < 2:
+        raise ValueError(f"features must be (N samples, D features), got shape {tuple(features.shape)}")
+    return features.reshape(features.shape[0], -1)
+
+
+def _chunk_f64(x: ArrayLike, start: int, stop: int) -> np.ndarray:
+    """Columns ``start:stop`` of a 2-D array or tensor as a fresh float64 numpy array.
+
+    Always a copy: the caller centres it in place, which must never write into the input.
+    """
+    chunk = x[:, start:stop]
+    if isinstance(chunk, torch.Tensor):
+        return chunk.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
+    return np.array(chunk, dtype=np.float64, copy=True)
+
+
+def _pairwise_l2(features: ArrayLike) -> np.ndarray:
+    """Euclidean distances between the rows of ``features``, ``(N, N)`` float64, exact-zero diagonal.
+
+    Uses ``|a|^2 + |b|^2 - 2 a.b`` (one BLAS product per feature chunk, like the released code) but
+    on column-centred data: distances are translation invariant, and LLM hidden states carry large
+    shared offsets (outlier dimensions) that would otherwise cancel catastrophically. The precision
+    matters because the kernel takes sqrt(distance), which turns a 1e-8 rounding residue on a
+    duplicate pair into a 1e-4 change of its kernel entry.
+    """
+    x = _rows(features)
+    n, f = x.shape
+    gram = np.zeros((n, n), dtype=np.float64)
+    for start in range(0, f, _FEATURE_CHUNK):
+        chunk = _chunk_f64(x, start, min(start + _FEATURE_CHUNK, f))
+        chunk -= chunk.mean(axis=0, keepdims=True)
+        gram += chunk @ chunk.T
+    sq_norms = np.diag(gram)
+    # Rounding can leave tiny negatives; the code takes abs(), clamping at 0 is the same up to 1 ulp.
+    sq_dist = np.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram, 0.0)
+    dist = np.sqrt(sq_dist)
+    # A point's distance to itself is 0 by definition, not whatever the rounding left.
+    np.fill_diagonal(dist, 0.0)
+    # Exact symmetry, so that A below is exactly symmetric and U == V in its SVD.
+    return 0.5 * (dist + dist.T)
+
+
+def diffusion_map(
+    features: ArrayLike, sigma: float = 8.0, alpha: float = 0.5, dim: int = 2
+) -> np.ndarray:
+    """MKA diffusion-map embedding of calibration samples, ``(N, D) -> (N, dim)`` float64.
+
+    Args:
+        features: ``(N, D)`` one row per calibration sample (a ``(N, T, d)`` stack is flattened to
+            ``(N, T*d)``); numpy or torch, any float dtype.
+        sigma: kernel scale ``sigma_K`` (code default 8).
+        alpha: density-normalisation exponent (code default 0.5).
+        dim: embedding dimension ``d`` (code default 2).
+
+    Returns:
+        ``Y`` of shape ``(N, dim)``: the diffusion coordinates ``psi_1 .. psi_dim``. Each column is
+        defined up to sign (SVD), which is deterministic for a given input and irrelevant to the
+        rank/MI/entropy statistics computed downstream.
+    """
+    n = features.shape[0]
+    if n < dim + 1:
+        raise ValueError(f"need at least dim + 1 = {dim + 1} samples, got {n}")
+
+    # D_ij = ||x_i - x_j||_2 between calibration samples.
+    dist = _pairwise_l2(features)
+
+    # K_ij = exp(-(D_ij / sigma)^(1/2)): a Laplacian-type kernel on sqrt-distance, not a Gaussian
+    # (exactly as coded). exp(-c |x - y|^b) is positive definite for 0 < b <= 2 (Schoenberg), so
+    # A below is symmetric positive definite and its SVD is its eigendecomposition.
+    kernel = np.exp(-np.sqrt(dist / sigma))
+
+    # Coifman-Lafon alpha-normalisation: divide by (p_i p_j)^alpha, p = kernel density estimate,
+    # so that the embedding reflects the manifold's geometry rather than the sampling density
+    # (alpha = 0.5 is the Fokker-Planck normalisation).
+    p = kernel.sum(axis=0)
+    k1 = kernel / np.outer(p, p) ** alpha
+
+    # Symmetric normalisation A = V^-1/2 K1 V^-1/2, v_i^2 = degree of i: A is conjugate to the
+    # Markov matrix V^-1 K1, so its top singular vector is ~ v (eigenvalue 1) and the next ones give
+    # the diffusion coordinates after dividing by it.
+    v = np.sqrt(k1.sum(axis=0))
+    a = k1 / np.outer(v, v)
+
+    # The code's safeguard: if A is numerically singular (cond = inf), add a growing ridge
+    # (1e-6 I, then x10 per retry, at most 10 times) so the SVD is well defined.
+    cond = np.linalg.cond(a)
+    ridge = 1e-6
+    for _ in range(10):
+        if np.isfinite(cond):
+            break
+        a = a + np.eye(n) * ridge
+        cond = np.linalg.cond(a)
+        ridge *= 10.0
+
+    # As coded: NaN -> 0 and entries below 1e-12 in magnitude raised to 1e-12 (kernel entries that
+    # underflowed for far-apart samples), so no row of A is exactly zero.
+    a = np.nan_to_num(a)
+    a[np.abs(a) < 1e-12] = 1e-12
+
+    u, _, _ = np.linalg.svd(a, full_matrices=False)
+    u = u[:, : dim + 1].copy()
+    # psi_k = phi_k / phi_0 turns eigenvectors of the symmetric A into right eigenvectors of the
+    # Markov matrix (the diffusion coordinates). phi_0 ~ v has one sign and no zeros in exact
+    # arithmetic; the code's 1e-8 replacement only protects against a degenerate zero.
+    u[:, 0] = np.where(u[:, 0] == 0, 1e-8, u[:, 0])
+    u = u / u[:, :1]
+    # Column 0 is now constant 1 (the trivial coordinate); keep psi_1 .. psi_dim.
+    return u[:, 1 : dim + 1]
+
+
+def rank_normalise(y: np.ndarray) -> np.ndarray:
+    """Per-column ranks scaled to ``[0, 1)``: ``argsort(argsort(y, 0), 0) / N``, shape kept.
+
+    Non-finite entries become 0 first (as coded), so a blown-up coordinate cannot poison the ranks.
+    Ranks make the embedding invariant to monotone distortions of each coordinate (and to the
+    arbitrary sign of each diffusion coordinate, up to a reflection that kNN statistics ignore).
+    A stable sort makes ties (e.g. several zeros) resolve by sample order, deterministically.
+    """
+    y = np.nan_to_num(np.asarray(y, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    ranks = np.argsort(np.argsort(y, axis=0, kind="stable"), axis=0, kind="stable")
+    return ranks / y.shape[0]
+
+
+def layer_embeddings(
+    features_per_layer: Sequence[ArrayLike],
+    sigma: float = 8.0,
+    alpha: float = 0.5,
+    dim: int = 2,
+) -> list[np.ndarray]:
+    """``rank_normalise(diffusion_map(f))`` for every layer: ``L x (N, D_l) -> L x (N, dim)``.
+
+    All layers must see the same ``N`` calibration samples in the same order: the NPIB compares
+    layers sample by sample.
+    """
+    counts = {f.shape[0] for f in features_per_layer}
+    if len(counts) > 1:
+        raise ValueError(f"every layer needs the same calibration samples, got sample counts {sorted(counts)}")
+    return [rank_normalise(diffusion_map(f, sigma=sigma, alpha=alpha, dim=dim)) for f in features_per_layer]
+
+
+# --------------------------------------------------------------------------------------------
+# NPIB
+# --------------------------------------------------------------------------------------------
+
+
+def _as_2d(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    return y.reshape(-1, 1) if y.ndim == 1 else y
+
+
+def knn_entropy(y: np.ndarray, k: int = 50) -> float:
+    """kNN entropy estimate of ``y`` ``(N, d)`` as coded: ``-mean log(k / (N r_k^d))`` in nats.
+
+    ``r_k`` is each point's Euclidean distance to its k-th nearest other point; ``k`` is clamped to
+    ``N - 1`` and ``N < 2`` gives 0 (both as coded).
+
+    This is the Kozachenko-Leonenko estimator without the unit-ball volume and digamma terms
+    (``log pi`` short for ``d = 2``), so it can be, and on rank-normalised embeddings in
+    ``[0, 1)^d`` (true differential entropy <= 0) usually is, **negative**; see
+    :func:`npib_similarity` for what that does to the NPIB. Distances are floored at the smallest
+    normal float so that duplicated points give a large finite value instead of ``-inf``.
+    """
+    y = _as_2d(y)
+    n, d = y.shape
+    if n < 2:
+        return 0.0
+    k = min(k, max(1, n - 1))
+    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(y).kneighbors(y)
+    # Column 0 is the point itself (distance 0); the last column is the k-th other point.
+    r_k = np.maximum(distances[:, -1], np.finfo(np.float64).tiny)
+    return float(-np.mean(np.log(k / (n * r_k**d))))
+
+
+def mutual_information(y_i: np.ndarray, y_j: np.ndarray, n_neighbors: int = 5, seed: int = 0) -> float:
+    """MKA's MI between two layer embeddings ``(N, d_i)`` and ``(N, d_j)``, in nats, ``>= 0``.
+
+    As coded: for each coordinate ``k`` of ``y_j``, ``mutual_info_regression(y_i, y_j[:, k])``
+    gives one KSG estimate per coordinate of ``y_i`` (marginal, not joint); average those, then
+    average over ``k``. Not symmetric in ``(i, j)`` in general. ``n_neighbors`` is clamped to
+    ``N - 1`` (as coded); ``seed`` fixes the small jitter scikit-learn adds to break ties, which
+    makes the estimate deterministic.
+    """
+    y_i, y_j = _as_2d(y_i), _as_2d(y_j)
+    n = y_i.shape[0]
+    if y_j.shape[0] != n:
+        raise ValueError(f"embeddings must share samples: {n} vs {y_j.shape[0]} rows")
+    if n < 2:
+        return 0.0
+    n_neighbors = min(n_neighbors, max(1, n - 1))
+    per_target = [
+        float(
+            np.mean(
+                mutual_info_regression(
+                    y_i, y_j[:, k], discrete_features=False, n_neighbors=n_neighbors, random_state=seed
+                )
+            )
+        )
+        for k in range(y_j.shape[1])
+    ]
+    return float(np.mean(per_target))
+
+
+def npib_similarity(
+    embeddings: list[np.ndarray],
+    n_neighbors: int = 5,
+    k_entropy: int = 50,
+    guard: str = "abs",
+    *,
+    clip: bool = False,
+    eps: float = 1e-6,
+    seed: int = 0,
+) -> np.ndarray:
+    """Normalised pairwise information bottleneck between layers, ``(L, L)`` float64, symmetric.
+
+    ``S_ij = MI(i, j) / sqrt(H_i H_j)`` over the layer embeddings ``embeddings[l]`` of shape
+    ``(N, dim)`` (normally from :func:`layer_embeddings`), with ``MI`` from
+    :func:`mutual_information` and ``H`` from :func:`knn_entropy`. Because the MI estimate is not
+    exactly symmetric, ``S`` is the mean of the ``(i, j)`` and ``(j, i)`` estimates (the code
+    computed ``i <= j`` only and mirrored it).
+
+    **Entropy guard.** The kNN entropy can be negative (it drops the ball-volume term, and
+    rank-normalised data in the unit square have entropy <= 0 anyway). If ``H_i`` and ``H_j`` have
+    opposite signs the released code takes the sqrt of a negative number, so ``S_ij`` is NaN and
+    poisons the fusion ratios (MKA issue #4). Options:
+
+    - ``"abs"`` (default): use ``max(|H|, eps)``. When both entropies are negative (the common
+      case) ``sqrt(|H_i| |H_j|) = sqrt(H_i H_j)``, so this equals the released code wherever that
+      is finite; it differs only where the code gives NaN. ``-H`` of a rank-normalised embedding is
+      the (biased) copula negentropy, a fine positive scale.
+    - ``"shift"``: ``H - min(H) + eps`` over all layers, positive and order preserving, but the
+      layer with the smallest entropy gets a denominator ~``sqrt(eps)`` and hence a huge row; use a
+      larger ``eps`` (e.g. 1 nat) for a meaningful shift. Kept as an ablation.
+    - ``"none"``: raw ``H``, the released code's behaviour, for parity runs. The matrix is returned
+      raw: NaN kept, no clipping, diagonal = the self-NPIB ``MI(i, i) / |H_i|`` (not 1).
+
+    **Range (decision).** With ``"abs"``/``"shift"``, NaN becomes 0, ``S >= 0`` (KSG MI is
+    already clipped at 0 by scikit-learn) and the diagonal is set to 1 (a layer is maximally
+    similar to itself). The upper end is **not clipped by default**: the ratio is not bounded by 1
+    (the MI of a continuous variable with itself is unbounded; on rank-normalised 2-D diffusion maps
+    the self-NPIB is about 2.2, and on a synthetic residual stream with small per-layer updates
+    every adjacent pair scored 1.0-1.5). Clipping at 1 would then tie all adjacent pairs, and the
+    tie-break of :func:`most_similar_adjacent_pair` would silently reproduce the code's
+    "always merge the last pair". ``clip=True`` clips to ``[0, 1]`` when a bounded score is needed
+    (heatmaps); :func:`merge_alpha` clamps ``alpha`` to ``[0, 1]`` itself. So without ``clip`` an
+    off-diagonal entry can exceed the conventional diagonal 1 (two identical layers score ~2.2);
+    the diagonal only enters the code-mode row means of :func:`merge_alpha`.
+
+    Args:
+        embeddings: ``L`` arrays of shape ``(N, dim)``, same ``N`` samples in the same order.
+        n_neighbors: KSG neighbours for the MI (code default 5).
+        k_entropy: neighbours for the entropy (code default 50; clamped to ``N - 1``).
+        guard: ``"abs"`` | ``"shift"`` | ``"none"`` as above.
+        clip: clip the guarded matrix to ``[0, 1]`` (ignored for ``"none"``).
+        eps: floor for ``|H|`` (``"abs"``) or margin of the shift (``"shift"``).
+        seed: random state of scikit-learn's MI jitter.
+
+    Returns:
+        ``S`` of shape ``(L, L)``.
+    """
+    if guard not in GUARDS:
+        raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
+    embeddings = [_as_2d(e) for e in embeddings]
+    counts = {e.shape[0] for e in embeddings}
+    if len(counts) > 1:
+        raise ValueError(f"every layer needs the same calibration samples, got sample counts {sorted(counts)}")
+    n_layers = len(embeddings)
+
+    # One entropy per layer (the code recomputed it for every pair; same value).
+    entropy = np.array([knn_entropy(e, k=k_entropy) for e in embeddings])
+    if guard == "abs":
+        entropy = np.maximum(np.abs(entropy), eps)
+    elif guard == "shift":
+        entropy = entropy - entropy.min() + eps
+    with np.errstate(invalid="ignore"):
+        # NaN where H_i H_j < 0 under guard="none", exactly as numpy does in the released code.
+        denominator = np.sqrt(np.outer(entropy, entropy))
+
+    mi = np.zeros((n_layers, n_layers))
+    for i in range(n_layers):
+        for j in range(n_layers):
+            # The guarded diagonal is overwritten with 1 below, so skip its (costly) estimate.
+            if i != j or guard == "none":
+                mi[i, j] = mutual_information(embeddings[i], embeddings[j], n_neighbors=n_neighbors, seed=seed)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = mi / denominator
+    s = 0.5 * (s + s.T)
+    if guard == "none":
+        return s
+
+    s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+    s = np.clip(s, 0.0, 1.0) if clip else np.maximum(s, 0.0)
+    np.fill_diagonal(s, 1.0)
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Merge decisions
+# --------------------------------------------------------------------------------------------
+
+
+def most_similar_adjacent_pair(similarity: np.ndarray, active: Sequence[int] | None = None) -> tuple[int, int]:
+    """The adjacent pair ``(l, m)`` with the highest ``S_lm`` in the current layer order (paper).
+
+    Args:
+        similarity: ``(L, L)`` over the original layers (computed once, as MKA does).
+        active: original indices of the layers still present, in model order (default
+            ``range(L)``); after merging ``m`` into ``l``, drop ``m`` from it.
+
+    Returns:
+        ``(active[t], active[t + 1])`` maximising ``S``; ties go to the later pair (the deeper
+        layers, which the layer-pruning literature finds most redundant); NaN scores never win.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    order = list(range(similarity.shape[0])) if active is None else list(active)
+    if len(order) < 2:
+        raise ValueError("need at least two active layers to pick a pair")
+    scores = np.array([similarity[a, b] for a, b in zip(order[:-1], order[1:])])
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    if np.all(np.isneginf(scores)):
+        raise ValueError("no finite similarity between adjacent active layers")
+    # Last occurrence of the maximum: scan the reversed scores.
+    t = len(scores) - 1 - int(np.argmax(scores[::-1]))
+    return order[t], order[t + 1]
+
+
+def _sigmoid(x: float) -> float:
+    """Logistic function without overflow for large ``|x|``."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def merge_alpha(similarity: np.ndarray, l: int, m: int, mode: str = "paper", beta: float = 1.0) -> float:
+    """Weight ``alpha`` on layer ``l`` in ``theta = alpha theta_l + (1 - alpha) theta_m``.
+
+    - ``"paper"``: ``alpha = S_lm`` clamped to ``[0, 1]`` (the paper's heuristic). NPIB values above
+      1 are common for near-identical layers, which gives ``alpha = 1``: keep ``l``, drop ``m``.
+    - ``"code"``: the released ``compute_fusion_ratios``: ``s_l, s_m`` = row means of ``S`` (diagonal
+      included), ``r = s_l / (s_l + s_m)``, ``alpha = sigmoid(beta r)``. With ``r ~ 0.5`` this is
+      ~0.62 whatever the layers.
+
+    Raises:
+        ValueError: for an unknown mode or a non-finite ``alpha`` (a NaN weight would corrupt the
+            merged layer silently).
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if mode == "paper":
+        alpha = float(np.clip(similarity[l, m], 0.0, 1.0))
+    elif mode == "code":
+        s_l = float(np.mean(similarity[l, :]))
+        s_m = float(np.mean(similarity[m, :]))
+        total = s_l + s_m
+        ratio = s_l / total if total != 0 else math.nan
+        alpha = _sigmoid(beta * ratio) if math.isfinite(ratio) else math.nan
+    else:
+        raise ValueError(f"mode must be one of {ALPHA_MODES}, got {mode!r}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"merge weight for layers ({l}, {m}) is not finite (S_lm = {similarity[l, m]})")
+    return alpha

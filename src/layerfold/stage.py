@@ -1,0 +1,57 @@
+"""What every pipeline stage does first: read params, pick device and dtype, seed, find paths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from layerfold.config import load_params
+from layerfold.models.sources import resolve_device, resolve_dtype
+
+# Fixed artifact locations: stable paths keep `dvc exp show` columns aligned across experiments.
+BASE = Path("artifacts/base")
+CAPTURE = Path("artifacts/capture")
+COMPRESSED = Path("artifacts/compressed")
+PREPARED = Path("data/prepared")
+CALIBRATION = PREPARED / "calibration"
+EVAL_DATA = PREPARED / "eval"
+METRICS = Path("metrics")
+REPORTS = Path("reports")
+
+
+@dataclass
+class Stage:
+    name: str
+    params: DictConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+def start(name: str, params_path: str | Path = "params.yaml") -> Stage:
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    params = load_params(params_path)
+    seed = params.runtime.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    device = resolve_device(params.runtime.device)
+    return Stage(name, params, device, resolve_dtype(params.runtime.dtype, device))
+
+
+def expand(path: str | None) -> str | None:
+    """Expand ``$VARS`` and ``~`` in a configured path at run time (params.yaml stays machine-free)."""
+    if path is None:
+        return None
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    if "$" in expanded:
+        raise FileNotFoundError(f"Path '{path}' uses an environment variable that is not set; export it first.")
+    return expanded

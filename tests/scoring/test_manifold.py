@@ -1,0 +1,200 @@
+"""MKA manifold + NPIB scoring on hand-made data (research/methods.md section 3)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from layerfold.scoring.manifold import (
+    diffusion_map,
+    knn_entropy,
+    layer_embeddings,
+    merge_alpha,
+    most_similar_adjacent_pair,
+    mutual_information,
+    npib_similarity,
+    rank_normalise,
+)
+
+N_SAMPLES, N_FEATURES = 200, 16
+
+
+def _anisotropic(rng: np.random.Generator, n: int = N_SAMPLES, d: int = N_FEATURES) -> np.ndarray:
+    """Gaussian cloud with well-separated axis scales, so the leading diffusion coordinates are
+    well separated too (an isotropic cloud has near-degenerate ones that rotate under noise)."""
+    return rng.standard_normal((n, d)) * np.geomspace(4.0, 0.25, d)
+
+
+# 1. diffusion map ---------------------------------------------------------------------------
+
+
+def test_diffusion_map_shape_finite_deterministic() -> None:
+    x = _anisotropic(np.random.default_rng(0), n=60)
+    x_before = x.copy()
+    y = diffusion_map(x, dim=2)
+    np.testing.assert_array_equal(x, x_before)  # the input is never modified
+    assert y.shape == (60, 2)
+    assert y.dtype == np.float64
+    assert np.all(np.isfinite(y))
+    np.testing.assert_array_equal(y, diffusion_map(x, dim=2))
+    # torch input (float32) gives the same embedding up to float32 input rounding.
+    y_torch = diffusion_map(torch.from_numpy(x).float(), dim=2)
+    signs = np.sign(np.sum(y * y_torch, axis=0))
+    np.testing.assert_allclose(y_torch * signs, y, rtol=1e-4, atol=1e-4)
+    assert diffusion_map(x, dim=3).shape == (60, 3)
+
+
+def test_diffusion_map_is_permutation_equivariant() -> None:
+    rng = np.random.default_rng(1)
+    x = _anisotropic(rng, n=80)
+    perm = rng.permutation(80)
+    y = diffusion_map(x)
+    y_perm = diffusion_map(x[perm])
+    back = np.empty_like(y_perm)
+    back[perm] = y_perm  # undo the permutation
+    # Each diffusion coordinate is defined up to sign.
+    signs = np.sign(np.sum(y * back, axis=0))
+    np.testing.assert_allclose(back * signs, y, rtol=1e-7, atol=1e-9)
+
+
+def test_diffusion_map_flattens_per_sample_activation_stacks() -> None:
+    # (N, T, d) is one sample per row, distances over the whole (T, d) block, not token rows.
+    x = np.random.default_rng(2).standard_normal((30, 4, 5))
+    np.testing.assert_array_equal(diffusion_map(x), diffusion_map(x.reshape(30, 20)))
+
+
+def test_rank_normalise() -> None:
+    y = np.array([[3.0, np.nan], [1.0, 5.0], [2.0, -np.inf], [0.5, 2.0]])
+    expected = np.array([[3, 0], [1, 3], [2, 1], [0, 2]]) / 4  # nan, -inf -> 0; tie by sample order
+    np.testing.assert_array_equal(rank_normalise(y), expected)
+
+
+# 2. NPIB ordering ---------------------------------------------------------------------------
+
+
+def test_npib_orders_identical_noisy_and_independent_layers() -> None:
+    rng = np.random.default_rng(0)
+    a = _anisotropic(rng)
+    b = a.copy()
+    c = a + 0.05 * rng.standard_normal(a.shape)
+    d = _anisotropic(rng)
+    s = npib_similarity(layer_embeddings([a, b, c, d]))
+    assert s.shape == (4, 4)
+    np.testing.assert_array_equal(s, s.T)
+    np.testing.assert_array_equal(np.diag(s), np.ones(4))
+    assert s[0, 1] >= s[0, 2] > s[0, 3]
+    assert s[0, 2] > 5 * s[0, 3]
+    # Deterministic (seeded MI jitter).
+    np.testing.assert_array_equal(s, npib_similarity(layer_embeddings([a, b, c, d])))
+
+
+def test_knn_entropy_and_mi_basics() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.uniform(size=(100, 2))
+    # Clamping k to N - 1 keeps tiny inputs valid.
+    assert math.isfinite(knn_entropy(y[:5], k=50))
+    # Scaling by c shifts the estimate by d log c (here 2 log 10).
+    assert knn_entropy(10 * y) - knn_entropy(y) == pytest.approx(2 * math.log(10))
+    assert mutual_information(y, y) > mutual_information(y, rng.uniform(size=(100, 2)))
+    assert mutual_information(y, y) == mutual_information(y, y)  # deterministic
+
+
+# 3. entropy guard ---------------------------------------------------------------------------
+
+
+def _mixed_sign_entropy_embeddings() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((N_SAMPLES, 2))
+    tight = 1e-3 * base  # tightly clustered: very negative kNN entropy
+    wide = 100.0 * (base + 0.1 * rng.standard_normal(base.shape))  # spread out: positive entropy
+    tight2 = 1e-3 * (base + 0.5 * rng.standard_normal(base.shape))  # negative entropy as well
+    return [tight, wide, tight2]
+
+
+def test_guard_default_is_abs() -> None:
+    assert inspect.signature(npib_similarity).parameters["guard"].default == "abs"
+
+
+def test_guard_none_reproduces_nan_and_guards_fix_it() -> None:
+    emb = _mixed_sign_entropy_embeddings()
+    h = [knn_entropy(e) for e in emb]
+    assert h[0] < 0 and h[1] > 0 and h[2] < 0
+
+    raw = npib_similarity(emb, guard="none")
+    # sqrt(H_tight * H_wide) = sqrt(negative): the released code's NaN.
+    assert np.isnan(raw[0, 1]) and np.isnan(raw[1, 2])
+
+    for guard in ("abs", "shift"):
+        s = npib_similarity(emb, guard=guard)
+        assert np.all(np.isfinite(s)) and np.all(s >= 0), guard
+        np.testing.assert_array_equal(s, s.T)
+        np.testing.assert_array_equal(np.diag(s), np.ones(3))
+        clipped = npib_similarity(emb, guard=guard, clip=True)
+        assert np.all(np.isfinite(clipped)) and np.all((clipped >= 0) & (clipped <= 1)), guard
+
+    # Where both entropies are negative the code's value is finite, and "abs" agrees with it.
+    s_abs = npib_similarity(emb, guard="abs")
+    assert s_abs[0, 2] == pytest.approx(raw[0, 2], rel=1e-12)
+
+
+def test_unknown_guard_rejected() -> None:
+    with pytest.raises(ValueError):
+        npib_similarity([np.zeros((10, 2))] * 2, guard="clip")
+
+
+# 4. merge weight ----------------------------------------------------------------------------
+
+S_HAND = np.array([[1.0, 0.8, 0.2], [0.8, 1.0, 0.5], [0.2, 0.5, 1.0]])
+
+
+def test_merge_alpha_paper_vs_code_by_hand() -> None:
+    assert merge_alpha(S_HAND, 0, 1, mode="paper") == pytest.approx(0.8)
+    # s0 = (1 + .8 + .2) / 3 = 2/3 ; s1 = (.8 + 1 + .5) / 3 = 2.3/3 ; r = 2 / 4.3
+    r = 2.0 / 4.3
+    assert merge_alpha(S_HAND, 0, 1, mode="code") == pytest.approx(1.0 / (1.0 + math.exp(-r)), rel=1e-12)
+    assert merge_alpha(S_HAND, 0, 1, mode="code") == pytest.approx(0.614227, abs=1e-6)
+    # beta scales the ratio inside the sigmoid.
+    assert merge_alpha(S_HAND, 0, 1, mode="code", beta=2.0) == pytest.approx(1.0 / (1.0 + math.exp(-2 * r)))
+
+
+def test_merge_alpha_paper_clamps_and_rejects_nan() -> None:
+    s = np.array([[1.0, 1.7, -0.1], [1.7, 1.0, np.nan], [-0.1, np.nan, 1.0]])
+    assert merge_alpha(s, 0, 1) == 1.0
+    assert merge_alpha(s, 0, 2) == 0.0
+    with pytest.raises(ValueError):
+        merge_alpha(s, 1, 2)
+    with pytest.raises(ValueError):
+        merge_alpha(s, 1, 2, mode="code")
+    with pytest.raises(ValueError):
+        merge_alpha(S_HAND, 0, 1, mode="mean")
+
+
+# 5. pair choice -----------------------------------------------------------------------------
+
+
+def test_most_similar_adjacent_pair() -> None:
+    s = np.array(
+        [
+            [1.0, 0.3, 0.9, 0.1, 0.0],
+            [0.3, 1.0, 0.6, 0.2, 0.1],
+            [0.9, 0.6, 1.0, 0.4, 0.2],
+            [0.1, 0.2, 0.4, 1.0, 0.6],
+            [0.0, 0.1, 0.2, 0.6, 1.0],
+        ]
+    )
+    # Adjacent scores 0.3, 0.6, 0.4, 0.6: tie between (1, 2) and (3, 4) goes to the later pair.
+    assert most_similar_adjacent_pair(s) == (3, 4)
+    # After layer 1 is merged away, 0 and 2 are adjacent (S = 0.9).
+    assert most_similar_adjacent_pair(s, active=[0, 2, 3, 4]) == (0, 2)
+    # Among [1, 2, 3] the adjacent scores are 0.6 and 0.4.
+    assert most_similar_adjacent_pair(s, active=[1, 2, 3]) == (1, 2)
+    # NaN never wins.
+    s_nan = s.copy()
+    s_nan[3, 4] = s_nan[4, 3] = np.nan
+    assert most_similar_adjacent_pair(s_nan) == (1, 2)
+    with pytest.raises(ValueError):
+        most_similar_adjacent_pair(s, active=[2])
