@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from layerfold.capture import BoundaryStatistics, capture_statistics
 from layerfold.config import ConfigError, validate
 from layerfold.models.adapters import LayerAdapter, get_adapter
-from layerfold.surgery import LayerSurgeryError, remove_layers
-from layerfold.surgery.plan import LayerPlan
+from layerfold.surgery import LayerPlan, LayerSurgeryError, StackSnapshot, merge_weights, remove_layers
+from layerfold.surgery.merge import Combine
 
 MethodFn = Callable[["MethodContext", Any], dict]
 
@@ -87,12 +89,43 @@ class MethodContext:
         remove_layers(self.model, positions)
         self.plan.remove(positions)
 
+    def merge(self, base: int, others: list[int], combine: Combine) -> None:
+        """Fold layers ``others`` into layer ``base`` with ``combine`` and delete them."""
+        merge_weights(self.model, base, others, combine)
+        remove_layers(self.model, others)
+        self.plan.merge(base, others)
+
+    @contextmanager
+    def trial(self, changed: list[int] = ()) -> Iterator["Trial"]:
+        """Try an edit; it is undone on exit unless ``trial.accept()`` was called.
+
+        Only references to the layer modules and clones of the ``changed`` layers are kept, never a
+        copy of the model.
+        """
+        trial = Trial(StackSnapshot(self.model, changed), [list(g) for g in self.plan.groups])
+        try:
+            yield trial
+        finally:
+            if not trial.accepted:
+                trial.snapshot.restore()
+                self.plan.groups = trial.groups
+
     def capture(self, desc: str | None = None) -> BoundaryStatistics:
         """Statistics of the model as it is *now* (iterative methods re-score after each edit)."""
         return capture_statistics(self.model, self.calibration, self.batch_size, desc)
 
     def dense_stats(self) -> BoundaryStatistics:
         return self.stats if self.stats is not None else self.capture("capture")
+
+
+@dataclass
+class Trial:
+    snapshot: StackSnapshot
+    groups: list[list[int]]
+    accepted: bool = False
+
+    def accept(self) -> None:
+        self.accepted = True
 
 
 def check_target(ctx: MethodContext, num_remove: int) -> None:

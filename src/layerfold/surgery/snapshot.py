@@ -1,0 +1,39 @@
+"""Undo for trial edits: remember the layer stack and the few layers a trial changes, not the model.
+
+LaCo and SLEB try many candidate edits and keep few. Deep-copying the model per trial costs a full
+model of memory each time; a snapshot costs references to the layer modules plus clones of the layers
+the trial will overwrite in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from layerfold.models.adapters import get_adapter
+from layerfold.surgery.remove import reindex_layers
+
+
+class StackSnapshot:
+    def __init__(self, model: PreTrainedModel, changed: Iterable[int] = ()) -> None:
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.layers = list(self.adapter.get_layers(model))
+        self.config_lists = {
+            key: list(getattr(model.config, key))
+            for key in self.adapter.per_layer_config
+            if isinstance(getattr(model.config, key, None), (list, tuple))
+        }
+        self.saved = {i: {k: v.detach().clone() for k, v in self.layers[i].state_dict().items()} for i in changed}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for i, state in self.saved.items():
+            self.layers[i].load_state_dict(state)
+        self.adapter.set_layers(self.model, nn.ModuleList(self.layers))
+        for key, values in self.config_lists.items():
+            setattr(self.model.config, key, list(values))
+        reindex_layers(self.model)
