@@ -1,0 +1,164 @@
+"""LaCo, "Layer Collapse" (Yang, Cao, Zhao; Findings of EMNLP 2024; arXiv 2402.11187).
+
+Rear layers collapse into a prior layer: going from the top of the stack downwards, layer ``l``
+absorbs the next ``K`` layers by parameter differencing (RDSC) and they are deleted. The merge is
+kept only if the final-norm representation of a few calibration sentences stays close to the *dense*
+model's (mean over sentences of one cosine per flattened ``[seq, hidden]`` matrix).
+
+Control flow follows the released notebook (research/methods.md section 1.3)::
+
+    l <- H - C
+    while l >= L:
+        K <- min(C - 1, |M*| - l - 1)            # rear layers folded into l
+        trial-merge l+1..l+K into l; s <- sim(M, M_trial)
+        if s > T: accept; l <- l - I; if l >= |M*|: l <- |M*| - 1 - C
+        else:     l <- l - 1
+
+Additions to the notebook: ``target_layers`` clamps ``K`` so the stack never drops below the target
+and ends the loop as soon as the target is reached; trials run in place through
+:meth:`MethodContext.trial` (only layer ``l`` is cloned; the notebook deep-copies the model twice per
+trial).
+
+Two merge rules (section 1.4): ``rdsc="paper"`` is Eq. 1, ``theta_l + sum_k (theta_{l+k} - theta_l)``;
+``rdsc="code"`` is what the released code computes (``W += W_{l+k} - W`` updated in place, which
+telescopes to the last layer's weights, so the merge degenerates to dropping ``l..l+K-1`` while
+keeping layer ``l``'s norms). Only linear weights (and biases) are combined; norms stay the base's.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from layerfold.config import ConfigError
+from layerfold.methods import MethodContext, register
+from layerfold.scoring.loss import final_representations, representation_similarity
+from layerfold.surgery import rdsc_code, rdsc_paper
+
+log = logging.getLogger(__name__)
+
+# The five English Wikipedia prefixes of the released notebooks (laco_llama-13b.ipynb, commit
+# 84835877, `en_wiki_selected`), verbatim including the cut-off words; the Chinese list beside them
+# is commented out there and is not used here either.
+LACO_SENTENCES = [
+    "Mouron () is a commune in the Arde",
+    "The 81st Mechanised Brigade () is a mechanised brigade of the Romanian Land Force",
+    "There are 18 National Natural Landmarks in the U.S. state of Washington, out of nearly",
+    "Torreorgaz is a municipality in the",
+    "Copa Libertadores 1973 was won by defending champions Independiente of A",
+]
+
+RDSC = {"paper": rdsc_paper, "code": rdsc_code}
+
+
+@dataclass
+class LaCoConfig:
+    name: str = "laco"
+    merge_layers: int = 4  # C: layers per merge, the base layer included (C - 1 rear layers folded)
+    interval: int = 2  # I: how far l moves down after an accepted merge
+    lowest_layer: int = 0  # L: lowest base layer tried
+    highest_layer: int | None = None  # H: None = index of the last layer; the first base is H - C
+    threshold: float = 0.65  # T: accept a merge when the similarity is strictly above it
+    target_layers: int | None = None  # stop once the model has this many layers, never go below
+    rdsc: str = "paper"  # paper (Eq. 1) | code (released notebook, telescoping)
+    sentences: list[str] = field(default_factory=lambda: list(LACO_SENTENCES))
+    add_bos: bool = True  # the notebook calls the tokenizer with its default special tokens (BOS)
+
+
+def tokenize_sentences(tokenizer, sentences: list[str], add_bos: bool) -> list[torch.Tensor]:
+    """One id tensor per sentence, BOS prepended explicitly so every tokenizer behaves alike."""
+    bos = tokenizer.bos_token_id if add_bos else None
+    if add_bos and bos is None:
+        raise ConfigError("method.add_bos=true but the tokenizer has no BOS token; set method.add_bos=false.")
+    ids = []
+    for text in sentences:
+        tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if bos is not None:
+            tokens = [bos] + tokens
+        if not tokens:
+            raise ConfigError(f"method.sentences: {text!r} tokenizes to nothing.")
+        ids.append(torch.tensor(tokens, dtype=torch.long))
+    return ids
+
+
+def _check(ctx: MethodContext, cfg: LaCoConfig, highest: int) -> None:
+    n = ctx.num_layers
+    if cfg.merge_layers < 2:
+        raise ConfigError(f"method.merge_layers must be at least 2 (the base layer plus one), got {cfg.merge_layers}.")
+    if cfg.interval < 1:
+        raise ConfigError(f"method.interval must be at least 1, got {cfg.interval}.")
+    if not 0 <= cfg.lowest_layer <= highest <= n - 1:
+        raise ConfigError(
+            f"method: need 0 <= lowest_layer ({cfg.lowest_layer}) <= highest_layer ({highest}) <= {n - 1} "
+            f"(the model has {n} layers)."
+        )
+    if cfg.rdsc not in RDSC:
+        raise ConfigError(f"method.rdsc must be one of {sorted(RDSC)}, got '{cfg.rdsc}'.")
+    if cfg.target_layers is not None and not 1 <= cfg.target_layers < n:
+        raise ConfigError(f"method.target_layers must be between 1 and {n - 1} (the model has {n} layers), got {cfg.target_layers}.")
+    if not cfg.sentences:
+        raise ConfigError("method.sentences is empty; LaCo needs at least one calibration sentence.")
+
+
+@register("laco", LaCoConfig)
+def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
+    original = ctx.num_layers
+    highest = original - 1 if cfg.highest_layer is None else cfg.highest_layer
+    _check(ctx, cfg, highest)
+    combine = RDSC[cfg.rdsc]
+    C, I, T, target = cfg.merge_layers, cfg.interval, cfg.threshold, cfg.target_layers
+
+    inputs = tokenize_sentences(ctx.tokenizer, list(cfg.sentences), cfg.add_bos)
+    reference = final_representations(ctx.model, inputs)  # the dense model M, computed once
+
+    trials: list[dict] = []
+    l = highest - C
+    while l >= cfg.lowest_layer and (target is None or ctx.num_layers > target):
+        k = min(C - 1, ctx.num_layers - l - 1)
+        if target is not None:
+            k = min(k, ctx.num_layers - target)
+        if k < 1:  # l is the top layer: nothing above it to fold
+            l -= 1
+            continue
+        window = list(range(l, l + k + 1))
+        stands_for = sorted(o for i in window for o in ctx.plan.groups[i])
+        with ctx.trial(changed=[l]) as trial:
+            ctx.merge(l, window[1:], combine)
+            sim = representation_similarity(reference, final_representations(ctx.model, inputs))
+            accepted = sim > T
+            if accepted:
+                trial.accept()
+        trials.append(
+            {"base": l, "folded": k, "original_layers": stands_for, "similarity": round(sim, 6), "accepted": accepted}
+        )
+        log.info("LaCo: merge %s into %d -> similarity %.4f (%s)", window[1:], l, sim, "accepted" if accepted else "rejected")
+        if accepted:
+            l -= I
+            if l >= ctx.num_layers:
+                l = ctx.num_layers - 1 - C
+        else:
+            l -= 1
+
+    final = ctx.num_layers
+    reached = None if target is None else final == target
+    details = {
+        "settings": {
+            "merge_layers": C, "interval": I, "lowest_layer": cfg.lowest_layer, "highest_layer": highest,
+            "threshold": T, "target_layers": target, "rdsc": cfg.rdsc, "add_bos": cfg.add_bos,
+            "sentence_tokens": [int(x.numel()) for x in inputs],
+        },
+        "trials": trials,
+        "accepted": sum(t["accepted"] for t in trials),
+        "original_layers": original,
+        "final_layers": final,
+        "target_reached": reached,
+    }
+    if reached is False:
+        note = (
+            f"LaCo stopped at {final} layers, above target_layers={target}: no further merge passed "
+            f"threshold={T} down to lowest_layer={cfg.lowest_layer}. Lower method.threshold or method.interval, "
+            "or raise method.merge_layers."
+        )
+        details["note"] = note
+        log.warning(note)
+    return details

@@ -1,0 +1,75 @@
+"""conf/ composes into the committed params.yaml, and bad keys fail with their name."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from layerfold.config import ConfigError, load_params
+from layerfold.methods import get_method
+
+
+def compose_conf(overrides: list[str] = ()) -> dict:
+    # The same compose call DVC makes before `dvc exp run` (dvc.utils.hydra.compose_and_dump).
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_committed_params_match_conf():
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert compose_conf() == committed, "params.yaml is stale: run `dvc exp run` (or scripts/compose_params.py)"
+
+
+@pytest.mark.parametrize("group", ["method", "model", "eval", "data", "tracking"])
+def test_every_group_entry_composes_and_validates(group, tmp_path):
+    for entry in sorted((REPO / "conf" / group).glob("*.yaml")):
+        params = compose_conf([f"{group}={entry.stem}"])
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        loaded = load_params(path)
+        get_method(loaded.method)
+
+
+def test_experiment_presets_compose(tmp_path):
+    for entry in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
+        params = compose_conf([f"+experiment={entry.stem}"])
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        get_method(load_params(path).method)
+
+
+def test_misspelt_key_names_itself(tmp_path):
+    params = compose_conf()
+    params["data"]["calibraton"] = params["data"].pop("calibration")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"data\.calibraton.*Did you mean 'calibration'"):
+        load_params(path)
+
+
+def test_wrong_type_is_reported(tmp_path):
+    params = compose_conf()
+    params["eval"]["perplexity"]["seq_len"] = "long"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="seq_len"):
+        load_params(path)
+
+
+def test_method_keys_are_validated_by_the_method():
+    with pytest.raises(ConfigError, match="num_remov"):
+        get_method({"name": "shortgpt", "num_remov": 3})
+    with pytest.raises(ConfigError, match="Unknown method 'shortgtp'"):
+        get_method({"name": "shortgtp"})
+
+
+def test_stage_params_are_granular():
+    """Each stage depends only on the groups it reads, so an eval knob never re-runs capture."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "eval" not in stages["capture"]["params"] and "method" not in stages["capture"]["params"]
+    assert stages["compress"]["params"] == ["method", "runtime"]
+    assert "eval" in stages["evaluate"]["do"]["params"]

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models of every supported family and the local data/model folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("LAYERFOLD_DATA_DIR", SHARED / "datasets"))
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("LAYERFOLD_MODELS_DIR", SHARED / "models"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = data_dir()
+    if not path.is_dir():
+        pytest.skip(f"local dataset folder {path} not present (set LAYERFOLD_DATA_DIR)")
+    return path
+
+
+def _common(**extra):
+    return dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, **extra)
+
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_common(intermediate_size=64, num_key_value_heads=2)),
+    "mistral": lambda: MistralConfig(**_common(intermediate_size=64, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": lambda: Qwen2Config(**_common(intermediate_size=64, num_key_value_heads=2)),
+    "qwen3": lambda: Qwen3Config(**_common(intermediate_size=64, num_key_value_heads=2, head_dim=8)),
+    "opt": lambda: OPTConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
+        word_embed_proj_dim=32, max_position_embeddings=64,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(**_common(intermediate_size=64, max_position_embeddings=64)),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,92 @@
+"""The whole DVC pipeline on stories260K in a fresh clone: `dvc exp run` with Hydra overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, data_dir, models_dir
+
+TINY = [
+    "model=stories260k",
+    "data.calibration.num_blocks=8",
+    "data.calibration.seq_len=64",
+    "data.benchmarks=[arc_easy]",
+    "method.num_remove=2",
+    "eval.perplexity.seq_len=128",
+    "eval.perplexity.max_windows=2",
+    "eval.lm_eval.tasks=[arc_easy]",
+    "eval.lm_eval.limit=4",
+    "eval.lm_eval.batch_size=4",
+    "eval.efficiency.prompt_len=16",
+    "eval.efficiency.new_tokens=4",
+    "eval.efficiency.repeats=1",
+]
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> tuple[Path, dict]:
+    if not (data_dir().is_dir() and (models_dir() / "stories260K").is_dir()):
+        pytest.skip("local datasets/models folders not present")
+    dest = tmp_path_factory.mktemp("clone") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    env = {
+        **os.environ,
+        "LAYERFOLD_DATA_DIR": str(data_dir()),
+        "LAYERFOLD_MODELS_DIR": str(models_dir()),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    run(["git", "init", "-q"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "clone"], dest, env)
+    return dest, env
+
+
+def test_exp_run_end_to_end(clone):
+    repo, env = clone
+    run(["dvc", "exp", "run", "-n", "tiny", *[a for o in TINY for a in ("-S", o)]], repo, env)
+
+    plan = json.loads((repo / "artifacts/compressed/plan.json").read_text())
+    assert plan["original_layers"] == 5 and len(plan["layers"]) == 3
+    assert len(plan["removed"]) == 2
+    config = json.loads((repo / "artifacts/compressed/config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+    assert load_file(repo / "data/prepared/calibration/blocks.safetensors")["input_ids"].shape == (8, 64)
+
+    for name in ("dense", "compressed"):
+        metrics = json.loads((repo / f"metrics/{name}.json").read_text())
+        assert metrics["perplexity"]["wikitext2"]["windows"] == 2
+        assert 1 < metrics["perplexity"]["wikitext2"]["perplexity"] < 1e4
+        assert 0 <= metrics["lm_eval"]["arc_easy"]["acc"] <= 1 and "acc_norm" in metrics["lm_eval"]["arc_easy"]
+        assert metrics["efficiency"]["decode_tokens_per_s"] > 0
+    assert (repo / "reports/report.md").exists()
+
+    shown = run(["dvc", "exp", "show", "--json"], repo, env)
+    assert "tiny" in shown
+
+
+def test_eval_knob_does_not_rerun_capture_or_compress(clone):
+    repo, env = clone
+    out = run(["dvc", "exp", "run", "-n", "tiny-eval", *[a for o in TINY for a in ("-S", o)], "-S", "eval.perplexity.max_windows=1"], repo, env)
+    assert "Running stage 'capture'" not in out and "Running stage 'compress'" not in out
+    assert "Running stage 'evaluate@dense'" in out
+    metrics = json.loads((repo / "metrics/dense.json").read_text())
+    assert metrics["perplexity"]["wikitext2"]["windows"] == 1
