@@ -163,3 +163,13 @@ def load_params(path: str | Path = "params.yaml") -> DictConfig:
     with open_dict(params):
         params.method = method
     return params
+
+
+def compose(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Compose ``conf/`` exactly as ``dvc exp run`` does before writing ``params.yaml``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -4,19 +4,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from conftest import REPO
-from layerfold.config import ConfigError, load_params
+from layerfold.config import ConfigError, compose, load_params
 from layerfold.methods import get_method
 
 
 def compose_conf(overrides: list[str] = ()) -> dict:
-    # The same compose call DVC makes before `dvc exp run` (dvc.utils.hydra.compose_and_dump).
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose(REPO / "conf", overrides)
 
 
 def test_committed_params_match_conf():

@@ -1,0 +1,122 @@
+"""Report figures. Each function returns the matplotlib Figure and, given ``path``, also writes it as
+PNG atomically. Figures are built on the Agg canvas directly (no pyplot state, no GUI backend), so
+they work in a stage, in tests and inline in a notebook (``display(fig)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from layerfold.io import atomic_file
+
+COLORS = {"kept": "#4c72b0", "removed": "#c44e52", "merged": "#dd8452", "dense": "#222222", "compressed": "#4c72b0"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> None:
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+
+
+def _ticks(n: int, most: int = 32) -> list[int]:
+    step = max(1, -(-n // most))
+    return list(range(0, n, step))
+
+
+def similarity_heatmap(cosine: list[list[float]], path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Mean token cosine between layer boundaries (``stats.json['cosine']``, ``[L + 1, L + 1]``)."""
+    n = len(cosine)
+    fig = _figure(7.0, 6.0)
+    ax = fig.add_subplot()
+    image = ax.imshow(cosine, cmap="viridis", origin="upper", interpolation="nearest")
+    ticks = _ticks(n)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("boundary j (0 = embeddings, j = output of layer j−1)")
+    ax.set_ylabel("boundary i")
+    ax.set_title(title or f"Mean token cosine between layer boundaries ({n - 1} layers)")
+    fig.colorbar(image, ax=ax, label="mean cosine similarity")
+    if path is not None:
+        save_png(fig, path)
+    return fig
+
+
+def layer_importance(
+    block_influence: list[float],
+    removed: list[int],
+    path: str | Path | None = None,
+    merged: list[list[int]] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Block influence (1 − cos between a layer's input and output) per original layer.
+
+    ``removed`` layers are red, layers of ``merged`` groups orange. A log scale is used when the
+    values span more than 20x and are all positive (layer 0 often dwarfs the rest).
+    """
+    n = len(block_influence)
+    removed_set = set(removed)
+    merged_set = {layer for group in merged or [] for layer in group}
+    status = ["removed" if i in removed_set else "merged" if i in merged_set else "kept" for i in range(n)]
+    fig = _figure(max(6.0, 0.25 * n + 2.0), 4.0)
+    ax = fig.add_subplot()
+    ax.bar(range(n), block_influence, color=[COLORS[s] for s in status], edgecolor="none")
+    positive = [v for v in block_influence if v > 0]
+    if len(positive) == n and n and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")
+    ax.set_xticks(_ticks(n, 64))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_xlabel("original layer")
+    ax.set_ylabel("block influence (1 − cos)")
+    ax.set_title(title or "Layer importance on the calibration set")
+    counts = {s: status.count(s) for s in ("kept", "removed", "merged")}
+    handles = [Patch(color=COLORS[s], label=f"{s} ({counts[s]})") for s in ("kept", "removed", "merged") if counts[s]]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    if path is not None:
+        save_png(fig, path)
+    return fig
+
+
+def accuracy_vs_params(points: list[dict], path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Average accuracy against parameter count, one labelled point per model.
+
+    ``points``: ``{name, params, average_acc, dense?}``; points without both numbers are left out
+    (and said so in the figure), dense models are drawn as black stars.
+    """
+    fig = _figure(7.0, 4.8)
+    ax = fig.add_subplot()
+    usable = [p for p in points if p.get("params") is not None and p.get("average_acc") is not None]
+    for dense in (False, True):
+        group = [p for p in usable if bool(p.get("dense")) == dense]
+        if group:
+            ax.scatter(
+                [p["params"] / 1e6 for p in group], [100 * p["average_acc"] for p in group],
+                marker="*" if dense else "o", s=160 if dense else 50, zorder=3,
+                color=COLORS["dense" if dense else "compressed"], label="dense" if dense else "compressed",
+            )
+    for p in usable:
+        ax.annotate(p["name"], (p["params"] / 1e6, 100 * p["average_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if usable:
+        ax.legend(loc="lower right", fontsize=8)
+        ax.margins(x=0.15, y=0.15)
+    skipped = len(points) - len(usable)
+    if not usable or skipped:
+        message = "no lm-eval accuracies to plot" if not usable else f"{skipped} model(s) without accuracy not shown"
+        ax.text(0.02, 0.98, message, transform=ax.transAxes, va="top", fontsize=8, color="#666666")
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(title or "Accuracy vs size")
+    if path is not None:
+        save_png(fig, path)
+    return fig

@@ -1,0 +1,478 @@
+"""Dense-vs-compressed tables, the Markdown report, and the archive of finished experiments.
+
+Everything here reads the JSON the stages wrote (``metrics/<name>.json`` from ``pipeline.evaluate``,
+``metrics/compress.json`` and ``artifacts/compressed/plan.json`` from ``pipeline.compress``,
+``artifacts/capture/stats.json`` from ``pipeline.capture``) and never makes a number up: a value
+that is absent or not finite is ``None`` in the rows and "—" in the Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from layerfold.io import atomic_dir, read_json, write_json
+
+MISSING = "—"
+
+# Order of the headline table (Shortened-LLaMA's column order, MMLU last).
+TASK_ORDER = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu"]
+
+# Metric the headline column and the average use, per task: the convention of
+# Nota-NetsPresso/shortened-llm (research/ecosystem.md §2.5). Both acc and acc_norm are shown anyway.
+REPORTED_METRIC: dict[str, str] = {
+    "boolq": "acc",
+    "piqa": "acc",
+    "winogrande": "acc",
+    "arc_easy": "acc",
+    "hellaswag": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+    "mmlu": "acc",
+}
+
+PARAM_ROWS = [("params_total", "parameters (total)"), ("params_non_embedding", "parameters (non-embedding)"), ("num_layers", "layers")]
+EFFICIENCY_ROWS = [
+    ("prefill_latency_ms", "prefill latency (ms)", "lower"),
+    ("decode_tokens_per_s", "decode throughput (tokens/s)", "higher"),
+    ("peak_memory_mib", "peak memory (MiB)", "lower"),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# numbers
+
+
+def num(value: Any) -> float | None:
+    """``value`` as a finite float, else None (bools, strings, NaN and inf are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0.0) else None
+
+
+def _retained(compressed: float | None, dense: float | None) -> float | None:
+    r = _ratio(compressed, dense)
+    return None if r is None else 100.0 * r
+
+
+def _get(tree: dict | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _sorted_tasks(tasks: set[str]) -> list[str]:
+    return [t for t in TASK_ORDER if t in tasks] + sorted(tasks - set(TASK_ORDER))
+
+
+def reported_metric(task: str, *results: dict | None) -> str | None:
+    """The task's headline metric if every result has it, else ``acc`` if every result has that."""
+    for metric in (REPORTED_METRIC.get(task, "acc"), "acc"):
+        if results and all(num(_get(r, metric)) is not None for r in results):
+            return metric
+    return None
+
+
+def average_accuracy(metrics: dict, tasks: list[str] | None = None) -> float | None:
+    """Mean headline metric over ``tasks`` (default: all in ``metrics['lm_eval']``); None if one is missing."""
+    lm_eval = metrics.get("lm_eval") or {}
+    tasks = list(lm_eval) if tasks is None else tasks
+    values = [num(_get(lm_eval, t, reported_metric(t, lm_eval.get(t)) or "acc")) for t in tasks]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+
+def comparison_table(dense: dict, compressed: dict) -> list[dict]:
+    """Rows comparing two ``metrics/<name>.json`` dicts.
+
+    Every row has ``section`` (accuracy | perplexity | parameters), ``name``, ``metric``, ``dense``,
+    ``compressed``, ``retained_pct`` (compressed / dense x 100, where higher is better) and ``ratio``
+    (compressed / dense, for perplexity, where lower is better). Accuracy rows also carry
+    ``{dense,compressed}_{acc,acc_norm}``, the headline metric's stderrs and ``n`` (docs). The
+    ``average`` row averages the headline metric over the tasks present in both; its retained % is
+    the ratio of the two averages. ``note`` flags comparisons whose settings differ.
+    """
+    rows: list[dict] = []
+    d_eval, c_eval = dense.get("lm_eval") or {}, compressed.get("lm_eval") or {}
+    common: list[str] = []
+    for task in _sorted_tasks(set(d_eval) | set(c_eval)):
+        d, c = d_eval.get(task), c_eval.get(task)
+        metric = reported_metric(task, *(r for r in (d, c) if r is not None))
+        dv, cv = num(_get(d, metric or "")), num(_get(c, metric or ""))
+        if metric and d is not None and c is not None and dv is not None and cv is not None:
+            common.append(task)
+        row = {
+            "section": "accuracy", "name": task, "metric": metric, "dense": dv, "compressed": cv,
+            "retained_pct": _retained(cv, dv), "ratio": None,
+            "dense_stderr": num(_get(d, f"{metric}_stderr")), "compressed_stderr": num(_get(c, f"{metric}_stderr")),
+            "n": num(_get(c, "n")) if num(_get(c, "n")) is not None else num(_get(d, "n")),
+            "note": "only in dense" if c is None else "only in compressed" if d is None
+            else None if num(_get(d, "n")) == num(_get(c, "n")) else "different number of docs",
+        }
+        for m in ("acc", "acc_norm"):
+            row[f"dense_{m}"], row[f"compressed_{m}"] = num(_get(d, m)), num(_get(c, m))
+        rows.append(row)
+    if common:
+        d_avg = sum(r["dense"] for r in rows if r["name"] in common) / len(common)
+        c_avg = sum(r["compressed"] for r in rows if r["name"] in common) / len(common)
+        rows.append({
+            "section": "accuracy", "name": "average", "metric": "headline", "dense": d_avg, "compressed": c_avg,
+            "retained_pct": _retained(c_avg, d_avg), "ratio": None, "tasks": common,
+            "note": None if len(common) == len(set(d_eval) | set(c_eval)) else f"over the {len(common)} tasks present in both",
+        })
+
+    d_ppl, c_ppl = dense.get("perplexity") or {}, compressed.get("perplexity") or {}
+    for dataset in sorted(set(d_ppl) | set(c_ppl)):
+        d, c = d_ppl.get(dataset), c_ppl.get(dataset)
+        dv, cv = num(_get(d, "perplexity")), num(_get(c, "perplexity"))
+        differ = [k for k in ("seq_len", "windows", "add_bos") if d and c and d.get(k) != c.get(k)]
+        rows.append({
+            "section": "perplexity", "name": dataset, "metric": "perplexity", "dense": dv, "compressed": cv,
+            "retained_pct": None, "ratio": _ratio(cv, dv),
+            "note": f"settings differ: {', '.join(differ)}" if differ else None,
+        })
+
+    for key, label in PARAM_ROWS:
+        dv, cv = num(_get(dense, "model", key)), num(_get(compressed, "model", key))
+        rows.append({
+            "section": "parameters", "name": label, "metric": key, "dense": dv, "compressed": cv,
+            "retained_pct": _retained(cv, dv), "ratio": None, "note": None,
+        })
+    return rows
+
+
+def efficiency_table(dense: dict, compressed: dict) -> list[dict]:
+    """Rows ``{name, metric, better, dense, compressed, ratio}`` from the two ``efficiency`` blocks."""
+    d, c = dense.get("efficiency") or {}, compressed.get("efficiency") or {}
+    rows = []
+    for key, label, better in EFFICIENCY_ROWS:
+        dv, cv = num(d.get(key)), num(c.get(key))
+        rows.append({"name": label, "metric": key, "better": better, "dense": dv, "compressed": cv, "ratio": _ratio(cv, dv)})
+    return rows
+
+
+def experiments_table(runs: list[dict], tasks: list[str] | None = None) -> list[dict]:
+    """One row per run (see :func:`collect_experiments`): method, size, average accuracy, wikitext2 PPL."""
+    tasks = common_tasks(runs) if tasks is None else tasks
+    rows = []
+    for run in runs:
+        dense, comp = run.get("dense") or {}, run.get("compressed") or {}
+        d_avg = average_accuracy(dense, tasks) if tasks else None
+        c_avg = average_accuracy(comp, tasks) if tasks else None
+        rows.append({
+            "experiment": run["name"],
+            "method": _get(run, "plan", "method", "name") or _get(run, "compress", "method"),
+            "layers": num(_get(comp, "model", "num_layers")),
+            "dense_layers": num(_get(dense, "model", "num_layers")),
+            "params_total": num(_get(comp, "model", "params_total")),
+            "dense_average": d_avg,
+            "average": c_avg,
+            "retained_pct": _retained(c_avg, d_avg),
+            "wikitext2_ppl": num(_get(comp, "perplexity", "wikitext2", "perplexity")),
+        })
+    return rows
+
+
+def common_tasks(runs: list[dict]) -> list[str]:
+    """lm-eval tasks present in every dense/compressed metrics dict that has lm-eval results at all."""
+    sets = [set(m["lm_eval"]) for r in runs for m in (r.get("dense"), r.get("compressed")) if m and m.get("lm_eval")]
+    return _sorted_tasks(set.intersection(*sets)) if sets else []
+
+
+def accuracy_points(runs: list[dict], params_key: str = "params_total") -> list[dict]:
+    """Points ``{name, params, average_acc, dense}`` for :func:`layerfold.report.plots.accuracy_vs_params`.
+
+    Averages use the tasks every run has (:func:`common_tasks`), so points stay comparable; identical
+    dense models are plotted once.
+    """
+    tasks = common_tasks(runs)
+    points: list[dict] = []
+    seen_dense: set[tuple] = set()
+    for run in runs:
+        for kind in ("dense", "compressed"):
+            metrics = run.get(kind)
+            if not metrics:
+                continue
+            point = {
+                "name": run["name"] if kind == "compressed" else "dense",
+                "params": num(_get(metrics, "model", params_key)),
+                "average_acc": average_accuracy(metrics, tasks) if tasks else None,
+                "dense": kind == "dense",
+            }
+            if kind == "dense":
+                key = (point["params"], None if point["average_acc"] is None else round(point["average_acc"], 9))
+                if key in seen_dense:
+                    continue
+                seen_dense.add(key)
+            points.append(point)
+    if sum(p["dense"] for p in points) > 1:  # several different dense models: tell them apart by size
+        for p in points:
+            if p["dense"]:
+                p["name"] = f"dense ({int(p['params'] or 0) / 1e6:.0f}M)"
+    return points
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
+    """Format a number, or "—" when it is missing."""
+    v = num(value)
+    return MISSING if v is None else f"{v:{spec}}{suffix}"
+
+
+def _pct(value: Any) -> str:  # accuracies as percentages
+    v = num(value)
+    return MISSING if v is None else f"{100 * v:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0–2, 5, 7–8"``."""
+    parts, layers = [], sorted(layers)
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}–{layers[j]}")
+        i = j + 1
+    return ", ".join(parts) if parts else "none"
+
+
+def _mapping_rows(plan: dict) -> list[list[str]]:
+    """New layer -> original layers; runs of consecutive one-to-one layers share one row."""
+    rows: list[list[str]] = []
+    run: list[tuple[int, int]] = []  # (new, original) pairs of the current one-to-one run
+
+    def flush() -> None:
+        if run:
+            (n0, o0), (n1, o1) = run[0], run[-1]
+            rows.append([str(n0) if n0 == n1 else f"{n0}–{n1}", str(o0) if o0 == o1 else f"{o0}–{o1}", ""])
+            run.clear()
+
+    for entry in plan.get("layers", []):
+        index, originals = entry["index"], entry["stands_for"]
+        if len(originals) == 1:
+            if run and (index, originals[0]) != (run[-1][0] + 1, run[-1][1] + 1):
+                flush()
+            run.append((index, originals[0]))
+        else:
+            flush()
+            rows.append([str(index), _ranges(originals), "merged"])
+    flush()
+    return rows
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and len(json.dumps(value)) > 60:
+        return f"[{len(value)} strings]"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def markdown_report(
+    dense: dict,
+    compressed: dict,
+    compress: dict | None = None,
+    plan: dict | None = None,
+    stats: dict | None = None,
+    model_name: str | None = None,
+    plots: dict[str, str] | None = None,
+    experiments: list[dict] | None = None,
+) -> str:
+    """The report as Markdown. ``plots`` maps a caption to an image path relative to the report;
+    ``experiments`` are :func:`experiments_table` rows."""
+    method = (plan or {}).get("method") or {}
+    method_name = method.get("name") or _get(compress, "method") or MISSING
+    out = [f"# {model_name or 'model'}: {method_name}", ""]
+
+    # settings ------------------------------------------------------------------------------
+    out += ["## Settings", ""]
+    layers = f"{fmt(_get(dense, 'model', 'num_layers'), '.0f')} → {fmt(_get(compressed, 'model', 'num_layers'), '.0f')}"
+    out.append(f"- **Model**: {model_name or MISSING} ({_get(dense, 'model', 'model_type') or MISSING}), layers {layers}")
+    settings = ", ".join(f"{k}={_setting(v)}" for k, v in method.items() if k != "name")
+    out.append(f"- **Method**: {method_name}" + (f" ({settings})" if settings else ""))
+    if stats:
+        out.append(f"- **Calibration** (capture): {fmt(stats.get('sequences'), '.0f')} sequences, {fmt(stats.get('tokens'), '.0f')} tokens")
+    le = dense.get("lm_eval_settings") or compressed.get("lm_eval_settings")
+    if le:
+        shots = le.get("num_fewshot") or {}
+        note = "" if dense.get("lm_eval_settings") == compressed.get("lm_eval_settings") else " — **differs between dense and compressed**"
+        out.append(
+            f"- **lm-eval**: limit={_setting(le['limit']) if le.get('limit') is not None else 'none (full sets)'}, "
+            f"num_fewshot={json.dumps(shots) if shots else '0'} (other tasks 0-shot), local task files={le.get('local_tasks', MISSING)}{note}"
+        )
+    else:
+        out.append("- **lm-eval**: not run (no tasks configured)")
+    for dataset, p in (dense.get("perplexity") or {}).items():
+        out.append(f"- **Perplexity {dataset}**: seq_len={fmt(p.get('seq_len'), '.0f')}, windows={fmt(p.get('windows'), '.0f')}, tokens scored={fmt(p.get('tokens_scored'), '.0f')}, add_bos={p.get('add_bos', MISSING)}")
+    out.append(f"- **Device**: dense {dense.get('device') or MISSING} ({dense.get('dtype') or MISSING}); compressed {compressed.get('device') or MISSING} ({compressed.get('dtype') or MISSING})")
+    out.append("")
+
+    # plan ---------------------------------------------------------------------------------
+    if plan:
+        out += ["## Plan", ""]
+        out.append(f"{plan.get('original_layers', MISSING)} original layers → {len(plan.get('layers', []))} layers.")
+        out.append(f"- **Removed** (no new layer stands for them): {_ranges(plan.get('removed', []))}")
+        merged = plan.get("merged") or []
+        out.append(f"- **Merged**: {'; '.join('{' + ', '.join(map(str, g)) + '}' for g in merged) if merged else 'none'}")
+        out += ["", *_table(["new layer", "original layer(s)", "note"], _mapping_rows(plan)), ""]
+
+    # comparison ---------------------------------------------------------------------------
+    rows = comparison_table(dense, compressed)
+    out += ["## Dense vs compressed", ""]
+    acc = [r for r in rows if r["section"] == "accuracy"]
+    if acc:
+        out.append("Accuracies in %. The headline metric follows the usual per-task convention (acc_norm for "
+                   "HellaSwag, ARC-c, OpenBookQA; acc otherwise); retained % = compressed / dense × 100.")
+        if le and num(le.get("limit")) is not None:
+            limit = num(le["limit"])
+            share = f"{100 * limit:g}% of the documents" if limit < 1 else f"{limit:g} documents"
+            out.append(f"lm-eval ran on {share} per task: differences within about two stderrs are noise.")
+        out.append("")
+        table = []
+        for r in acc:
+            avg = r["name"] == "average"
+            table.append([
+                f"**{r['name']}**" if avg else r["name"],
+                r["metric"] or MISSING,
+                _pct(r["dense"]) + ("" if avg or r.get("dense_stderr") is None else f" ± {_pct(r['dense_stderr'])}"),
+                _pct(r["compressed"]) + ("" if avg or r.get("compressed_stderr") is None else f" ± {_pct(r['compressed_stderr'])}"),
+                fmt(r["retained_pct"], ".1f"),
+                *(("", "", "", "") if avg else (_pct(r["dense_acc"]), _pct(r["compressed_acc"]), _pct(r["dense_acc_norm"]), _pct(r["compressed_acc_norm"]))),
+                "" if avg else fmt(r.get("n"), ".0f"),
+                r.get("note") or "",
+            ])
+        out += _table(["task", "metric", "dense", "compressed", "retained %", "acc dense", "acc compressed", "acc_norm dense", "acc_norm compressed", "n", "note"], table)
+    else:
+        out.append("No lm-eval results (no tasks configured).")
+    out.append("")
+    other = []
+    for r in rows:
+        if r["section"] == "perplexity":
+            other.append([f"perplexity {r['name']} (lower is better)", fmt(r["dense"], ".3f"), fmt(r["compressed"], ".3f"), fmt(r["ratio"], ".3f"), MISSING, r["note"] or ""])
+        elif r["section"] == "parameters":
+            other.append([r["name"], fmt(r["dense"], ",.0f"), fmt(r["compressed"], ",.0f"), fmt(_ratio(r["compressed"], r["dense"]), ".3f"), fmt(r["retained_pct"], ".1f"), ""])
+    out += [*_table(["quantity", "dense", "compressed", "compressed / dense", "retained %", "note"], other), ""]
+
+    # efficiency ---------------------------------------------------------------------------
+    out += ["## Efficiency", ""]
+    d_eff, c_eff = dense.get("efficiency"), compressed.get("efficiency")
+    if d_eff or c_eff:
+        e = d_eff or c_eff
+        out.append(f"batch {fmt(e.get('batch_size'), '.0f')}, prompt {fmt(e.get('prompt_len'), '.0f')} tokens, {fmt(e.get('new_tokens'), '.0f')} new tokens; "
+                   f"device: dense {_get(d_eff, 'device') or MISSING}, compressed {_get(c_eff, 'device') or MISSING}; "
+                   f"peak memory is {e.get('peak_memory_kind') or MISSING}.")
+        out += ["", *_table(["quantity", "dense", "compressed", "compressed / dense"],
+                            [[f"{r['name']} ({r['better']} is better)", fmt(r["dense"], ".1f"), fmt(r["compressed"], ".1f"), fmt(r["ratio"], ".3f")] for r in efficiency_table(dense, compressed)])]
+    else:
+        out.append("Not measured (eval.efficiency.enabled is false).")
+    out.append("")
+
+    # compression ----------------------------------------------------------------------------
+    out += ["## Compression run", ""]
+    if compress:
+        out.append(f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers in "
+                   f"{fmt(compress.get('seconds'), '.2f')} s, peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB on {compress.get('device') or MISSING}.")
+    else:
+        out.append("metrics/compress.json not available.")
+    out.append("")
+
+    if experiments:
+        out += ["## Experiments", "", "Average headline accuracy over the tasks every experiment ran.", ""]
+        out += _table(["experiment", "method", "layers", "parameters", "average % (dense → compressed)", "retained %", "wikitext2 PPL"], [
+            [r["experiment"], r["method"] or MISSING, fmt(r["layers"], ".0f"), fmt(r["params_total"], ",.0f"),
+             f"{_pct(r['dense_average'])} → {_pct(r['average'])}", fmt(r["retained_pct"], ".1f"), fmt(r["wikitext2_ppl"], ".3f")]
+            for r in experiments
+        ])
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{caption}]({path})" for caption, path in plots.items()] + [""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# runs and the experiment archive
+
+RUN_FILES = {
+    "dense": "metrics/dense.json",
+    "compressed": "metrics/compressed.json",
+    "compress": "metrics/compress.json",
+    "plan": "artifacts/compressed/plan.json",
+    "stats": "artifacts/capture/stats.json",
+}
+ARCHIVED = {"dense": "metrics/dense.json", "compressed": "metrics/compressed.json", "compress": "metrics/compress.json", "plan": "plan.json"}
+
+
+def load_run(root: str | Path = ".", name: str = "workspace") -> dict:
+    """The stage outputs under a repository ``root``: ``{name, dense, compressed, compress, plan, stats}``
+    (None for a file that does not exist)."""
+    root = Path(root)
+    run: dict[str, Any] = {"name": name}
+    for key, rel in RUN_FILES.items():
+        run[key] = read_json(root / rel) if (root / rel).is_file() else None
+    return run
+
+
+def experiment_name(run: dict, env: dict | None = None) -> str:
+    """``$DVC_EXP_NAME`` (set by ``dvc exp run``), else ``<method>-<layers>L``, made safe as a folder name."""
+    env = os.environ if env is None else env
+    name = env.get("DVC_EXP_NAME")
+    if not name:
+        method = _get(run, "plan", "method", "name") or _get(run, "compress", "method") or "unknown"
+        layers = _get(run, "compressed", "model", "num_layers") or _get(run, "compress", "layers_after")
+        name = f"{method}-{layers if layers is not None else '?'}L"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip(".-") or "experiment"
+
+
+def archive_run(run: dict, experiments_dir: str | Path, name: str) -> Path:
+    """Copy a run's small JSON files into ``<experiments_dir>/<name>/`` (replacing an older copy)."""
+    with atomic_dir(Path(experiments_dir) / name) as tmp:
+        for key, rel in ARCHIVED.items():
+            if run.get(key) is not None:
+                write_json(tmp / rel, run[key])
+    return Path(experiments_dir) / name
+
+
+def collect_experiments(experiments_dir: str | Path, current: dict | None = None) -> list[dict]:
+    """Archived runs ``<experiments_dir>/<exp>/metrics/{dense,compressed}.json`` (+ ``plan.json``,
+    ``metrics/compress.json``), sorted by name, plus ``current`` (a :func:`load_run` dict) if given.
+
+    An archived run with the same dense and compressed metrics as ``current`` is the same run and is
+    dropped in favour of ``current``. Folders without both metrics files are skipped.
+    """
+    runs = []
+    directory = Path(experiments_dir)
+    for folder in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []:
+        if not all((folder / ARCHIVED[k]).is_file() for k in ("dense", "compressed")):
+            continue
+        run: dict[str, Any] = {"name": folder.name, "path": str(folder)}
+        for key, rel in ARCHIVED.items():
+            run[key] = read_json(folder / rel) if (folder / rel).is_file() else None
+        runs.append(run)
+    if current is not None and current.get("compressed") is not None:
+        runs = [r for r in runs if (r["dense"], r["compressed"]) != (current.get("dense"), current["compressed"])]
+        runs.append(current)
+    return runs

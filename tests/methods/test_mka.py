@@ -1,0 +1,228 @@
+"""MKA on tiny random Llamas (CPU, seconds; research/methods.md section 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import layerfold.methods.mka as mka_module
+from layerfold.capture import capture_statistics
+from layerfold.config import ConfigError
+from layerfold.methods import MethodContext, compress
+from layerfold.methods.mka import MKAConfig, layer_similarity, normalise_by_diagonal, self_similarity
+from layerfold.scoring.manifold import merge_alpha, npib_similarity
+
+VOCAB = 64
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny matmuls: intra-op threads only add barrier waits (tens of ms per op on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # distinct norms per layer, so "norms kept from the base" is observable
+        for i, layer in enumerate(model.model.layers):
+            for j, name in enumerate(NORMS):
+                layer.get_submodule(name).weight.copy_(1.0 + 0.1 * i + 0.01 * j + 0.001 * torch.arange(16))
+    return model
+
+
+def blocks(n: int = 32, seq: int = 16) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def context(model, n: int = 32) -> MethodContext:
+    return MethodContext(model, tokenizer=None, calibration=blocks(n), stats=None, batch_size=4)
+
+
+def layer_weights(model) -> list[dict[str, torch.Tensor]]:
+    return [
+        {name: p.detach().clone() for name, p in layer.named_parameters()} for layer in model.model.layers
+    ]
+
+
+def assert_merged(model, before, l: int, alpha: float) -> None:
+    merged = dict(model.model.layers[l].named_parameters())
+    for name in LINEARS:
+        key = f"{name}.weight"
+        w_l, w_m = before[l][key], before[l + 1][key]
+        assert not torch.equal(merged[key], w_l) and not torch.equal(merged[key], w_m), key
+        assert torch.equal(merged[key], alpha * w_l + (1.0 - alpha) * w_m), key
+    for name in NORMS:
+        assert torch.equal(merged[f"{name}.weight"], before[l][f"{name}.weight"]), name
+
+
+def hand_similarity(matrix: np.ndarray, calls: list):
+    def fake(features, cfg):
+        calls.append(np.array(features))
+        return {"similarity": matrix, "raw": matrix}
+
+    return fake
+
+
+# Merge mechanics ------------------------------------------------------------------------------
+
+
+def test_fused_weights_are_written(monkeypatch) -> None:
+    model = tiny_llama()
+    before = layer_weights(model)
+    ctx = context(model)
+    expected_features = capture_statistics(model, ctx.calibration, 4, None).sample_features[1:]
+    hand = np.array([[1.0, 0.3, 0.2, 0.1], [0.3, 1.0, 0.7, 0.2], [0.2, 0.7, 1.0, 0.4], [0.1, 0.2, 0.4, 1.0]])
+    calls: list = []
+    monkeypatch.setattr(mka_module, "layer_similarity", hand_similarity(hand, calls))
+
+    plan = compress(ctx, {"name": "mka", "num_remove": 1})
+
+    # The manifold sees the layer outputs, one row per calibration sample.
+    assert len(calls) == 1 and calls[0].shape == (4, 32, 16)
+    np.testing.assert_allclose(calls[0], expected_features.numpy(), rtol=1e-5, atol=1e-6)
+    step = plan["details"]["steps"][0]
+    assert step["pair"] == [1, 2] and step["original_layers"] == [[1], [2]] and step["merged_group"] == [1, 2]
+    assert step["alpha"] == 0.7
+    assert_merged(model, before, 1, step["alpha"])
+    for i_new, i_old in ((0, 0), (2, 3)):  # the other layers are untouched
+        for key, value in model.model.layers[i_new].named_parameters():
+            assert torch.equal(value, before[i_old][key])
+    assert model.config.num_hidden_layers == 3 and ctx.num_layers == 3
+    assert ctx.plan.groups == [[0], [1, 2], [3]]
+    assert [1, 2] in plan["merged"]
+
+
+def test_recompute_false_reads_dense_similarity_at_original_indices(monkeypatch) -> None:
+    hand = np.eye(4)
+    hand[0, 1] = hand[1, 0] = 0.9
+    hand[1, 2] = hand[2, 1] = 0.5
+    hand[2, 3] = hand[3, 2] = 0.8
+    hand[0, 2] = hand[2, 0] = 0.1  # after (0, 1) merge, layer "0" (group [0, 1]) meets layer 2
+    for recompute, n_calls in ((False, 1), (True, 2)):
+        calls: list = []
+        monkeypatch.setattr(mka_module, "layer_similarity", hand_similarity(hand, calls))
+        ctx = context(tiny_llama())
+        details = compress(ctx, {"name": "mka", "num_remove": 2, "recompute": recompute})["details"]
+        assert len(calls) == n_calls
+        if not recompute:
+            assert [s["pair"] for s in details["steps"]] == [[0, 1], [1, 2]]
+            assert [s["alpha"] for s in details["steps"]] == [0.9, 0.8]
+            assert ctx.plan.groups == [[0, 1], [2, 3]]
+
+
+def test_pair_last_alpha_code_real_scores() -> None:
+    model = tiny_llama(seed=1)
+    before = layer_weights(model)
+    ctx = context(model)
+    details = compress(ctx, {"name": "mka", "num_remove": 1, "pair": "last", "alpha": "code"})["details"]
+    step = details["steps"][0]
+    assert step["pair"] == [2, 3] and step["original_layers"] == [[2], [3]]
+    s0 = np.array(details["similarity_step0"], dtype=np.float64)
+    assert s0.shape == (4, 4)
+    assert step["alpha"] == pytest.approx(merge_alpha(s0, 2, 3, mode="code"), abs=1e-5)
+    assert 0.55 < step["alpha"] < 0.75  # the released code's sigmoid ratio sits near sigmoid(0.5) = 0.62
+    assert_merged(model, before, 2, step["alpha"])
+    assert ctx.plan.groups == [[0], [1], [2, 3]] and model.config.num_hidden_layers == 3
+
+
+def test_default_run_is_finite_and_recaptures() -> None:
+    ctx = context(tiny_llama(seed=2))
+    details = compress(ctx, {"name": "mka", "num_remove": 2})["details"]
+    assert ctx.num_layers == 2
+    for step in details["steps"]:
+        assert 0.0 <= step["alpha"] <= 1.0 and np.isfinite(step["similarity"])
+        assert step["similarity"] == max(step["adjacent_similarity"])
+    assert len(details["steps"][1]["adjacent_similarity"]) == 2  # scored on the 3-layer model
+    assert sorted(o for g in ctx.plan.groups for o in g) == [0, 1, 2, 3]
+
+
+# Normalisation --------------------------------------------------------------------------------
+
+
+def test_diagonal_normalisation_identical_layers_score_one() -> None:
+    model = tiny_llama(seed=3)
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream: its output equals layer 1's
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    ctx = context(model)
+    features = capture_statistics(model, ctx.calibration, 4, None).sample_features[1:]
+    assert torch.equal(features[1], features[2])
+
+    scores = layer_similarity(features.double().numpy(), MKAConfig())
+    s, raw, diag = scores["similarity"], scores["raw"], scores["self"]
+    np.testing.assert_array_equal(np.diag(s), 1.0)
+    assert s[1, 2] == pytest.approx(1.0, abs=1e-12)
+    assert raw[1, 2] == pytest.approx(diag[1], rel=1e-12)  # raw identical-layer NPIB is the self-NPIB, not 1
+    np.testing.assert_allclose(s, s.T)
+
+    before = layer_weights(model)
+    details = compress(ctx, {"name": "mka", "num_remove": 1})["details"]
+    step = details["steps"][0]
+    assert step["pair"] == [1, 2] and step["alpha"] == pytest.approx(1.0)
+
+
+def test_self_similarity_matches_raw_npib_diagonal() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random((40, 2))
+    embeddings = [base, base + 0.05 * rng.random((40, 2)), rng.random((40, 2))]
+    raw = npib_similarity(embeddings, n_neighbors=5, k_entropy=10, guard="none")
+    diag = self_similarity(embeddings, n_neighbors=5, k_entropy=10, guard="none")
+    np.testing.assert_allclose(diag, np.diag(raw), rtol=1e-12)
+    guarded = npib_similarity(embeddings, n_neighbors=5, k_entropy=10, guard="abs")
+    s = normalise_by_diagonal(guarded, self_similarity(embeddings, n_neighbors=5, k_entropy=10, guard="abs"))
+    np.testing.assert_array_equal(np.diag(s), 1.0)
+    assert s[0, 1] > s[0, 2] and s[0, 1] <= 1.0 + 1e-9
+    # With a positive guard the entropies cancel: S'_ij = MI_ij / sqrt(MI_ii MI_jj), whatever the guard.
+    s_shift = normalise_by_diagonal(
+        npib_similarity(embeddings, n_neighbors=5, k_entropy=10, guard="shift", eps=1.0),
+        self_similarity(embeddings, n_neighbors=5, k_entropy=10, guard="shift", eps=1.0),
+    )
+    np.testing.assert_allclose(s_shift, s, rtol=1e-9)
+
+
+# Configuration and output --------------------------------------------------------------------
+
+
+def test_too_few_calibration_samples() -> None:
+    with pytest.raises(ConfigError, match="num_blocks=4 is too few"):
+        compress(context(tiny_llama(), n=4), {"name": "mka", "num_remove": 1})
+
+
+@pytest.mark.parametrize(("key", "value"), [("pair", "first"), ("alpha", "half"), ("similarity_norm", "max"), ("guard", "clip")])
+def test_bad_choices_rejected(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"method.{key}"):
+        compress(context(tiny_llama()), {"name": "mka", "num_remove": 1, key: value})
+
+
+def test_yaml_lists_every_key_with_defaults() -> None:
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf/method/mka.yaml"))
+    defaults = MKAConfig().__dict__
+    assert conf == defaults
+
+
+def test_save_reload_gives_identical_logits(tmp_path) -> None:
+    model = tiny_llama(seed=4)
+    compress(context(model), {"name": "mka", "num_remove": 2})
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    ids = blocks(2, 12)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)

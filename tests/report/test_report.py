@@ -1,0 +1,170 @@
+"""The report stage and the comparison notebook on small, hand-computable metrics of a 5-layer model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import REPO
+from layerfold.report import accuracy_points, accuracy_vs_params, comparison_table, markdown_report
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+import pipeline.report as report_stage  # noqa: E402
+
+NOTEBOOK = REPO / "notebooks" / "compare_experiments.ipynb"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics(layers: int, lm_eval: dict | None, ppl: float, latency: float) -> dict:
+    per_layer = 100
+    metrics = {
+        "model": {"model_type": "llama", "num_layers": layers, "params_total": 1000 + per_layer * layers,
+                  "params_non_embedding": 200 + per_layer * layers, "params_per_layer": [per_layer] * layers},
+        "device": "cpu (test)",
+        "dtype": "float32",
+        "perplexity": {"wikitext2": {"perplexity": ppl, "seq_len": 128, "windows": 2, "tokens_scored": 254, "tokens_in_text": 999, "add_bos": False}},
+        "efficiency": {"device": "cpu (test)", "batch_size": 1, "prompt_len": 16, "new_tokens": 4, "prefill_latency_ms": latency,
+                       "decode_tokens_per_s": 1000.0 / latency, "peak_memory_mib": 100.0 + layers, "peak_memory_kind": "process max RSS"},
+        "wall_time": {"perplexity_s": 1.0},
+    }
+    if lm_eval is not None:
+        metrics["lm_eval"] = lm_eval
+        metrics["lm_eval_settings"] = {"limit": 20, "num_fewshot": {"mmlu": 5}, "local_tasks": True}
+    return metrics
+
+
+def _task(acc: float, acc_norm: float | None = None, n: int = 20) -> dict:
+    out = {"acc": acc, "acc_stderr": 0.1}
+    if acc_norm is not None:
+        out |= {"acc_norm": acc_norm, "acc_norm_stderr": 0.11}
+    return out | {"n": n}
+
+
+# hellaswag reports acc_norm: 0.30 / 0.40 = 75.0 % retained; average over hellaswag, piqa, boolq
+# (winogrande is only in dense): dense (0.40 + 0.60 + 0.50) / 3 = 0.50, compressed (0.30 + 0.54 + 0.45) / 3 = 0.43 -> 86.0 %.
+DENSE_EVAL = {"hellaswag": _task(0.35, 0.40), "piqa": _task(0.60, 0.62), "boolq": _task(0.50), "winogrande": _task(0.55)}
+COMPRESSED_EVAL = {"hellaswag": _task(0.25, 0.30), "piqa": _task(0.54, 0.50), "boolq": _task(0.45)}
+
+PLAN = {
+    "method": {"name": "shortgpt", "num_remove": 2},
+    "original_layers": 5,
+    "layers": [{"index": 0, "stands_for": [0]}, {"index": 1, "stands_for": [1]}, {"index": 2, "stands_for": [3, 4]}],
+    "merged": [[3, 4]],
+    "removed": [2],
+    "details": {},
+}
+
+
+def _write(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def make_repo(root: Path) -> None:
+    """A repository root holding only what the report stage reads (plus one archived experiment)."""
+    _write(root / "metrics/dense.json", _metrics(5, DENSE_EVAL, 20.0, 50.0))
+    _write(root / "metrics/compressed.json", _metrics(3, COMPRESSED_EVAL, 30.0, 30.0))
+    _write(root / "metrics/compress.json", {"method": "shortgpt", "layers_before": 5, "layers_after": 3, "removed": [2], "merged": [[3, 4]],
+                                            "seconds": 0.5, "peak_memory_mib": 123.4, "device": "cpu (test)", "params_total": 1300, "params_non_embedding": 500})
+    _write(root / "artifacts/compressed/plan.json", PLAN)
+    cosine = [[1.0 - 0.1 * abs(i - j) for j in range(6)] for i in range(6)]
+    _write(root / "artifacts/capture/stats.json", {"num_layers": 5, "tokens": 512, "sequences": 8, "device": "cpu", "dtype": "float32",
+                                                   "block_influence": [0.9, 0.1, 0.02, 0.05, 0.3], "cosine": cosine, "last_token_angular": cosine})
+    (root / "params.yaml").write_text(
+        "runtime: {device: cpu, dtype: auto, seed: 0}\nreport: {experiments_dir: reports/experiments}\n"
+        "model: {name: tiny-test}\nmethod: {name: shortgpt, num_remove: 2}\n"
+    )
+    earlier = root / "reports/experiments/laco-4L"
+    _write(earlier / "metrics/dense.json", _metrics(5, DENSE_EVAL, 20.0, 50.0))
+    _write(earlier / "metrics/compressed.json", _metrics(4, {k: _task(0.5, 0.5) for k in COMPRESSED_EVAL}, 25.0, 40.0))
+    _write(earlier / "plan.json", {**PLAN, "method": {"name": "laco"}})
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    make_repo(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("DVC_ROOT", raising=False)
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        report_stage.main()
+    return root
+
+
+def test_report_markdown(repo):
+    text = (repo / "reports/report.md").read_text()
+    assert "# tiny-test: shortgpt" in text
+    assert "| hellaswag | acc_norm | 40.00 ± 11.00 | 30.00 ± 11.00 | 75.0 |" in text
+    assert "| **average** | headline | 50.00 | 43.00 | 86.0 |" in text
+    assert "over the 3 tasks present in both" in text
+    assert "| winogrande | acc | 55.00 ± 10.00 | — | — |" in text  # never made up
+    assert "| perplexity wikitext2 (lower is better) | 20.000 | 30.000 | 1.500 | — |" in text
+    assert "| parameters (total) | 1,500 | 1,300 | 0.867 | 86.7 |" in text
+    assert "**Removed** (no new layer stands for them): 2" in text and "**Merged**: {3, 4}" in text
+    assert "| 2 | 3–4 | merged |" in text
+    assert "| prefill latency (ms) (lower is better) | 50.0 | 30.0 | 0.600 |" in text
+    assert "in 0.50 s, peak memory 123.4 MiB" in text
+    assert "| laco-4L | laco | 4 |" in text and "| shortgpt-3L | shortgpt | 3 |" in text
+
+
+def test_plots_and_tables(repo):
+    for name in ("similarity_heatmap", "layer_importance", "accuracy_vs_params"):
+        data = (repo / f"reports/plots/{name}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    rows = json.loads((repo / "reports/tables/layer_importance.json").read_text())
+    assert [(r["layer"], r["block_influence"], r["status"]) for r in rows] == [
+        (0, 0.9, "kept"), (1, 0.1, "kept"), (2, 0.02, "removed"), (3, 0.05, "merged"), (4, 0.3, "merged")
+    ]
+    comparison = json.loads((repo / "reports/tables/comparison.json").read_text())["comparison"]
+    hellaswag = next(r for r in comparison if r["name"] == "hellaswag")
+    assert hellaswag["metric"] == "acc_norm" and hellaswag["retained_pct"] == pytest.approx(75.0)
+    assert hellaswag["dense_acc"] == 0.35 and hellaswag["compressed_acc_norm"] == 0.30
+
+
+def test_archive_persists_and_is_reused(repo):
+    archived = repo / "reports/experiments/shortgpt-3L"
+    assert json.loads((archived / "metrics/compressed.json").read_text())["model"]["num_layers"] == 3
+    assert json.loads((archived / "plan.json").read_text())["removed"] == [2]
+    assert (repo / "reports/experiments/laco-4L/metrics/dense.json").is_file()  # earlier experiment untouched
+
+
+def test_accuracy_points_dedupe_dense():
+    run = {"dense": _metrics(5, DENSE_EVAL, 20.0, 50.0), "compressed": _metrics(3, COMPRESSED_EVAL, 30.0, 30.0)}
+    points = accuracy_points([{"name": "a", **run}, {"name": "b", **copy.deepcopy(run)}])
+    assert [p["name"] for p in points] == ["dense", "a", "b"]
+    assert points[1]["average_acc"] == pytest.approx(0.43)  # tasks common to all: hellaswag, piqa, boolq
+
+
+def test_without_lm_eval(tmp_path):
+    dense, compressed = _metrics(5, None, 20.0, 50.0), _metrics(3, None, 30.0, 30.0)
+    rows = comparison_table(dense, compressed)
+    assert not [r for r in rows if r["section"] == "accuracy"]
+    text = markdown_report(dense, compressed)
+    assert "not run (no tasks configured)" in text and "No lm-eval results" in text
+    accuracy_vs_params(accuracy_points([{"name": "x", "dense": dense, "compressed": compressed}]), tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_committed_notebook_has_no_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_runs(repo, monkeypatch):
+    monkeypatch.setenv("LAYERFOLD_ROOT", str(repo))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "2 run(s): ['laco-4L', 'workspace']" in text  # the archived copy of the workspace run is deduplicated
