@@ -39,24 +39,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("-o", "--override", action="append", default=[], help="Hydra override for every run")
-    parser.add_argument("-m", "--methods", nargs="+", required=True, help="method group entries or +experiment=<preset>")
-    parser.add_argument("--skip-shared", action="store_true", help="reuse base/data/capture/dense from a previous call")
+    parser.add_argument("-m", "--methods", nargs="*", default=[], help="method group entries or +experiment=<preset>")
+    parser.add_argument("--skip-shared", action="store_true", help="reuse base/data/capture from a previous call")
+    parser.add_argument("--no-dense", action="store_true", help="do not evaluate the dense model")
     args = parser.parse_args()
 
     from pipeline import base, capture, compress, data, evaluate
 
     args.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    write_params(args.override)
     if not args.skip_shared:
-        write_params(args.override)
         timings["base"] = timed("base", base.main)
         timings["data"] = timed("data", data.main)
         timings["capture"] = timed("capture", capture.main)
+    if not args.no_dense:
         timings["evaluate@dense"] = timed("evaluate@dense", evaluate.main, "dense", str(BASE))
         (args.out / "dense").mkdir(exist_ok=True)
         shutil.copy(METRICS / "dense.json", args.out / "dense" / "metrics.json")
         shutil.copy(CAPTURE / "stats.json", args.out / "dense" / "capture_stats.json")
         shutil.copy("params.yaml", args.out / "dense" / "params.yaml")
+        (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
 
     for method in args.methods:
         selector = method if method.startswith("+") else f"method={method}"

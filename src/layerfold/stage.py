@@ -35,7 +35,8 @@ class Stage:
 
 
 def start(name: str, params_path: str | Path = "params.yaml") -> Stage:
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    # force=True: several stages may run in one process (scripts/run_methods.py), each with its own prefix.
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     params = load_params(params_path)
