@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("-o", "--override", action="append", default=[], help="Hydra override for every run")
-    parser.add_argument("-m", "--methods", nargs="*", default=[], help="method group entries or +experiment=<preset>")
+    parser.add_argument("-m", "--methods", nargs="*", default=[], help="method group entries or +experiment=<preset>, each optionally followed by @key=value overrides")
     parser.add_argument("--skip-shared", action="store_true", help="reuse base/data/capture from a previous call")
     parser.add_argument("--no-dense", action="store_true", help="do not evaluate the dense model")
     args = parser.parse_args()
@@ -62,9 +62,11 @@ def main() -> None:
         (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
 
     for method in args.methods:
+        # "laco@method.threshold=0.5@method.merge_layers=2": a method with its own extra overrides
+        method, *extra = method.split("@")
         selector = method if method.startswith("+") else f"method={method}"
-        name = method.split("=")[-1]
-        write_params([*args.override, selector])
+        name = "_".join([method.split("=")[-1], *(e.split(".")[-1].replace("=", "") for e in extra)])
+        write_params([*args.override, selector, *extra])
         timings[f"compress@{name}"] = timed(f"compress {name}", compress.main)
         timings[f"evaluate@{name}"] = timed(f"evaluate {name}", evaluate.main, "compressed", str(COMPRESSED))
         dest = args.out / name
