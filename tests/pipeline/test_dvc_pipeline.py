@@ -90,3 +90,15 @@ def test_eval_knob_does_not_rerun_capture_or_compress(clone):
     assert "Running stage 'evaluate@dense'" in out
     metrics = json.loads((repo / "metrics/dense.json").read_text())
     assert metrics["perplexity"]["wikitext2"]["windows"] == 1
+
+
+def test_run_methods_without_dvc(clone):
+    """The GPU-box runner: same stages, composed params, one process, per-method result folders."""
+    repo, env = clone
+    overrides = [a for o in TINY if not o.startswith("method.") for a in ("-o", o)]
+    run([sys.executable, "scripts/run_methods.py", "--out", "results/tiny", *overrides, "-m", "drop_last@method.num_remove=1", "gromov@method.num_remove=2"], repo, env)
+    plan = json.loads((repo / "results/tiny/drop_last_num_remove1/plan.json").read_text())
+    assert plan["removed"] == [4]
+    assert json.loads((repo / "results/tiny/gromov_num_remove2/metrics.json").read_text())["model"]["num_layers"] == 3
+    table = run([sys.executable, "scripts/results_table.py", "results/tiny"], repo, env)
+    assert table.splitlines()[2].startswith("| dense | 5 |")
