@@ -73,7 +73,7 @@ def measure_efficiency(model: PreTrainedModel, batch_size: int = 1, prompt_len: 
     decode_s = max(statistics.median(decode) - prefill_s, 1e-9)
 
     result = {
-        **{k: v for k, v in describe(model).items() if k != "model_type"},
+        **{k: v for k, v in describe(model).items() if k in ("num_layers", "params_total")},
         "device": device_name(device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "batch_size": batch_size,
