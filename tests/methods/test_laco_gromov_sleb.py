@@ -1,4 +1,4 @@
-"""LaCo, Gromov et al. and SLEB on tiny random Llamas (CPU, seconds; research/methods.md sections 1 and 5)."""
+"""LaCo, Gromov et al. and SLEB on tiny random Llamas (CPU, seconds)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MKA on tiny random Llamas (CPU, seconds; research/methods.md section 3)."""
+"""MKA on tiny random Llamas (CPU, seconds)."""
 
 from __future__ import annotations
 

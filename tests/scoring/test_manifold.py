@@ -1,4 +1,4 @@
-"""MKA manifold + NPIB scoring on hand-made data (research/methods.md section 3)."""
+"""MKA manifold + NPIB scoring on hand-made data."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ absorbs the next ``K`` layers by parameter differencing (RDSC) and they are dele
 kept only if the final-norm representation of a few calibration sentences stays close to the *dense*
 model's (mean over sentences of one cosine per flattened ``[seq, hidden]`` matrix).
 
-Control flow follows the released notebook (research/methods.md section 1.3)::
+Control flow follows the released notebook, yangyifei729/LaCo ``laco_llama-13b.ipynb``::
 
     l <- H - C
     while l >= L:
@@ -19,7 +19,7 @@ and ends the loop as soon as the target is reached; trials run in place through
 :meth:`MethodContext.trial` (only layer ``l`` is cloned; the notebook deep-copies the model twice per
 trial).
 
-Two merge rules (section 1.4): ``rdsc="paper"`` is Eq. 1, ``theta_l + sum_k (theta_{l+k} - theta_l)``;
+Two merge rules: ``rdsc="paper"`` is Eq. 1, ``theta_l + sum_k (theta_{l+k} - theta_l)``;
 ``rdsc="code"`` is what the released code computes (``W += W_{l+k} - W`` updated in place, which
 telescopes to the last layer's weights, so the merge degenerates to dropping ``l..l+K-1`` while
 keeping layer ``l``'s norms). Only linear weights (and biases) are combined; norms stay the base's.

@@ -1,6 +1,6 @@
 """MKA, "Pruning via Merging" (Liu et al., EMNLP 2024; arXiv 2406.16330): merge adjacent layers by manifold similarity.
 
-Per step (research/methods.md sections 3.2-3.4 and 3.12)::
+Per step::
 
     F_l   = outputs of layer l over the calibration samples    (N, hidden), one row per sample
     Y_l   = layer_embeddings(F)                                 diffusion map + rank normalisation
@@ -12,7 +12,7 @@ Per step (research/methods.md sections 3.2-3.4 and 3.12)::
 
 repeated ``num_remove`` times. The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
 weight arithmetic in :func:`layerfold.surgery.weighted` (every linear weight and bias; norms stay
-layer ``l``'s). Departures from the released code, each fixing a defect of section 3.4:
+layer ``l``'s). Departures from the released code, each fixing a defect of the released ``pipeline.py`` (SempraETY/Pruning-via-Merging):
 
 - **The merge is written** (the code assigned into a fresh ``state_dict()`` dict, so its "merge"
   was a truncation of the last layers). ``pair="last"`` with ``alpha="code"`` reproduces what the

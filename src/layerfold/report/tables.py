@@ -23,7 +23,7 @@ MISSING = "—"
 TASK_ORDER = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu"]
 
 # Metric the headline column and the average use, per task: the convention of
-# Nota-NetsPresso/shortened-llm (research/ecosystem.md §2.5). Both acc and acc_norm are shown anyway.
+# Nota-NetsPresso/shortened-llm (their ``results/*/zeroshot_acc.csv``). Both acc and acc_norm are shown anyway.
 REPORTED_METRIC: dict[str, str] = {
     "boolq": "acc",
     "piqa": "acc",

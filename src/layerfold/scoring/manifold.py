@@ -1,12 +1,12 @@
 """MKA layer similarity: diffusion-map manifolds and the NPIB score (Liu et al., EMNLP 2024).
 
-Pipeline (``research/methods.md`` section 3.2, formulas as in the released ``pipeline.py``)::
+Pipeline (formulas as in the released ``pipeline.py`` of SempraETY/Pruning-via-Merging)::
 
     features_l (N, D)  --diffusion_map-->  (N, dim)  --rank_normalise-->  Y_l (N, dim) in [0, 1)
     S_ij = MI(Y_i, Y_j) / sqrt(H(Y_i) H(Y_j))                             (npib_similarity)
     pair  = most similar adjacent pair (paper) ; alpha = S_lm (paper) or sigmoid ratio (code)
 
-Deliberate departures from the released code (section 3.4), all documented where they happen:
+Deliberate departures from the released code, all documented where they happen:
 
 - The kernel is built over **calibration samples** (one row per sample). The released code meant to
   do this but, through ``L2_distance_chunked``/``next(...)``, built it over the first token rows of
