@@ -337,7 +337,7 @@ BENCHMARKS: tuple[str, ...] = tuple(_SPECS)
 def _missing(path: Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{what} {path} does not exist. Set ${ENV_VAR} (or data.local_dir in the config) to the folder of "
-        "public dataset files described in shared/SOURCES.md, and make sure it holds this file."
+        "public dataset files listed in the README (Data), and make sure it holds this file."
     )
 
 
