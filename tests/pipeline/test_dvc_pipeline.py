@@ -55,6 +55,9 @@ def clone(tmp_path_factory) -> tuple[Path, dict]:
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
     }
     run(["git", "init", "-q"], dest, env)
+    # dvc exp run commits experiment refs itself and reads the identity from git config, not env.
+    run(["git", "config", "user.name", "layerfold-test"], dest, env)
+    run(["git", "config", "user.email", "test@layerfold.invalid"], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "clone"], dest, env)
     return dest, env
