@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from tqdm.auto import tqdm
+
+from layerfold.scoring.loss import token_nll
 
 
-@torch.no_grad()
 def perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -41,14 +40,7 @@ def perplexity(
     if bos is not None:
         blocks = torch.cat([torch.full((windows, 1), bos, dtype=torch.long), blocks], dim=1)
 
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for start in tqdm(range(0, windows, batch_size), desc=desc, disable=desc is None, leave=False):
-        batch = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
+    nll, count = token_nll(model, blocks, batch_size, desc)
     return {
         "perplexity": math.exp(nll / count),
         "seq_len": seq_len,

@@ -10,14 +10,20 @@ from layerfold.capture.hooks import iterate_batches
 
 
 @torch.no_grad()
-def calibration_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token negative log-likelihood of ``model`` over all calibration tokens."""
+def token_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, desc: str | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over ``blocks`` ``[n, seq]`` and the number of predicted tokens."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in iterate_batches(blocks, batch_size, device):
+    for batch in iterate_batches(blocks, batch_size, device, desc):
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
+    return total, count
+
+
+def calibration_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over all calibration tokens (SLEB's criterion)."""
+    total, count = token_nll(model, blocks, batch_size)
     return total / count
 
 
