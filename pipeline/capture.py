@@ -10,15 +10,18 @@ from safetensors.torch import load_file, save_file
 from layerfold.capture import capture_statistics
 from layerfold.io import atomic_dir, write_json
 from layerfold.models import load_checkpoint
+from layerfold.models.resources import guard
 from layerfold.scoring.similarity import block_influence
 from layerfold.stage import BASE, CALIBRATION, CAPTURE, start
 
 
 def main() -> None:
     stage = start("capture")
-    model, _ = load_checkpoint(BASE, stage.device, stage.dtype)
     blocks = load_file(CALIBRATION / "blocks.safetensors")["input_ids"]
-    stats = capture_statistics(model, blocks, stage.params.capture.batch_size)
+    batch_size = stage.params.capture.batch_size
+    guard(BASE, stage.device, stage.dtype, batch_size, blocks.shape[1], "capture.batch_size", all_boundaries=True)
+    model, _ = load_checkpoint(BASE, stage.device, stage.dtype)
+    stats = capture_statistics(model, blocks, batch_size)
     bi = block_influence(stats.cosine)
     with atomic_dir(CAPTURE) as tmp:
         save_file({k: v.contiguous() for k, v in stats.tensors().items()}, tmp / "stats.safetensors")

@@ -6,6 +6,7 @@ Usage: python -m pipeline.evaluate <name> <checkpoint dir>
 """
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -15,15 +16,31 @@ from layerfold.evaluation.efficiency import device_name, measure_efficiency
 from layerfold.evaluation.perplexity import perplexity
 from layerfold.io import write_json
 from layerfold.models import describe, load_checkpoint
+from layerfold.models.sources import POINTER_FILE, resolve_pointer
 from layerfold.stage import EVAL_DATA, METRICS, start
 from layerfold.tracking import init_run
 
 PPL_TEXT = {"wikitext2": "wikitext2_test.txt", "c4": "c4.txt"}
 
 
+def cache_root(configured: str | None) -> Path | None:
+    """``eval.lm_eval.request_cache``; a relative path is taken from ``$DVC_ROOT`` (the main
+    workspace, also for queued experiments), so every run of every model shares one cache."""
+    if configured is None:
+        return None
+    path = Path(configured)
+    return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or Path.cwd()) / path
+
+
 def main(name: str, checkpoint: str) -> None:
     stage = start(f"evaluate@{name}")
     cfg = stage.params.eval
+    if (Path(checkpoint) / POINTER_FILE).exists() and not (Path(checkpoint) / "config.json").exists():
+        # recovery=none: the "recovered" model is the compressed one; scoring it twice would only cost time
+        target = os.path.relpath(resolve_pointer(checkpoint))  # relative: outputs stay portable across clones
+        write_json(METRICS / f"{name}.json", {"same_model_as": target})
+        logging.info("%s points at %s, which evaluate scores under its own name; nothing to do", checkpoint, target)
+        return
     run = init_run(stage.params, f"evaluate-{name}")
     model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)
     metrics: dict = {"model": describe(model), "device": device_name(stage.device), "dtype": str(model.dtype).replace("torch.", "")}
@@ -41,17 +58,23 @@ def main(name: str, checkpoint: str) -> None:
     timings["perplexity_s"] = time.perf_counter() - started
 
     if cfg.lm_eval.tasks:
-        from layerfold.evaluation.harness import run_lm_eval, write_task_configs
+        from layerfold.evaluation.harness import quiet_lm_eval, run_lm_eval, write_task_configs
 
         started = time.perf_counter()
+        le, seed = cfg.lm_eval, stage.params.runtime.seed
+        cache = cache_root(le.request_cache)
+        quiet_lm_eval(cache / "logs" / f"evaluate-{name}.log" if cache else None)
         benchmarks = EVAL_DATA / "benchmarks"
         with tempfile.TemporaryDirectory() as task_dir:
             local = write_task_configs(benchmarks, Path(task_dir)) if benchmarks.exists() else None
-            le = cfg.lm_eval
             metrics["lm_eval"] = run_lm_eval(
-                model, tokenizer, list(le.tasks), dict(le.num_fewshot), le.batch_size, le.limit, local, le.max_length, le.bootstrap_iters
+                model, tokenizer, list(le.tasks), dict(le.num_fewshot), le.batch_size, le.limit, local, le.max_length,
+                le.bootstrap_iters, seed=seed, cache_dir=cache,
             )
-        metrics["lm_eval_settings"] = {"limit": cfg.lm_eval.limit, "num_fewshot": dict(cfg.lm_eval.num_fewshot), "local_tasks": local is not None}
+        metrics["lm_eval_settings"] = {
+            "limit": le.limit, "sampling": "seeded random subset" if le.limit is not None else "full sets",
+            "seed": seed, "num_fewshot": dict(le.num_fewshot), "local_tasks": local is not None,
+        }
         timings["lm_eval_s"] = time.perf_counter() - started
 
     if cfg.efficiency.enabled:

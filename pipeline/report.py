@@ -3,7 +3,8 @@
     dvc repro report    # params: report  ->  reports/report.md, reports/plots/*.png, reports/tables/*.json
 
 Inputs are the JSON files of earlier stages (metrics/{dense,compressed,compress}.json,
-artifacts/capture/stats.json, artifacts/compressed/plan.json); nothing is recomputed.
+artifacts/capture/stats.json, artifacts/compressed/plan.json, and metrics/recovered.json when a
+recovery ran); nothing is recomputed. Every accuracy difference carries its standard error.
 
 Experiment archive (``report.experiments_dir``, default reports/experiments/): every run copies its
 small JSON files (metrics + plan, a few KB) to ``<experiments_dir>/<name>/``, where ``name`` is
@@ -67,6 +68,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
     if missing:
         raise FileNotFoundError("report needs the outputs of earlier stages; missing: " + ", ".join(missing))
     run["name"] = exp_name or experiment_name(run)
+    run["meta"] = {"model": model_name}
     archive_run(run, experiments_dir, run["name"])
     runs = collect_experiments(experiments_dir, current=run)
     plan, stats = run["plan"], run["stats"]
@@ -89,6 +91,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
         write_json(tmp / "layer_importance.json", importance)
         write_json(tmp / "comparison.json", {
             "comparison": comparison_table(run["dense"], run["compressed"]),
+            **({"recovered": comparison_table(run["dense"], run["recovered"])} if run.get("recovered") else {}),
             "efficiency": efficiency_table(run["dense"], run["compressed"]),
             "experiments": experiments,
         })
@@ -96,6 +99,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
     text = markdown_report(
         run["dense"], run["compressed"], run["compress"], plan, stats, model_name,
         plots={caption: f"plots/{file}" for caption, file in PLOTS.items()}, experiments=experiments,
+        recovered=run.get("recovered"),
     )
     with atomic_file(reports / "report.md") as handle:
         handle.write(text)

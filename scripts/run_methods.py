@@ -1,10 +1,17 @@
 """Run the pipeline stages in one process for several methods, without DVC (GPU boxes, sweeps).
 
-Each method gets params.yaml composed from conf/ (the same composition as `dvc exp run`), then the
-stage entry points run in DVC's order; base/data/capture/dense evaluation run once and are shared.
-Per-method metrics, plans and the capture statistics are copied to ``--out/<method>/``.
+Each entry gets params.yaml composed from conf/ (the same composition as `dvc exp run`), then the
+stage entry points run in DVC's order: base/data/capture and the dense evaluation once, then per
+entry compress, recover (when `recovery` is not `none`) and evaluate. Everything runs in one process,
+so lm-eval's task set, prompt templates, request cache and tokenized requests are built once and
+shared by every model. Per-entry metrics, plans and timings go to ``--out/<name>/``; per-model wall
+times to ``--out/timings.json`` and the console.
 
     python scripts/run_methods.py --out results/run -o eval=gpu -m shortgpt laco mka gromov sleb drop_last
+    python scripts/run_methods.py --out results/run -o eval=gpu -m streamline@method.replacement=ffn shortgpt@recovery=lora
+
+An entry is a method name (or ``+experiment=<preset>``) followed by ``@key=value`` overrides; its
+folder is named after the method and its overrides (``streamline_replacementffn``, ``shortgpt_recoverylora``).
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import yaml
 
 from layerfold.config import compose
 from layerfold.io import atomic_file
-from layerfold.stage import BASE, CAPTURE, COMPRESSED, METRICS
+from layerfold.stage import BASE, CAPTURE, COMPRESSED, METRICS, RECOVERED
 
 
-def write_params(overrides: list[str]) -> None:
+def write_params(overrides: list[str]) -> dict:
+    params = compose("conf", overrides)
     with atomic_file("params.yaml") as handle:
-        yaml.safe_dump(compose("conf", overrides), handle, sort_keys=False)
+        yaml.safe_dump(params, handle, sort_keys=False)
+    return params
 
 
 def timed(label: str, fn, *args) -> float:
@@ -38,47 +47,88 @@ def timed(label: str, fn, *args) -> float:
     return seconds
 
 
+def parse_entry(entry: str) -> tuple[str, list[str], str]:
+    """``"shortgpt@recovery=lora@method.num_remove=6"`` -> (``method=shortgpt``, overrides,
+    ``shortgpt_recoverylora_num_remove6``): the folder names the last key part and value of each override."""
+    method, *extra = entry.split("@")
+    selector = method if method.startswith("+") else f"method={method}"
+    name = "_".join([method.split("=")[-1], *(e.split(".")[-1].replace("=", "").replace("/", "-") for e in extra)])
+    return selector, extra, name
+
+
+def copy_if(source: Path, dest: Path) -> None:
+    if source.is_file():
+        shutil.copy(source, dest)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("-o", "--override", action="append", default=[], help="Hydra override for every run")
-    parser.add_argument("-m", "--methods", nargs="*", default=[], help="method group entries or +experiment=<preset>, each optionally followed by @key=value overrides")
+    parser.add_argument("-m", "--methods", nargs="*", default=[], help="entries: a method or +experiment=<preset>, each optionally followed by @key=value overrides")
     parser.add_argument("--skip-shared", action="store_true", help="reuse base/data/capture from a previous call")
     parser.add_argument("--no-dense", action="store_true", help="do not evaluate the dense model")
+    parser.add_argument("--final-only", action="store_true", help="with a recovery, score only the recovered model, not the compressed one")
     args = parser.parse_args()
 
     from pipeline import base, capture, compress, data, evaluate
 
+    entries = [parse_entry(e) for e in args.methods]
+    names = [name for _, _, name in entries]
+    if len(set(names)) != len(names):
+        sys.exit(f"two entries would write the same folder: {names}; add an override that tells them apart")
     args.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    write_params(args.override)
+    per_model: dict[str, float] = {}
+
+    def save() -> None:
+        (args.out / "timings.json").write_text(json.dumps({"stages": timings, "evaluate_per_model": per_model}, indent=2) + "\n")
+
+    # The shared stages validate the whole params.yaml, method included, against the model: compose them
+    # with the first entry so a method setting that only fits this model (e.g. num_remove on a tiny
+    # model) is not checked against the default method's.
+    first = [entries[0][0], *entries[0][1]] if entries else []
+    write_params([*args.override, *first])
     if not args.skip_shared:
         timings["base"] = timed("base", base.main)
         timings["data"] = timed("data", data.main)
         timings["capture"] = timed("capture", capture.main)
     if not args.no_dense:
-        timings["evaluate@dense"] = timed("evaluate@dense", evaluate.main, "dense", str(BASE))
+        per_model["dense"] = timings["evaluate@dense"] = timed("evaluate dense", evaluate.main, "dense", str(BASE))
         (args.out / "dense").mkdir(exist_ok=True)
         shutil.copy(METRICS / "dense.json", args.out / "dense" / "metrics.json")
-        shutil.copy(CAPTURE / "stats.json", args.out / "dense" / "capture_stats.json")
+        copy_if(CAPTURE / "stats.json", args.out / "dense" / "capture_stats.json")
         shutil.copy("params.yaml", args.out / "dense" / "params.yaml")
-        (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
+        save()
 
-    for method in args.methods:
-        # "laco@method.threshold=0.5@method.merge_layers=2": a method with its own extra overrides
-        method, *extra = method.split("@")
-        selector = method if method.startswith("+") else f"method={method}"
-        name = "_".join([method.split("=")[-1], *(e.split(".")[-1].replace("=", "") for e in extra)])
-        write_params([*args.override, selector, *extra])
+    for selector, extra, name in entries:
+        params = write_params([*args.override, selector, *extra])
         timings[f"compress@{name}"] = timed(f"compress {name}", compress.main)
-        timings[f"evaluate@{name}"] = timed(f"evaluate {name}", evaluate.main, "compressed", str(COMPRESSED))
+        recovery = (params.get("recovery") or {}).get("name", "none")
+        if recovery != "none":
+            from pipeline import recover
+
+            timings[f"recover@{name}"] = timed(f"recover {name} ({recovery})", recover.main)
+            # the compressed model is scored too (unless --final-only), so compressed and recovered show side by side
+            if not args.final_only:
+                per_model[name] = timings[f"evaluate@{name}"] = timed(f"evaluate {name} (compressed)", evaluate.main, "compressed", str(COMPRESSED))
+            per_model[f"{name} (recovered)"] = timings[f"evaluate@{name}:recovered"] = timed(
+                f"evaluate {name} (recovered)", evaluate.main, "recovered", str(RECOVERED))
+        else:
+            per_model[name] = timings[f"evaluate@{name}"] = timed(f"evaluate {name}", evaluate.main, "compressed", str(COMPRESSED))
         dest = args.out / name
         dest.mkdir(exist_ok=True)
-        shutil.copy(METRICS / "compressed.json", dest / "metrics.json")
-        shutil.copy(METRICS / "compress.json", dest / "compress.json")
-        shutil.copy(COMPRESSED / "plan.json", dest / "plan.json")
-        shutil.copy("params.yaml", dest / "params.yaml")
-        (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
+        if recovery == "none" or not args.final_only:
+            shutil.copy(METRICS / "compressed.json", dest / "metrics.json")
+        for source, target in ((METRICS / "compress.json", "compress.json"), (METRICS / "compress_time.json", "compress_time.json"),
+                               (COMPRESSED / "plan.json", "plan.json"), (Path("params.yaml"), "params.yaml")):
+            copy_if(source, dest / target)
+        if recovery != "none":
+            copy_if(METRICS / "recovered.json", dest / "recovered.json")
+            copy_if(METRICS / "recover.json", dest / "recover.json")
+        save()
+
+    print("== evaluation wall time per model: " + ", ".join(f"{k} {v:.1f}s" for k, v in per_model.items()), flush=True)
 
 
 if __name__ == "__main__":

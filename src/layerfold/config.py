@@ -4,47 +4,59 @@ DVC composes ``conf/`` into ``params.yaml`` with Hydra; every stage reads that f
 :func:`load_params`, which merges it onto these dataclasses in struct mode so a misspelt key fails
 loudly instead of silently falling back to a default. Method-specific settings are validated by the
 method's own dataclass (see :mod:`layerfold.methods`).
+
+Ranges live on the fields: ``field(default=..., metadata={"ge": 1})`` (also ``gt``, ``le``, ``lt``,
+``choices``, ``pattern``), checked by :func:`validate` for every schema, method dataclasses included. A
+bound may name a model fact (``"lt": "num_layers"``, ``"le": "context_length"``); those are checked
+once the model's config is known (:mod:`layerfold.validation`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import operator
+import re
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m-instruct"
-    source: str = "package"  # hub | local | gguf | package | llama2c
+    name: str = "smollm2-135m-instruct-q4_1"  # names what the weights are, quantisation included
+    source: str = field(default="package", metadata={"choices": ["hub", "local", "gguf", "package", "llama2c"]})
     id: Optional[str] = None  # hub repository id
     revision: Optional[str] = None
     path: Optional[str] = None  # local HF dir, GGUF file, or llama2.c checkpoint
     package: Optional[str] = None  # installed distribution holding the weights file
     file: Optional[str] = None  # path of the weights file inside that distribution
     tokenizer: Optional[str] = None  # llama2.c tokenizer (tok512.bin style)
-    storage_dtype: str = "bfloat16"  # dtype of the saved base checkpoint
+    storage_dtype: str = field(default="bfloat16", metadata={"choices": ["float32", "bfloat16", "float16"]})  # saved checkpoints
 
 
 @dataclass
 class RuntimeConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
-    seed: int = 0
+    device: str = field(default="auto", metadata={"pattern": r"auto|cpu|mps|cuda(:\d+)?"})
+    dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})  # auto = float32 on CPU, bfloat16 on CUDA
+    seed: int = field(default=0, metadata={"ge": 0})
 
 
 @dataclass
 class CalibrationConfig:
-    source: str = "wikitext2_train"  # wikitext2_train | c4 | <hub fallback names>
-    num_blocks: int = 16
-    seq_len: int = 256
-    chunking: str = "concat"  # concat: join documents, cut windows | per_document: one window per document
+    source: str = field(default="wikitext2_train", metadata={"choices": ["wikitext2_train", "c4"]})
+    num_blocks: int = field(default=16, metadata={"ge": 1})
+    seq_len: int = field(default=256, metadata={"ge": 2, "le": "context_length"})
+    # concat: join documents, cut windows | per_document: one window per document
+    chunking: str = field(default="concat", metadata={"choices": ["concat", "per_document"]})
     add_bos: bool = True
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0})
 
 
 @dataclass
@@ -60,35 +72,37 @@ class DataConfig:
 
 @dataclass
 class CaptureConfig:
-    batch_size: int = 4
+    batch_size: int = field(default=4, metadata={"ge": 1})
 
 
 @dataclass
 class PerplexityConfig:
-    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
-    seq_len: int = 1024
-    max_windows: Optional[int] = None  # cap for CPU runs; None = the whole test set
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"], metadata={"choices": ["wikitext2", "c4"]})
+    seq_len: int = field(default=1024, metadata={"ge": 2, "le": "context_length"})
+    max_windows: Optional[int] = field(default=None, metadata={"ge": 1})  # cap for CPU runs; None = the whole test set
     add_bos: bool = False  # GPTQ/SparseGPT protocol: plain non-overlapping token windows
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata={"ge": 1})
 
 
 @dataclass
 class LmEvalConfig:
     tasks: list[str] = field(default_factory=list)
-    num_fewshot: dict[str, int] = field(default_factory=lambda: {"mmlu": 5})
-    limit: Optional[float] = None  # docs per task (int) or fraction (<1); None = full sets
-    batch_size: int = 16
-    max_length: Optional[int] = None
-    bootstrap_iters: int = 1000
+    num_fewshot: dict[str, int] = field(default_factory=lambda: {"mmlu": 5}, metadata={"ge": 0})
+    limit: Optional[float] = field(default=None, metadata={"gt": 0})  # docs per task (int) or fraction (<1); None = full sets
+    batch_size: int = field(default=16, metadata={"ge": 1})
+    max_length: Optional[int] = field(default=None, metadata={"ge": 2, "le": "context_length"})
+    bootstrap_iters: int = field(default=1000, metadata={"ge": 0})
+    # lm-eval's built requests, shared by every model and run (relative: from $DVC_ROOT); null = no cache
+    request_cache: Optional[str] = ".cache/lm_eval"
 
 
 @dataclass
 class EfficiencyConfig:
     enabled: bool = True
-    batch_size: int = 1
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
+    batch_size: int = field(default=1, metadata={"ge": 1})
+    prompt_len: int = field(default=128, metadata={"ge": 1, "lt": "context_length"})
+    new_tokens: int = field(default=32, metadata={"ge": 1, "lt": "context_length"})
+    repeats: int = field(default=3, metadata={"ge": 1})
 
 
 @dataclass
@@ -100,7 +114,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    mode: str = "disabled"  # disabled | offline | online
+    mode: str = field(default="disabled", metadata={"choices": ["disabled", "offline", "online"]})
     project: str = "layerfold"
     entity: Optional[str] = None
     dir: Optional[str] = None  # where wandb writes; None -> $WANDB_DIR or the system temp dir
@@ -109,6 +123,78 @@ class TrackingConfig:
 @dataclass
 class ReportConfig:
     experiments_dir: str = "reports/experiments"  # metrics of finished experiments, for the accuracy/size plot
+
+
+@dataclass
+class RecoveryDataConfig:
+    """Training text for the recover stage (never the evaluation halves: see layerfold.data.training)."""
+
+    # local: c4 (the 1000 C4 documents evaluation never reads), wikitext2_train; online: hub:<dataset>[:<config>]
+    sources: list[str] = field(default_factory=lambda: ["c4", "wikitext2_train"])
+    weights: list[float] = field(default_factory=lambda: [0.5, 0.5], metadata={"ge": 0.0})  # token shares when train_tokens caps the mix
+    seq_len: int = field(default=256, metadata={"ge": 8, "le": "context_length"})
+    train_tokens: Optional[int] = field(default=None, metadata={"ge": 1})  # None = every available training token
+    val_fraction: float = field(default=0.05, metadata={"gt": 0.0, "lt": 1.0})  # documents held out per source
+    val_blocks: int = field(default=64, metadata={"ge": 1})  # validation blocks drawn from the held-out documents
+    add_bos: bool = True
+    seed: int = field(default=0, metadata={"ge": 0})
+
+
+@dataclass
+class LocalDistillConfig:
+    """Layer-local distillation: each trainable new layer maps the teacher's span input to its span output."""
+
+    enabled: bool = False
+    loss: str = field(default="mse", metadata={"choices": ["mse", "cosine", "kl"]})
+    temperature: float = field(default=1.0, metadata={"gt": 0.0})  # kl only: softmax(h / temperature)
+    order: str = field(default="joint", metadata={"choices": ["joint", "sequential"]})
+    # Leading positions left out of the loss: the BOS / attention-sink token carries outlier norms that can dominate an MSE.
+    ignore_first: int = field(default=0, metadata={"ge": 0})
+
+
+@dataclass
+class EndToEndConfig:
+    """Whole-student training: next-token LM loss and/or KL to the teacher's logits."""
+
+    enabled: bool = False
+    lm_weight: float = field(default=1.0, metadata={"ge": 0.0})
+    kd_weight: float = field(default=0.0, metadata={"ge": 0.0})
+    kd_temperature: float = field(default=1.0, metadata={"gt": 0.0})
+
+
+@dataclass
+class LoraRecoveryConfig:
+    """LoRA adapters (peft) on the trainable layers' linears, merged into the weights before saving."""
+
+    enabled: bool = False
+    rank: int = field(default=8, metadata={"ge": 1})
+    alpha: float = field(default=16.0, metadata={"gt": 0.0})
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+
+
+@dataclass
+class RecoveryConfig:
+    name: str = field(default="none", metadata={"choices": ["none", "distill", "lm", "lora", "come"]})
+    trainable: str = field(default="new", metadata={"choices": ["new", "layers", "all"]})
+    data: RecoveryDataConfig = field(default_factory=RecoveryDataConfig)
+    local: LocalDistillConfig = field(default_factory=LocalDistillConfig)
+    end_to_end: EndToEndConfig = field(default_factory=EndToEndConfig)
+    lora: LoraRecoveryConfig = field(default_factory=LoraRecoveryConfig)
+    epochs: int = field(default=1, metadata={"ge": 1})
+    max_steps: Optional[int] = field(default=None, metadata={"ge": 1})  # per phase; None = epochs over the data
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    grad_accum: int = field(default=1, metadata={"ge": 1})
+    lr: float = field(default=2e-4, metadata={"gt": 0.0})
+    min_lr: float = field(default=5e-5, metadata={"ge": 0.0})  # cosine floor
+    warmup_ratio: float = field(default=0.03, metadata={"ge": 0.0, "lt": 1.0})
+    weight_decay: float = field(default=1e-3, metadata={"ge": 0.0})
+    beta1: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0})
+    beta2: float = field(default=0.95, metadata={"ge": 0.0, "lt": 1.0})
+    max_grad_norm: float = field(default=1.0, metadata={"ge": 0.0})  # 0 disables clipping
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp32"]})  # auto: bf16 autocast on CUDA
+    eval_every: int = field(default=0, metadata={"ge": 0})  # optimiser steps between validations; 0 = start and end
+    checkpoint_every: int = field(default=100, metadata={"ge": 1})  # optimiser steps between resumable checkpoints
+    log_every: int = field(default=10, metadata={"ge": 1})
 
 
 @dataclass
@@ -121,6 +207,7 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 class ConfigError(ValueError):
@@ -133,33 +220,130 @@ def _suggest(key: str, node: Any) -> str:
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(map(str, options))}."
 
 
-def validate(raw: DictConfig | dict, schema: Any, where: str) -> DictConfig:
-    """Merge ``raw`` onto ``schema`` (a dataclass type or instance); unknown keys and bad types raise ConfigError."""
+# Range rules a dataclass field may carry in ``metadata``. A bound is a number or the name of a model
+# fact (``"num_layers"``, ``"context_length"``), which is checked once that fact is known.
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+MODEL_FACTS = {"num_layers": "the model's decoder layers", "context_length": "the model's max_position_embeddings"}
+
+
+def _rule_violations(value: Any, rules: Mapping[str, Any], facts: Mapping[str, int]) -> list[str]:
+    """The allowed-range phrases ``value`` breaks (empty when it complies or is None)."""
+    if value is None or isinstance(value, bool):
+        return []
+    broken = []
+    if "choices" in rules and value not in rules["choices"]:
+        broken.append(f"one of {', '.join(map(str, rules['choices']))}")
+    if "pattern" in rules and not (isinstance(value, str) and re.fullmatch(rules["pattern"], value)):
+        broken.append(f"a string matching {rules['pattern']}")
+    for name, (symbol, holds) in _BOUNDS.items():
+        bound = rules.get(name)
+        if bound is None or not isinstance(value, (int, float)):
+            continue
+        if isinstance(bound, str):
+            if bound not in facts:
+                continue  # unknown until the model's config is known; checked again then
+            described = f"{bound} = {facts[bound]}, {MODEL_FACTS.get(bound, 'a model fact')}"
+            bound = facts[bound]
+        else:
+            described = str(bound)
+        if not holds(value, bound):
+            broken.append(f"{symbol} {described}")
+    return broken
+
+
+def range_problems(cfg: Any, schema: type, prefix: str = "", facts: Mapping[str, int] | None = None) -> Iterator[str]:
+    """Yield one message per field of ``cfg`` outside the range its ``schema`` field's metadata allows.
+
+    Lists and dicts are checked element by element; nested dataclasses are walked. Each message
+    names the key, the bad value, the allowed range and the fix.
+    """
+    facts = facts or {}
+    try:
+        hints = typing.get_type_hints(schema)
+    except (NameError, TypeError):  # annotations naming types imported only for type checkers
+        hints = {}
+    for spec in dataclasses.fields(schema):
+        if spec.name not in cfg:
+            continue
+        value, key = cfg[spec.name], f"{prefix}{spec.name}"
+        if dataclasses.is_dataclass(hints.get(spec.name)) and value is not None:
+            yield from range_problems(value, hints[spec.name], f"{key}.", facts)
+            continue
+        if not spec.metadata:
+            continue
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        hint = f" (default: {default!r})" if default is not None else ""
+        for name, item in _elements(key, value):
+            broken = _rule_violations(item, spec.metadata, facts)
+            if broken:
+                yield (
+                    f"{name}={item!r} is not allowed: it must be {' and '.join(broken)}. "
+                    f"Fix it in conf/ or with `dvc exp run -S {key}=<allowed value>`{hint}."
+                )
+
+
+def _elements(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """A setting's checkable values: the value itself, or each element of a list or dict."""
+    if isinstance(value, (dict, DictConfig)):
+        yield from ((f"{key}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, ListConfig)):
+        yield from ((f"{key}[{i}]", v) for i, v in enumerate(value))
+    else:
+        yield key, value
+
+
+def check_ranges(cfg: Any, schema: type, where: str, prefix: str = "", facts: Mapping[str, int] | None = None) -> None:
+    """Raise :class:`ConfigError` listing every out-of-range value of ``cfg`` (see :func:`range_problems`)."""
+    problems = list(range_problems(cfg, schema, prefix, facts))
+    if problems:
+        raise ConfigError(f"{where}: " + ("\n  ".join(["invalid settings:", *problems]) if len(problems) > 1 else problems[0]))
+
+
+def validate(raw: DictConfig | dict, schema: Any, where: str, prefix: str = "", facts: Mapping[str, int] | None = None) -> DictConfig:
+    """Merge ``raw`` onto ``schema`` (a dataclass type or instance) and check its ranges.
+
+    Unknown keys, bad types and values outside a field's ``metadata`` range raise :class:`ConfigError`.
+    ``prefix`` is how the section is named in messages (``"method."``); ``facts`` are model facts such
+    as ``context_length`` that ranges may refer to.
+    """
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     try:
-        return OmegaConf.merge(base, raw)
+        merged = OmegaConf.merge(base, raw)
     except ConfigKeyError as err:
         full_key = err.full_key or str(err.key)
         parent = OmegaConf.select(base, full_key.rsplit(".", 1)[0]) if "." in full_key else base
         raise ConfigError(
-            f"{where}: unknown key '{full_key}'.{_suggest(str(err.key), parent)} "
+            f"{where}: unknown key '{prefix}{full_key}'.{_suggest(str(err.key), parent)} "
             "Fix the key in conf/ (then recompose params.yaml with `dvc exp run`) or in your -S override."
         ) from None
     except ValidationError as err:
-        raise ConfigError(f"{where}: invalid value for '{err.full_key}': {err.msg}") from None
+        raise ConfigError(f"{where}: invalid value for '{prefix}{err.full_key}': {err.msg}") from None
+    check_ranges(merged, schema if isinstance(schema, type) else type(schema), where, prefix, facts)
+    return merged
 
 
-def load_params(path: str | Path = "params.yaml") -> DictConfig:
-    """Read and validate ``params.yaml`` (the file DVC composed from ``conf/``)."""
+def load_params(path: str | Path = "params.yaml", facts: Mapping[str, int] | None = None) -> DictConfig:
+    """Read and validate ``params.yaml`` (the file DVC composed from ``conf/``).
+
+    ``facts`` (e.g. ``{"context_length": 8192}``) enable the ranges that depend on the model.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found. Run from the repository root, or compose it with `dvc exp run`.")
-    raw = OmegaConf.load(path)
+    return parse_params(OmegaConf.load(path), str(path), facts)
+
+
+def parse_params(raw: DictConfig | dict, where: str = "params.yaml", facts: Mapping[str, int] | None = None) -> DictConfig:
+    """Validate a composed configuration against :class:`Params`; the method section is kept as given.
+
+    The method section is validated by the chosen method's dataclass (``layerfold.methods.get_method``).
+    """
+    raw = OmegaConf.create(raw)
     method = raw.pop("method", None)
     if method is None or "name" not in method:
-        raise ConfigError(f"{path}: no method.name; pick a method group, e.g. `dvc exp run -S method=shortgpt`.")
-    params = validate(raw, Params, where=str(path))
+        raise ConfigError(f"{where}: no method.name; pick a method group, e.g. `dvc exp run -S method=shortgpt`.")
+    params = validate(raw, Params, where=where, facts=facts)
     with open_dict(params):
         params.method = method
     return params
@@ -170,6 +354,56 @@ def compose(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
-        cfg = hydra_compose("config", overrides=list(overrides))
+    install_override_hint()
+    try:
+        with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
+            cfg = hydra_compose("config", overrides=list(overrides))
+    except UnknownOverrideError as err:
+        raise ConfigError(str(err)) from None
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def unknown_override(override: str, cfg: DictConfig) -> str:
+    """The error for an override whose key does not exist, e.g. ``-S method.num_remvoe=6``."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    options = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+    close = difflib.get_close_matches(leaf, options, n=1)
+    prefix = f"{parent_key}." if parent_key else ""
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Keys there: {', '.join(options)}." if options else ""
+    return (
+        f"Unknown setting '{key}' in the override '{override}'.{hint} Every layerfold setting already exists "
+        "in conf/ (see params.yaml for the full list): fix the spelling; do not add the key with '+'."
+    )
+
+
+class UnknownOverrideError(ConfigCompositionException):
+    """An override names a key ``conf/`` does not have; a Hydra error type, so Hydra's callers catch it."""
+
+
+def install_override_hint() -> None:
+    """Make Hydra report a misspelt override key with :func:`unknown_override` instead of its '+' hint.
+
+    Hydra answers an unknown key with "To append to your config use +key=value", which for a typo
+    adds a setting nothing reads. Hydra has no hook for this message, so its override step is wrapped;
+    ``hydra_plugins/layerfold_override_hint.py`` installs the same wrapper when DVC composes for
+    ``dvc exp run -S``. Idempotent.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    original = ConfigLoaderImpl._apply_overrides_to_config
+    if getattr(original, "layerfold_hint", False):
+        return
+
+    def apply_overrides(overrides: list, cfg: DictConfig) -> None:
+        try:
+            original(overrides, cfg)
+        except ConfigCompositionException as err:
+            bad = next((o for o in overrides if str(err).startswith(f"Could not override '{o.key_or_group}'")), None)
+            if bad is None:
+                raise
+            raise UnknownOverrideError(unknown_override(bad.input_line, cfg)) from None
+
+    apply_overrides.layerfold_hint = True  # type: ignore[attr-defined]
+    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply_overrides)

@@ -1,4 +1,4 @@
-"""What every pipeline stage does first: read params, pick device and dtype, seed, find paths."""
+"""What every pipeline stage does first: clean up after killed runs, read and check params, seed, find paths."""
 
 from __future__ import annotations
 
@@ -13,17 +13,26 @@ import torch
 from omegaconf import DictConfig
 
 from layerfold.config import load_params
+from layerfold.data.fingerprint import DATA_FILES  # noqa: F401  (a stage output path, listed with the others)
+from layerfold.io import remove_stale_temps
+from layerfold.models.facts import checkpoint_facts
 from layerfold.models.sources import resolve_device, resolve_dtype
+from layerfold.validation import check
 
 # Fixed artifact locations: stable paths keep `dvc exp show` columns aligned across experiments.
 BASE = Path("artifacts/base")
 CAPTURE = Path("artifacts/capture")
 COMPRESSED = Path("artifacts/compressed")
+RECOVERED = Path("artifacts/recovered")
+RECOVERY_STATE = Path("artifacts/recovery-state")  # resumable training checkpoints, removed on success
 PREPARED = Path("data/prepared")
 CALIBRATION = PREPARED / "calibration"
 EVAL_DATA = PREPARED / "eval"
 METRICS = Path("metrics")
 REPORTS = Path("reports")
+VALIDATED = Path("artifacts/validated.json")  # written by stage validate once params fit the model
+# Where atomic writes put their temps: next to every stage output.
+OUTPUT_FOLDERS = (Path("artifacts"), Path("data"), PREPARED, METRICS, REPORTS)
 
 
 @dataclass
@@ -39,7 +48,12 @@ def start(name: str, params_path: str | Path = "params.yaml") -> Stage:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for stale in remove_stale_temps(OUTPUT_FOLDERS):
+        logging.info("removed %s, left behind by a killed run", stale)
     params = load_params(params_path)
+    # Stages after `base` check the params against the model they will read. (DVC has already deleted
+    # this stage's outputs; the `validate` stage ran the same check before any stage started.)
+    check(params, checkpoint_facts(BASE) if name != "base" and (BASE / "config.json").exists() else None, str(params_path))
     seed = params.runtime.seed
     random.seed(seed)
     np.random.seed(seed)

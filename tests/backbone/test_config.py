@@ -18,7 +18,7 @@ def test_committed_params_match_conf():
     assert compose_conf() == committed, "params.yaml is stale: run `dvc exp run` (or scripts/compose_params.py)"
 
 
-@pytest.mark.parametrize("group", ["method", "model", "eval", "data", "tracking"])
+@pytest.mark.parametrize("group", ["method", "model", "eval", "data", "tracking", "recovery"])
 def test_every_group_entry_composes_and_validates(group, tmp_path):
     for entry in sorted((REPO / "conf" / group).glob("*.yaml")):
         params = compose_conf([f"{group}={entry.stem}"])
@@ -67,3 +67,16 @@ def test_stage_params_are_granular():
     assert "eval" not in stages["capture"]["params"] and "method" not in stages["capture"]["params"]
     assert stages["compress"]["params"] == ["method", "runtime"]
     assert "eval" in stages["evaluate"]["do"]["params"]
+
+
+def test_validate_runs_before_every_stage_and_timings_feed_nothing():
+    """`base` (upstream of all model stages) waits for `validate`; `data` follows the data directory's
+    fingerprint; compress timings sit in a file no stage reads, so a re-run changes nothing downstream."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "artifacts/validated.json" in stages["base"]["deps"]
+    assert stages["validate"]["params"] == [{"params.yaml": None}]
+    assert "data/local_files.json" in stages["data"]["deps"] and stages["data_files"]["always_changed"]
+    assert {"metrics/compress_time.json": {"cache": False}} in stages["compress"]["metrics"]
+    for name, stage in stages.items():
+        deps = stage.get("deps", []) + stage.get("do", {}).get("deps", [])
+        assert "metrics/compress_time.json" not in deps, name

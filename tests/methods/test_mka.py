@@ -73,7 +73,7 @@ def assert_merged(model, before, l: int, alpha: float) -> None:
 
 
 def hand_similarity(matrix: np.ndarray, calls: list):
-    def fake(features, cfg):
+    def fake(features, cfg, device="cpu"):
         calls.append(np.array(features))
         return {"similarity": matrix, "raw": matrix}
 
@@ -226,3 +226,108 @@ def test_save_reload_gives_identical_logits(tmp_path) -> None:
     ids = blocks(2, 12)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+# What the default score is -----------------------------------------------------------------------
+
+
+def test_default_score_is_normalised_mi_whatever_the_entropy_settings() -> None:
+    """With similarity_norm=diagonal the NPIB entropy terms cancel: S'_ij = MI_ij / sqrt(MI_ii MI_jj)."""
+    from layerfold.scoring.manifold import layer_embeddings, mutual_information_matrix
+
+    model = tiny_llama(seed=5)
+    features = capture_statistics(model, blocks(32), 4, None).sample_features[1:].double().numpy()
+    mi = mutual_information_matrix(layer_embeddings(list(features)))
+    mi = 0.5 * (mi + mi.T)  # npib_similarity symmetrises S_ij, and the entropies cancel inside each term
+    expected = mi / np.sqrt(np.outer(np.diag(mi), np.diag(mi)))
+    np.fill_diagonal(expected, 1.0)
+    for k_entropy, guard in ((16, "abs"), (5, "abs"), (16, "shift")):
+        s = layer_similarity(features, MKAConfig(k_entropy=k_entropy, guard=guard))["similarity"]
+        np.testing.assert_allclose(s, expected, rtol=1e-9 if guard == "abs" else 1e-6)
+
+
+def test_k_entropy_above_the_samples_is_an_error_not_a_clamp() -> None:
+    with pytest.raises(ConfigError, match=r"method.k_entropy=50 needs more than 50 samples per draw, but there are 32 .*allowed 1..31"):
+        compress(context(tiny_llama()), {"name": "mka", "num_remove": 1, "k_entropy": 50})
+    with pytest.raises(ConfigError, match=r"method.k_entropy=16 .* there are 10 \(data.calibration.num_blocks=40, method.draws=4\)"):
+        compress(context(tiny_llama(), n=40), {"name": "mka", "num_remove": 1, "draws": 4})
+
+
+# Draws, near-ties, tie-break -------------------------------------------------------------------
+
+
+def test_draws_average_disjoint_subsets_and_report_spread() -> None:
+    from layerfold.methods.mka import averaged_similarity, draw_indices
+
+    parts = draw_indices(40, 2, seed=3)
+    assert len(parts) == 2 and len(parts[0]) == len(parts[1]) == 20 and not set(parts[0]) & set(parts[1])
+    model = tiny_llama(seed=6)
+    features = capture_statistics(model, blocks(40), 4, None).sample_features[1:].double().numpy()
+    cfg = MKAConfig(draws=2, draw_seed=3, k_entropy=8)
+    out = averaged_similarity(features, cfg)
+    each = [layer_similarity(features[:, idx], cfg)["similarity"] for idx in parts]
+    np.testing.assert_allclose(out["similarity"], (each[0] + each[1]) / 2)
+    np.testing.assert_allclose(out["stderr"], np.abs(each[0] - each[1]) / 2, atol=1e-12)  # std (ddof 1) / sqrt(2)
+
+    ctx = MethodContext(model, tokenizer=None, calibration=blocks(40), stats=None, batch_size=4)
+    details = compress(ctx, {"name": "mka", "num_remove": 1, "draws": 2, "draw_seed": 3, "k_entropy": 8})["details"]
+    step = details["steps"][0]
+    assert details["settings"]["samples_per_draw"] == 20
+    assert len(step["winning_pair_per_draw"]) == 2 and len(step["spearman_between_draws"]) == 1
+    assert step["similarity_stderr"] > 0 and step["pair"][0] in step["near_ties"]
+
+
+def test_tie_break_by_loss_merges_the_least_harmful_near_tie(monkeypatch) -> None:
+    from layerfold.scoring.loss import calibration_nll
+    from layerfold.surgery import weighted
+
+    matrix = np.full((4, 4), 0.5)
+    np.fill_diagonal(matrix, 1.0)
+    matrix[0, 1] = matrix[1, 0] = matrix[2, 3] = matrix[3, 2] = 0.9  # two exact ties, pairs (0,1) and (2,3)
+    monkeypatch.setattr(mka_module, "layer_similarity", hand_similarity(matrix, []))
+    losses = {}
+    for t in (0, 2):
+        model = tiny_llama(seed=7)
+        ctx = context(model)
+        ctx.merge(t, [t + 1], weighted(0.9))
+        losses[t] = calibration_nll(model, ctx.calibration, 4)
+    model = tiny_llama(seed=7)
+    details = compress(context(model), {"name": "mka", "num_remove": 1, "tie_break": "loss"})["details"]
+    step = details["steps"][0]
+    assert step["near_ties"] == [0, 2]
+    assert step["pair"][0] == min(losses, key=losses.get)
+    assert step["tie_break_loss"] == {str(t): pytest.approx(v, abs=1e-6) for t, v in losses.items()}
+    # Without the tie-break the paper's rule takes the later of the tied pairs and only reports the tie.
+    plain = compress(context(tiny_llama(seed=7)), {"name": "mka", "num_remove": 1})["details"]["steps"][0]
+    assert plain["pair"] == [2, 3] and plain["near_ties"] == [0, 2] and "tie_break_loss" not in plain
+
+
+# Released-code parity -----------------------------------------------------------------------------
+
+
+def test_released_output_without_merge_is_drop_last() -> None:
+    model = tiny_llama(seed=8)
+    before = layer_weights(model)
+    cfg = {"name": "mka", "num_remove": 2, "pair": "last", "alpha": "code", "recompute": False,
+           "similarity_norm": "none", "guard": "none", "apply_merge": False}
+    details = compress(context(model), cfg)["details"]
+    assert [s["applied"] for s in details["steps"]] == ["drop upper layer"] * 2
+    assert [s["alpha"] for s in details["steps"]] == [None, None]
+    after = layer_weights(model)
+    assert len(after) == 2
+    for i in range(2):
+        assert all(torch.equal(after[i][k], before[i][k]) for k in before[i])
+
+
+@pytest.mark.parametrize("preset", ["mka_code_parity", "mka_code_released"])
+def test_parity_presets_match_the_released_schedule(preset: str) -> None:
+    method = OmegaConf.load(REPO / f"conf/experiment/{preset}.yaml")["method"]
+    assert (method.pair, method.alpha, method.recompute, method.similarity_norm, method.guard) == ("last", "code", False, "none", "none")
+    assert method.apply_merge == (preset == "mka_code_parity")
+
+
+def test_draws_preset_fits_its_own_calibration() -> None:
+    preset = OmegaConf.load(REPO / "conf/experiment/mka_draws.yaml")
+    per_draw = preset.data.calibration.num_blocks // preset.method.draws
+    assert preset.method.tie_break == "loss" and per_draw == 32
+    assert MKAConfig().k_entropy < per_draw and MKAConfig().n_neighbors < per_draw

@@ -74,7 +74,9 @@ def test_exp_run_end_to_end(clone):
     assert config["num_hidden_layers"] == 3
     assert load_file(repo / "data/prepared/calibration/blocks.safetensors")["input_ids"].shape == (8, 64)
 
-    for name in ("dense", "compressed"):
+    # recovery=none (the default): the recover stage points at the compressed model, no weights copied
+    assert sorted(p.name for p in (repo / "artifacts/recovered").iterdir()) == ["plan.json", "pointer.json"]
+    for name in ("dense", "compressed", "recovered"):
         metrics = json.loads((repo / f"metrics/{name}.json").read_text())
         assert metrics["perplexity"]["wikitext2"]["windows"] == 2
         assert 1 < metrics["perplexity"]["wikitext2"]["perplexity"] < 1e4
@@ -90,6 +92,7 @@ def test_eval_knob_does_not_rerun_capture_or_compress(clone):
     repo, env = clone
     out = run(["dvc", "exp", "run", "-n", "tiny-eval", *[a for o in TINY for a in ("-S", o)], "-S", "eval.perplexity.max_windows=1"], repo, env)
     assert "Running stage 'capture'" not in out and "Running stage 'compress'" not in out
+    assert "Running stage 'recover'" not in out
     assert "Running stage 'evaluate@dense'" in out
     metrics = json.loads((repo / "metrics/dense.json").read_text())
     assert metrics["perplexity"]["wikitext2"]["windows"] == 1

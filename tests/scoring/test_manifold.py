@@ -16,6 +16,7 @@ from layerfold.scoring.manifold import (
     merge_alpha,
     most_similar_adjacent_pair,
     mutual_information,
+    mutual_information_matrix,
     npib_similarity,
     rank_normalise,
 )
@@ -95,8 +96,10 @@ def test_npib_orders_identical_noisy_and_independent_layers() -> None:
 def test_knn_entropy_and_mi_basics() -> None:
     rng = np.random.default_rng(3)
     y = rng.uniform(size=(100, 2))
-    # Clamping k to N - 1 keeps tiny inputs valid.
-    assert math.isfinite(knn_entropy(y[:5], k=50))
+    # k at most N - 1 (the released code clamped silently; here it is an error).
+    assert math.isfinite(knn_entropy(y[:5], k=4))
+    with pytest.raises(ValueError, match=r"k=50 neighbours need at least k \+ 1 = 51 samples, got 5"):
+        knn_entropy(y[:5], k=50)
     # Scaling by c shifts the estimate by d log c (here 2 log 10).
     assert knn_entropy(10 * y) - knn_entropy(y) == pytest.approx(2 * math.log(10))
     assert mutual_information(y, y) > mutual_information(y, rng.uniform(size=(100, 2)))
@@ -198,3 +201,28 @@ def test_most_similar_adjacent_pair() -> None:
     assert most_similar_adjacent_pair(s_nan) == (1, 2)
     with pytest.raises(ValueError):
         most_similar_adjacent_pair(s, active=[2])
+
+
+# 5. batched MI ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [12, 40])
+def test_mutual_information_matrix_equals_sklearn_per_pair(n: int) -> None:
+    """The batched KSG estimate is scikit-learn's, bit for bit, on rank data full of distance ties."""
+    rng = np.random.default_rng(n)
+    base = rng.standard_normal((n, 30))
+    layers = [base + 0.3 * i * rng.standard_normal(base.shape) for i in range(5)] + [rng.standard_normal((n, 30))]
+    embeddings = layer_embeddings(layers)
+    embeddings.append(embeddings[0].copy())  # an exact duplicate layer
+    for n_neighbors, seed in ((5, 0), (3, 7)):
+        expected = np.array([[mutual_information(a, b, n_neighbors=n_neighbors, seed=seed) for b in embeddings] for a in embeddings])
+        np.testing.assert_array_equal(mutual_information_matrix(embeddings, n_neighbors=n_neighbors, seed=seed), expected)
+
+
+def test_mutual_information_matrix_blocks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import layerfold.scoring.manifold as manifold
+
+    embeddings = layer_embeddings([_anisotropic(np.random.default_rng(i), n=24) for i in range(4)])
+    whole = mutual_information_matrix(embeddings)
+    monkeypatch.setattr(manifold, "_KSG_BLOCK", 1)  # one feature column per block
+    np.testing.assert_array_equal(mutual_information_matrix(embeddings), whole)

@@ -37,7 +37,9 @@ class BoundaryStatistics:
         """Add one batch of boundaries ``[batch, seq, L + 1, hidden]``."""
         unit = F.normalize(boundaries.float(), dim=-1)
         flat = unit.flatten(0, 1)  # [tokens, B, hidden]
-        self.cosine_sum += torch.einsum("nid,njd->ij", flat, flat).double().cpu()
+        batch_cosine = torch.einsum("nid,njd->ij", flat, flat)
+        _require_finite(batch_cosine)
+        self.cosine_sum += batch_cosine.double().cpu()
         last = unit[:, -1]  # [batch, B, hidden]
         cos = torch.einsum("bid,bjd->bij", last, last).clamp(-1.0, 1.0)
         self.last_angular_sum += (torch.arccos(cos) / torch.pi).sum(0).double().cpu()
@@ -77,6 +79,22 @@ class BoundaryStatistics:
         stats.tokens, stats.sequences = (int(v) for v in tensors["counts"])
         stats.features = [tensors["sample_features"]]
         return stats
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """A layer produced NaN or inf activations; the message names the layer."""
+
+
+def _require_finite(cosine: torch.Tensor) -> None:
+    """NaN/inf anywhere in a boundary's hidden states turns its self-cosine (the diagonal) non-finite."""
+    bad = (~torch.isfinite(cosine.diagonal())).nonzero().flatten().tolist()
+    if bad:
+        where = "the embeddings" if bad[0] == 0 else f"the output of decoder layer {bad[0] - 1}"
+        raise NonFiniteActivationError(
+            f"NaN or inf activations first appear in {where} (layer boundary {bad[0]}). The weights are damaged "
+            "or the compute dtype overflows: try runtime.dtype=float32, and restore the checkpoint with "
+            "`dvc checkout --force artifacts/base` if it was modified."
+        )
 
 
 @torch.no_grad()

@@ -23,11 +23,14 @@ Layout of ``out_dir`` (split names are the stock task's split names)::
 
 What cannot be recovered from the local files (documented per converter below):
 
-* HellaSwag: ``ind``, ``source_id``, ``split_type`` and the exact ``ctx_a``/``ctx_b`` boundary.
+* HellaSwag: ``ind``, ``source_id``, ``split_type``, the exact ``ctx_a``/``ctx_b`` boundary, and which
+  WikiHow endings began with a ``[title]``/``[step]``/``[substeps]`` tag (stock keeps a leading space
+  there); see :func:`_convert_hellaswag`.
 * ARC / OpenBookQA: the original ``id`` and answer-label alphabet (``"1".."4"`` on a few ARC rows);
   neither reaches the prompt, so ids are synthesised and labels are ``A, B, C, ...``.
 * BoolQ: the ``"<Wikipedia title> -- "`` prefix SuperGLUE puts in front of every passage (MosaicML
-  dropped it), so BoolQ prompts differ from stock by that prefix; see :func:`_convert_boolq`.
+  dropped it), so every BoolQ prompt differs from stock by that prefix. The local task is therefore
+  named ``boolq_notitle`` ("BoolQ (no title)"), never ``boolq``; see :func:`_convert_boolq`.
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ from layerfold.io import atomic_file, read_json, write_json
 ENV_VAR = "LAYERFOLD_DATA_DIR"
 MANIFEST = "manifest.json"
 # Bump when any converter's output changes, so stale prepared files are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+
+# Documents whose stock render the local files cannot reproduce (counted on the public files listed in
+# the README; tests/evaluation/test_task_fidelity.py re-counts them). HellaSwag: WikiHow documents,
+# whose endings may have started with a tag the dump removed together with the space stock keeps.
+# BoolQ: every document, for the missing "<title> -- " passage prefix.
+HELLASWAG_WIKIHOW_DOCS = 6799
+BOOLQ_NOTITLE_DOCS = 3270
 
 # The 57 MMLU subjects, in the order of lm-eval's mmlu/_generate_configs.py.
 MMLU_SUBJECTS: tuple[str, ...] = (
@@ -151,46 +161,69 @@ def _split_hellaswag_ctx(ctx: str) -> tuple[str, str]:
     The stock ``process_docs`` renders ``activity_label + ": " + ctx_a + " " + ctx_b.capitalize()``,
     so the split point matters: ``ctx_b`` is upper-cased at its first letter (and lower-cased after).
 
-    * WikiHow rows (``ctx`` starts with ``How to`` -- the ``[header]`` line) have ``ctx_b == ""`` on the
-      hub, so everything goes to ``ctx_a``.
-    * ActivityNet rows end with the lower-case start of the next caption sentence (``"... roof. he"``);
-      that trailing fragment after the last sentence end is ``ctx_b``. If the tail is itself a complete
-      sentence (ends in ``.?!``) the row is taken to have an empty ``ctx_b``.
+    HellaSwag puts the incomplete noun phrase that starts the last sentence of an ActivityNet context
+    into ``ctx_b`` (``"... roof. he"``) and leaves ``ctx_b`` empty for WikiHow, whose contexts end with
+    a complete sentence. So: a context ending in ``.?!`` (closing quotes/brackets allowed) has an empty
+    ``ctx_b``; otherwise ``ctx_b`` is the text after the last sentence end. This holds for every row
+    of the validation file; an earlier rule that sent every context starting with ``How to`` to
+    WikiHow misfiled one ActivityNet row ("Cleaning windows: How to clean your rv windows ... spray. you").
 
-    Heuristic limits: a ``ctx_b`` that itself contains a sentence end (``"mr. smith"``) is cut too
-    short, and an ActivityNet ``ctx_a`` with no sentence end at all leaves ``ctx_b`` empty.
+    Heuristic limit: a ``ctx_b`` that itself contains a sentence end (``"mr. smith"``) would be cut
+    too short. None of the 3,243 ActivityNet fragments of the validation file has a capital letter,
+    so ``capitalize`` only raises the first one, as on the hub rows.
     """
-    if ctx.startswith("How to "):
+    if _ENDS_SENTENCE.search(ctx):
         return ctx, ""
     ends = list(_SENTENCE_END.finditer(ctx))
     if not ends:
         return ctx, ""
     cut = ends[-1]
-    tail = ctx[cut.end():]
-    if not tail or _ENDS_SENTENCE.search(tail):
-        return ctx, ""
-    return ctx[: cut.end()].rstrip(), tail
+    return ctx[: cut.end()].rstrip(), ctx[cut.end():]
+
+
+# A run of spaces; see _survive_collapse.
+_SPACES = re.compile(r" {2,}")
+
+
+def _survive_collapse(text: str) -> str:
+    """``text`` padded so that lm-eval's ``preprocess`` gives ``text`` back unchanged.
+
+    ``preprocess`` ends with one non-overlapping ``"  " -> " "`` pass, which maps a run of ``r``
+    spaces to ``ceil(r / 2)``. The dump was already collapsed once, so a double space left in it
+    (one ending of the validation file has one) is also in the stock render but would be collapsed
+    a second time at evaluation. A run of ``m`` spaces stored as ``2m - 1`` comes back as ``m``.
+    """
+    return _SPACES.sub(lambda run: " " * (2 * len(run.group(0)) - 1), text)
 
 
 def _convert_hellaswag(data_dir: Path) -> dict[str, list[Row]]:
     """HellaSwag validation from klosax/hellaswag_text_data -> Rowan/hellaswag fields.
 
-    Source format (6 lines per item): ``activity_label + ": " + ctx``, gold index, 4 endings. Each text
-    field went through klosax's ``preprocess_data`` (remove ``[header]``/``[step]``/``[substeps]``,
-    ``" [title]"`` -> ``". "``, drop other ``[title]``, collapse double spaces, drop a leading space).
-    That mirrors lm-eval's ``hellaswag.utils.preprocess``, which the stock ``process_docs`` applies again
-    at eval time. Re-applying it is a no-op on already-clean text except where lm-eval is stricter,
-    namely it also deletes any other ``[...]`` span (2 contexts have one, e.g. ``[www.kiddio.org]``);
-    since stock deletes those from the original too, storing klosax's text and letting the stock
-    ``process_docs`` run yields the stock prompt in all but pathological spacing cases.
+    Source format (6 lines per item): ``activity_label + ": " + ctx``, gold index, 4 endings, each text
+    passed through the dump's ``preprocess_data`` (``extract_hellaswag.cpp``): delete ``[header]``,
+    ``[step]``, ``[substeps]``; ``" [title]"`` -> ``". "``; delete ``"[title] "`` and ``"[title]."``;
+    one ``"  " -> " "`` pass; then drop **one leading space**. lm-eval's stock
+    ``hellaswag.utils.preprocess`` (applied by the stock ``process_docs``, again at eval time on these
+    rows) strips first, turns ``" [title]"`` into ``". "``, deletes every ``[...]`` span and collapses
+    once -- but never strips again. The stored rows are chosen so that stock ``process_docs`` renders
+    them exactly as it renders the hub rows, except where the dump lost the information:
 
-    What cannot be recovered, and the choices made:
-
-    * ``ctx_a``/``ctx_b``: the dump stores only ``ctx`` (= ``ctx_a + " " + ctx_b``, with ``ctx_b`` still
-      lower-case), and stock capitalises ``ctx_b``. See :func:`_split_hellaswag_ctx` for the heuristic;
-      ``ctx`` is stored exactly as in the dump.
-    * ``activity_label``: taken as the text before the first ``": "``. Were a label to contain ``": "``
-      the rendered prompt is unchanged (it joins the two with ``": "`` again).
+    * **Endings that began with a tag (not recoverable).** A WikiHow ending such as
+      ``"[title] Apply a pre-wash treatment. [step] ..."`` renders in stock with a leading space
+      (``" Apply a ..."``, so the scored continuation starts with two spaces); the dump removed tag and
+      space alike, and nothing in its text says which endings had a tag. Those endings are stored
+      without the space. Every WikiHow document (empty ``ctx_b``; :data:`HELLASWAG_WIKIHOW_DOCS` of
+      them) may therefore render differently from stock; the 3,243 ActivityNet documents carry no
+      tags and render exactly.
+    * **Double spaces** the dump kept would be collapsed a second time at eval; they are padded by
+      :func:`_survive_collapse` so the render keeps them (one ending of the file).
+    * ``ctx_a``/``ctx_b``: the dump stores only ``ctx`` (= ``ctx_a + " " + ctx_b``, ``ctx_b`` still
+      lower-case) and stock capitalises ``ctx_b``; see :func:`_split_hellaswag_ctx`. ``ctx`` is stored
+      exactly as in the dump.
+    * Other ``[...]`` spans (38 documents, e.g. ``[www.kiddio.org]``) are in the dump and are deleted
+      by stock at eval, as from the original; only spacing around a tag next to such a span could differ.
+    * ``activity_label``: the text before the first ``": "``. Were a label to contain ``": "`` the
+      rendered prompt is unchanged (it joins the two with ``": "`` again).
     * ``label``: stored as a string, as on the hub (stock casts it with ``int``).
     * ``ind``, ``source_id``, ``split_type``: not in the dump; omitted (stock does not read them).
       ``split`` is ``"val"`` as for every hub validation row.
@@ -211,11 +244,11 @@ def _convert_hellaswag(data_dir: Path) -> dict[str, list[Row]]:
         ctx_a, ctx_b = _split_hellaswag_ctx(ctx)
         out.append(
             {
-                "activity_label": label,
-                "ctx_a": ctx_a,
-                "ctx_b": ctx_b,
+                "activity_label": _survive_collapse(label),
+                "ctx_a": _survive_collapse(ctx_a),
+                "ctx_b": _survive_collapse(ctx_b),
                 "ctx": ctx,
-                "endings": endings,
+                "endings": [_survive_collapse(e) for e in endings],
                 "label": str(int(gold)),
                 "split": "val",
             }
@@ -262,8 +295,9 @@ def _convert_boolq(data_dir: Path) -> dict[str, list[Row]]:
     (lower case: the original case is lost, title-case uses such as a book title become lower case).
 
     Not recoverable: SuperGLUE passages start with ``"<Wikipedia title> -- "`` (e.g. ``"Ethanol fuel --
-    All biomass ..."``), MosaicML kept only the paragraph. Local BoolQ prompts therefore lack that title
-    prefix, the one known prompt difference to stock lm-eval; scores are close but not identical.
+    All biomass ..."``), MosaicML kept only the paragraph. All :data:`BOOLQ_NOTITLE_DOCS` local prompts
+    lack that title prefix, so the lm-eval task built from these rows is ``boolq_notitle`` (see
+    ``evaluation/tasks/boolq_local.yaml``) and its scores are not comparable with stock ``boolq``.
     """
     out = []
     for i, row in enumerate(_read_jsonl(data_dir / "boolq" / "boolq.jsonl")):
@@ -412,3 +446,8 @@ def prepare_benchmarks(data_dir: Path, out_dir: Path, tasks: list[str]) -> dict[
         # Rewrite the manifest after every task so an interrupted run keeps what it finished.
         write_json(manifest_path, manifest)
     return result
+
+
+def source_files(task: str) -> tuple[str, ...]:
+    """The raw files (relative to the data directory) that ``task`` is converted from."""
+    return _SPECS[task].sources

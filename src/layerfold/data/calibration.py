@@ -6,9 +6,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from layerfold.data.text import load_corpus
-
-CALIBRATION_SOURCES = {"wikitext2_train": "wikitext2_train", "c4": "c4_calibration"}
+from layerfold.data.text import CALIBRATION_SOURCES, load_corpus
 
 
 class CalibrationDataError(ValueError):
@@ -29,6 +27,11 @@ def build_calibration(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, local
             "Evaluation splits are not offered, so calibration never sees test text."
         )
     corpus = load_corpus(CALIBRATION_SOURCES[cfg.source], local_dir)
+    if not corpus.text.strip():
+        raise CalibrationDataError(
+            f"The calibration source '{cfg.source}' ({corpus.origin}) holds no text. Restore the file in the data "
+            "directory or choose another data.calibration.source."
+        )
     bos = tokenizer.bos_token_id if cfg.add_bos else None
     if cfg.add_bos and bos is None:
         raise CalibrationDataError("data.calibration.add_bos=true but the tokenizer has no BOS token; set it to false.")

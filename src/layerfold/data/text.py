@@ -21,6 +21,8 @@ LOCAL_FILES: dict[str, str] = {
     "wikitext2_test": "wikitext-2-raw-test/wikitext-test.txt",
     "c4": "c4-validation-2k/c4_validation_2k.parquet",
 }
+# data.calibration.source -> corpus name (the C4 calibration half never overlaps the evaluation half)
+CALIBRATION_SOURCES = {"wikitext2_train": "wikitext2_train", "c4": "c4_calibration"}
 # The local C4 file is one 2k-document set: evaluation reads the first half, calibration the second,
 # so calibration never sees evaluation text.
 C4_EVAL_DOCS = 1000
@@ -30,7 +32,7 @@ C4_EVAL_DOCS = 1000
 class Corpus:
     name: str
     documents: list[str]
-    origin: str  # file path or hub id
+    origin: str  # "local:<path inside the data directory>" or "hub:<name>"
     sha256: Optional[str] = None
 
     @property
@@ -52,7 +54,7 @@ def data_dir(configured: str | None) -> Path | None:
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -89,7 +91,8 @@ def load_corpus(name: str, local_dir: str | None) -> Corpus:
             docs = pd.read_parquet(path, columns=["text"])["text"].tolist()
         else:
             docs = _wikitext_rows(path.read_text(encoding="utf-8"))
-        origin, sha = str(path), _sha256(path)
+        # Relative to the data directory: outputs must not depend on where a machine keeps its files.
+        origin, sha = f"local:{LOCAL_FILES[base]}", file_sha256(path)
     else:
         docs, origin, sha = _hub_documents(base), f"hub:{base}", None
     if base == "c4":

@@ -19,13 +19,20 @@ Without a local task directory the stock tasks (and the hub) are used unchanged.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import logging
 import math
+import random
+import re
+import time
+from array import array
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
 from layerfold.io import atomic_dir, read_json
@@ -294,6 +301,411 @@ def _check_fewshot_source(name: str, shots: int, manager: TaskManager) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- quiet, seeded, sampled
+
+
+LM_EVAL_LOGGERS = ("lm_eval", "datasets", "evaluate")
+
+
+def quiet_lm_eval(log_file: str | Path | None) -> None:
+    """Send lm-eval's (and ``datasets``') log lines to ``log_file`` instead of the console.
+
+    lm-eval logs ~27 warning/info lines per evaluation (seed settings, num_fewshot overrides, chat
+    template hints); they stay available in the file for debugging. Idempotent.
+    """
+    for name in LM_EVAL_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if getattr(h, "_layerfold", False)]:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.propagate = False
+        if log_file is not None:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            handler._layerfold = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:  # datasets' own progress bars and "Generating split" lines
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets is an lm-eval dependency
+        pass
+
+
+def sample_indices(task_name: str, n_docs: int, limit: int | float | None, seed: int) -> list[int] | None:
+    """The documents ``eval.limit`` selects from a task of ``n_docs``: a seeded random subset, sorted.
+
+    ``limit`` is a count (int) or a fraction (float < 1); None selects everything. The draw depends
+    only on ``seed``, the task's name and its size, so the dense and every compressed model are
+    scored on the same documents, and a subset is spread over the whole set instead of its first
+    rows (HellaSwag's first 2,565 rows are all ActivityNet; BoolQ's first 20 are 85 % "yes").
+    """
+    if limit is None:
+        return None
+    if isinstance(limit, float) and not limit.is_integer():
+        if not 0.0 < limit < 1.0:
+            raise ValueError(f"eval.lm_eval.limit={limit}: a fraction must be in (0, 1); use an integer for a count.")
+        count = math.ceil(limit * n_docs)
+    else:
+        count = int(limit)
+        if count < 1:
+            raise ValueError(f"eval.lm_eval.limit={limit}: must be >= 1 (or null for the full sets).")
+    if count >= n_docs:
+        return None
+    rng = random.Random(f"{seed}:{task_name}:{n_docs}")  # string seeds hash deterministically across runs
+    return sorted(rng.sample(range(n_docs), count))
+
+
+def _file_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def request_cache_key(local_task_dir: Path | None) -> str:
+    """What lm-eval's request cache must be keyed by, beyond its own key (task, shots, rank).
+
+    lm-eval names a cached request file after the task name and shot count only, so edited task
+    data or prompts would silently reuse stale requests. Requests are plain strings (no tokens), so
+    they do not depend on the tokenizer or model and every model shares them; the key is therefore
+    the lm-eval version, the rendered task YAMLs and the data files they read.
+    """
+    import lm_eval
+
+    parts = [f"lm_eval={getattr(lm_eval, '__version__', '?')}"]
+    if local_task_dir is not None:
+        yamls = sorted(Path(local_task_dir).rglob("*.yaml"))
+        data: set[Path] = set()
+        for path in yamls:
+            data.update(Path(m) for m in re.findall(r"(/[^\s'\",}]+\.jsonl)", path.read_text(encoding="utf-8")))
+        # The YAMLs embed absolute data paths; hash their contents with the paths taken out so clones share caches.
+        texts = [re.sub(r"/[^\s'\",}]+/", "", p.read_text(encoding="utf-8")) for p in yamls]
+        parts.append(hashlib.sha256("\n".join(texts).encode()).hexdigest())
+        parts.append(_file_digest(sorted(data)))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    """Identity of a tokenizer's behaviour (vocabulary, merges, normaliser, special-token handling)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = (type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), tokenizer.bos_token, tokenizer.eos_token)
+    return hashlib.sha256((spec + repr(extra)).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def compile_templates_once() -> None:
+    """Make lm-eval compile each Jinja prompt template once per process instead of once per use.
+
+    ``lm_eval.utils.apply_template`` calls ``env.from_string(template)`` on every render, and Jinja
+    does not cache ``from_string``: building MMLU's 5-shot contexts spends ~97 % of its time
+    re-parsing the same 2 templates (7 renders per question, ~12 ms each on a 2-core CPU;
+    ``benchmarks/eval_breakdown.py``). A compiled template renders exactly as a freshly compiled
+    one, so prompts are unchanged. Idempotent.
+    """
+    from lm_eval import utils
+
+    env = utils.env
+    if not getattr(env, "_layerfold_cached", False):
+        env.from_string = functools.lru_cache(maxsize=1024)(env.from_string)  # type: ignore[method-assign]
+        env._layerfold_cached = True  # type: ignore[attr-defined]
+
+
+TOKEN_CACHE_FORMAT = 1
+
+
+def _token_cache_file(cache_dir: Path, lm: Any) -> Path:
+    """Where the token cache of ``lm``'s tokenization lives inside a request-cache directory.
+
+    Named after everything ``HFLM.tok_encode`` output depends on besides the string: the tokenizer
+    (:func:`_tokenizer_key`), HFLM's ``add_bos_token`` and prefix token, and the tokenizers /
+    transformers versions. The directory itself is keyed by the task data (:func:`request_cache_key`).
+    """
+    import tokenizers
+    import transformers
+
+    parts = (TOKEN_CACHE_FORMAT, _tokenizer_key(lm.tokenizer), getattr(lm, "add_bos_token", None), lm.prefix_token_id,
+             tokenizers.__version__, transformers.__version__)
+    return Path(cache_dir) / f"tokens-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}.pkl"
+
+
+def load_token_cache(path: Path, into: dict) -> int:
+    """Add the entries of a token cache written by :func:`save_token_cache` to ``into``; 0 if none."""
+    import pickle
+
+    try:
+        with open(path, "rb") as handle:
+            keys, flat, ends = pickle.load(handle)
+    except FileNotFoundError:
+        return 0
+    except Exception as error:  # a truncated/foreign file: ignore it, it is rewritten after this run
+        log.warning("Ignoring unreadable token cache %s: %s", path, error)
+        return 0
+    start = 0
+    for key, end in zip(keys, ends):
+        into.setdefault(key, flat[start:end])
+        start = end
+    return len(keys)
+
+
+def save_token_cache(path: Path, cache: dict) -> None:
+    """Write ``{(string, add_special_tokens): array('i') ids}`` as one flat array (fast to pickle)."""
+    import os
+    import pickle
+
+    keys = list(cache)
+    flat, ends = array("i"), array("q")
+    for key in keys:
+        flat.extend(cache[key])
+        ends.append(len(flat))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        pickle.dump((keys, flat, ends), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+def _make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int | None, token_cache: dict | None) -> Any:
+    """lm-eval's ``HFLM`` around an in-memory model. With ``token_cache`` (one per tokenizer), every
+    string is tokenized once, in batches, and kept for further models with the same tokenizer."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+
+    if token_cache is None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+    class _CachedTokensHFLM(HFLM):
+        # HFLM tokenizes each (context, continuation) request with two separate encode calls: a
+        # multiple-choice question sends its context once per choice (MMLU 5-shot: 4 x ~600 tokens),
+        # and every further model tokenizes the same strings again.
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            if kwargs or left_truncate_len:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            key = (string, add_special_tokens)
+            hit = token_cache.get(key)
+            if hit is None:
+                hit = token_cache[key] = array("i", super().tok_encode(string, add_special_tokens))
+            return list(hit)
+
+        def _special_kwargs(self, string: str, bos: str) -> dict[str, bool]:
+            # exactly HFLM.tok_encode's choice for add_special_tokens=None
+            kwargs = _add_special_kwargs(None, self.add_bos_token)
+            if has_bos_prefix(string, bos):
+                kwargs["add_special_tokens"] = False
+            return kwargs
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            # Tokenize the strings _encode_pair will ask for in batches (one call per 2048 strings
+            # instead of two per request), then let HFLM proceed unchanged on cache hits.
+            wanted: dict[str, None] = {}
+            for context, continuation in (req.args for req in requests):
+                if not context:
+                    continue
+                n_spaces = len(context) - len(context.rstrip())
+                if n_spaces:
+                    context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+                for string in (context + continuation, context):
+                    if (string, None) not in token_cache:
+                        wanted[string] = None
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            groups: dict[tuple, list[str]] = defaultdict(list)
+            for string in wanted:
+                groups[tuple(sorted(self._special_kwargs(string, bos).items()))].append(string)
+            for kwargs, strings in groups.items():
+                for i in range(0, len(strings), 2048):
+                    chunk = strings[i:i + 2048]
+                    for string, ids in zip(chunk, self.tokenizer(chunk, **dict(kwargs))["input_ids"]):
+                        token_cache[(string, None)] = array("i", ids)
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    return _CachedTokensHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _per_doc(samples: list[dict[str, Any]], metrics: list[str]) -> dict[str, list[float]]:
+    """Per-document metric values ordered by document id (lm-eval's ``log_samples`` output)."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    return {m: [float(s[m]) for s in ordered] for m in metrics if ordered and m in ordered[0]}
+
+
+def pack_bits(values: list[float], width: int = 100) -> list[str]:
+    """0/1 values as rows of ``width`` characters: compact in JSON, and a list, which DVC's metrics
+    views skip (they would otherwise show thousands of characters as one column)."""
+    text = "".join("1" if v >= 0.5 else "0" for v in values)
+    return [text[i:i + width] for i in range(0, len(text), width)] or [""]
+
+
+def unpack_bits(rows: list[str]) -> list[float]:
+    """Inverse of :func:`pack_bits`."""
+    return [1.0 if c == "1" else 0.0 for c in "".join(rows)]
+
+
+class LmEvalRunner:
+    """lm-eval for one model after another in one process, with the work that does not depend on
+    the model done once.
+
+    - the task set (datasets read, YAMLs resolved) is built once per runner;
+    - prompt templates are compiled once (:func:`compile_templates_once`);
+    - built requests (few-shot contexts) go through lm-eval's own request cache (``cache_requests``),
+      in ``cache_dir/<key>`` where the key covers lm-eval's version, the task YAMLs and their data
+      (:func:`request_cache_key`), so a later process reuses them and edited tasks never do;
+    - request strings are tokenized in batches, each distinct string once, and kept per tokenizer in
+      memory, so a further model with the same tokenizer skips tokenization and a different
+      tokenizer never shares it; with ``cache_dir`` the tokens are also written next to the request
+      cache (:func:`_token_cache_file`), so the first model of a later process skips it too;
+    - ``limit`` draws a seeded random subset per task (:func:`sample_indices`, lm-eval's
+      ``samples=``), the same for every model;
+    - lm-eval's seeds (python, numpy, torch, few-shot sampler) are set from ``seed`` before each model.
+
+    Per-document correctness comes back with the results (``per_doc``) for paired standard errors.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        num_fewshot: dict[str, int],
+        local_task_dir: Path | None,
+        *,
+        limit: int | float | None = None,
+        seed: int = 0,
+        bootstrap_iters: int = 1000,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.tasks = list(tasks)
+        self.limit, self.seed, self.bootstrap_iters = limit, seed, bootstrap_iters
+        self.names, self.manager = lm_eval_tasks(self.tasks, local_task_dir)
+        self.by_shots: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for stock, name in zip(self.tasks, self.names):
+            shots = int(num_fewshot.get(stock, 0))
+            if local_task_dir is not None:
+                _check_fewshot_source(name, shots, self.manager)
+            self.by_shots[shots].append((stock, name))
+        self.cache_dir = None if cache_dir is None else Path(cache_dir) / request_cache_key(local_task_dir)
+        self._loaded: dict[int, Any] = {}
+        self._token_caches: dict[str, dict] = {}
+        self._token_files_read: set[Path] = set()
+        compile_templates_once()
+
+    def _task_dict(self, shots: int) -> Any:
+        if shots not in self._loaded:
+            self._loaded[shots] = self.manager.load([name for _, name in self.by_shots[shots]])
+        return self._loaded[shots]
+
+    def samples(self, shots: int) -> dict[str, list[int]] | None:
+        """lm-eval ``samples=``: leaf task -> sorted document indices, or None for the full sets."""
+        picked = {}
+        for name, task in self._task_dict(shots)["tasks"].items():
+            indices = sample_indices(name, len(task.eval_docs), self.limit, self.seed)
+            if indices is not None:
+                picked[name] = indices
+        return picked or None
+
+    def _prepare(self, task_dict: Any, shots: int) -> None:
+        """What ``simple_evaluate`` does before ``evaluate``: seeds and each task's shot count."""
+        import numpy as np
+
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        for task in task_dict["tasks"].values():
+            if task.get_config("num_fewshot") != 0:  # a task config's explicit 0 wins, as in simple_evaluate
+                task.set_config(key="num_fewshot", value=shots)
+            task.set_fewshot_seed(seed=self.seed)
+
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int | str = 64,
+        max_length: int | None = None,
+        timings: dict[str, float] | None = None,
+        phase_timer: Any = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Scores of ``model`` per stock task name (see :func:`run_lm_eval` for the layout), each with
+        ``per_doc`` (metric -> 0/1 per document, ordered by document id; group tasks concatenate their
+        leaves) and ``doc_ids`` (None for every document, else the sampled indices per leaf task).
+
+        ``timings`` (if given) receives wall seconds per group of tasks sharing a shot count;
+        ``phase_timer`` (benchmarks) has ``take()`` called after each group.
+        """
+        from lm_eval.caching import cache as request_cache
+        from lm_eval.evaluator import evaluate
+
+        token_cache = self._token_caches.setdefault(_tokenizer_key(tokenizer), {})
+        lm = _make_lm(model, tokenizer, batch_size, max_length, token_cache)
+        # A later process with the same tokenizer and task data reads the tokens instead of re-tokenizing.
+        token_file = None if self.cache_dir is None else _token_cache_file(self.cache_dir, lm)
+        if token_file is not None and token_file not in self._token_files_read:
+            load_token_cache(token_file, token_cache)
+            self._token_files_read.add(token_file)
+        cached_before = len(token_cache)
+        report: dict[str, dict[str, Any]] = {}
+        for shots, pairs in sorted(self.by_shots.items()):
+            started = time.perf_counter()
+            task_dict = self._task_dict(shots)
+            samples = self.samples(shots)
+            self._prepare(task_dict, shots)
+            # lm-eval's cached requests ignore `samples` (a cache hit returns every document), so a
+            # sampled run builds its few requests directly; full-set runs use the cache.
+            use_cache = self.cache_dir is not None and samples is None
+            if use_cache:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                request_cache.PATH = str(self.cache_dir)
+            results = evaluate(
+                lm=lm, task_dict=task_dict, samples=samples, cache_requests=use_cache,
+                bootstrap_iters=self.bootstrap_iters, log_samples=True,
+            )
+            if results is None:  # only non-zero ranks of a distributed run get None
+                continue
+            for stock, name in pairs:
+                leaves = _leaf_tasks(results, name)
+                entry: dict[str, Any] = _flatten(results, name, leaves)
+                metrics = [m for m in ("acc", "acc_norm") if entry.get(m) is not None]
+                per_doc: dict[str, list[float]] = {m: [] for m in metrics}
+                for leaf in sorted(leaves):
+                    for metric, values in _per_doc(results.get("samples", {}).get(leaf, []), metrics).items():
+                        per_doc[metric].extend(values)
+                entry["per_doc"] = {m: pack_bits(v) for m, v in per_doc.items() if len(v) == entry["n"]}
+                # which documents: None = every one; else the sampled indices per leaf task (a dict of
+                # lists, which DVC's metric views skip, like per_doc)
+                entry["doc_ids"] = None if samples is None else {leaf: samples[leaf] for leaf in sorted(leaves) if leaf in samples}
+                report[stock] = entry
+                acc = entry.get("acc")
+                if acc is None or not math.isfinite(acc):
+                    log.warning("lm-eval returned no finite acc for %s (%s): %s", stock, name, entry)
+            if timings is not None:
+                timings[f"{shots}-shot"] = round(time.perf_counter() - started, 3)
+            if phase_timer is not None and timings is not None:
+                timings[f"{shots}-shot phases"] = phase_timer.take()  # type: ignore[assignment]
+        if token_file is not None and len(token_cache) > cached_before:
+            token_file.parent.mkdir(parents=True, exist_ok=True)
+            save_token_cache(token_file, token_cache)
+        return report
+
+
+_RUNNERS: dict[tuple, LmEvalRunner] = {}
+
+
+def shared_runner(
+    tasks: list[str], num_fewshot: dict[str, int], local_task_dir: Path | None, *, limit: int | float | None,
+    seed: int, bootstrap_iters: int, cache_dir: Path | None,
+) -> LmEvalRunner:
+    """The process's :class:`LmEvalRunner` for these settings, so models evaluated one after another in
+    one process (``scripts/run_methods.py``) share its task set and token caches. Task files are
+    identified by content (:func:`request_cache_key`), not by the (temporary) folder they sit in."""
+    key = (tuple(tasks), tuple(sorted((k, int(v)) for k, v in num_fewshot.items())), request_cache_key(local_task_dir),
+           limit, seed, bootstrap_iters, None if cache_dir is None else str(cache_dir))
+    if key not in _RUNNERS:
+        _RUNNERS[key] = LmEvalRunner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed,
+                                     bootstrap_iters=bootstrap_iters, cache_dir=cache_dir)
+    return _RUNNERS[key]
+
+
 def run_lm_eval(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -304,54 +716,31 @@ def run_lm_eval(
     local_task_dir: Path | None,
     max_length: int | None = None,
     bootstrap_iters: int = 1000,
-) -> dict[str, dict[str, float | None]]:
+    seed: int = 0,
+    cache_dir: Path | None = None,
+) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on ``tasks`` (stock names) with lm-eval; results keyed by stock name.
 
     Args:
         model, tokenizer: an in-memory Hugging Face causal LM and its tokenizer.
         tasks: stock task names (``piqa``, ..., ``mmlu``); mapped to local tasks when ``local_task_dir``.
         num_fewshot: shots per stock task name; missing tasks run zero-shot. lm-eval takes one
-            ``num_fewshot`` per call, so tasks are evaluated in one ``simple_evaluate`` per distinct value.
+            ``num_fewshot`` per call, so tasks are evaluated in one ``evaluate`` per distinct value.
         batch_size, max_length: passed to ``HFLM``.
-        limit: docs per task (int) or fraction (float < 1); None for the full sets. For MMLU this is
-            per subject.
+        limit: docs per task (int) or fraction (float < 1), drawn at random with ``seed``
+            (:func:`sample_indices`); None for the full sets. For MMLU this is per subject.
         local_task_dir: output of :func:`write_task_configs`, or None for stock tasks from the hub.
         bootstrap_iters: bootstrap resamples for stderr of non-mean metrics (0 disables).
+        seed: lm-eval's python/numpy/torch/few-shot seeds and the document sample.
+        cache_dir: root of lm-eval's request cache (None: no cache).
+
+    Calls with the same settings in one process share one :func:`shared_runner`.
 
     Returns:
-        ``{stock_name: {"acc": .., "acc_stderr": .., ["acc_norm": .., "acc_norm_stderr": ..,] "n": docs}}``
-        with every metric the task defines (filter ``none``). For a group (mmlu) the metrics are the
-        group aggregate and ``n`` is the number of docs over all its subtasks. Uncomputable stderrs
-        are None.
+        ``{stock_name: {"acc": .., "acc_stderr": .., ["acc_norm": .., "acc_norm_stderr": ..,] "n": docs,
+        "per_doc": {metric: packed 0/1 rows}, "doc_ids": None | {leaf: indices}}}`` with every metric the
+        task defines (filter ``none``). For a group (mmlu) the metrics are the group aggregate and
+        ``n`` is the number of docs over all its subtasks. Uncomputable stderrs are None.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    names, manager = lm_eval_tasks(tasks, local_task_dir)
-    by_shots: dict[int, list[tuple[str, str]]] = defaultdict(list)
-    for stock, name in zip(tasks, names):
-        shots = int(num_fewshot.get(stock, 0))
-        if local_task_dir is not None:
-            _check_fewshot_source(name, shots, manager)
-        by_shots[shots].append((stock, name))
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    report: dict[str, dict[str, float | None]] = {}
-    for shots, pairs in sorted(by_shots.items()):
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[name for _, name in pairs],
-            num_fewshot=shots,
-            limit=limit,
-            task_manager=manager,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-        )
-        if results is None:  # only non-zero ranks of a distributed run get None
-            continue
-        for stock, name in pairs:
-            report[stock] = _flatten(results, name, _leaf_tasks(results, name))
-            acc = report[stock].get("acc")
-            if acc is None or not math.isfinite(acc):
-                log.warning("lm-eval returned no finite acc for %s (%s): %s", stock, name, report[stock])
-    return report
+    runner = shared_runner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters, cache_dir=cache_dir)
+    return runner.evaluate(model, tokenizer, batch_size, max_length)

@@ -50,14 +50,17 @@ def _load_all() -> None:
         importlib.import_module(f"{__name__}.{info.name}")
 
 
-def get_method(raw: DictConfig | dict) -> tuple[MethodSpec, DictConfig]:
-    """Look up ``raw.name`` and validate the rest against that method's dataclass."""
+def get_method(raw: DictConfig | dict, facts: dict[str, int] | None = None) -> tuple[MethodSpec, DictConfig]:
+    """Look up ``raw.name`` and validate the rest against that method's dataclass (ranges on ``facts``)."""
     _load_all()
     name = raw.get("name")
     if name not in REGISTRY:
-        raise ConfigError(f"Unknown method '{name}'. Registered methods: {', '.join(sorted(REGISTRY))}.")
+        raise ConfigError(
+            f"Unknown method '{name}'. Registered methods: {', '.join(sorted(REGISTRY))}. "
+            "Pick one with `dvc exp run -S method=<name>` (the group, which also sets its settings)."
+        )
     spec = REGISTRY[name]
-    return spec, validate(raw, spec.config, where=f"method '{name}'")
+    return spec, validate(raw, spec.config, where=f"method '{name}'", prefix="method.", facts=facts)
 
 
 @dataclass
@@ -92,6 +95,15 @@ class MethodContext:
     def merge(self, base: int, others: list[int], combine: Combine) -> None:
         """Fold layers ``others`` into layer ``base`` with ``combine`` and delete them."""
         merge_weights(self.model, base, others, combine)
+        remove_layers(self.model, others)
+        self.plan.merge(base, others)
+
+    def replace_merge(self, base: int, others: list[int], state: dict[str, torch.Tensor]) -> None:
+        """Layer ``base`` takes ``state`` (a full state dict of one layer, same shapes) and stands for ``others``, which are deleted.
+
+        For merges that build a new layer rather than combining weights elementwise (CoMe's concatenation).
+        """
+        self.layers()[base].load_state_dict(state, strict=True)
         remove_layers(self.model, others)
         self.plan.merge(base, others)
 

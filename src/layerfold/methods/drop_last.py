@@ -1,6 +1,6 @@
 """Drop the last ``n`` decoder layers (keeping the final norm and LM head): the simplest baseline."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from layerfold.methods import MethodContext, check_target, register
 
@@ -8,7 +8,7 @@ from layerfold.methods import MethodContext, check_target, register
 @dataclass
 class DropLastConfig:
     name: str = "drop_last"
-    num_remove: int = 8
+    num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})
 
 
 @register("drop_last", DropLastConfig)

@@ -10,7 +10,7 @@ The paper then "heals" the pruned model with QLoRA; that is not part of this met
 recovery stage of the pipeline.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from layerfold.methods import MethodContext, check_target, register
 from layerfold.scoring.similarity import block_angular_distance, lowest
@@ -20,7 +20,7 @@ from layerfold.surgery import LayerSurgeryError
 @dataclass
 class GromovConfig:
     name: str = "gromov"
-    num_remove: int = 8  # n: size of the contiguous block removed
+    num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})  # n: size of the contiguous block removed
 
 
 @register("gromov", GromovConfig)

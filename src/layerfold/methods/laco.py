@@ -15,14 +15,18 @@ Control flow follows the released notebook, yangyifei729/LaCo ``laco_llama-13b.i
         else:     l <- l - 1
 
 Additions to the notebook: ``target_layers`` clamps ``K`` so the stack never drops below the target
-and ends the loop as soon as the target is reached; trials run in place through
-:meth:`MethodContext.trial` (only layer ``l`` is cloned; the notebook deep-copies the model twice per
-trial).
+and ends the loop as soon as the target is reached (``target_layers=None`` runs the notebook's loop
+exactly: preset ``laco_code_parity``; ``laco_code_22`` is the code merge with the target stop);
+trials run in place through :meth:`MethodContext.trial` (only layer ``l`` is cloned; the notebook
+deep-copies the model twice per trial).
 
 Two merge rules: ``rdsc="paper"`` is Eq. 1, ``theta_l + sum_k (theta_{l+k} - theta_l)``;
 ``rdsc="code"`` is what the released code computes (``W += W_{l+k} - W`` updated in place, which
 telescopes to the last layer's weights, so the merge degenerates to dropping ``l..l+K-1`` while
 keeping layer ``l``'s norms). Only linear weights (and biases) are combined; norms stay the base's.
+With ``merge_layers=2`` (one layer folded) the two rules coincide: ``theta_l + (theta_{l+1} - theta_l)
+= theta_{l+1}``. LaCo issue #4 reports that Eq. 1 with several folded layers drives the similarity to
+about 0, so nothing passes the threshold; SmolLM2-135M behaves the same way (C = 3 or 4).
 """
 
 import logging
@@ -54,13 +58,13 @@ RDSC = {"paper": rdsc_paper, "code": rdsc_code}
 @dataclass
 class LaCoConfig:
     name: str = "laco"
-    merge_layers: int = 4  # C: layers per merge, the base layer included (C - 1 rear layers folded)
-    interval: int = 2  # I: how far l moves down after an accepted merge
-    lowest_layer: int = 0  # L: lowest base layer tried
-    highest_layer: int | None = None  # H: None = index of the last layer; the first base is H - C
-    threshold: float = 0.65  # T: accept a merge when the similarity is strictly above it
-    target_layers: int | None = None  # stop once the model has this many layers, never go below
-    rdsc: str = "paper"  # paper (Eq. 1) | code (released notebook, telescoping)
+    merge_layers: int = field(default=4, metadata={"ge": 2, "le": "num_layers"})  # C: layers per merge, the base layer included (C - 1 rear layers folded)
+    interval: int = field(default=2, metadata={"ge": 1})  # I: how far l moves down after an accepted merge
+    lowest_layer: int = field(default=0, metadata={"ge": 0, "lt": "num_layers"})  # L: lowest base layer tried
+    highest_layer: int | None = field(default=None, metadata={"ge": 1, "lt": "num_layers"})  # H: None = index of the last layer; the first base is H - C
+    threshold: float = field(default=0.65, metadata={"ge": -1.0, "le": 1.0})  # T: accept a merge when the similarity is strictly above it
+    target_layers: int | None = field(default=None, metadata={"ge": 1, "lt": "num_layers"})  # stop once the model has this many layers, never go below
+    rdsc: str = field(default="paper", metadata={"choices": ["paper", "code"]})  # paper (Eq. 1) | code (released notebook, telescoping)
     sentences: list[str] = field(default_factory=lambda: list(LACO_SENTENCES))
     add_bos: bool = True  # the notebook calls the tokenizer with its default special tokens (BOS)
 
@@ -112,32 +116,32 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
     reference = final_representations(ctx.model, inputs)  # the dense model M, computed once
 
     trials: list[dict] = []
-    l = highest - C
-    while l >= cfg.lowest_layer and (target is None or ctx.num_layers > target):
-        k = min(C - 1, ctx.num_layers - l - 1)
+    base = highest - C
+    while base >= cfg.lowest_layer and (target is None or ctx.num_layers > target):
+        k = min(C - 1, ctx.num_layers - base - 1)
         if target is not None:
             k = min(k, ctx.num_layers - target)
-        if k < 1:  # l is the top layer: nothing above it to fold
-            l -= 1
+        if k < 1:  # base is the top layer: nothing above it to fold
+            base -= 1
             continue
-        window = list(range(l, l + k + 1))
+        window = list(range(base, base + k + 1))
         stands_for = sorted(o for i in window for o in ctx.plan.groups[i])
-        with ctx.trial(changed=[l]) as trial:
-            ctx.merge(l, window[1:], combine)
+        with ctx.trial(changed=[base]) as trial:
+            ctx.merge(base, window[1:], combine)
             sim = representation_similarity(reference, final_representations(ctx.model, inputs))
             accepted = sim > T
             if accepted:
                 trial.accept()
         trials.append(
-            {"base": l, "folded": k, "original_layers": stands_for, "similarity": round(sim, 6), "accepted": accepted}
+            {"base": base, "folded": k, "original_layers": stands_for, "similarity": round(sim, 6), "accepted": accepted}
         )
-        log.info("LaCo: merge %s into %d -> similarity %.4f (%s)", window[1:], l, sim, "accepted" if accepted else "rejected")
+        log.info("LaCo: merge %s into %d -> similarity %.4f (%s)", window[1:], base, sim, "accepted" if accepted else "rejected")
         if accepted:
-            l -= I
-            if l >= ctx.num_layers:
-                l = ctx.num_layers - 1 - C
+            base -= I
+            if base >= ctx.num_layers:
+                base = ctx.num_layers - 1 - C
         else:
-            l -= 1
+            base -= 1
 
     final = ctx.num_layers
     reached = None if target is None else final == target

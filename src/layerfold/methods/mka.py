@@ -6,9 +6,11 @@ Per step::
     Y_l   = layer_embeddings(F)                                 diffusion map + rank normalisation
     S     = npib_similarity(Y)                                  (L, L) NPIB, entropy guard `guard`
     S     <- S_ij / sqrt(S_ii S_jj)                             similarity_norm="diagonal" (see below)
+    S     averaged over `draws` disjoint subsets of the samples; near-ties flagged
     (l, l+1) = most similar adjacent pair (paper) | the last pair (released code)
+               | among near-ties, the merge with the lowest calibration loss (tie_break="loss")
     alpha = S_{l,l+1} (paper) | sigmoid(row-mean ratio) (released code)
-    layer l <- alpha theta_l + (1 - alpha) theta_{l+1};  delete layer l+1
+    layer l <- alpha theta_l + (1 - alpha) theta_{l+1};  delete layer l+1   (apply_merge=False: only delete)
 
 repeated ``num_remove`` times. The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
 weight arithmetic in :func:`layerfold.surgery.weighted` (every linear weight and bias; norms stay
@@ -16,7 +18,8 @@ layer ``l``'s). Departures from the released code, each fixing a defect of the r
 
 - **The merge is written** (the code assigned into a fresh ``state_dict()`` dict, so its "merge"
   was a truncation of the last layers). ``pair="last"`` with ``alpha="code"`` reproduces what the
-  code *meant* to do; "truncate the last k" is the ``drop_last`` method.
+  code *meant* to do; what it actually outputs, "truncate the last k", is ``apply_merge=False``
+  (equal to the ``drop_last`` method).
 - **Activations** are the *outputs* of each layer (boundaries ``1..L`` of
   :class:`~layerfold.capture.BoundaryStatistics`, pre-norm), one row per calibration sample (the
   per-sample mean over tokens after the first, ``sample_features``), so the diffusion kernel is a
@@ -31,20 +34,49 @@ layer ``l``'s). Departures from the released code, each fixing a defect of the r
   layer represented by the first original layer of its ``ctx.plan`` group (the base layer that
   absorbed the others, which is what the code's in-place index bookkeeping amounts to).
 
-**Normalised NPIB (decision).** The paper merges with ``alpha = S_lm`` and calls ``S`` a
-*normalised* NPIB, but the raw ratio ``MI(i, j) / sqrt(H_i H_j)`` is not bounded by 1: the kNN MI of
-an embedding with itself is about 2.2 times its (guarded) kNN entropy on 2-D rank-normalised
-diffusion maps, and adjacent layers of a real model score 1.0-1.5, so ``alpha = S_lm`` clamps to 1
-and the merge degenerates into "drop layer ``m``". With ``similarity_norm="diagonal"`` (default) the
-matrix is normalised by its **raw** self-similarities,
+**Normalised NPIB (decision) -- what the score really is.** The paper merges with
+``alpha = S_lm`` and calls ``S`` a *normalised* NPIB, but the raw ratio ``MI(i, j) / sqrt(H_i H_j)``
+is not bounded by 1: the self-NPIB ``MI(Y_i, Y_i) / |H_i|`` is unbounded and differs from layer to
+layer by orders of magnitude on SmolLM2, and adjacent layers of a real model often score above 1, so
+``alpha = S_lm`` clamps to 1 and the merge degenerates into "drop layer ``m``". With
+``similarity_norm="diagonal"`` (default) the matrix is normalised by its **raw** self-similarities,
 ``S'_ij = S_ij / sqrt(S_ii S_jj)`` with ``S_ii = MI(Y_i, Y_i) / H_i`` from the same estimators and
-entropy guard (:func:`self_similarity`; :func:`npib_similarity` overwrites its guarded diagonal with
-1, so the raw one is computed here). This is a cosine-like normalisation: a layer is exactly as
-similar to an identical layer as to itself (``S' = 1``), the diagonal is 1, and ``alpha = S'_lm`` is
-a weight in ``[0, 1]`` that falls as the layers' manifolds diverge. With a positive entropy guard the
-entropies cancel, ``S'_ij = MI_ij / sqrt(MI_ii MI_jj)``; the estimator can put a pair slightly above
-1, which is kept in the recorded scores (it still ranks pairs) and clamped by :func:`merge_alpha`.
-``similarity_norm="none"`` keeps the raw guarded matrix (diagonal 1), for comparison.
+entropy guard (:func:`self_similarity`). Under any positive guard the entropy terms then **cancel
+exactly**: ``S'_ij = MI_ij / sqrt(MI_ii MI_jj)``, a *normalised mutual information* of the two
+layers' rank-normalised diffusion maps (KSG estimates). Nothing of the information-bottleneck
+entropy survives, so ``k_entropy`` and ``guard`` do not change the default score at all. The
+diagonal is 1, a layer identical to another scores 1, and ``alpha = S'_lm`` is a weight in
+``[0, 1]`` that falls as the maps diverge; the estimator can put a pair slightly above 1, which is
+kept in the recorded scores and clamped by :func:`merge_alpha`. ``similarity_norm="none"`` keeps
+the raw guarded NPIB matrix (diagonal 1), the released code's score.
+
+**Noise (measured, why ``draws`` and near-ties exist).** The kNN estimates over 32 samples are
+noisy. On SmolLM2 (``benchmarks/results/cpu_smollm2_mka_similarity.json``: 4 disjoint draws of 32
+windows x 256 tokens) each draw picked a different most similar pair -- (16, 17), (9, 10), (25, 26),
+(16, 17) -- with winning margins of 0.006-0.019 against standard errors of 0.02-0.09 per pair and
+Spearman 0.28-0.65 between draws; 9 of the 29 adjacent pairs lie within two standard errors of the
+best. Against the calibration loss after merging each pair alone, a single draw's score ranks pairs
+at Spearman 0.04-0.51, the 4-draw average at 0.34, and the average's winner (16, 17) was also the
+least harmful merge. ``draws > 1`` therefore splits the calibration samples into that many disjoint,
+seeded subsets, scores each and averages; ``plan.json`` records each draw's winning pair, the
+per-pair standard error and the Spearman correlation between draws. Adjacent pairs within
+``tie_margin`` plus two standard errors of the best are flagged as near-ties; ``tie_break="loss"``
+merges the near-tie whose merge gives the lowest calibration loss (each candidate tried in place
+through :meth:`MethodContext.trial`), the functional check the similarity stands in for.
+``tie_break="none"`` (default) keeps the paper's rule and only reports the ties; preset
+``mka_draws`` turns on 4 draws of 32 windows and the loss tie-break.
+
+**Cost.** One similarity matrix is ``L`` diffusion maps (``O(N^2 F + N^3)`` each, numpy) and one
+batched MI matrix, ``O((L d)^2 N^2)`` elementwise work on the model's device
+(:func:`~layerfold.scoring.manifold.mutual_information_matrix`); with ``recompute=True`` it is redone
+after each of the ``num_remove`` merges, after a fresh capture. On the 2-core CPU, 30 layers x 32
+samples: MI matrix 12.8 s through per-pair scikit-learn calls, 0.42 s batched (same bits).
+
+**Released output (``apply_merge=False``).** The released ``pipeline.py`` computes the fused
+weights but assigns them into a fresh ``state_dict()`` dict, so nothing is written and its saved
+model is the first ``L - k`` layers -- the ``drop_last`` checkpoint. ``apply_merge=False`` scores
+and records every step exactly as configured but only deletes layer ``l+1``, reproducing that
+output; use it with ``pair="last"`` (``+experiment=mka_code_released``).
 
 **Entropy guard.** ``guard="abs"`` (default) uses ``|H|``: identical to the released code wherever
 the code is finite, and it avoids the NaN/negative fusion ratios of MKA issue #4. ``"none"`` is the
@@ -55,21 +87,24 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from scipy.stats import spearmanr
 
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, check_target, register
+from layerfold.scoring.loss import calibration_nll
 from layerfold.scoring.manifold import (
     ALPHA_MODES,
     GUARDS,
-    knn_entropy,
+    guarded_entropies,
     layer_embeddings,
     merge_alpha,
     most_similar_adjacent_pair,
-    mutual_information,
-    npib_similarity,
+    mutual_information_matrix,
+    npib_from_parts,
 )
 from layerfold.surgery import LayerSurgeryError, weighted
 
@@ -77,23 +112,34 @@ log = logging.getLogger(__name__)
 
 PAIRS = ("most_similar", "last")
 SIMILARITY_NORMS = ("diagonal", "none")
-MIN_SAMPLES = 8  # below this the kNN statistics (k_entropy, n_neighbors) are clamped to near nothing
+TIE_BREAKS = ("none", "loss")
+MIN_SAMPLES = 8  # per draw: below this the kNN statistics have next to no neighbours to count
 
 
 @dataclass
 class MKAConfig:
     name: str = "mka"
-    num_remove: int = 8  # merges, one layer fewer per merge
-    pair: str = "most_similar"  # most_similar (paper) | last (released code: always the last two layers)
-    alpha: str = "paper"  # paper: alpha = S_lm | code: sigmoid of the row-mean ratio (~0.62)
-    similarity_norm: str = "diagonal"  # diagonal: S_ij / sqrt(S_ii S_jj) with the raw self-NPIB | none: raw NPIB
-    guard: str = "abs"  # NPIB entropy guard: abs | shift | none (released code, NaN possible)
-    sigma: float = 8.0  # diffusion kernel scale sigma_K
-    kernel_alpha: float = 0.5  # diffusion density-normalisation exponent
-    manifold_dim: int = 2  # diffusion coordinates kept
-    n_neighbors: int = 5  # KSG neighbours of the MI estimate
-    k_entropy: int = 50  # neighbours of the kNN entropy (clamped to N - 1)
+    num_remove: int = field(default=8, metadata={"ge": 1})  # merges, one layer fewer per merge
+    # most_similar (paper) | last (released code: always the last two layers)
+    pair: str = field(default="most_similar", metadata={"choices": list(PAIRS)})
+    # paper: alpha = S_lm | code: sigmoid of the row-mean ratio (~0.62)
+    alpha: str = field(default="paper", metadata={"choices": list(ALPHA_MODES)})
+    # diagonal: S_ij / sqrt(S_ii S_jj) = normalised MI (entropies cancel) | none: raw NPIB (released code)
+    similarity_norm: str = field(default="diagonal", metadata={"choices": list(SIMILARITY_NORMS)})
+    guard: str = field(default="abs", metadata={"choices": list(GUARDS)})  # NPIB entropy guard; none = released (NaN possible)
+    sigma: float = field(default=8.0, metadata={"gt": 0})  # diffusion kernel scale sigma_K
+    kernel_alpha: float = field(default=0.5, metadata={"ge": 0, "le": 1})  # diffusion density-normalisation exponent
+    manifold_dim: int = field(default=2, metadata={"ge": 1})  # diffusion coordinates kept
+    n_neighbors: int = field(default=5, metadata={"ge": 1})  # KSG neighbours of the MI estimate; < samples per draw
+    # kNN-entropy neighbours; < samples per draw (released code: 50 of 57 prompts). Cancels under the
+    # default similarity_norm=diagonal, so it only matters with similarity_norm=none.
+    k_entropy: int = field(default=16, metadata={"ge": 1})
     recompute: bool = True  # re-capture the current model before every merge; False: S of the dense model once
+    draws: int = field(default=1, metadata={"ge": 1})  # disjoint seeded subsets of the calibration samples, S averaged
+    draw_seed: int = field(default=0, metadata={"ge": 0})  # seed of the split into draws
+    tie_margin: float = field(default=0.0, metadata={"ge": 0})  # near-tie: S >= best - tie_margin - 2 standard errors
+    tie_break: str = field(default="none", metadata={"choices": list(TIE_BREAKS)})  # loss: lowest calibration loss among near-ties
+    apply_merge: bool = True  # False: delete layer l+1 only, the released code's actual output (see above)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,25 +150,21 @@ class MKAConfig:
 def self_similarity(
     embeddings: list[np.ndarray],
     n_neighbors: int = 5,
-    k_entropy: int = 50,
+    k_entropy: int = 16,
     guard: str = "abs",
     *,
     eps: float = 1e-6,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Raw self-NPIB ``S_ii = MI(Y_i, Y_i) / sqrt(H_i H_i)`` per layer, ``(L,)``.
+    """Raw self-NPIB ``S_ii = MI(Y_i, Y_i) / |H_i|`` per layer, ``(L,)``.
 
     Same estimators, entropy guard and defaults as :func:`npib_similarity` (whose guarded diagonal is
-    overwritten with 1); under ``guard="none"`` this equals that function's raw diagonal.
+    overwritten with 1); under ``guard="none"`` this equals that function's raw diagonal. Not a
+    constant: it is unbounded and varies by orders of magnitude between the layers of a real model.
     """
-    if guard not in GUARDS:
-        raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
-    entropy = np.array([knn_entropy(e, k=k_entropy) for e in embeddings])
-    if guard == "abs":
-        entropy = np.maximum(np.abs(entropy), eps)
-    elif guard == "shift":
-        entropy = entropy - entropy.min() + eps
-    mi = np.array([mutual_information(e, e, n_neighbors=n_neighbors, seed=seed) for e in embeddings])
+    entropy = guarded_entropies(embeddings, k_entropy, guard, eps)
+    mi = np.diag(mutual_information_matrix(embeddings, n_neighbors=n_neighbors, seed=seed, device=device))
     with np.errstate(invalid="ignore", divide="ignore"):
         return mi / np.abs(entropy)
 
@@ -137,18 +179,50 @@ def normalise_by_diagonal(similarity: np.ndarray, diagonal: np.ndarray) -> np.nd
     return out
 
 
-def layer_similarity(features, cfg: MKAConfig) -> dict[str, np.ndarray]:
+def layer_similarity(features, cfg: MKAConfig, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
     """MKA similarity of ``L`` layers from their per-sample outputs ``features`` ``[L, N, hidden]``.
 
     Returns ``similarity`` (the matrix the method uses), ``raw`` (guarded NPIB, diagonal 1) and
-    ``self`` (raw self-NPIB per layer; only with ``similarity_norm="diagonal"``).
+    ``self`` (raw self-NPIB per layer; only with ``similarity_norm="diagonal"``). The MI matrix and
+    the entropies are estimated once and shared by all three; ``device`` is where the pairwise MI
+    runs, and the result does not depend on it.
     """
     embeddings = layer_embeddings(list(features), sigma=cfg.sigma, alpha=cfg.kernel_alpha, dim=cfg.manifold_dim)
-    raw = npib_similarity(embeddings, n_neighbors=cfg.n_neighbors, k_entropy=cfg.k_entropy, guard=cfg.guard)
+    entropy = guarded_entropies(embeddings, cfg.k_entropy, cfg.guard)
+    mi = mutual_information_matrix(embeddings, n_neighbors=cfg.n_neighbors, device=device)
+    raw = npib_from_parts(mi, entropy, cfg.guard)
     if cfg.similarity_norm == "none":
         return {"similarity": raw, "raw": raw}
-    diag = self_similarity(embeddings, n_neighbors=cfg.n_neighbors, k_entropy=cfg.k_entropy, guard=cfg.guard)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diag = np.diag(mi) / np.abs(entropy)  # = self_similarity(embeddings, ...)
     return {"similarity": normalise_by_diagonal(raw, diag), "raw": raw, "self": diag}
+
+
+def draw_indices(samples: int, draws: int, seed: int) -> list[np.ndarray]:
+    """``draws`` disjoint, equally sized, seeded subsets of ``range(samples)`` (a remainder is left out)."""
+    order = np.random.default_rng(seed).permutation(samples)
+    size = samples // draws
+    return [np.sort(order[d * size : (d + 1) * size]) for d in range(draws)]
+
+
+def averaged_similarity(features: np.ndarray, cfg: MKAConfig, device: str | torch.device = "cpu") -> dict:
+    """:func:`layer_similarity` averaged over ``cfg.draws`` disjoint subsets of the samples.
+
+    Adds ``stderr`` (standard error of the mean per entry; zeros for one draw) and ``per_draw`` (each
+    draw's ``similarity`` matrix) to the averaged ``similarity``/``raw``/``self``.
+    """
+    per_draw = [layer_similarity(features[:, idx], cfg, device) for idx in draw_indices(features.shape[1], cfg.draws, cfg.draw_seed)]
+    out = {key: np.mean([d[key] for d in per_draw], axis=0) for key in per_draw[0]}
+    stack = np.stack([d["similarity"] for d in per_draw])
+    out["stderr"] = stack.std(axis=0, ddof=1) / np.sqrt(len(stack)) if len(stack) > 1 else np.zeros_like(stack[0])
+    out["per_draw"] = stack
+    return out
+
+
+def near_ties(scores: np.ndarray, stderr: np.ndarray, margin: float) -> list[int]:
+    """Indices of the adjacent pairs whose score lies within ``margin + 2 stderr`` of the best."""
+    best = int(np.nanargmax(scores))
+    return [t for t in range(len(scores)) if scores[t] >= scores[best] - margin - 2.0 * max(stderr[t], stderr[best])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,19 +237,30 @@ def _check(ctx: MethodContext, cfg: MKAConfig) -> None:
         ("alpha", cfg.alpha, ALPHA_MODES),
         ("similarity_norm", cfg.similarity_norm, SIMILARITY_NORMS),
         ("guard", cfg.guard, GUARDS),
+        ("tie_break", cfg.tie_break, TIE_BREAKS),
     ):
         if value not in allowed:
             raise ConfigError(f"method.{key} must be one of {list(allowed)}, got '{value}'.")
     if cfg.sigma <= 0:
         raise ConfigError(f"method.sigma must be positive, got {cfg.sigma}.")
-    for key in ("manifold_dim", "n_neighbors", "k_entropy"):
+    for key in ("manifold_dim", "n_neighbors", "k_entropy", "draws"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"method.{key} must be at least 1, got {getattr(cfg, key)}.")
     n = int(ctx.calibration.shape[0])
-    if n < max(MIN_SAMPLES, cfg.manifold_dim + 2):
+    per_draw = n // cfg.draws
+    if per_draw < max(MIN_SAMPLES, cfg.manifold_dim + 2):
         raise ConfigError(
-            f"MKA builds a manifold over calibration samples; data.calibration.num_blocks={n} is too few, use >= 32."
+            f"MKA builds a manifold over calibration samples; data.calibration.num_blocks={n} is too few for "
+            f"method.draws={cfg.draws} ({per_draw} per draw, need >= {MIN_SAMPLES}); use >= 32 per draw."
         )
+    for key in ("n_neighbors", "k_entropy"):
+        k = getattr(cfg, key)
+        if k > per_draw - 1:
+            raise ConfigError(
+                f"method.{key}={k} needs more than {k} samples per draw, but there are {per_draw} "
+                f"(data.calibration.num_blocks={n}, method.draws={cfg.draws}); allowed 1..{per_draw - 1}. "
+                f"Lower method.{key} or raise data.calibration.num_blocks."
+            )
 
 
 def _features(ctx: MethodContext, step: int) -> np.ndarray:
@@ -199,53 +284,107 @@ def _rounded(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in matrix]
 
 
+def _round(value: float) -> float | None:
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def _draw_report(per_draw: np.ndarray, index: list[int]) -> dict:
+    """Each draw's winning adjacent pair (positions) and the Spearman correlation between draws."""
+    adjacent = per_draw[:, index[:-1], index[1:]]  # (draws, pairs)
+    report = {"winning_pair_per_draw": [int(np.nanargmax(a)) for a in adjacent]}
+    if len(adjacent) > 1:
+        rho = [spearmanr(adjacent[a], adjacent[b]).statistic for a in range(len(adjacent)) for b in range(a + 1, len(adjacent))]
+        report["spearman_between_draws"] = [_round(r) for r in rho]
+    return report
+
+
+def _merge_or_drop(ctx: MethodContext, l: int, alpha: float, apply_merge: bool) -> None:
+    if apply_merge:
+        ctx.merge(l, [l + 1], weighted(alpha))
+    else:
+        ctx.remove([l + 1])
+
+
+def _break_tie(ctx: MethodContext, cfg: MKAConfig, candidates: list[int], alphas: dict[int, float]) -> dict[int, float]:
+    """Calibration NLL of the model after each candidate merge, tried in place and undone."""
+    losses = {}
+    for t in candidates:
+        with ctx.trial(changed=[t]):
+            _merge_or_drop(ctx, t, alphas[t], cfg.apply_merge)
+            losses[t] = calibration_nll(ctx.model, ctx.calibration, ctx.batch_size)
+    return losses
+
+
 @register("mka", MKAConfig)
 def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
     _check(ctx, cfg)
     start = time.perf_counter()
     steps: list[dict] = []
-    first: dict[str, np.ndarray] = {}
+    first: dict = {}
+    scoring_seconds = 0.0
     for step in range(cfg.num_remove):
         if cfg.recompute or step == 0:
-            scores = layer_similarity(_features(ctx, step), cfg)
+            features = _features(ctx, step)
+            tic = time.perf_counter()
+            scores = averaged_similarity(features, cfg, ctx.device)
+            scoring_seconds += time.perf_counter() - tic
             if step == 0:
                 first = scores
-        similarity = scores["similarity"]
+        similarity, stderr = scores["similarity"], scores["stderr"]
         # Index into `similarity`: current positions (recompute) or original layers (computed once).
         index = list(range(ctx.num_layers)) if cfg.recompute else [g[0] for g in ctx.plan.groups]
+        adjacent = np.array([similarity[a, b] for a, b in zip(index[:-1], index[1:])])
+        adjacent_se = np.array([stderr[a, b] for a, b in zip(index[:-1], index[1:])])
+        ties = near_ties(np.nan_to_num(adjacent, nan=-np.inf), adjacent_se, cfg.tie_margin)
         if cfg.pair == "most_similar":
-            a, b = most_similar_adjacent_pair(similarity, active=index)
+            a, _ = most_similar_adjacent_pair(similarity, active=index)
+            l = index.index(a)
         else:
-            a, b = index[-2], index[-1]
-        l = index.index(a)
-        alpha = merge_alpha(similarity, a, b, mode=cfg.alpha)
+            l = len(index) - 2
+        alphas = {t: merge_alpha(similarity, index[t], index[t + 1], mode=cfg.alpha) if cfg.apply_merge else float("nan") for t in set(ties) | {l}}
+        losses = {}
+        if cfg.tie_break == "loss" and cfg.pair == "most_similar" and len(ties) > 1:
+            losses = _break_tie(ctx, cfg, ties, alphas)
+            l = min(losses, key=lambda t: (losses[t], -t))
+        a, b = index[l], index[l + 1]
         record = {
             "step": step + 1,
             "pair": [l, l + 1],  # positions in the model at this step
             "original_layers": [list(ctx.plan.groups[l]), list(ctx.plan.groups[l + 1])],
-            "alpha": alpha,
-            "similarity": round(float(similarity[a, b]), 6),
-            "raw_similarity": round(float(scores["raw"][a, b]), 6),
-            "adjacent_similarity": [round(float(similarity[x, y]), 6) for x, y in zip(index[:-1], index[1:])],
+            "alpha": float(alphas[l]) if np.isfinite(alphas[l]) else None,  # exact: the weight written
+            "similarity": _round(similarity[a, b]),
+            "similarity_stderr": _round(stderr[a, b]),
+            "raw_similarity": _round(scores["raw"][a, b]),
+            "adjacent_similarity": [_round(v) for v in adjacent],
+            "near_ties": ties,  # positions t of pairs (t, t+1) within tie_margin + 2 stderr of the best
+            "applied": "merge" if cfg.apply_merge else "drop upper layer",
         }
-        ctx.merge(l, [l + 1], weighted(alpha))
+        if losses:
+            record["tie_break_loss"] = {str(t): round(v, 6) for t, v in losses.items()}
+        if cfg.recompute or step == 0:
+            record.update(_draw_report(scores["per_draw"], index))
+        _merge_or_drop(ctx, l, alphas[l], cfg.apply_merge)
         record["merged_group"] = list(ctx.plan.groups[l])
         steps.append(record)
         log.info(
-            "MKA step %d: merge %d <- %d (original %s), S=%.4f, alpha=%.4f",
-            step + 1, l, l + 1, record["merged_group"], record["similarity"], alpha,
+            "MKA step %d: %s %d <- %d (original %s), S=%.4f +- %.4f, alpha=%s, near-ties %s",
+            step + 1, record["applied"], l, l + 1, record["merged_group"], similarity[a, b], stderr[a, b], record["alpha"], ties,
         )
 
     details = {
         "settings": {
             "pair": cfg.pair, "alpha": cfg.alpha, "similarity_norm": cfg.similarity_norm, "guard": cfg.guard,
-            "recompute": cfg.recompute, "calibration_samples": int(ctx.calibration.shape[0]),
+            "recompute": cfg.recompute, "calibration_samples": int(ctx.calibration.shape[0]), "draws": cfg.draws,
+            "samples_per_draw": int(ctx.calibration.shape[0]) // cfg.draws, "tie_break": cfg.tie_break,
+            "tie_margin": cfg.tie_margin, "apply_merge": cfg.apply_merge,
         },
         "steps": steps,
         "similarity_step0": _rounded(first["similarity"]),
+        "similarity_stderr_step0": _rounded(first["stderr"]),
         "raw_similarity_step0": _rounded(first["raw"]),
+        "scoring_seconds": round(scoring_seconds, 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
     if "self" in first:
-        details["self_similarity_step0"] = [round(float(v), 6) for v in first["self"]]
+        details["self_similarity_step0"] = [_round(v) for v in first["self"]]
     return details

@@ -3,7 +3,7 @@
 ``BI_i = 1 - E_t[cos(h_i, h_{i+1})]`` over calibration tokens, with ``h`` the pre-norm residual stream.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from layerfold.methods import MethodContext, check_target, register
 from layerfold.scoring.similarity import block_influence, lowest
@@ -12,7 +12,7 @@ from layerfold.scoring.similarity import block_influence, lowest
 @dataclass
 class ShortGPTConfig:
     name: str = "shortgpt"
-    num_remove: int = 8
+    num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})
 
 
 @register("shortgpt", ShortGPTConfig)

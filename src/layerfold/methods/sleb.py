@@ -11,7 +11,7 @@ default): the first and last *original* layers are never candidates. Protection 
 indices through :attr:`MethodContext.plan`, so it stays right after earlier edits.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -23,9 +23,9 @@ from layerfold.scoring.loss import calibration_nll
 @dataclass
 class SLEBConfig:
     name: str = "sleb"
-    num_remove: int = 8  # blocks removed, one per step
-    protect_first: int = 1  # early barrier: the first original layers never removed
-    protect_last: int = 1  # latter barrier: the last original layers never removed
+    num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})  # blocks removed, one per step
+    protect_first: int = field(default=1, metadata={"ge": 0})  # early barrier: the first original layers never removed
+    protect_last: int = field(default=1, metadata={"ge": 0})  # latter barrier: the last original layers never removed
 
 
 @register("sleb", SLEBConfig)

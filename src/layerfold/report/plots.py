@@ -88,24 +88,36 @@ def layer_importance(
 
 
 def accuracy_vs_params(points: list[dict], path: str | Path | None = None, title: str | None = None) -> Figure:
-    """Average accuracy against parameter count, one labelled point per model.
+    """Average accuracy against parameter count, one labelled point per model, with ±1.96 standard
+    error bars.
 
-    ``points``: ``{name, params, average_acc, dense?}``; points without both numbers are left out
-    (and said so in the figure), dense models are drawn as black stars.
+    ``points``: ``{name, params, average_acc, se?, dense?, significant?}`` (see
+    :func:`layerfold.report.tables.accuracy_points`); points without both numbers are left out (and
+    said so in the figure). Dense models are black stars. A compressed model whose difference from
+    its dense model is inside the noise (``significant`` False) is drawn hollow and labelled "n.s.",
+    so a point above the dense star never reads as a gain unless it is one.
     """
     fig = _figure(7.0, 4.8)
     ax = fig.add_subplot()
     usable = [p for p in points if p.get("params") is not None and p.get("average_acc") is not None]
-    for dense in (False, True):
-        group = [p for p in usable if bool(p.get("dense")) == dense]
-        if group:
-            ax.scatter(
-                [p["params"] / 1e6 for p in group], [100 * p["average_acc"] for p in group],
-                marker="*" if dense else "o", s=160 if dense else 50, zorder=3,
-                color=COLORS["dense" if dense else "compressed"], label="dense" if dense else "compressed",
-            )
     for p in usable:
-        ax.annotate(p["name"], (p["params"] / 1e6, 100 * p["average_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if p.get("se") is not None:
+            ax.errorbar(p["params"] / 1e6, 100 * p["average_acc"], yerr=196 * p["se"], fmt="none", ecolor="#999999",
+                        elinewidth=1, capsize=3, zorder=2)
+    groups = [
+        ("dense", lambda p: bool(p.get("dense")), {"marker": "*", "s": 160, "color": COLORS["dense"]}),
+        ("compressed", lambda p: not p.get("dense") and p.get("significant") is not False,
+         {"marker": "o", "s": 50, "color": COLORS["compressed"]}),
+        ("compressed, within noise of dense", lambda p: not p.get("dense") and p.get("significant") is False,
+         {"marker": "o", "s": 50, "facecolors": "none", "edgecolors": COLORS["compressed"]}),
+    ]
+    for label, member, style in groups:
+        group = [p for p in usable if member(p)]
+        if group:
+            ax.scatter([p["params"] / 1e6 for p in group], [100 * p["average_acc"] for p in group], zorder=3, label=label, **style)
+    for p in usable:
+        label = p["name"] + (" (n.s.)" if p.get("significant") is False else "")
+        ax.annotate(label, (p["params"] / 1e6, 100 * p["average_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if usable:
         ax.legend(loc="lower right", fontsize=8)
         ax.margins(x=0.15, y=0.15)
@@ -115,7 +127,7 @@ def accuracy_vs_params(points: list[dict], path: str | Path | None = None, title
         ax.text(0.02, 0.98, message, transform=ax.transAxes, va="top", fontsize=8, color="#666666")
     ax.grid(alpha=0.3)
     ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylabel("average accuracy (%), bars: ±1.96 standard errors")
     ax.set_title(title or "Accuracy vs size")
     if path is not None:
         save_png(fig, path)

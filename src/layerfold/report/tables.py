@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from layerfold.io import atomic_dir, read_json, write_json
+from layerfold.report.noise import difference, mean_difference, mean_stderr
 
 MISSING = "—"
 
 # Order of the headline table (Shortened-LLaMA's column order, MMLU last).
-TASK_ORDER = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu"]
+TASK_ORDER = ["boolq", "boolq_notitle", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu"]
 
 # Metric the headline column and the average use, per task: the convention of
 # Nota-NetsPresso/shortened-llm (their ``results/*/zeroshot_acc.csv``). Both acc and acc_norm are shown anyway.
 REPORTED_METRIC: dict[str, str] = {
     "boolq": "acc",
+    "boolq_notitle": "acc",  # offline BoolQ: the local passages lack the stock "<title> -- " prefix
     "piqa": "acc",
     "winogrande": "acc",
     "arc_easy": "acc",
@@ -103,9 +105,11 @@ def comparison_table(dense: dict, compressed: dict) -> list[dict]:
     Every row has ``section`` (accuracy | perplexity | parameters), ``name``, ``metric``, ``dense``,
     ``compressed``, ``retained_pct`` (compressed / dense x 100, where higher is better) and ``ratio``
     (compressed / dense, for perplexity, where lower is better). Accuracy rows also carry
-    ``{dense,compressed}_{acc,acc_norm}``, the headline metric's stderrs and ``n`` (docs). The
-    ``average`` row averages the headline metric over the tasks present in both; its retained % is
-    the ratio of the two averages. ``note`` flags comparisons whose settings differ.
+    ``{dense,compressed}_{acc,acc_norm}``, the headline metric's stderrs, ``n`` (docs) and the
+    difference compressed − dense with its standard error (``diff``, ``diff_se``, ``paired``,
+    ``significant``: see :mod:`layerfold.report.noise`). The ``average`` row averages the headline
+    metric over the tasks present in both; its retained % is the ratio of the two averages and its
+    difference the mean of the task differences. ``note`` flags comparisons whose settings differ.
     """
     rows: list[dict] = []
     d_eval, c_eval = dense.get("lm_eval") or {}, compressed.get("lm_eval") or {}
@@ -126,6 +130,7 @@ def comparison_table(dense: dict, compressed: dict) -> list[dict]:
         }
         for m in ("acc", "acc_norm"):
             row[f"dense_{m}"], row[f"compressed_{m}"] = num(_get(d, m)), num(_get(c, m))
+        row.update(_diff_fields(difference(d, c, metric) if metric else difference(None, None, "")))
         rows.append(row)
     if common:
         d_avg = sum(r["dense"] for r in rows if r["name"] in common) / len(common)
@@ -133,6 +138,9 @@ def comparison_table(dense: dict, compressed: dict) -> list[dict]:
         rows.append({
             "section": "accuracy", "name": "average", "metric": "headline", "dense": d_avg, "compressed": c_avg,
             "retained_pct": _retained(c_avg, d_avg), "ratio": None, "tasks": common,
+            "dense_stderr": mean_stderr([r["dense_stderr"] for r in rows if r["name"] in common]),
+            "compressed_stderr": mean_stderr([r["compressed_stderr"] for r in rows if r["name"] in common]),
+            **_diff_fields(mean_difference([_undiff(r) for r in rows if r["name"] in common])),
             "note": None if len(common) == len(set(d_eval) | set(c_eval)) else f"over the {len(common)} tasks present in both",
         })
 
@@ -156,6 +164,14 @@ def comparison_table(dense: dict, compressed: dict) -> list[dict]:
     return rows
 
 
+def _diff_fields(d: dict) -> dict:
+    return {"diff": d["diff"], "diff_se": d["se"], "paired": d["paired"], "significant": d["significant"]}
+
+
+def _undiff(row: dict) -> dict:
+    return {"diff": row["diff"], "se": row["diff_se"], "paired": row["paired"], "significant": row["significant"]}
+
+
 def efficiency_table(dense: dict, compressed: dict) -> list[dict]:
     """Rows ``{name, metric, better, dense, compressed, ratio}`` from the two ``efficiency`` blocks."""
     d, c = dense.get("efficiency") or {}, compressed.get("efficiency") or {}
@@ -166,16 +182,39 @@ def efficiency_table(dense: dict, compressed: dict) -> list[dict]:
     return rows
 
 
+def run_model(run: dict) -> str | None:
+    """The model an archived run compressed: its recorded name, else ``<model_type>-<params>M``."""
+    name = _get(run, "meta", "model") or _get(run, "dense", "model", "name")
+    if name:
+        return str(name)
+    model_type, params = _get(run, "dense", "model", "model_type"), num(_get(run, "dense", "model", "params_total"))
+    return f"{model_type}-{params / 1e6:.0f}M" if model_type and params else None
+
+
+def final_metrics(run: dict) -> dict:
+    """The metrics of the model a run ends with: recovered when recovery ran, else compressed."""
+    return run.get("recovered") or run.get("compressed") or {}
+
+
 def experiments_table(runs: list[dict], tasks: list[str] | None = None) -> list[dict]:
-    """One row per run (see :func:`collect_experiments`): method, size, average accuracy, wikitext2 PPL."""
+    """One row per run (see :func:`collect_experiments`): model, method, size, average accuracy
+    (± its standard error, and the difference to dense with its own), WikiText-2 and C4 PPL of the
+    final model (recovered when the run has one)."""
     tasks = common_tasks(runs) if tasks is None else tasks
     rows = []
     for run in runs:
-        dense, comp = run.get("dense") or {}, run.get("compressed") or {}
+        dense, comp = run.get("dense") or {}, final_metrics(run)
         d_avg = average_accuracy(dense, tasks) if tasks else None
         c_avg = average_accuracy(comp, tasks) if tasks else None
+        diffs = [difference(_get(dense, "lm_eval", t), _get(comp, "lm_eval", t), reported_metric(t, _get(dense, "lm_eval", t), _get(comp, "lm_eval", t)) or "acc") for t in tasks]
+        avg_diff = mean_difference(diffs)
         rows.append({
             "experiment": run["name"],
+            "model": run_model(run),
+            "recovered": run.get("recovered") is not None,
+            "average_stderr": mean_stderr([num(_get(comp, "lm_eval", t, f"{reported_metric(t, _get(comp, 'lm_eval', t)) or 'acc'}_stderr")) for t in tasks]) if tasks else None,
+            "diff": avg_diff["diff"], "diff_se": avg_diff["se"], "significant": avg_diff["significant"],
+            "c4_ppl": num(_get(comp, "perplexity", "c4", "perplexity")),
             "method": _get(run, "plan", "method", "name") or _get(run, "compress", "method"),
             "layers": num(_get(comp, "model", "num_layers")),
             "dense_layers": num(_get(dense, "model", "num_layers")),
@@ -190,30 +229,41 @@ def experiments_table(runs: list[dict], tasks: list[str] | None = None) -> list[
 
 def common_tasks(runs: list[dict]) -> list[str]:
     """lm-eval tasks present in every dense/compressed metrics dict that has lm-eval results at all."""
-    sets = [set(m["lm_eval"]) for r in runs for m in (r.get("dense"), r.get("compressed")) if m and m.get("lm_eval")]
+    sets = [set(m["lm_eval"]) for r in runs for m in (r.get("dense"), r.get("compressed"), r.get("recovered")) if m and m.get("lm_eval")]
     return _sorted_tasks(set.intersection(*sets)) if sets else []
 
 
 def accuracy_points(runs: list[dict], params_key: str = "params_total") -> list[dict]:
-    """Points ``{name, params, average_acc, dense}`` for :func:`layerfold.report.plots.accuracy_vs_params`.
+    """Points ``{name, params, average_acc, se, dense, significant}`` for
+    :func:`layerfold.report.plots.accuracy_vs_params`.
 
-    Averages use the tasks every run has (:func:`common_tasks`), so points stay comparable; identical
-    dense models are plotted once.
+    Averages use the tasks every run has (:func:`common_tasks`), so points stay comparable; ``se`` is
+    the standard error of that average; ``significant`` says whether a compressed (or recovered)
+    model's average differs from its own dense model's by more than the noise (None for dense
+    points). Identical dense models are plotted once.
     """
     tasks = common_tasks(runs)
     points: list[dict] = []
     seen_dense: set[tuple] = set()
     for run in runs:
-        for kind in ("dense", "compressed"):
+        for kind in ("dense", "compressed", "recovered"):
             metrics = run.get(kind)
             if not metrics:
                 continue
+            lm_eval = metrics.get("lm_eval") or {}
             point = {
-                "name": run["name"] if kind == "compressed" else "dense",
+                "name": {"dense": "dense", "compressed": run["name"], "recovered": f"{run['name']} (recovered)"}[kind],
                 "params": num(_get(metrics, "model", params_key)),
                 "average_acc": average_accuracy(metrics, tasks) if tasks else None,
+                "se": mean_stderr([num(_get(lm_eval, t, f"{reported_metric(t, lm_eval.get(t)) or 'acc'}_stderr")) for t in tasks]) if tasks else None,
                 "dense": kind == "dense",
+                "significant": None,
             }
+            if kind != "dense" and tasks and run.get("dense"):
+                d_eval = run["dense"].get("lm_eval") or {}
+                point["significant"] = mean_difference(
+                    [difference(d_eval.get(t), lm_eval.get(t), reported_metric(t, d_eval.get(t), lm_eval.get(t)) or "acc") for t in tasks]
+                )["significant"]
             if kind == "dense":
                 key = (point["params"], None if point["average_acc"] is None else round(point["average_acc"], 9))
                 if key in seen_dense:
@@ -240,6 +290,19 @@ def fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
 def _pct(value: Any) -> str:  # accuracies as percentages
     v = num(value)
     return MISSING if v is None else f"{100 * v:.2f}"
+
+
+def retained_cell(retained: Any, significant: bool | None) -> str:
+    """Retained %, with "≈" and "(n.s.)" when the difference behind it is inside the noise."""
+    text = fmt(retained, ".1f")
+    return text if significant is not False or text == MISSING else f"≈{text} (n.s.)"
+
+
+def diff_cell(diff: Any, se: Any) -> str:
+    """A difference in accuracy points with its standard error, e.g. ``-5.1 ± 1.2``."""
+    if num(diff) is None:
+        return MISSING
+    return f"{100 * diff:+.2f}" + ("" if num(se) is None else f" ± {100 * se:.2f}")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -301,9 +364,11 @@ def markdown_report(
     model_name: str | None = None,
     plots: dict[str, str] | None = None,
     experiments: list[dict] | None = None,
+    recovered: dict | None = None,
 ) -> str:
     """The report as Markdown. ``plots`` maps a caption to an image path relative to the report;
-    ``experiments`` are :func:`experiments_table` rows."""
+    ``experiments`` are :func:`experiments_table` rows; ``recovered`` (``metrics/recovered.json``,
+    when a recovery ran) adds recovered columns beside the compressed ones."""
     method = (plan or {}).get("method") or {}
     method_name = method.get("name") or _get(compress, "method") or MISSING
     out = [f"# {model_name or 'model'}: {method_name}", ""]
@@ -342,40 +407,57 @@ def markdown_report(
 
     # comparison ---------------------------------------------------------------------------
     rows = comparison_table(dense, compressed)
-    out += ["## Dense vs compressed", ""]
+    rec_rows = {(r["section"], r["name"]): r for r in comparison_table(dense, recovered)} if recovered else {}
+    out += ["## Dense vs compressed" + (" and recovered" if recovered else ""), ""]
     acc = [r for r in rows if r["section"] == "accuracy"]
     if acc:
         out.append("Accuracies in %. The headline metric follows the usual per-task convention (acc_norm for "
-                   "HellaSwag, ARC-c, OpenBookQA; acc otherwise); retained % = compressed / dense × 100.")
+                   "HellaSwag, ARC-c, OpenBookQA; acc otherwise); retained % = compressed / dense × 100; "
+                   "Δ = compressed − dense in points ± its standard error (paired over the same documents where "
+                   "per-document results exist). A retained % marked ≈ … (n.s.) differs from dense by less than "
+                   "1.96 standard errors: it is not evidence of a loss or a gain.")
         if le and num(le.get("limit")) is not None:
             limit = num(le["limit"])
             share = f"{100 * limit:g}% of the documents" if limit < 1 else f"{limit:g} documents"
-            out.append(f"lm-eval ran on {share} per task: differences within about two stderrs are noise.")
+            out.append(f"lm-eval ran on a seeded random sample of {share} per task (the same documents for every model).")
         out.append("")
         table = []
         for r in acc:
             avg = r["name"] == "average"
-            table.append([
+            rec = rec_rows.get(("accuracy", r["name"]))
+            cells = [
                 f"**{r['name']}**" if avg else r["name"],
                 r["metric"] or MISSING,
-                _pct(r["dense"]) + ("" if avg or r.get("dense_stderr") is None else f" ± {_pct(r['dense_stderr'])}"),
-                _pct(r["compressed"]) + ("" if avg or r.get("compressed_stderr") is None else f" ± {_pct(r['compressed_stderr'])}"),
-                fmt(r["retained_pct"], ".1f"),
-                *(("", "", "", "") if avg else (_pct(r["dense_acc"]), _pct(r["compressed_acc"]), _pct(r["dense_acc_norm"]), _pct(r["compressed_acc_norm"]))),
                 "" if avg else fmt(r.get("n"), ".0f"),
-                r.get("note") or "",
-            ])
-        out += _table(["task", "metric", "dense", "compressed", "retained %", "acc dense", "acc compressed", "acc_norm dense", "acc_norm compressed", "n", "note"], table)
+                _pct(r["dense"]) + ("" if r.get("dense_stderr") is None else f" ± {_pct(r['dense_stderr'])}"),
+                _pct(r["compressed"]) + ("" if r.get("compressed_stderr") is None else f" ± {_pct(r['compressed_stderr'])}"),
+                diff_cell(r.get("diff"), r.get("diff_se")),
+                retained_cell(r["retained_pct"], r.get("significant")),
+            ]
+            if recovered:
+                cells += [
+                    MISSING if rec is None else _pct(rec["compressed"]) + ("" if rec.get("compressed_stderr") is None else f" ± {_pct(rec['compressed_stderr'])}"),
+                    MISSING if rec is None else diff_cell(rec.get("diff"), rec.get("diff_se")),
+                    MISSING if rec is None else retained_cell(rec["retained_pct"], rec.get("significant")),
+                ]
+            table.append(cells + [r.get("note") or ""])
+        header = ["task", "metric", "n", "dense", "compressed", "Δ compressed", "retained %"]
+        if recovered:
+            header += ["recovered", "Δ recovered", "retained % (recovered)"]
+        out += _table(header + ["note"], table)
+        out += ["", "acc and acc_norm of every task are in `reports/tables/comparison.json`."]
     else:
         out.append("No lm-eval results (no tasks configured).")
     out.append("")
     other = []
     for r in rows:
+        rec = rec_rows.get((r["section"], r["name"])) or {}
+        rec_cells = [fmt(rec.get("compressed"), ".3f" if r["section"] == "perplexity" else ",.0f")] if recovered else []
         if r["section"] == "perplexity":
-            other.append([f"perplexity {r['name']} (lower is better)", fmt(r["dense"], ".3f"), fmt(r["compressed"], ".3f"), fmt(r["ratio"], ".3f"), MISSING, r["note"] or ""])
+            other.append([f"perplexity {r['name']} (lower is better)", fmt(r["dense"], ".3f"), fmt(r["compressed"], ".3f"), *rec_cells, fmt(r["ratio"], ".3f"), MISSING, r["note"] or ""])
         elif r["section"] == "parameters":
-            other.append([r["name"], fmt(r["dense"], ",.0f"), fmt(r["compressed"], ",.0f"), fmt(_ratio(r["compressed"], r["dense"]), ".3f"), fmt(r["retained_pct"], ".1f"), ""])
-    out += [*_table(["quantity", "dense", "compressed", "compressed / dense", "retained %", "note"], other), ""]
+            other.append([r["name"], fmt(r["dense"], ",.0f"), fmt(r["compressed"], ",.0f"), *rec_cells, fmt(_ratio(r["compressed"], r["dense"]), ".3f"), fmt(r["retained_pct"], ".1f"), ""])
+    out += [*_table(["quantity", "dense", "compressed", *(["recovered"] if recovered else []), "compressed / dense", "retained %", "note"], other), ""]
 
     # efficiency ---------------------------------------------------------------------------
     out += ["## Efficiency", ""]
@@ -401,10 +483,13 @@ def markdown_report(
     out.append("")
 
     if experiments:
-        out += ["## Experiments", "", "Average headline accuracy over the tasks every experiment ran.", ""]
-        out += _table(["experiment", "method", "layers", "parameters", "average % (dense → compressed)", "retained %", "wikitext2 PPL"], [
-            [r["experiment"], r["method"] or MISSING, fmt(r["layers"], ".0f"), fmt(r["params_total"], ",.0f"),
-             f"{_pct(r['dense_average'])} → {_pct(r['average'])}", fmt(r["retained_pct"], ".1f"), fmt(r["wikitext2_ppl"], ".3f")]
+        out += ["## Experiments", "", "Average headline accuracy over the tasks every experiment ran, of the final model "
+                "(recovered where a recovery ran); Δ = final − dense ± its standard error.", ""]
+        out += _table(["experiment", "model", "method", "layers", "parameters", "average % (dense → final)", "Δ", "retained %", "wikitext2 PPL", "c4 PPL"], [
+            [r["experiment"], r.get("model") or MISSING, (r["method"] or MISSING) + (" + recovery" if r.get("recovered") else ""),
+             fmt(r["layers"], ".0f"), fmt(r["params_total"], ",.0f"),
+             f"{_pct(r['dense_average'])} → {_pct(r['average'])}", diff_cell(r.get("diff"), r.get("diff_se")),
+             retained_cell(r["retained_pct"], r.get("significant")), fmt(r["wikitext2_ppl"], ".3f"), fmt(r.get("c4_ppl"), ".3f")]
             for r in experiments
         ])
         out.append("")
@@ -423,16 +508,22 @@ RUN_FILES = {
     "plan": "artifacts/compressed/plan.json",
     "stats": "artifacts/capture/stats.json",
 }
-ARCHIVED = {"dense": "metrics/dense.json", "compressed": "metrics/compressed.json", "compress": "metrics/compress.json", "plan": "plan.json"}
+OPTIONAL_RUN_FILES = {"recovered": "metrics/recovered.json"}  # only when a recovery ran
+ARCHIVED = {
+    "dense": "metrics/dense.json", "compressed": "metrics/compressed.json", "recovered": "metrics/recovered.json",
+    "compress": "metrics/compress.json", "plan": "plan.json", "meta": "meta.json",
+}
 
 
 def load_run(root: str | Path = ".", name: str = "workspace") -> dict:
-    """The stage outputs under a repository ``root``: ``{name, dense, compressed, compress, plan, stats}``
-    (None for a file that does not exist)."""
+    """The stage outputs under a repository ``root``: ``{name, dense, compressed, compress, plan, stats,
+    recovered}`` (None for a file that does not exist)."""
     root = Path(root)
     run: dict[str, Any] = {"name": name}
-    for key, rel in RUN_FILES.items():
+    for key, rel in (RUN_FILES | OPTIONAL_RUN_FILES).items():
         run[key] = read_json(root / rel) if (root / rel).is_file() else None
+    if run["recovered"] is not None and "same_model_as" in run["recovered"]:
+        run["recovered"] = None  # recovery=none: the final model is the compressed one
     return run
 
 

@@ -14,8 +14,11 @@ Deliberate departures from the released code, all documented where they happen:
 - The NPIB denominator is guarded against negative kNN entropies (``guard=``), NaN is replaced by 0,
   and the matrix is symmetrised; ``guard="none"`` keeps the released behaviour for parity runs.
 
-Everything is computed in float64 with numpy/scikit-learn; the functions are pure and
-deterministic (the only randomness, the jitter ``mutual_info_regression`` adds, is seeded).
+Everything is computed in float64; the functions are pure and deterministic (the only randomness,
+the jitter ``mutual_info_regression`` adds, is seeded). The pairwise MI, ``O(L^2)`` estimates, runs
+as batched tensor ops on any torch device (:func:`mutual_information_matrix`) and equals
+scikit-learn's estimator; the per-layer diffusion maps and entropies, ``O(L)`` small numpy
+problems, stay in numpy.
 """
 
 from __future__ import annotations
@@ -203,8 +206,9 @@ def _as_2d(y: np.ndarray) -> np.ndarray:
 def knn_entropy(y: np.ndarray, k: int = 50) -> float:
     """kNN entropy estimate of ``y`` ``(N, d)`` as coded: ``-mean log(k / (N r_k^d))`` in nats.
 
-    ``r_k`` is each point's Euclidean distance to its k-th nearest other point; ``k`` is clamped to
-    ``N - 1`` and ``N < 2`` gives 0 (both as coded).
+    ``r_k`` is each point's Euclidean distance to its k-th nearest other point; ``N < 2`` gives 0 (as
+    coded). ``k`` must be below ``N``: the released code silently clamped it to ``N - 1``, which
+    changes the estimator without saying so.
 
     This is the Kozachenko-Leonenko estimator without the unit-ball volume and digamma terms
     (``log pi`` short for ``d = 2``), so it can be, and on rank-normalised embeddings in
@@ -216,7 +220,8 @@ def knn_entropy(y: np.ndarray, k: int = 50) -> float:
     n, d = y.shape
     if n < 2:
         return 0.0
-    k = min(k, max(1, n - 1))
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k={k} neighbours need at least k + 1 = {k + 1} samples, got {n}; lower k")
     distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(y).kneighbors(y)
     # Column 0 is the point itself (distance 0); the last column is the k-th other point.
     r_k = np.maximum(distances[:, -1], np.finfo(np.float64).tiny)
@@ -252,6 +257,109 @@ def mutual_information(y_i: np.ndarray, y_j: np.ndarray, n_neighbors: int = 5, s
     return float(np.mean(per_target))
 
 
+# Joint (x, y) distance matrices held at once by :func:`mutual_information_matrix`: bounds its
+# memory to about this many float64 entries (256 MiB) whatever the number of layers and samples.
+_KSG_BLOCK = 1 << 25
+
+
+def _ksg_columns(embeddings: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every embedding column as ``mutual_info_regression`` sees it, as features and as targets.
+
+    scikit-learn scales each feature and the target by its standard deviation and adds
+    ``1e-10 * max(1, mean|.|)`` times standard-normal jitter drawn from ``RandomState(seed)``: first
+    ``N x d`` draws for the features, then ``N`` for the target. With a fixed seed those draws are
+    the same in every call, so each column's jittered version is computed once here, with
+    scikit-learn's own ``scale`` and the same arithmetic: ``(L*d, N)`` features, ``(L*d, N)`` targets.
+    """
+    from sklearn.preprocessing import scale
+
+    n, d = embeddings[0].shape
+    rng = np.random.RandomState(seed)
+    noise_x = rng.standard_normal(size=(n, d))
+    noise_y = rng.standard_normal(size=n)
+    features, targets = [], []
+    for y in embeddings:
+        x = scale(np.array(y, dtype=np.float64), with_mean=False, copy=False)
+        x += 1e-10 * np.maximum(1, np.mean(np.abs(x), axis=0)) * noise_x
+        features.extend(x.T)
+        for k in range(d):
+            t = scale(np.array(y[:, k], dtype=np.float64), with_mean=False)
+            t += 1e-10 * np.maximum(1, np.mean(np.abs(t))) * noise_y
+            targets.append(t)
+    return np.stack(features), np.stack(targets)
+
+
+def mutual_information_matrix(
+    embeddings: list[np.ndarray], n_neighbors: int = 5, seed: int = 0, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """:func:`mutual_information` for every ordered pair of layers at once, ``(L, L)`` float64.
+
+    ``out[i, j] == mutual_information(embeddings[i], embeddings[j], n_neighbors, seed)`` (diagonal
+    included), to the last bit on the tested inputs (``tests/scoring/test_manifold.py``). It runs the
+    Kraskov-Stoegbauer-Grassberger estimator of scikit-learn's ``_compute_mi_cc`` for all ``(L d)^2``
+    pairs of columns as batched tensor ops on ``device`` instead of ``L^2 d`` calls into
+    scikit-learn, whose per-call overhead dominated at MKA's sizes (a few thousand calls on a
+    30-layer model, each on only N = 32 points). Everything that decides a count is exact in any
+    order -- ``|a - b|``, ``max``, the k-th smallest value, ``<=`` -- so the neighbour counts equal
+    scikit-learn's; the digamma terms and means are then taken in numpy as scikit-learn takes them.
+
+    Per pair (feature column x, target column y) over N points, Chebyshev distance in (x, y):
+    ``r_i`` = distance to the k-th nearest other point, lowered by one ulp; ``n_x(i)``, ``n_y(i)`` =
+    other points within ``r_i`` in x alone and y alone; ``MI = max(0, psi(N) + psi(k) -
+    mean psi(n_x + 1) - mean psi(n_y + 1))``. Work is ``O((L d)^2 N^2)`` elementwise, in blocks of
+    about ``_KSG_BLOCK`` entries.
+    """
+    from scipy.special import digamma
+
+    embeddings = [_as_2d(e) for e in embeddings]
+    shapes = {e.shape for e in embeddings}
+    if len(shapes) > 1:
+        raise ValueError(f"every layer embedding needs the same shape (N samples, dim), got {sorted(shapes)}")
+    n_layers, (n, d) = len(embeddings), embeddings[0].shape
+    if n < 2:
+        return np.zeros((n_layers, n_layers))
+    k = min(n_neighbors, max(1, n - 1))
+    features, targets = _ksg_columns(embeddings, seed)
+
+    device = torch.device(device)
+    x = torch.from_numpy(features).to(device)
+    y = torch.from_numpy(targets).to(device)
+    dx = (x[:, :, None] - x[:, None, :]).abs()  # (P, N, N) marginal distances, P = L * d
+    dy = (y[:, :, None] - y[:, None, :]).abs()
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    count_x = torch.empty(x.shape[0], y.shape[0], n, dtype=torch.int64, device=device)
+    count_y = torch.empty_like(count_x)
+    rows = max(1, _KSG_BLOCK // max(1, y.shape[0] * n * n))
+    for start in range(0, x.shape[0], rows):
+        block = dx[start : start + rows, None]  # (b, 1, N, N)
+        joint = torch.maximum(block, dy[None]).masked_fill(eye, math.inf)  # the point itself is no neighbour
+        radius = torch.kthvalue(joint, k, dim=-1).values
+        radius = torch.nextafter(radius, torch.zeros_like(radius))[..., None]
+        # Counts include the point itself (distance 0), removed by the "- 1" as scikit-learn does.
+        count_x[start : start + rows] = (block <= radius).sum(-1) - 1
+        count_y[start : start + rows] = (dy[None] <= radius).sum(-1) - 1
+
+    table = digamma(np.arange(1, n + 1, dtype=np.float64))  # psi(c + 1) for c = 0 .. N-1
+    psi_x = table[count_x.cpu().numpy()]
+    psi_y = table[count_y.cpu().numpy()]
+    mi = digamma(n) + digamma(k) - np.mean(psi_x, axis=-1) - np.mean(psi_y, axis=-1)
+    mi = np.maximum(0, mi).reshape(n_layers, d, n_layers, d)  # [i, feature a, j, target column k]
+    # mutual_information: mean over the features of y_i, then over the target columns of y_j.
+    return np.mean(np.mean(mi.transpose(0, 2, 3, 1), axis=-1), axis=-1)
+
+
+def guarded_entropies(embeddings: list[np.ndarray], k_entropy: int, guard: str, eps: float = 1e-6) -> np.ndarray:
+    """:func:`knn_entropy` of every layer after the entropy ``guard`` of :func:`npib_similarity`, ``(L,)``."""
+    if guard not in GUARDS:
+        raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
+    entropy = np.array([knn_entropy(e, k=k_entropy) for e in embeddings])
+    if guard == "abs":
+        entropy = np.maximum(np.abs(entropy), eps)
+    elif guard == "shift":
+        entropy = entropy - entropy.min() + eps
+    return entropy
+
+
 def npib_similarity(
     embeddings: list[np.ndarray],
     n_neighbors: int = 5,
@@ -261,6 +369,7 @@ def npib_similarity(
     clip: bool = False,
     eps: float = 1e-6,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Normalised pairwise information bottleneck between layers, ``(L, L)`` float64, symmetric.
 
@@ -294,17 +403,19 @@ def npib_similarity(
     tie-break of :func:`most_similar_adjacent_pair` would silently reproduce the code's
     "always merge the last pair". ``clip=True`` clips to ``[0, 1]`` when a bounded score is needed
     (heatmaps); :func:`merge_alpha` clamps ``alpha`` to ``[0, 1]`` itself. So without ``clip`` an
-    off-diagonal entry can exceed the conventional diagonal 1 (two identical layers score ~2.2);
-    the diagonal only enters the code-mode row means of :func:`merge_alpha`.
+    off-diagonal entry can exceed the conventional diagonal 1 (two identical layers score their
+    self-NPIB ``MI_ii / |H_i|``, which is not bounded and varies from layer to layer by orders of
+    magnitude on a real model); the diagonal only enters the code-mode row means of :func:`merge_alpha`.
 
     Args:
         embeddings: ``L`` arrays of shape ``(N, dim)``, same ``N`` samples in the same order.
         n_neighbors: KSG neighbours for the MI (code default 5).
-        k_entropy: neighbours for the entropy (code default 50; clamped to ``N - 1``).
+        k_entropy: neighbours for the entropy (code default 50; at most ``N - 1``).
         guard: ``"abs"`` | ``"shift"`` | ``"none"`` as above.
         clip: clip the guarded matrix to ``[0, 1]`` (ignored for ``"none"``).
         eps: floor for ``|H|`` (``"abs"``) or margin of the shift (``"shift"``).
         seed: random state of scikit-learn's MI jitter.
+        device: where the pairwise MI runs (:func:`mutual_information_matrix`); same result anywhere.
 
     Returns:
         ``S`` of shape ``(L, L)``.
@@ -315,25 +426,17 @@ def npib_similarity(
     counts = {e.shape[0] for e in embeddings}
     if len(counts) > 1:
         raise ValueError(f"every layer needs the same calibration samples, got sample counts {sorted(counts)}")
-    n_layers = len(embeddings)
 
-    # One entropy per layer (the code recomputed it for every pair; same value).
-    entropy = np.array([knn_entropy(e, k=k_entropy) for e in embeddings])
-    if guard == "abs":
-        entropy = np.maximum(np.abs(entropy), eps)
-    elif guard == "shift":
-        entropy = entropy - entropy.min() + eps
+    entropy = guarded_entropies(embeddings, k_entropy, guard, eps)
+    mi = mutual_information_matrix(embeddings, n_neighbors=n_neighbors, seed=seed, device=device)
+    return npib_from_parts(mi, entropy, guard, clip=clip)
+
+
+def npib_from_parts(mi: np.ndarray, entropy: np.ndarray, guard: str, *, clip: bool = False) -> np.ndarray:
+    """:func:`npib_similarity` from its parts: the ``(L, L)`` MI matrix and the guarded entropies ``(L,)``."""
     with np.errstate(invalid="ignore"):
         # NaN where H_i H_j < 0 under guard="none", exactly as numpy does in the released code.
         denominator = np.sqrt(np.outer(entropy, entropy))
-
-    mi = np.zeros((n_layers, n_layers))
-    for i in range(n_layers):
-        for j in range(n_layers):
-            # The guarded diagonal is overwritten with 1 below, so skip its (costly) estimate.
-            if i != j or guard == "none":
-                mi[i, j] = mutual_information(embeddings[i], embeddings[j], n_neighbors=n_neighbors, seed=seed)
-
     with np.errstate(invalid="ignore", divide="ignore"):
         s = mi / denominator
     s = 0.5 * (s + s.T)

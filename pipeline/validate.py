@@ -1,0 +1,33 @@
+"""Stage `validate`: check the whole params.yaml against the model before any other stage runs.
+
+    dvc repro validate    # params: all  ->  artifacts/validated.json (the model facts the check used)
+
+DVC deletes a stage's outputs just before running it, so a stage cannot refuse bad params without
+losing its previous outputs (``cache: false`` metrics cannot be checked out again). This stage runs
+first instead: ``base`` depends on its output, so a bad value stops ``dvc repro`` here, in seconds,
+with every earlier output intact. The model's facts come from its config or file header, not its weights.
+"""
+
+import logging
+
+from layerfold.config import load_params
+from layerfold.io import write_json
+from layerfold.models import probe
+from layerfold.stage import VALIDATED, expand
+from layerfold.validation import check
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [validate] %(message)s", datefmt="%H:%M:%S")
+    params = load_params()
+    model = params.model.copy()
+    model.path, model.tokenizer = expand(model.path), expand(model.tokenizer)
+    facts = probe(model)
+    check(params, facts)
+    # Facts only (no paths, no times): the same model writes the same bytes, so `base` does not re-run.
+    write_json(VALIDATED, {"model": facts.to_json()})
+    logging.info("params.yaml fits %s: %d layers, context %s", params.model.name, facts.num_layers, facts.context_length)
+
+
+if __name__ == "__main__":
+    main()

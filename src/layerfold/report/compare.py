@@ -1,0 +1,109 @@
+"""One line per experiment, narrow enough for a 120-column terminal.
+
+Runs come from the report stage's experiment archive (``reports/experiments/<name>/``), from
+``scripts/run_methods.py`` output folders (``<out>/<name>/metrics.json`` beside ``<out>/dense/``),
+or from ``dvc exp show --json`` (DVC drops per-document lists from metrics, so differences there
+use unpaired standard errors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from layerfold.io import read_json
+from layerfold.report.tables import collect_experiments, experiments_table, fmt
+
+# (header, width, right-aligned); widths and separators sum to 113 columns
+COLUMNS = [("experiment", 20, False), ("model", 20, False), ("method", 12, False), ("L", 5, True), ("wiki2 PPL", 9, True),
+           ("c4 PPL", 9, True), ("avg acc %", 12, True), ("Δ vs dense", 12, True)]
+LEGEND = "avg acc: mean headline accuracy ± stderr (tasks all runs have); Δ: final − dense, points ± stderr; * = beyond 1.96 se"
+
+
+def runs_from_methods_dir(out: str | Path) -> list[dict]:
+    """Runs written by ``scripts/run_methods.py --out``: ``<out>/<name>/metrics.json`` (+ ``plan.json``,
+    ``recovered.json``, ``params.yaml``), each compared with ``<out>/dense/metrics.json``."""
+    import yaml
+
+    out = Path(out)
+    dense_path = out / "dense" / "metrics.json"
+    dense = read_json(dense_path) if dense_path.is_file() else None
+    runs = []
+    # a run scored only after recovery (run_methods.py --final-only) has recovered.json but no metrics.json
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "dense"
+                         and ((p / "metrics.json").is_file() or (p / "recovered.json").is_file())):
+        params = yaml.safe_load((folder / "params.yaml").read_text()) if (folder / "params.yaml").is_file() else {}
+        runs.append({
+            "name": folder.name, "dense": dense,
+            "compressed": read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else None,
+            "recovered": read_json(folder / "recovered.json") if (folder / "recovered.json").is_file() else None,
+            "plan": read_json(folder / "plan.json") if (folder / "plan.json").is_file() else None,
+            "meta": {"model": (params.get("model") or {}).get("name")},
+        })
+    return runs
+
+
+def _short_rev(rev: str) -> str:
+    return rev[:7] if len(rev) == 40 else rev  # a commit sha, or "workspace"
+
+
+def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
+    """Runs from ``dvc exp show --json``: the workspace, each commit and every experiment under it."""
+    runs = []
+
+    def visit(entry: dict[str, Any]) -> None:
+        data = entry.get("data") or {}
+        metrics = {Path(path).stem: (m or {}).get("data") for path, m in (data.get("metrics") or {}).items()}
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        if metrics.get("compressed"):
+            runs.append({
+                "name": entry.get("name") or _short_rev(data.get("rev") or entry.get("rev") or "?"),
+                "dense": metrics.get("dense"), "compressed": metrics["compressed"], "recovered": metrics.get("recovered"),
+                "compress": metrics.get("compress"),
+                "plan": {"method": {"name": (params.get("method") or {}).get("name")}},
+                "meta": {"model": (params.get("model") or {}).get("name")},
+            })
+        for child in entry.get("experiments") or []:
+            for revision in child.get("revs") or [child]:
+                visit(revision)
+
+    for entry in payload:
+        visit(entry)
+    return runs
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _acc(value: Any, se: Any) -> str:
+    v = fmt(value, ".4f")
+    return v if v == "—" else f"{100 * value:.2f}" + ("" if se is None else f"±{100 * se:.2f}")
+
+
+def format_rows(runs: list[dict]) -> list[str]:
+    """The table as lines of at most 120 characters (header, rule, one line per run, legend)."""
+    rows = experiments_table(runs)
+    cells = []
+    for run, r in zip(runs, rows):
+        dense_layers = fmt(r["dense_layers"], ".0f")
+        layers = fmt(r["layers"], ".0f") if dense_layers == "—" else f"{dense_layers}→{fmt(r['layers'], '.0f')}"
+        diff = "—" if r["diff"] is None else f"{100 * r['diff']:+.2f}" + ("" if r["diff_se"] is None else f"±{100 * r['diff_se']:.2f}") + ("*" if r["significant"] else "")
+        cells.append([r["experiment"], r.get("model") or "—", (r["method"] or "—") + ("+rec" if r.get("recovered") else ""), layers,
+                      fmt(r["wikitext2_ppl"], ".4g"), fmt(r.get("c4_ppl"), ".4g"), _acc(r["average"], r.get("average_stderr")), diff])
+    line = lambda values: "  ".join(_cut(v, w).rjust(w) if right else _cut(v, w).ljust(w) for v, (_, w, right) in zip(values, COLUMNS)).rstrip()
+    out = [line([h for h, _, _ in COLUMNS]), "  ".join("-" * w for _, w, _ in COLUMNS)]
+    out += [line(c) for c in cells]
+    out.append(LEGEND if len(LEGEND) <= 120 else LEGEND[:119] + "…")
+    return out
+
+
+def load_runs(archive: str | Path | None = None, methods_dirs: list[str | Path] = (), dvc_json: str | None = None) -> list[dict]:
+    """Runs from any mix of the three sources, in that order."""
+    runs = collect_experiments(archive) if archive is not None else []
+    for folder in methods_dirs:
+        runs += runs_from_methods_dir(folder)
+    if dvc_json is not None:
+        runs += runs_from_dvc_exp_show(json.loads(dvc_json))
+    return runs

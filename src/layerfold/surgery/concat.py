@@ -1,0 +1,222 @@
+"""CoMe's concatenation merge: one new layer built from the best heads and channels of adjacent layers.
+
+For a window of layers ``k = 1..m`` with shares ``r_k`` (summing to 1), the new layer keeps
+``n_k`` key-value heads and ``c_k`` FFN channels of layer ``k`` (``distribute`` of the totals by
+``r``), chosen by sensitivity, and concatenates them, so it has exactly an original layer's shapes:
+
+- query rows of the kept key-value heads' query heads, key and value rows of the kept heads (Qwen2 and
+  OPT q/k/v biases follow their rows), the matching ``o_proj`` columns;
+- FFN input rows (``gate``/``up`` or ``fc1`` and its bias) and ``down``/``fc2`` columns of the kept channels;
+- output biases (``o_proj``/``out_proj``, ``down``/``fc2``) as ``sum_k r_k b_k``;
+- layer norms as the plain mean of the window's (``norms="mean"``, the released code) or as
+  ``sum_k r_k w_k`` (``norms="weighted"``); Qwen3's per-head ``q_norm``/``k_norm`` always ratio-weighted, as the code.
+
+Every head and channel of layer ``k`` then reads the *window's input* instead of its own layer's: the
+new layer runs the window's pieces in parallel, not in sequence.
+
+**Grouped-query attention.** Query head ``h`` attends with key-value head ``h // n_rep`` (HF's
+``repeat_kv``). ``heads="grouped"`` (default) keeps each kept key-value head together with its own
+``n_rep`` query heads. ``heads="tiled"`` reproduces the released code (``mask.repeat(n_rep)`` over the
+key-value mask), which keeps the query heads ``h`` with ``h mod num_kv`` among the kept heads and so
+pairs query heads with the wrong key-value heads whenever ``n_rep > 1``; with ``n_rep = 1`` both
+modes are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from layerfold.models.adapters import LayerAdapter, UnsupportedArchitectureError, get_adapter
+
+HEAD_MODES = ("grouped", "tiled")
+NORM_MODES = ("mean", "weighted")
+
+
+@dataclass(frozen=True)
+class ConcatLayout:
+    """Where a decoder layer keeps what the concatenation merge splits, and its head/channel counts."""
+
+    query: str
+    key: str
+    value: str
+    attn_output: str
+    mlp_inputs: tuple[str, ...]  # rows = intermediate channels (gate, up / fc1)
+    mlp_output: str  # columns = intermediate channels (down / fc2)
+    norms: tuple[str, ...]  # layer norms (averaged)
+    head_norms: tuple[str, ...]  # per-head norms inside attention (ratio-weighted)
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate: int
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def parameter_names(self, layer: nn.Module) -> set[str]:
+        """Every ``state_dict`` entry the merge writes for ``layer``."""
+        names = set()
+        modules = (self.query, self.key, self.value, self.attn_output, *self.mlp_inputs, self.mlp_output, *self.norms, *self.head_norms)
+        for module in modules:
+            for attr in ("weight", "bias"):
+                if getattr(layer.get_submodule(module), attr, None) is not None:
+                    names.add(f"{module}.{attr}")
+        return names
+
+
+def _submodule(layer: nn.Module, name: str, role: str, family: str) -> nn.Module:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        raise UnsupportedArchitectureError(
+            f"CoMe's concatenation merge needs {role} '{name}' in every decoder layer, and this {family} model's "
+            "layer has none. Use a model with a standard attention + MLP block, or fix the adapter in "
+            "layerfold/models/adapters.py."
+        ) from None
+
+
+def concat_layout(model: PreTrainedModel) -> ConcatLayout:
+    """Check that the model's layers can be concatenation-merged and describe them; raises before any work."""
+    adapter: LayerAdapter = get_adapter(model)
+    family = adapter.family
+    if adapter.head_projections is None:
+        raise UnsupportedArchitectureError(
+            f"CoMe's concatenation merge needs separate query/key/value projections; '{family}' fuses them "
+            f"({', '.join(adapter.attn_linears[:-1])}). Supported: llama, mistral, qwen2, qwen3, opt."
+        )
+    if not adapter.mlp_output or len(adapter.mlp_linears) < 2:
+        raise UnsupportedArchitectureError(f"The '{family}' adapter names no MLP intermediate projection; CoMe merges FFN channels.")
+    layer = adapter.get_layers(model)[0]
+    q_name, k_name, v_name = adapter.head_projections
+    q, k = (_submodule(layer, n, "the query/key projection", family) for n in (q_name, k_name))
+    _submodule(layer, v_name, "the value projection", family)
+    _submodule(layer, adapter.attn_output, "the attention output projection", family)
+    down = _submodule(layer, adapter.mlp_output, "an MLP intermediate (output) projection", family)
+    mlp_inputs = tuple(n for n in adapter.mlp_linears if n != adapter.mlp_output)
+    for name in mlp_inputs:
+        _submodule(layer, name, "the MLP input projection", family)
+    for name in adapter.norms:
+        _submodule(layer, name, "the normalisation", family)
+
+    attention = layer.get_submodule(adapter.attention)
+    head_dim = getattr(attention, "head_dim", None) or getattr(model.config, "head_dim", None)
+    if not head_dim:
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+    num_heads, num_kv = q.out_features // head_dim, k.out_features // head_dim
+    if num_heads * head_dim != q.out_features or num_kv * head_dim != k.out_features or num_heads % num_kv:
+        raise UnsupportedArchitectureError(
+            f"Cannot split the attention of this {family} model into heads: q {q.out_features}, k {k.out_features} "
+            f"rows with head_dim {head_dim}."
+        )
+    layout = ConcatLayout(
+        query=q_name, key=k_name, value=v_name, attn_output=adapter.attn_output,
+        mlp_inputs=mlp_inputs, mlp_output=adapter.mlp_output,
+        norms=tuple(n for n in adapter.norms if n not in adapter.head_norms), head_norms=adapter.head_norms,
+        head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv, intermediate=down.in_features,
+    )
+    unhandled = set(layer.state_dict()) - layout.parameter_names(layer)
+    if unhandled:
+        raise UnsupportedArchitectureError(
+            f"The concatenation merge does not know how to combine {sorted(unhandled)} of a {family} layer; "
+            "name them in the adapter (layerfold/models/adapters.py) or use another method."
+        )
+    return layout
+
+
+def query_heads(kept_kv: Sequence[int], num_heads: int, num_kv_heads: int, mode: str = "grouped") -> list[int]:
+    """Query heads kept with the key-value heads ``kept_kv``, ascending.
+
+    ``grouped``: the heads that attend with them (``h // n_rep`` in ``kept_kv``). ``tiled``: the
+    released code's ``mask.repeat(n_rep)`` selection (``h mod num_kv`` in ``kept_kv``).
+    """
+    if mode not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {HEAD_MODES}, got {mode!r}.")
+    n_rep = num_heads // num_kv_heads
+    kept = set(kept_kv)
+    owner = (lambda h: h // n_rep) if mode == "grouped" else (lambda h: h % num_kv_heads)
+    return [h for h in range(num_heads) if owner(h) in kept]
+
+
+def _rows(heads: Sequence[int], head_dim: int, device: torch.device) -> torch.Tensor:
+    """Row indices of ``heads`` in a projection whose rows are per-head blocks of ``head_dim``."""
+    index = [h * head_dim + d for h in heads for d in range(head_dim)]
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
+@dataclass
+class ConcatChoice:
+    """What a concatenation merge keeps from each layer of the window."""
+
+    ratio: list[float]
+    kv_heads: list[list[int]]
+    query_heads: list[list[int]]
+    channels: list[list[int]]
+
+    def summary(self) -> dict:
+        return {
+            "ratio": [round(r, 6) for r in self.ratio],
+            "kv_heads_kept": self.kv_heads,
+            "query_heads_kept": self.query_heads,
+            "channels_kept": [len(c) for c in self.channels],
+        }
+
+
+@torch.no_grad()
+def concat_merge_state(
+    model: PreTrainedModel, layout: ConcatLayout, positions: Sequence[int], choice: ConcatChoice, norms: str = "mean"
+) -> dict[str, torch.Tensor]:
+    """The full ``state_dict`` of the merged layer for the window ``positions`` (current stack indices).
+
+    Reads the window's layers, writes nothing; the caller loads the result into ``positions[0]``.
+    """
+    if norms not in NORM_MODES:
+        raise ValueError(f"norms must be one of {NORM_MODES}, got {norms!r}.")
+    layers = [get_adapter(model).get_layers(model)[p] for p in positions]
+    ratio = choice.ratio
+    state: dict[str, torch.Tensor] = {}
+
+    def param(layer: nn.Module, module: str, attr: str) -> torch.Tensor | None:
+        return getattr(layer.get_submodule(module), attr, None)
+
+    def concat(module: str, attr: str, index: list[torch.Tensor], dim: int) -> None:
+        parts = [param(layer, module, attr).index_select(dim, idx) for layer, idx in zip(layers, index)]
+        state[f"{module}.{attr}"] = torch.cat(parts, dim=dim)
+
+    def combine(module: str, attr: str, weights: Sequence[float]) -> None:
+        first = param(layers[0], module, attr)
+        total = torch.zeros_like(first, dtype=torch.float32)
+        for layer, w in zip(layers, weights):
+            total += w * param(layer, module, attr).float()
+        state[f"{module}.{attr}"] = total.to(first.dtype)
+
+    device = param(layers[0], layout.query, "weight").device
+    q_rows = [_rows(h, layout.head_dim, device) for h in choice.query_heads]
+    kv_rows = [_rows(h, layout.head_dim, device) for h in choice.kv_heads]
+    channels = [torch.tensor(c, dtype=torch.long, device=device) for c in choice.channels]
+    plain = [1.0 / len(layers)] * len(layers)
+
+    for module, rows in ((layout.query, q_rows), (layout.key, kv_rows), (layout.value, kv_rows)):
+        concat(module, "weight", rows, 0)
+        if param(layers[0], module, "bias") is not None:
+            concat(module, "bias", rows, 0)
+    concat(layout.attn_output, "weight", q_rows, 1)
+    for module in layout.mlp_inputs:
+        concat(module, "weight", channels, 0)
+        if param(layers[0], module, "bias") is not None:
+            concat(module, "bias", channels, 0)
+    concat(layout.mlp_output, "weight", channels, 1)
+    for module in (layout.attn_output, layout.mlp_output):
+        if param(layers[0], module, "bias") is not None:
+            combine(module, "bias", ratio)
+    for module in layout.norms:
+        for attr in ("weight", "bias"):
+            if param(layers[0], module, attr) is not None:
+                combine(module, attr, plain if norms == "mean" else ratio)
+    for module in layout.head_norms:
+        combine(module, "weight", ratio)
+    return state

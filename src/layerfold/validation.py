@@ -1,0 +1,46 @@
+"""The whole configuration checked against the model before a stage deletes or writes anything.
+
+:func:`layerfold.config.load_params` checks keys, types and fixed ranges. What needs the model —
+sequence lengths within its context, a target depth below its depth, an architecture layerfold has
+an adapter for — is checked here once the model's facts are known: from the source's config or
+file header (``validate`` stage, ``scripts/compose_params.py``, the ``base`` stage), or from the
+written ``artifacts/base/config.json`` (every later stage).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from layerfold.config import ConfigError, Params, check_ranges
+from layerfold.methods import get_method
+from layerfold.models.adapters import get_adapter
+from layerfold.models.facts import ModelFacts
+
+
+def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yaml") -> None:
+    """Raise :class:`ConfigError` (or ``UnsupportedArchitectureError``) for anything the model rules out.
+
+    With ``facts=None`` only what needs no model is checked (the method's own schema and ranges).
+    """
+    if facts is not None:
+        get_adapter(facts.model_type)
+    bounds = facts.bounds() if facts is not None else {}
+    get_method(params.method, bounds)
+    if facts is None:
+        return
+    check_ranges(params, Params, where, facts=bounds)
+    problems = list(_cross_field_problems(params, facts))
+    if problems:
+        raise ConfigError(f"{where}: " + " ".join(problems))
+
+
+def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:
+    """Constraints that involve two settings, which per-field metadata cannot express."""
+    problems = []
+    eff = params.eval.efficiency
+    if facts.context_length and eff.enabled and eff.prompt_len + eff.new_tokens > facts.context_length:
+        problems.append(
+            f"eval.efficiency.prompt_len + new_tokens = {eff.prompt_len} + {eff.new_tokens} exceeds the model's "
+            f"context of {facts.context_length} tokens; lower one of them."
+        )
+    return problems
