@@ -76,7 +76,9 @@ def test_exp_run_end_to_end(clone):
 
     # recovery=none (the default): the recover stage points at the compressed model, no weights copied
     assert sorted(p.name for p in (repo / "artifacts/recovered").iterdir()) == ["plan.json", "pointer.json"]
-    for name in ("dense", "compressed", "recovered"):
+    # ...and evaluate@recovered records that it is the compressed model instead of scoring it twice
+    assert json.loads((repo / "metrics/recovered.json").read_text()) == {"same_model_as": "artifacts/compressed"}
+    for name in ("dense", "compressed"):
         metrics = json.loads((repo / f"metrics/{name}.json").read_text())
         assert metrics["perplexity"]["wikitext2"]["windows"] == 2
         assert 1 < metrics["perplexity"]["wikitext2"]["perplexity"] < 1e4

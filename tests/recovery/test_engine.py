@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import REPO, tiny_model
-from layerfold.config import RecoveryConfig
+from layerfold.config import RecoveryConfig, compose
 from layerfold.models.adapters import get_adapter
 from layerfold.recovery import PlanMismatchError, RecoveryConfigError, RecoveryEngine, Span, local_span_losses, plan_spans
 from layerfold.recovery.engine import TeacherTaps, call_layer
@@ -19,7 +19,8 @@ from layerfold.surgery import LayerPlan, remove_layers
 
 
 def recovery_cfg(mode: str, **overrides) -> OmegaConf:
-    cfg = OmegaConf.merge(OmegaConf.structured(RecoveryConfig), OmegaConf.load(REPO / f"conf/recovery/{mode}.yaml"))
+    # composed as Hydra does (lm/lora/come extend distill.yaml through their defaults list)
+    cfg = OmegaConf.merge(OmegaConf.structured(RecoveryConfig), compose(REPO / "conf", [f"recovery={mode}"])["recovery"])
     cfg.merge_with({"max_steps": 4, "batch_size": 4, "lr": 1e-2, "min_lr": 1e-3, "log_every": 1, **overrides})
     return cfg
 
