@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,24 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def family(request) -> str:
     return request.param
+
+
+def make_clone(dest: Path) -> tuple[Path, dict]:
+    """A fresh git clone of the working tree (tracked and untracked-not-ignored files) at ``dest``,
+    committed, with the environment the pipeline needs there (data/models folders, this venv's tools)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    env = {
+        **os.environ,
+        "LAYERFOLD_DATA_DIR": str(data_dir()),
+        "LAYERFOLD_MODELS_DIR": str(models_dir()),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    # dvc exp run commits experiment refs itself and reads the identity from git config, not env.
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "layerfold-test"],
+                ["git", "config", "user.email", "test@layerfold.invalid"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
+        subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True, check=True)
+    return dest, env

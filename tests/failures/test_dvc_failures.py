@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, data_dir, models_dir
+from conftest import data_dir, make_clone, models_dir
 
 TINY = [
     "model=stories260k",
@@ -48,20 +48,8 @@ def run(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> str:
     return out
 
 
-def make_clone(dest: Path) -> tuple[Path, dict]:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    env = {
-        **os.environ,
-        "LAYERFOLD_DATA_DIR": str(data_dir()),
-        "LAYERFOLD_MODELS_DIR": str(models_dir()),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "layerfold-test"], ["git", "config", "user.email", "test@layerfold.invalid"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
-        run(cmd, dest, env)
+def make_tiny_clone(dest: Path) -> tuple[Path, dict]:
+    dest, env = make_clone(dest)
     run([sys.executable, "scripts/compose_params.py", *TINY], dest, env)
     return dest, env
 
@@ -70,7 +58,7 @@ def make_clone(dest: Path) -> tuple[Path, dict]:
 def clone(tmp_path_factory) -> tuple[Path, dict]:
     if not (data_dir().is_dir() and (models_dir() / "stories260K").is_dir()):
         pytest.skip("local datasets/models folders not present")
-    repo, env = make_clone(tmp_path_factory.mktemp("first") / "repo")
+    repo, env = make_tiny_clone(tmp_path_factory.mktemp("first") / "repo")
     run(["dvc", "repro", "compress"], repo, env)
     return repo, env
 
@@ -157,7 +145,7 @@ def test_data_directory_content_is_a_dependency(clone, tmp_path):
 
 def test_two_clones_at_different_paths_hash_the_same(clone, tmp_path_factory):
     repo, env = clone
-    other, other_env = make_clone(tmp_path_factory.mktemp("second-clone-at-another-path") / "elsewhere")
+    other, other_env = make_tiny_clone(tmp_path_factory.mktemp("second-clone-at-another-path") / "elsewhere")
     run(["dvc", "repro", "data"], other, other_env)
     for stage in ("validate", "data_files", "base", "data"):
         assert lock_outs(other, stage) == lock_outs(repo, stage), stage

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, data_dir, models_dir
+from conftest import data_dir, make_clone, models_dir
 
 TINY = [
     "model=stories260k",
@@ -41,26 +39,7 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 def clone(tmp_path_factory) -> tuple[Path, dict]:
     if not (data_dir().is_dir() and (models_dir() / "stories260K").is_dir()):
         pytest.skip("local datasets/models folders not present")
-    dest = tmp_path_factory.mktemp("clone") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    env = {
-        **os.environ,
-        "LAYERFOLD_DATA_DIR": str(data_dir()),
-        "LAYERFOLD_MODELS_DIR": str(models_dir()),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    run(["git", "init", "-q"], dest, env)
-    # dvc exp run commits experiment refs itself and reads the identity from git config, not env.
-    run(["git", "config", "user.name", "layerfold-test"], dest, env)
-    run(["git", "config", "user.email", "test@layerfold.invalid"], dest, env)
-    run(["git", "add", "-A"], dest, env)
-    run(["git", "commit", "-qm", "clone"], dest, env)
-    return dest, env
+    return make_clone(tmp_path_factory.mktemp("clone") / "repo")
 
 
 def test_exp_run_end_to_end(clone):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerfold.io import atomic_file, read_json, write_json
+from layerfold.io import atomic_file, file_sha256, read_json, write_json
 
 ENV_VAR = "LAYERFOLD_DATA_DIR"
 MANIFEST = "manifest.json"
@@ -91,13 +90,6 @@ class _Spec:
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -418,7 +410,7 @@ def prepare_benchmarks(data_dir: Path, out_dir: Path, tasks: list[str]) -> dict[
     result: dict[str, dict] = {}
     for task in tasks:
         spec = _SPECS[task]
-        sources = {rel: _sha256(data_dir / rel) for rel in spec.sources}
+        sources = {rel: file_sha256(data_dir / rel) for rel in spec.sources}
         old = manifest.get(task)
         if (
             old is not None

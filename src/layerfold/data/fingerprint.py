@@ -14,7 +14,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from layerfold.data.benchmarks import BENCHMARKS, source_files
-from layerfold.data.text import CALIBRATION_SOURCES, ENV_VAR, LOCAL_FILES, data_dir, file_sha256
+from layerfold.data.text import CALIBRATION_SOURCES, ENV_VAR, LOCAL_FILES, data_dir
+from layerfold.io import file_sha256
 
 DATA_FILES = Path("data/local_files.json")  # written by the data_files stage, a dependency of data
 

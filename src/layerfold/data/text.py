@@ -7,11 +7,12 @@ and a train excerpt, 2k C4 validation documents, benchmark files). Its location 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from layerfold.io import file_sha256
 
 ENV_VAR = "LAYERFOLD_DATA_DIR"
 
@@ -53,13 +54,6 @@ def data_dir(configured: str | None) -> Path | None:
         )
     return path
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _local_file(root: Path, name: str) -> Path:

@@ -8,7 +8,6 @@ takes a second; loading the weights can take minutes or run out of memory, so bo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from layerfold.io import file_sha256
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -204,13 +205,6 @@ def probe(cfg: DictConfig) -> ModelFacts:
     raise ModelSourceError(f"Unknown model source '{source}'; choose one of hub, local, gguf, package, llama2c.")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def identity(cfg: DictConfig, storage_dtype: str) -> dict[str, Any]:
     """Which weights these are: ``file`` (as configured, never a machine's absolute path), ``quantization``, ``sha256``.
@@ -225,14 +219,14 @@ def identity(cfg: DictConfig, storage_dtype: str) -> dict[str, Any]:
     if source in ("gguf", "package"):
         quant = gguf_quantization(path)
         file = f"{cfg.package}=={importlib.metadata.version(cfg.package)}:{cfg.file}" if source == "package" else path.name
-        return {"file": file, "quantization": f"{quant.split(' ')[0]} (GGUF: {quant}), dequantised to {storage_dtype}", "sha256": sha256(path)}
+        return {"file": file, "quantization": f"{quant.split(' ')[0]} (GGUF: {quant}), dequantised to {storage_dtype}", "sha256": file_sha256(path)}
     if source == "llama2c":
-        return {"file": path.name, "quantization": f"none (llama2.c float32), stored as {storage_dtype}", "sha256": sha256(path)}
+        return {"file": path.name, "quantization": f"none (llama2.c float32), stored as {storage_dtype}", "sha256": file_sha256(path)}
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     return {
         "file": ", ".join(w.name for w in weights),
         "quantization": f"none, stored as {storage_dtype}",
-        "sha256": sha256(weights[0]) if len(weights) == 1 else None,
+        "sha256": file_sha256(weights[0]) if len(weights) == 1 else None,
     }
 
 
@@ -241,6 +235,6 @@ def _hub_sha256(cfg: DictConfig) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(cfg.id, "model.safetensors", revision=cfg.revision)
-        return sha256(Path(cached)) if isinstance(cached, str) else None
+        return file_sha256(Path(cached)) if isinstance(cached, str) else None
     except Exception:  # identity is informative; a cache layout we cannot read must not fail the stage
         return None
