@@ -97,19 +97,21 @@ def instrumented(device: torch.device):
     timer.wrap(TemplateLM, "loglikelihood", "tokenize", exclusive_of=lm_phases)
     timer.wrap(HFLM, "_model_call", "forward")
     timer.wrap(HFLM, "_loglikelihood_tokens", "score_logits", exclusive_of=("forward",))
-    make_lm = harness._make_lm
+    make_lm = harness.make_lm
 
-    def timed_make_lm(*args, **kwargs):  # the runner's HFLM subclass tokenizes in its own loglikelihood
+    def timed_make_lm(*args, **kwargs):  # the runner's HFLM subclass tokenizes and scores in its own methods
         lm = make_lm(*args, **kwargs)
         timer.wrap(lm, "loglikelihood", "tokenize", exclusive_of=lm_phases)
+        # with scoring=lm_eval this calls HFLM's (already timed) loop: count each second once
+        timer.wrap(lm, "_loglikelihood_tokens", "score_logits", exclusive_of=("forward", "score_logits"))
         return lm
 
-    harness._make_lm = timed_make_lm
+    harness.make_lm = timed_make_lm
     try:
         yield timer
     finally:
         timer.restore()
-        harness._make_lm = make_lm
+        harness.make_lm = make_lm
 
 
 def tiny_model(tokenizer_dir: str, device: torch.device):
@@ -155,7 +157,7 @@ def run_after(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
         for label in ("first_model", "further_model_same_process", "further_model_new_runner")[:args.passes]:
             if label != "further_model_same_process":  # a new runner = what a later process sees
                 runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0,
-                                              bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir)
+                                              bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir, scoring=args.scoring)
             per_task: dict[str, dict] = {}
             start = time.perf_counter()
             report = runner.evaluate(model, tokenizer, batch_size=args.batch_size, timings=per_task, phase_timer=timer)
@@ -164,6 +166,59 @@ def run_after(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
             out[label] = {"wall": round(wall, 3), "tasks": per_task, "acc": {t: r.get("acc") for t, r in report.items()}, "scores": scores}
             print(label, json.dumps(out[label]), flush=True)
     return out
+
+
+def run_check(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -> dict:
+    """Score the suite with lm-eval's own per-request loop, then with the vectorised scorer, keeping
+    every request's answer; the check is that all ~10^5 (log-likelihood, is-greedy) pairs and every
+    document's 0/1 are identical. Pass a warm ``--cache-dir`` so both walls are further-model times."""
+    answers: dict[str, list] = {}
+    out: dict[str, dict] = {}
+    make_lm = harness.make_lm
+
+    for label, scoring in (("lm_eval", "lm_eval"), ("vectorised", "vectorised")):
+        recorded: list = []
+
+        def recording_make_lm(*a, **k):
+            lm = make_lm(*a, **k)
+            score = lm._loglikelihood_tokens
+
+            def keep(requests, disable_tqdm=False, override_bs=None):
+                result = score(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+                recorded.extend(result)
+                return result
+
+            lm._loglikelihood_tokens = keep
+            return lm
+
+        harness.make_lm = recording_make_lm
+        try:
+            runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0,
+                                          bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir, scoring=scoring)
+            start = time.perf_counter()
+            report = runner.evaluate(model, tokenizer, batch_size=args.batch_size)
+            wall = time.perf_counter() - start
+        finally:
+            harness.make_lm = make_lm
+        answers[label] = recorded
+        out[label] = {"wall": round(wall, 3), "requests": len(recorded),
+                      "per_doc": {t: r.get("per_doc") for t, r in report.items()},
+                      "scores": {t: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n")}
+                                 for t, r in report.items()}}
+        print(label, out[label]["wall"], len(recorded), flush=True)
+    stock, fast = answers["lm_eval"], answers["vectorised"]
+    differing = [i for i, (a, b) in enumerate(zip(stock, fast)) if a != b]
+    result = {
+        "passes": {k: {"wall": v["wall"], "requests": v["requests"]} for k, v in out.items()},
+        "requests": len(stock),
+        "identical_requests": len(stock) == len(fast) and not differing,
+        "differing_requests": len(differing),
+        "identical_per_doc": out["vectorised"]["per_doc"] == out["lm_eval"]["per_doc"],
+        "identical_scores": out["vectorised"]["scores"] == out["lm_eval"]["scores"],
+        "scores": out["vectorised"]["scores"],
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "scores"}), flush=True)
+    return result
 
 
 def run_overhead_only(model, tokenizer, tasks, shots, args, task_dir) -> dict:
@@ -204,7 +259,7 @@ def run_overhead_only(model, tokenizer, tasks, shots, args, task_dir) -> dict:
     reference = [plain._encode_pair(*r.args) for r in requests if r.args[0]]
     out["tokenize_stock"] = {"seconds": round(time.perf_counter() - start, 3)}
     cache: dict = {}
-    cached = harness._make_lm(model, tokenizer, 1, None, cache)
+    cached = harness.make_lm(model, tokenizer, 1, None, cache)
     cached._loglikelihood_tokens = lambda reqs, disable_tqdm=False: [r[1:] for r in reqs]  # no forward
     start = time.perf_counter()
     pairs = cached.loglikelihood(requests, disable_tqdm=True)
@@ -275,9 +330,11 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=None, help="docs per task (per MMLU subject); default: full sets")
     parser.add_argument("--batch-size", default="64")
     parser.add_argument("--bootstrap-iters", type=int, default=1000)
-    parser.add_argument("--mode", choices=["before", "after", "both", "overhead", "newprocess"], default="both",
+    parser.add_argument("--mode", choices=["before", "after", "both", "overhead", "newprocess", "check"], default="both",
                         help="overhead: request building and tokenization alone, stock vs cached, no forward; "
+                             "check: lm-eval's scoring loop vs the vectorised scorer, every request compared; "
                              "newprocess: the first model of a later process (child processes on one persistent cache)")
+    parser.add_argument("--scoring", choices=["vectorised", "lm_eval"], default="vectorised", help="after: the runner's scorer")
     parser.add_argument("--cache-dir", type=Path, default=None, help="after: request/token cache root (default: a fresh temporary one)")
     parser.add_argument("--no-forward", action="store_true",
                         help="replace HFLM._loglikelihood_tokens (forward, scoring, Collator) by constant results: overhead only, scores meaningless")
@@ -297,6 +354,9 @@ def main() -> None:
         from lm_eval.models.huggingface import HFLM
 
         HFLM._loglikelihood_tokens = lambda self, requests, disable_tqdm=False, override_bs=None: [(0.0, False)] * len(requests)
+        from layerfold.evaluation import lm as layerfold_lm
+
+        layerfold_lm._vectorised_loglikelihood = lambda lm, collator, requests, *rest: [(0.0, False)] * len(requests)
     if args.mode == "newprocess":
         result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "tasks": args.tasks,
                   "num_fewshot": {"mmlu": args.mmlu_shots}, "limit": None, "no_forward": args.no_forward,
@@ -319,7 +379,7 @@ def main() -> None:
         "model": "tiny random llama (2 layers, hidden 64)" if args.tiny else args.model,
         "vocab": len(tokenizer), "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
         "tasks": args.tasks, "num_fewshot": shots, "date": time.strftime("%Y-%m-%d"),
-        "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "scoring": args.scoring,
     }
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = harness.write_task_configs(Path(args.benchmarks), Path(tmp) / "tasks")
@@ -330,6 +390,10 @@ def main() -> None:
             result["before_total_s"] = round(sum(r["wall"] for r in result["before"].values()), 3)
         if args.mode in ("after", "both"):
             result["after"] = run_after(model, tokenizer, args.tasks, shots, args, task_dir, args.cache_dir or Path(tmp) / "cache")
+        if args.mode == "check":
+            result["check"] = run_check(model, tokenizer, args.tasks, shots, args, task_dir, args.cache_dir or Path(tmp) / "cache")
+            if args.reference:
+                result["reference_check"] = compare_with_reference(result["check"]["scores"], args.reference)
         if args.reference and "after" in result:
             result["reference_check"] = compare_with_reference(result["after"]["first_model"]["scores"], args.reference)
             print("identical to reference:", result["reference_check"]["all_equal"], flush=True)

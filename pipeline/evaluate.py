@@ -12,10 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from layerfold import execution
 from layerfold.evaluation.efficiency import device_name, measure_efficiency
-from layerfold.evaluation.perplexity import perplexity
 from layerfold.io import write_json
-from layerfold.models import describe, load_checkpoint
+from layerfold.models import checkpoint_facts, describe, load_checkpoint
 from layerfold.models.sources import POINTER_FILE, resolve_pointer
 from layerfold.stage import EVAL_DATA, METRICS, start
 from layerfold.tracking import init_run
@@ -42,8 +44,16 @@ def main(name: str, checkpoint: str) -> None:
         logging.info("%s points at %s, which evaluate scores under its own name; nothing to do", checkpoint, target)
         return
     run = init_run(stage.params, f"evaluate-{name}")
-    model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)
-    metrics: dict = {"model": describe(model), "device": device_name(stage.device), "dtype": str(model.dtype).replace("torch.", "")}
+    # hardware=sequential scores perplexity layer by layer from the checkpoint's shards; lm-eval and the
+    # efficiency measurement need the whole model, so it is loaded only when one of them is enabled.
+    layer_major = stage.params.hardware.mode == "sequential"
+    if layer_major and not cfg.lm_eval.tasks and not cfg.efficiency.enabled:
+        model, tokenizer = None, AutoTokenizer.from_pretrained(resolve_pointer(checkpoint))
+        metrics: dict = {"model": {"num_layers": checkpoint_facts(resolve_pointer(checkpoint)).num_layers}}
+    else:
+        model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)
+        metrics = {"model": describe(model)}
+    metrics |= {"device": device_name(stage.device), "dtype": str(stage.dtype).replace("torch.", "")}
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -53,7 +63,10 @@ def main(name: str, checkpoint: str) -> None:
             raise ValueError(f"Unknown perplexity dataset '{dataset}'; choose from {sorted(PPL_TEXT)}.")
         text = (EVAL_DATA / PPL_TEXT[dataset]).read_text(encoding="utf-8")
         p = cfg.perplexity
-        metrics["perplexity"][dataset] = perplexity(model, tokenizer, text, p.seq_len, p.max_windows, p.add_bos, p.batch_size, desc=f"ppl {dataset}")
+        source = resolve_pointer(checkpoint) if layer_major else model
+        metrics["perplexity"][dataset] = execution.perplexity(source, tokenizer, text, p.seq_len, stage.params.hardware, p.max_windows,
+                                                              p.add_bos, p.batch_size, stage.device, stage.dtype)
+        logging.info("%s perplexity (%s): %s", dataset, stage.params.hardware.mode, metrics["perplexity"][dataset].pop("execution"))
         logging.info("%s perplexity: %.3f", dataset, metrics["perplexity"][dataset]["perplexity"])
     timings["perplexity_s"] = time.perf_counter() - started
 
@@ -69,17 +82,21 @@ def main(name: str, checkpoint: str) -> None:
             local = write_task_configs(benchmarks, Path(task_dir)) if benchmarks.exists() else None
             metrics["lm_eval"] = run_lm_eval(
                 model, tokenizer, list(le.tasks), dict(le.num_fewshot), le.batch_size, le.limit, local, le.max_length,
-                le.bootstrap_iters, seed=seed, cache_dir=cache,
+                le.bootstrap_iters, seed=seed, cache_dir=cache, scoring=le.scoring,
             )
         metrics["lm_eval_settings"] = {
             "limit": le.limit, "sampling": "seeded random subset" if le.limit is not None else "full sets",
             "seed": seed, "num_fewshot": dict(le.num_fewshot), "local_tasks": local is not None,
+            "scoring": le.scoring,
         }
         timings["lm_eval_s"] = time.perf_counter() - started
 
     if cfg.efficiency.enabled:
         e = cfg.efficiency
-        metrics["efficiency"] = measure_efficiency(model, e.batch_size, e.prompt_len, e.new_tokens, e.repeats, stage.params.runtime.seed)
+        # one model per stage: two stages' numbers are not a paired comparison (the report says so;
+        # benchmarks/layer_removal_speed.py alternates dense and compressed in one process)
+        metrics["efficiency"] = measure_efficiency(model, batch_size=e.batch_size, prompt_len=e.prompt_len, new_tokens=e.new_tokens,
+                                                   warmup=e.warmup, repeats=e.repeats, seed=stage.params.runtime.seed)
     metrics["wall_time"] = {k: round(v, 2) for k, v in timings.items()}
     write_json(METRICS / f"{name}.json", metrics)
     run.log(_flatten(metrics))

@@ -2,9 +2,16 @@
 
     dvc repro recover     # params: recovery  ->  artifacts/recovered/, metrics/recover.json, metrics/recover_curve.csv
 
+    accelerate launch --num_processes 2 -m pipeline.recover      # the same stage on 2 GPUs of one host
+    torchrun --standalone --nproc_per_node 2 -m pipeline.recover  # the same, launched by torchrun
+
 With ``recovery=none`` the output is a pointer to ``artifacts/compressed`` (no weights copied);
 ``layerfold.models.load_checkpoint`` follows it. Otherwise the dense base model is the teacher, the
 compressed model the student, and ``plan.json`` says which original layers each new layer stands for.
+
+Under a launcher every process loads both models onto its own GPU and builds the same training data;
+the engine shares the work (``recovery.distributed``). The main process alone writes the outputs, the
+resumable checkpoints and the logs, so no two processes race on a temporary folder.
 """
 
 import csv
@@ -13,14 +20,16 @@ import shutil
 import time
 
 import torch
+import transformers
 
 from layerfold.data.training import build_training_data
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.io import atomic_dir, atomic_file, read_json, write_json
 from layerfold.models import describe, load_checkpoint, save_checkpoint
+from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.sources import resolve_dtype, write_pointer
 from layerfold.recovery import RecoveryEngine
-from layerfold.recovery.engine import host_peak_rss_mib
+from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, process_device
 from layerfold.stage import BASE, COMPRESSED, METRICS, RECOVERED, RECOVERY_STATE, start
 from layerfold.tracking import init_run
 
@@ -30,58 +39,77 @@ CURVE = METRICS / "recover_curve.csv"
 def main() -> None:
     stage = start("recover")
     cfg = stage.params.recovery
+    processes = launched_processes()
+    device = process_device(stage.device)  # this process's GPU under a launcher
+    main_process = is_main_process()
+    if not main_process:  # one log and one set of progress bars, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     plan = read_json(COMPRESSED / "plan.json")
     if cfg.name == "none":
-        if plan.get("details", {}).get("needs_training"):
-            logging.warning("%s left an untrained replacement layer; recovery=none keeps it as initialised "
-                            "(use recovery=distill or recovery=lm to train it)", plan["method"]["name"])
-        with atomic_dir(RECOVERED) as tmp:
-            write_pointer(tmp, COMPRESSED)
-            shutil.copy(COMPRESSED / "plan.json", tmp / "plan.json")
-        write_json(METRICS / "recover.json", {"recovery": "none", "trained": False})
-        _write_curve([])
-        logging.info("recovery=none: %s points at %s", RECOVERED, COMPRESSED)
+        if main_process:
+            _pass_through(plan)
+        end_processes()
         return
 
-    RecoveryEngine.check(cfg)  # bad settings fail before models or data are loaded
-    run = init_run(stage.params, "recover")
-    teacher, tokenizer = load_checkpoint(BASE, stage.device, stage.dtype)
+    RecoveryEngine.check(cfg, processes)  # bad settings fail before models or data are loaded
+    run = init_run(stage.params, "recover") if main_process else None
+    teacher, tokenizer = load_checkpoint(BASE, device, stage.dtype)
     teacher.requires_grad_(False)
     # The student trains in float32 (master weights); on CUDA the forward runs under bf16 autocast.
-    student, _ = load_checkpoint(COMPRESSED, stage.device, torch.float32)
+    student, _ = load_checkpoint(COMPRESSED, device, torch.float32)
     train, val, data_meta = build_training_data(cfg.data, tokenizer, stage.params.data.local_dir)
     logging.info("training data: %d x %d tokens (%s), validation %d blocks", *train.shape,
                  ", ".join(f"{m['source']} {m['share_actual']:.0%}" for m in data_meta["mix"]), val.shape[0])
 
-    reset_peak_memory(stage.device)
+    reset_peak_memory(device)
     started = time.perf_counter()
-    engine = RecoveryEngine(student, teacher, plan, cfg, train, val, state_dir=RECOVERY_STATE, on_log=run.log)
+    engine = RecoveryEngine(student, teacher, plan, cfg, train, val, state_dir=RECOVERY_STATE, on_log=run.log if run else None)
     model, summary = engine.run()
     wall = time.perf_counter() - started
-    device = device_name(stage.device)
+    # peak accelerator memory of every process (a collective: each process sends its own)
+    peaks = engine.per_process(round(peak_memory_mib(device), 1) if device.type == "cuda" else None)
+    host_peaks = engine.per_process(round(host_peak_rss_mib(), 1))
+    if main_process:
+        save_checkpoint(model, tokenizer, RECOVERED, dtype=resolve_dtype(stage.params.model.storage_dtype))
+        write_json(RECOVERED / "plan.json", {**plan, "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}})
+        metrics = {
+            "recovery": cfg.name,
+            "trained": True,
+            **engine.summary_metrics(summary, device_name(device)),
+            "wall_seconds": round(wall, 3),
+            "peak_gpu_memory_mib": max(peaks) if device.type == "cuda" else None,  # the largest of the processes'
+            "peak_host_rss_mib": round(host_peak_rss_mib(), 1),
+            "device": device_name(device),
+            **summary,
+            "data": data_meta,
+            "validation": engine.validation,
+            **{k: v for k, v in describe(model).items() if k.startswith("params_") and k != "params_per_layer"},
+        }
+        if processes > 1:
+            metrics.update(peak_gpu_memory_mib_per_process=peaks, peak_host_rss_mib_per_process=host_peaks)
+        write_json(METRICS / "recover.json", metrics)
+        _write_curve(engine.curve)
+        shutil.rmtree(RECOVERY_STATE, ignore_errors=True)
+        run.log({f"recover/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.finish()
+        logging.info("recovered: val LM loss %.4f -> %.4f, %s tokens/s", summary["val_lm_loss_before"] or float("nan"),
+                     summary["val_lm_loss_after"], metrics["tokens_per_s"])
+    end_processes()
 
-    save_checkpoint(model, tokenizer, RECOVERED, dtype=resolve_dtype(stage.params.model.storage_dtype))
-    write_json(RECOVERED / "plan.json", {**plan, "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}})
-    metrics = {
-        "recovery": cfg.name,
-        "trained": True,
-        **engine.summary_metrics(summary, device),
-        "wall_seconds": round(wall, 3),
-        "peak_gpu_memory_mib": round(peak_memory_mib(stage.device), 1) if stage.device.type == "cuda" else None,
-        "peak_host_rss_mib": round(host_peak_rss_mib(), 1),
-        "device": device,
-        **summary,
-        "data": data_meta,
-        "validation": engine.validation,
-        **{k: v for k, v in describe(model).items() if k.startswith("params_") and k != "params_per_layer"},
-    }
-    write_json(METRICS / "recover.json", metrics)
-    _write_curve(engine.curve)
-    shutil.rmtree(RECOVERY_STATE, ignore_errors=True)
-    run.log({f"recover/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    run.finish()
-    logging.info("recovered: val LM loss %.4f -> %.4f, %s tokens/s", summary["val_lm_loss_before"] or float("nan"),
-                 summary["val_lm_loss_after"], metrics["tokens_per_s"])
+
+def _pass_through(plan: dict) -> None:
+    """recovery=none: a pointer to the compressed checkpoint, no weights copied."""
+    if plan.get("details", {}).get("needs_training"):
+        logging.warning("%s left an untrained replacement layer; recovery=none keeps it as initialised "
+                        "(use recovery=distill or recovery=lm to train it)", plan["method"]["name"])
+    with atomic_dir(RECOVERED) as tmp:
+        write_pointer(tmp, COMPRESSED)
+        shutil.copy(COMPRESSED / "plan.json", tmp / "plan.json")
+    write_json(METRICS / "recover.json", {"recovery": "none", "trained": False})
+    _write_curve([])
+    logging.info("recovery=none: %s points at %s", RECOVERED, COMPRESSED)
 
 
 def _write_curve(points: list[dict]) -> None:

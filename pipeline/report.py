@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from layerfold.io import atomic_dir, atomic_file, write_json
@@ -32,6 +33,7 @@ from layerfold.report import (
     collect_experiments,
     common_tasks,
     comparison_table,
+    efficiency_speedup_rows,
     efficiency_table,
     experiment_name,
     experiments_table,
@@ -40,6 +42,7 @@ from layerfold.report import (
     markdown_report,
     similarity_heatmap,
 )
+from layerfold.report.reported import markdown_section as reported_section
 from layerfold.report.tables import RUN_FILES
 from layerfold.stage import REPORTS, start
 
@@ -57,8 +60,11 @@ def experiments_root(configured: str | Path, root: Path) -> Path:
     return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or root) / path
 
 
-def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | None = None, exp_name: str | None = None) -> dict:
+def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | None = None, exp_name: str | None = None,
+               protocol: Mapping | None = None) -> dict:
     """Archive the run under ``root`` into ``experiments_dir``, then write ``root/reports/``.
+
+    ``protocol`` is a paper preset's ``protocol`` block: the report then ends with measured beside reported.
 
     Returns the loaded run (``layerfold.report.load_run``) with ``name`` set to the archive name.
     """
@@ -93,6 +99,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
             "comparison": comparison_table(run["dense"], run["compressed"]),
             **({"recovered": comparison_table(run["dense"], run["recovered"])} if run.get("recovered") else {}),
             "efficiency": efficiency_table(run["dense"], run["compressed"]),
+            "efficiency_speedups": efficiency_speedup_rows(run["dense"], run["compressed"]),  # unpaired: separate runs
             "experiments": experiments,
         })
 
@@ -101,6 +108,9 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
         plots={caption: f"plots/{file}" for caption, file in PLOTS.items()}, experiments=experiments,
         recovered=run.get("recovered"),
     )
+    preset = reported_section(protocol, run["dense"], run.get("recovered") or run["compressed"], plan)
+    if preset:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(preset)
     with atomic_file(reports / "report.md") as handle:
         handle.write(text)
     logging.info("wrote %s; archived as %s/%s (%d experiments)", reports / "report.md", experiments_dir, run["name"], len(runs))
@@ -110,7 +120,8 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
 def main() -> None:
     stage = start("report")
     root = Path.cwd()
-    run_report(root, experiments_root(stage.params.report.experiments_dir, root), stage.params.model.name)
+    run_report(root, experiments_root(stage.params.report.experiments_dir, root), stage.params.model.name,
+               protocol=stage.params.get("protocol"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Print Markdown tables of a results directory written by scripts/run_methods.py.
 
     python scripts/results_table.py results/smollm2-135m-q4_1_h100/suite
+    python scripts/results_table.py results/llama2-7b/presets --reported
 
 Table 1, quality: one row per run (``dense`` first) with the metrics of the model the run ends with
 (recovered when a recovery ran): layers, WikiText-2 / C4 perplexity, each task's reported metric (acc
@@ -10,13 +11,21 @@ beyond 1.96 standard errors — anything else is noise, not a gain or a loss).
 
 Table 2, cost: compression wall time and peak memory (``compress_time.json``), and for recovered runs
 the training tokens, wall time, tokens/s, MFU, peak GPU memory and peak host RAM (``recover.json``).
+
+With ``--reported``, one more table per run whose ``params.yaml`` comes from a paper preset naming reported
+numbers (``protocol.reported``, see ``layerfold/report/papers.yaml``): each reported value beside the run's
+measurement of the same task and model, the difference, and a verdict that uses the measured standard error
+only (reported numbers have none).
 """
 
-import sys
+import argparse
 from pathlib import Path
+
+import yaml
 
 from layerfold.io import read_json
 from layerfold.report.compare import runs_from_methods_dir
+from layerfold.report.reported import LEGEND, comparison_lines, entry, load_papers, reported_name, side_by_side
 from layerfold.report.tables import REPORTED_METRIC, TASK_ORDER, experiments_table, final_metrics, fmt
 
 
@@ -66,11 +75,34 @@ def cost_table(root: Path) -> list[str]:
     return out
 
 
-def main(root: Path) -> None:
-    print("\n".join(quality_table(root)))
+def reported_tables(root: Path) -> list[str]:
+    """Measured beside reported for every run whose params.yaml names a paper preset's reported entry."""
+    papers = load_papers()
+    out = []
+    for run in runs_from_methods_dir(root):
+        params_file = root / run["name"] / "params.yaml"
+        name = reported_name(yaml.safe_load(params_file.read_text()) if params_file.is_file() else None)
+        if name is None or run.get("dense") is None:
+            continue
+        rows = side_by_side(entry(name, papers), run["dense"], final_metrics(run), run.get("plan"), papers)
+        out += [f"### {run['name']}: measured vs reported (`{name}`)", "", *comparison_lines(rows), ""]
+    if not out:
+        return ["No run here names reported numbers (protocol.reported in its params.yaml, set by a paper preset)."]
+    return [LEGEND, "", *out]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="a scripts/run_methods.py --out folder")
+    parser.add_argument("--reported", action="store_true", help="add measured-vs-reported tables for paper-preset runs")
+    args = parser.parse_args(argv)
+    print("\n".join(quality_table(args.root)))
     print()
-    print("\n".join(cost_table(root)))
+    print("\n".join(cost_table(args.root)))
+    if args.reported:
+        print()
+        print("\n".join(reported_tables(args.root)))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

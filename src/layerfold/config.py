@@ -24,8 +24,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+@dataclass
+class ModelArchitecture:
+    """What a model's config says, declared beside a hub id so a preset can be checked without the hub.
+
+    The names match :class:`layerfold.models.facts.ModelFacts`; the real config still decides at run time.
+    """
+
+    model_type: str = MISSING
+    num_layers: int = MISSING
+    context_length: Optional[int] = None  # max_position_embeddings
+    vocab_size: int = MISSING
 
 
 @dataclass
@@ -39,6 +52,7 @@ class ModelConfig:
     file: Optional[str] = None  # path of the weights file inside that distribution
     tokenizer: Optional[str] = None  # llama2.c tokenizer (tok512.bin style)
     storage_dtype: str = field(default="bfloat16", metadata={"choices": ["float32", "bfloat16", "float16"]})  # saved checkpoints
+    architecture: Optional[ModelArchitecture] = None  # declared facts (paper presets); None = read from the source
 
 
 @dataclass
@@ -73,6 +87,10 @@ class DataConfig:
 @dataclass
 class CaptureConfig:
     batch_size: int = field(default=4, metadata={"ge": 1})
+    # Keep the token cosine only between boundaries at most this far apart (null: every pair). Block
+    # Influence needs 1, a window of n layers n; layer-major execution holds 2d+1 boundaries of every
+    # sequence, so large models under hardware=sequential want it small.
+    max_distance: Optional[int] = field(default=None, metadata={"ge": 1, "le": "num_layers"})
 
 
 @dataclass
@@ -94,6 +112,9 @@ class LmEvalConfig:
     bootstrap_iters: int = field(default=1000, metadata={"ge": 0})
     # lm-eval's built requests, shared by every model and run (relative: from $DVC_ROOT); null = no cache
     request_cache: Optional[str] = ".cache/lm_eval"
+    # vectorised: layerfold scores each batch's requests in one pass (same forward, same log-softmax,
+    # same numbers); lm_eval: lm-eval's own per-request loop, for checking the former.
+    scoring: str = field(default="vectorised", metadata={"choices": ["vectorised", "lm_eval"]})
 
 
 @dataclass
@@ -102,7 +123,9 @@ class EfficiencyConfig:
     batch_size: int = field(default=1, metadata={"ge": 1})
     prompt_len: int = field(default=128, metadata={"ge": 1, "lt": "context_length"})
     new_tokens: int = field(default=32, metadata={"ge": 1, "lt": "context_length"})
-    repeats: int = field(default=3, metadata={"ge": 1})
+    # untimed round-robin rounds before timing (kernels, allocator, clocks); fewer than 3 measured warm-up, not the model
+    warmup: int = field(default=3, metadata={"ge": 3})
+    repeats: int = field(default=10, metadata={"ge": 1})  # timed runs: median and min-max spread are reported
 
 
 @dataclass
@@ -183,6 +206,8 @@ class RecoveryConfig:
     epochs: int = field(default=1, metadata={"ge": 1})
     max_steps: Optional[int] = field(default=None, metadata={"ge": 1})  # per phase; None = epochs over the data
     batch_size: int = field(default=8, metadata={"ge": 1})
+    # micro-batches per optimiser step over all processes (each runs grad_accum / processes of them): the
+    # global batch batch_size x grad_accum, and so the training, does not depend on how many processes run
     grad_accum: int = field(default=1, metadata={"ge": 1})
     lr: float = field(default=2e-4, metadata={"gt": 0.0})
     min_lr: float = field(default=5e-5, metadata={"ge": 0.0})  # cosine floor
@@ -195,6 +220,42 @@ class RecoveryConfig:
     eval_every: int = field(default=0, metadata={"ge": 0})  # optimiser steps between validations; 0 = start and end
     checkpoint_every: int = field(default=100, metadata={"ge": 1})  # optimiser steps between resumable checkpoints
     log_every: int = field(default=10, metadata={"ge": 1})
+    # several processes (accelerate launch / torchrun): auto = none on one process, else ddp when a phase is
+    # layer-local or under a quarter of the parameters train, fsdp2 otherwise (see layerfold.recovery.distributed)
+    distributed: str = field(default="auto", metadata={"choices": ["auto", "none", "ddp", "fsdp2"]})
+
+
+@dataclass
+class ProtocolConfig:
+    """A paper preset's account of what it reproduces and how its run differs from the paper's.
+
+    Every field is required (``MISSING``): a preset that leaves one out fails validation. ``reported``
+    names an entry of ``layerfold/report/papers.yaml`` (the report prints measured beside reported) or
+    is ``none``; the other fields are prose for the report: the paper, its setting, and what this run
+    does differently for calibration, the method, recovery and evaluation (harness, metric, shots).
+    """
+
+    reported: str = MISSING
+    paper: str = MISSING
+    setting: str = MISSING
+    calibration: str = MISSING
+    method: str = MISSING
+    recovery: str = MISSING
+    evaluation: str = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    """How a model runs: ``resident`` (whole model on the device, batch by batch) or ``sequential``
+    (layer-major: one decoder layer at a time, weights read per layer; see :mod:`layerfold.execution`)."""
+
+    mode: str = field(default="resident", metadata={"choices": ["resident", "sequential"]})
+    # sequential only: where one boundary of every sequence lives; auto = on the device when it fits activation_share
+    activations: str = field(default="auto", metadata={"choices": ["auto", "device", "host"]})
+    activation_share: float = field(default=0.5, metadata={"gt": 0.0, "le": 1.0})  # of the free accelerator memory, for auto
+    prefetch: bool = False  # sequential only: load layer i + 1 on a background thread while layer i computes
+    batch_size: Optional[int] = field(default=None, metadata={"ge": 1})  # sequential only: sequences per layer call; None = the stage's own
+    logits_chunk: int = field(default=1024, metadata={"ge": 1})  # sequential only: tokens per LM-head chunk (perplexity)
 
 
 @dataclass
@@ -208,6 +269,8 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    protocol: Optional[ProtocolConfig] = None  # set by paper presets (conf/experiment/*_llama*.yaml)
 
 
 class ConfigError(ValueError):
@@ -313,6 +376,8 @@ def validate(raw: DictConfig | dict, schema: Any, where: str, prefix: str = "", 
     except ConfigKeyError as err:
         full_key = err.full_key or str(err.key)
         parent = OmegaConf.select(base, full_key.rsplit(".", 1)[0]) if "." in full_key else base
+        if parent is None and dataclasses.is_dataclass(err.object_type):  # an optional section the defaults leave out
+            parent = OmegaConf.structured(err.object_type)
         raise ConfigError(
             f"{where}: unknown key '{prefix}{full_key}'.{_suggest(str(err.key), parent)} "
             "Fix the key in conf/ (then recompose params.yaml with `dvc exp run`) or in your -S override."
@@ -344,9 +409,25 @@ def parse_params(raw: DictConfig | dict, where: str = "params.yaml", facts: Mapp
     if method is None or "name" not in method:
         raise ConfigError(f"{where}: no method.name; pick a method group, e.g. `dvc exp run -S method=shortgpt`.")
     params = validate(raw, Params, where=where, facts=facts)
+    _check_declared(params, where)
     with open_dict(params):
         params.method = method
     return params
+
+
+def _check_declared(params: DictConfig, where: str) -> None:
+    """Every field of a ``protocol`` block and of a declared ``model.architecture`` must be given."""
+    for section in ("protocol", "model.architecture"):
+        node = OmegaConf.select(params, section)
+        if node is None:
+            continue
+        absent = [str(k) for k in node if OmegaConf.is_missing(node, k) or (isinstance(node[k], str) and not node[k].strip())]
+        if absent:
+            raise ConfigError(
+                f"{where}: {section} is incomplete: {', '.join(f'{section}.{k}' for k in absent)} not given. "
+                f"A paper preset states each of them (see conf/experiment/laco_llama2_7b.yaml); "
+                f"add them to the preset's {section} block."
+            )
 
 
 def compose(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = ()) -> dict:

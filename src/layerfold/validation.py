@@ -43,4 +43,11 @@ def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:
             f"eval.efficiency.prompt_len + new_tokens = {eff.prompt_len} + {eff.new_tokens} exceeds the model's "
             f"context of {facts.context_length} tokens; lower one of them."
         )
+    declared = params.model.get("architecture")  # paper presets declare the model they were written for
+    if declared is not None:
+        for key in ("model_type", "num_layers", "context_length", "vocab_size"):
+            want, got = declared.get(key), getattr(facts, key, None)
+            if want is not None and got is not None and want != got:
+                problems.append(f"model.architecture.{key}={want} (declared for {params.model.name}) but the model read has {got}; "
+                                "model.path points at another model: use the checkpoint the preset names.")
     return problems

@@ -297,3 +297,143 @@ def test_laco_bad_settings_raise(tokenizer) -> None:
         compress(ctx, {"name": "laco", "rdsc": "mean"})
     with pytest.raises(ConfigError, match="target_layers"):
         compress(ctx, {"name": "laco", "target_layers": 6})
+
+
+# SLEB search: the loss without each layer, sharing the prefix ------------------------------------
+#
+# The reference is the search this replaced, kept here on purpose: every candidate removed on trial
+# and the whole model run over the calibration blocks (``calibration_nll``).
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny matmuls: intra-op threads only add barrier waits on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_removal_nll(model, blocks: torch.Tensor, positions, batch_size: int) -> dict[int, float]:
+    from layerfold.surgery import StackSnapshot, remove_layers
+
+    losses = {}
+    for i in positions:
+        snapshot = StackSnapshot(model)
+        remove_layers(model, [i])
+        losses[i] = calibration_nll(model, blocks, batch_size)
+        snapshot.restore()
+    return losses
+
+
+def reference_sleb_order(ctx: MethodContext, num_remove: int, protected: set[int]) -> tuple[list[int], list[dict[int, float]]]:
+    order, per_step = [], []
+    for _ in range(num_remove):
+        candidates = [i for i, group in enumerate(ctx.plan.groups) if not protected.intersection(group)]
+        losses = {}
+        for i in candidates:
+            with ctx.trial():
+                ctx.remove([i])
+                losses[i] = calibration_nll(ctx.model, ctx.calibration, ctx.batch_size)
+        best = min(losses, key=lambda i: (losses[i], i))
+        order.extend(ctx.plan.groups[best])
+        per_step.append(losses)
+        ctx.remove([best])
+    return order, per_step
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_removal_nll_equals_trial_removal_bit_for_bit(family) -> None:
+    from conftest import tiny_model
+
+    from layerfold.models.adapters import get_adapter
+    from layerfold.scoring.loss import removal_nll
+
+    model = tiny_model(family, seed=1)
+    adapter = get_adapter(model)
+    blocks = torch.randint(0, model.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(2))
+    before = state(model)
+    layer_ids = [id(layer) for layer in adapter.get_layers(model)]
+    positions = list(range(adapter.num_layers(model)))  # the first and the last layer included
+    assert removal_nll(model, blocks, positions, batch_size=2) == reference_removal_nll(model, blocks, positions, 2)
+    # A gap in the candidates: the state is carried through the layers between them.
+    assert removal_nll(model, blocks, [0, 2], batch_size=3) == reference_removal_nll(model, blocks, [0, 2], 3)
+    assert [id(layer) for layer in adapter.get_layers(model)] == layer_ids
+    assert model.config.num_hidden_layers == len(layer_ids)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"positions \[4\] out of range for a model with 4 layers \(valid: 0..3\)"):
+        removal_nll(model, blocks, [4])
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_removal_nll_runs_each_shared_prefix_once(tokenizer) -> None:
+    from layerfold.scoring.loss import removal_nll
+
+    model = tiny_llama(8)
+    blocks = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    calls = [0]
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    removal_nll(model, blocks, range(1, 7), batch_size=4)  # one batch
+    # prefix to layer 1 (1 pass) + carried through layers 1..5 (5) + tails 6+5+4+3+2+1 (21); a full
+    # forward per candidate, as before, would be 6 x 7 = 42 layer passes.
+    assert calls[0] == 1 + 5 + 21
+    calls[0] = 0
+    reference_removal_nll(model, blocks, range(1, 7), 4)
+    assert calls[0] == 42
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("which", ["tiny_llama", "stories260k"])
+def test_sleb_chooses_the_blocks_of_the_trial_removal_search(tokenizer, which: str) -> None:
+    if which == "tiny_llama":
+        def make():
+            return tiny_llama(6, seed=5, hidden=16, init=0.3)
+        blocks_of = _greedy_blocks
+        num_remove = 2
+    else:
+        from conftest import models_dir
+
+        from layerfold.models.llama2c import load_llama2c, load_llama2c_model
+
+        root = models_dir() / "stories260K"
+        if not (root / "stories260K.bin").is_file():
+            pytest.skip("stories260K not present (set LAYERFOLD_MODELS_DIR)")
+
+        def make():
+            return load_llama2c_model(root / "stories260K.bin")
+
+        _, stories_tokenizer = load_llama2c(root / "stories260K.bin", root / "tok512.bin")
+        text = " ".join(LACO_SENTENCES)
+        ids = torch.tensor(stories_tokenizer(text)["input_ids"])
+        blocks_of = lambda model: ids[: (ids.numel() // 24) * 24].view(-1, 24)[:4]  # noqa: E731
+        num_remove = 2
+    model = make()
+    blocks = blocks_of(model)
+    reference = context(make(), tokenizer, blocks)
+    order, per_step = reference_sleb_order(reference, num_remove, protected={0, model.config.num_hidden_layers - 1})
+    ctx = context(model, tokenizer, blocks)
+    details = compress(ctx, {"name": "sleb", "num_remove": num_remove})["details"]
+    assert details["removal_order"] == order
+    for step, losses in zip(details["steps"], per_step):
+        assert {c["position"]: c["loss"] for c in step["candidates"]} == {i: round(v, 6) for i, v in losses.items()}
+    assert ctx.plan.groups == reference.plan.groups
+
+
+def test_laco_add_bos_null_uses_the_tokenizers_own_special_tokens() -> None:
+    """The released notebook calls ``tokenizer(s)``; ``add_bos: null`` reproduces exactly that."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from layerfold.methods.laco import tokenize_sentences
+
+    backend = Tokenizer(models.WordLevel({"<s>": 0, "a": 1, "b": 2, "<unk>": 3}, unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    from tokenizers import pre_tokenizers
+
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
+    assert [t.tolist() for t in tokenize_sentences(tokenizer, ["a b"], None)] == [tokenizer("a b")["input_ids"]] == [[0, 1, 2]]
+    assert [t.tolist() for t in tokenize_sentences(tokenizer, ["a b"], False)] == [[1, 2]]
+    assert [t.tolist() for t in tokenize_sentences(tokenizer, ["a b"], True)] == [[0, 1, 2]]

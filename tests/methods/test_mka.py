@@ -253,6 +253,19 @@ def test_k_entropy_above_the_samples_is_an_error_not_a_clamp() -> None:
         compress(context(tiny_llama(), n=40), {"name": "mka", "num_remove": 1, "draws": 4})
 
 
+def test_captured_float32_features_score_as_their_float64_copy() -> None:
+    """The method hands the captured tensor over as it is; it used to convert it to a float64 numpy array first."""
+    from layerfold.methods.mka import averaged_similarity
+
+    features = capture_statistics(tiny_llama(seed=9), blocks(40), 4, None).sample_features[1:]
+    assert features.dtype == torch.float32
+    cfg = MKAConfig(draws=2, k_entropy=8)
+    as_tensor, as_numpy = averaged_similarity(features, cfg), averaged_similarity(features.double().numpy(), cfg)
+    assert as_tensor.keys() == as_numpy.keys()
+    for key in as_tensor:
+        np.testing.assert_array_equal(as_tensor[key], as_numpy[key], err_msg=key)
+
+
 # Draws, near-ties, tie-break -------------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ import torch
 
 from layerfold.scoring.manifold import (
     diffusion_map,
+    diffusion_maps,
+    knn_entropies,
     knn_entropy,
     layer_embeddings,
     merge_alpha,
@@ -226,3 +228,135 @@ def test_mutual_information_matrix_blocks_do_not_change_the_result(monkeypatch: 
     whole = mutual_information_matrix(embeddings)
     monkeypatch.setattr(manifold, "_KSG_BLOCK", 1)  # one feature column per block
     np.testing.assert_array_equal(mutual_information_matrix(embeddings), whole)
+
+
+# 6. torch ports against the numpy/scikit-learn code they replaced ----------------------------
+#
+# The reference functions below are the replaced implementations, kept here on purpose: the
+# per-layer numpy diffusion map (np.linalg.cond, ridge retries, np.linalg.svd) and scikit-learn's
+# NearestNeighbors entropy. The SVD's column signs are left to LAPACK there, so the reference gets
+# the same sign rule as the port before comparing (largest-magnitude entry positive).
+
+
+def _reference_diffusion_map(features: np.ndarray, sigma: float = 8.0, alpha: float = 0.5, dim: int = 2) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64).reshape(features.shape[0], -1)
+    x = x - x.mean(axis=0, keepdims=True)
+    gram = x @ x.T
+    sq = np.diag(gram)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
+    np.fill_diagonal(dist, 0.0)
+    dist = 0.5 * (dist + dist.T)
+    kernel = np.exp(-np.sqrt(dist / sigma))
+    p = kernel.sum(axis=0)
+    k1 = kernel / np.outer(p, p) ** alpha
+    v = np.sqrt(k1.sum(axis=0))
+    a = k1 / np.outer(v, v)
+    cond, ridge = np.linalg.cond(a), 1e-6
+    for _ in range(10):
+        if np.isfinite(cond):
+            break
+        a = a + np.eye(len(a)) * ridge
+        cond, ridge = np.linalg.cond(a), ridge * 10.0
+    a = np.nan_to_num(a)
+    a[np.abs(a) < 1e-12] = 1e-12
+    u = np.linalg.svd(a, full_matrices=False)[0][:, : dim + 1].copy()
+    u[:, 0] = np.where(u[:, 0] == 0, 1e-8, u[:, 0])
+    psi = (u / u[:, :1])[:, 1 : dim + 1]
+    largest = np.argmax(np.abs(psi), axis=0)
+    return psi * np.sign(psi[largest, np.arange(dim)])
+
+
+def _reference_knn_entropy(y: np.ndarray, k: int) -> float:
+    from sklearn.neighbors import NearestNeighbors
+
+    y = np.asarray(y, dtype=np.float64)
+    n, d = y.shape
+    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(y).kneighbors(y)
+    r_k = np.maximum(distances[:, -1], np.finfo(np.float64).tiny)
+    return float(-np.mean(np.log(k / (n * r_k**d))))
+
+
+def _layers_of_a_residual_stream(n: int, seed: int, layers: int = 6) -> list[np.ndarray]:
+    """Hidden states that drift layer by layer, with a large shared offset (an outlier dimension)."""
+    rng = np.random.default_rng(seed)
+    h = _anisotropic(rng, n=n, d=24) + np.r_[100.0, np.zeros(23)]
+    out = []
+    for _ in range(layers):
+        h = h + 0.3 * np.tanh(h @ rng.standard_normal((24, 24)) / 5)
+        out.append(h.copy())
+    return out
+
+
+@pytest.mark.parametrize(("n", "dim"), [(32, 2), (64, 3)])
+def test_batched_diffusion_maps_equal_the_numpy_reference(n: int, dim: int) -> None:
+    layers = _layers_of_a_residual_stream(n, seed=n)
+    layers.append(layers[2].copy())  # a duplicate layer
+    layers[0][5] = layers[0][6]  # duplicated samples: a near-singular kernel
+    batched = diffusion_maps(layers, dim=dim).numpy()
+    for got, x in zip(batched, layers):
+        expected = _reference_diffusion_map(x, dim=dim)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    # The ranks MKA works on come out identical, not just close -- except between the duplicated
+    # samples of layer 0, whose equal coordinates are ordered by rounding (as between LAPACK builds).
+    for got, x in zip(layer_embeddings(layers[1:], dim=dim), layers[1:]):
+        np.testing.assert_array_equal(got, rank_normalise(_reference_diffusion_map(x, dim=dim)))
+
+
+def test_diffusion_map_signs_are_canonical_and_equivariant() -> None:
+    rng = np.random.default_rng(4)
+    x = _anisotropic(rng, n=50)
+    y = diffusion_map(x)
+    largest = np.argmax(np.abs(y), axis=0)
+    assert np.all(y[largest, [0, 1]] > 0)
+    perm = rng.permutation(50)
+    back = np.empty_like(y)
+    back[perm] = diffusion_map(x[perm])
+    np.testing.assert_allclose(back, y, rtol=0, atol=1e-9)  # no sign alignment needed any more
+
+
+def test_knn_entropies_equal_scikit_learn() -> None:
+    rng = np.random.default_rng(5)
+    embeddings = [rank_normalise(rng.standard_normal((40, 2))) for _ in range(5)]
+    embeddings.append(rng.uniform(size=(40, 3)))  # another shape in the same call
+    for k in (1, 3, 16, 39):
+        got = knn_entropies(embeddings, k)
+        expected = np.array([_reference_knn_entropy(e, k) for e in embeddings])
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert knn_entropy(embeddings[-1], 3) == pytest.approx(_reference_knn_entropy(embeddings[-1], 3), rel=1e-12)
+
+
+def test_knn_entropy_of_duplicated_points_is_finite() -> None:
+    y = np.random.default_rng(6).uniform(size=(40, 2))
+    y[1:4] = y[0]  # r_3 = 0 for these four points: floored at the smallest normal float
+    k, tiny = 3, np.finfo(np.float64).tiny
+    r_k = np.maximum(np.sort(np.sqrt(((y[:, None] - y[None]) ** 2).sum(-1)), axis=1)[:, k], tiny)
+    expected = -np.mean(np.log(k) - np.log(40) - 2 * np.log(r_k))
+    # The replaced code took log(k / (N r^2)) with r^2 = tiny^2 = 0: -inf. Now large and finite.
+    assert knn_entropy(y, k) == pytest.approx(expected, rel=1e-12) and expected < -100
+
+
+def test_similarity_of_real_activations_equals_the_reference_chain() -> None:
+    """stories260K's layer outputs through the whole chain: the same ranks, the same MI, the same NPIB."""
+    from conftest import models_dir
+
+    from layerfold.capture import capture_statistics
+    from layerfold.models.llama2c import load_llama2c_model
+
+    path = models_dir() / "stories260K" / "stories260K.bin"
+    if not path.is_file():
+        pytest.skip("stories260K not present (set LAYERFOLD_MODELS_DIR)")
+    model = load_llama2c_model(path)
+    blocks = torch.randint(0, model.config.vocab_size, (32, 16), generator=torch.Generator().manual_seed(0))
+    features = capture_statistics(model, blocks, 8, None).sample_features[1:]  # [5 layers, 32, 64] float32
+
+    embeddings = layer_embeddings(list(features))
+    reference = [rank_normalise(_reference_diffusion_map(f.double().numpy())) for f in features]
+    for got, expected in zip(embeddings, reference):
+        np.testing.assert_array_equal(got, expected)
+    entropy = np.array([_reference_knn_entropy(e, 16) for e in reference])
+    np.testing.assert_allclose(knn_entropies(embeddings, 16), entropy, rtol=1e-12)
+    mi = np.array([[mutual_information(a, b) for b in reference] for a in reference])
+    np.testing.assert_array_equal(mutual_information_matrix(embeddings), mi)
+    expected = 0.5 * (mi / np.sqrt(np.outer(entropy, entropy)) + (mi / np.sqrt(np.outer(entropy, entropy))).T)
+    np.fill_diagonal(expected, 1.0)
+    np.testing.assert_allclose(npib_similarity(embeddings, k_entropy=16), expected, rtol=1e-12)

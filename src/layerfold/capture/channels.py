@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from layerfold.capture.hooks import _hidden_from, iterate_batches
+from layerfold.capture.hooks import hidden_from, iterate_batches
 from layerfold.models.adapters import get_adapter
 
 SKIP_TOKENS = ("last", "all")
@@ -117,7 +117,7 @@ class _Accumulator:
 
         def hook(module, args, kwargs, output):
             entering = args[0] if args else kwargs["hidden_states"]
-            leaving = _hidden_from(output)
+            leaving = hidden_from(output)
             if index == 0:
                 self._keep(0, entering)
             self.bi[index] += (1.0 - _clamped_cos(entering, leaving)).sum().double()

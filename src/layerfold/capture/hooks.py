@@ -3,11 +3,15 @@
 ``output_hidden_states`` is not used on purpose: its last entry is the *final-norm output*, so any
 metric mixing it with the other (pre-norm) entries compares different spaces. Hooks on the decoder
 layers give the pre-norm input of layer 0 and the pre-norm output of every layer, uniformly.
+
+Two ways to receive a boundary: a callback ``on_boundary(index, hidden)`` that sees it while the
+forward runs and keeps nothing (how :func:`~layerfold.capture.capture_statistics` streams), or, without
+a callback, a copy of every boundary of the latest forward in ``states`` (for tests and small models).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -15,41 +19,45 @@ from tqdm.auto import tqdm
 
 from layerfold.models.adapters import get_adapter
 
+BoundaryCallback = Callable[[int, torch.Tensor], None]
 
-def _hidden_from(output: object) -> torch.Tensor:
+
+def hidden_from(output: object) -> torch.Tensor:
     # Decoder layers return a tensor in recent transformers and a tuple (hidden, ...) in older ones.
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class LayerBoundaries:
-    """Context manager collecting ``states[i]`` = residual stream entering layer ``i`` (``i = L``: leaving the last).
+    """Context manager exposing boundary ``i`` = residual stream entering layer ``i`` (``i = L``: leaving the last).
 
-    Only the most recent forward pass is kept, so memory is one batch of boundaries, never the dataset.
+    With ``on_boundary``, each boundary is handed to the callback (detached, in the model's dtype) as soon
+    as its layer finishes and nothing is stored. Without it, ``states[i]`` holds a ``detach_to`` copy of
+    the most recent forward pass: memory is one batch of boundaries, never the dataset.
     """
 
-    def __init__(self, model: nn.Module, detach_to: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, detach_to: torch.dtype = torch.float32, on_boundary: BoundaryCallback | None = None) -> None:
         self.layers = get_adapter(model).get_layers(model)
         self.dtype = detach_to
+        self.on_boundary = on_boundary if on_boundary is not None else self._store
         self.states: list[torch.Tensor | None] = [None] * (len(self.layers) + 1)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
+    def _store(self, index: int, hidden: torch.Tensor) -> None:
+        self.states[index] = hidden.to(self.dtype)
+
     def __enter__(self) -> LayerBoundaries:
-        def save_input(index: int):
-            def hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self.states[index] = hidden.detach().to(self.dtype)
+        def entering_first_layer(module, args, kwargs):
+            self.on_boundary(0, (args[0] if args else kwargs["hidden_states"]).detach())
 
-            return hook
-
-        def save_output(index: int):
+        def leaving(index: int):
             def hook(module, args, output):
-                self.states[index + 1] = _hidden_from(output).detach().to(self.dtype)
+                self.on_boundary(index + 1, hidden_from(output).detach())
 
             return hook
 
-        self._handles.append(self.layers[0].register_forward_pre_hook(save_input(0), with_kwargs=True))
+        self._handles.append(self.layers[0].register_forward_pre_hook(entering_first_layer, with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_hook(save_output(i)))
+            self._handles.append(layer.register_forward_hook(leaving(i)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -58,7 +66,7 @@ class LayerBoundaries:
         self._handles.clear()
 
     def stacked(self) -> torch.Tensor:
-        """Boundaries of the last forward as one tensor ``[batch, seq, L + 1, hidden]``."""
+        """Stored boundaries of the last forward as one tensor ``[batch, seq, L + 1, hidden]``."""
         return torch.stack(self.states, dim=2)  # type: ignore[arg-type]
 
 

@@ -1,7 +1,39 @@
-"""Streaming statistics over layer boundaries: everything the scoring functions need, in O(L^2) memory."""
+"""Streaming statistics over layer boundaries: everything the scoring functions need, in O(L^2) memory.
+
+A boundary reaches :meth:`BoundaryStatistics.add` as soon as the layer that produces it has run, in
+either of two orders: batch-major (the whole model resident: batch 0 boundaries ``0..L``, then batch
+1, ...) or boundary-major (a layer-at-a-time executor: boundary 0 of every batch, then boundary 1,
+...). Within a batch the boundaries always arrive in increasing order, and per batch the accumulator
+keeps only what a later boundary of that batch still needs:
+
+- **Token cosine between boundaries** (all pairs, or pairs ``|i - j| <= max_distance``) needs the
+  earlier boundaries at full token resolution. They are kept as the hidden states themselves, in the
+  dtype the model produced, in a token-major ring of slots, plus one fp32 norm per token. The pairs
+  are counted in one pass over the ring (per-token dot products by one batched matmul with fp32
+  accumulation, divided by the two norms, summed over tokens in fp64): comparing each new boundary
+  with every kept one as it arrives would re-read the kept ones once per arrival, ``O(L^2)`` reads of
+  the batch's hidden states instead of one. With all pairs the ring holds all ``L + 1`` boundaries and
+  is read once, when the batch's last boundary arrives. With ``max_distance = d`` it has ``2d + 1``
+  slots (fewer if that covers every boundary): when full, the pending pairs are counted and the
+  boundaries that can no longer pair with a later one are dropped, so each boundary is read about
+  twice and memory stays ``2d + 1`` boundaries whatever the depth. Pairs farther apart stay NaN.
+- **Last-token angular distance** needs only each boundary's last-token vector (``[L + 1, batch, hidden]``).
+- **Sample features** need only each boundary's per-sequence mean over tokens after the first.
+
+Memory of a batch with all pairs: ``(L + 1) x tokens x hidden`` elements of the stored dtype; for a
+Llama-2-7B in bf16 and one 2048-token sequence, 33 x 2048 x 4096 x 2 B = 0.55 GB, 4 % of its weights.
+
+``store_dtype`` (default None: the dtype the hidden states arrive in) is what the ring stores. The
+default loses nothing: the cosines are computed in fp32 from exactly the values the model produced,
+so float32 for a bf16 model doubles the memory for the same result. ``torch.bfloat16`` for an fp32
+model halves the memory at the cost of rounding every element to 8 significant bits before the dot
+products; on stories260K (fp32, 4 x 64 tokens) that moved the mean cosines by at most 9.8e-5 (measured
+by ``tests/capture/test_streaming_stats.py``, which bounds it at 1e-3).
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -9,48 +41,261 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfold.capture.hooks import LayerBoundaries, iterate_batches
+from layerfold.models.adapters import get_adapter
+
+NORM_EPS = 1e-12  # F.normalize's floor: a zero vector has cosine 0 with everything, as before
+FLUSH_WORKING_BYTES = 64 << 20  # temporaries of one pass over the ring are made in token chunks of this size
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """A layer produced NaN or inf activations; the message names the layer."""
+
+
+def _non_finite_message(boundary: int) -> str:
+    where = "the embeddings" if boundary == 0 else f"the output of decoder layer {boundary - 1}"
+    return (
+        f"NaN or inf activations first appear in {where} (layer boundary {boundary}). The weights are damaged "
+        "or the compute dtype overflows: try runtime.dtype=float32, and restore the checkpoint with "
+        "`dvc checkout --force artifacts/base` if it was modified."
+    )
+
+
+@functools.cache
+def _fp32_output_bmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether half-precision matrices on ``device`` multiply straight into fp32 output (CUDA, recent torch)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    probe = torch.zeros(1, 1, 1, dtype=dtype, device=device)
+    try:
+        torch.bmm(probe, probe, torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def _widens(states: torch.Tensor) -> bool:
+    """Whether the dot products need an fp32 copy of a chunk of the ring first."""
+    return states.dtype not in (torch.float32, torch.float64) and not _fp32_output_bmm(states.device, states.dtype)
+
+
+def _token_dots(block: torch.Tensor) -> torch.Tensor:
+    """Per-token dot products between the slots of ``block`` ``[tokens, slots, hidden]``: ``[tokens, slots, slots]``.
+
+    Accumulated in fp32 or wider. Half-precision rings on CUDA go straight to a matmul that accumulates
+    and returns fp32, so no fp32 copy of the ring is made; elsewhere the chunk is widened first.
+    """
+    if not _widens(block):
+        return torch.bmm(block, block.mT, torch.float32) if block.dtype in (torch.bfloat16, torch.float16) else torch.bmm(block, block.mT)
+    wide = block.float()
+    return torch.bmm(wide, wide.mT)
+
+
+class _BatchWindow:
+    """What one calibration batch still needs while its boundaries arrive (see the module docstring)."""
+
+    def __init__(self, first: torch.Tensor, num_boundaries: int, slots: int, store_dtype: torch.dtype) -> None:
+        batch, seq, width = first.shape
+        device = first.device
+        self.shape = first.shape
+        self.slots = slots
+        # Token-major, so a chunk of tokens is one contiguous [tokens, slots, hidden] block for the matmul.
+        self.states = torch.empty(batch * seq, slots, width, dtype=store_dtype, device=device)
+        self.norms = torch.empty(batch * seq, slots, dtype=torch.float32, device=device)
+        self.last = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=device)
+        self.features = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=device)
+        self.held: list[int] = []  # boundaries in the ring, ascending; boundary b sits in slot b % slots
+        self.pending: list[int] = []  # held boundaries whose pairs are not counted yet
+        self.next_boundary = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.held) == self.slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.states, self.norms, self.last, self.features))
+
+    def put(self, boundary: int, hidden: torch.Tensor) -> None:
+        slot = boundary % self.slots
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        self.states[:, slot].copy_(tokens)
+        torch.linalg.vector_norm(tokens, dim=-1, dtype=torch.float32, out=self.norms[:, slot])
+        self.norms[:, slot].clamp_min_(NORM_EPS)
+        self.last[boundary].copy_(hidden[:, -1])
+        # Mean over tokens after the first: BOS/attention-sink tokens carry outlier norms that would dominate.
+        torch.mean(hidden[:, 1:], dim=1, dtype=torch.float32, out=self.features[boundary])
+        self.held.append(boundary)
+        self.pending.append(boundary)
+        self.next_boundary += 1
+
+    def drop_below(self, lowest: int) -> None:
+        self.held = [b for b in self.held if b >= lowest]
+
+    def cosine_sums(self) -> torch.Tensor:
+        """Sum over the batch's tokens of cos(slot a, slot b), ``[slots, slots]`` float64 on the CPU."""
+        tokens, slots, width = self.states.shape
+        per_token = 2 * slots * slots * 4 + (slots * width * 4 if _widens(self.states) else 0)
+        step = max(1, FLUSH_WORKING_BYTES // per_token)
+        total = torch.zeros(slots, slots, dtype=torch.float64, device=self.states.device)
+        for start in range(0, tokens, step):
+            dots = _token_dots(self.states[start : start + step])
+            norms = self.norms[start : start + step]
+            dots /= norms[:, :, None] * norms[:, None, :]
+            total += dots.sum(0, dtype=torch.float64)
+        return total.cpu()
 
 
 @dataclass
 class BoundaryStatistics:
     """Running sums over calibration tokens for ``B = L + 1`` layer boundaries.
 
-    - ``cosine_sum[i, j]``: sum over all tokens of cos(h_i, h_j)  (BI, windowed cosine)
-    - ``last_angular_sum[i, j]``: sum over sequences of arccos(cos(h_i, h_j))/pi on the last token (Gromov)
+    - ``cosine_sum[i, j]``: sum over all tokens of cos(h_i, h_j)  (BI, windowed cosine); NaN where
+      ``|i - j| > max_distance`` (not captured)
+    - ``last_angular_sum[i, j]``: sum over sequences of arccos(cos(h_i, h_j))/pi on the last token (Gromov),
+      always all pairs
     - ``sample_features[i]``: per-sequence mean of h_i over tokens after the first (MKA manifolds); the
       first position is skipped because BOS/attention-sink tokens carry outlier norms that would dominate.
     """
 
     num_boundaries: int
+    max_distance: int | None = None
+    store_dtype: torch.dtype | None = None
     cosine_sum: torch.Tensor = field(init=False)
     last_angular_sum: torch.Tensor = field(init=False)
     tokens: int = 0
     sequences: int = 0
-    features: list[torch.Tensor] = field(default_factory=list)
+    features: dict[int, torch.Tensor] = field(default_factory=dict, init=False)  # batch_id -> [B, batch, hidden]
+    _open: dict[int, _BatchWindow] = field(default_factory=dict, init=False, repr=False)
+    _finished: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        distance = self.max_distance
+        if distance is not None and (isinstance(distance, bool) or not isinstance(distance, int) or distance < 1):
+            raise ValueError(
+                f"max_distance={self.max_distance!r} is not allowed: use an integer >= 1 (keep the token cosine of "
+                "boundaries at most that many layers apart) or None (all pairs)."
+            )
+        if self.store_dtype is not None and not (isinstance(self.store_dtype, torch.dtype) and self.store_dtype.is_floating_point):
+            raise ValueError(
+                f"store_dtype={self.store_dtype!r} is not allowed: use a floating torch dtype (torch.bfloat16 halves "
+                "the memory of fp32 activations) or None to keep the dtype the model produces."
+            )
         b = self.num_boundaries
         self.cosine_sum = torch.zeros(b, b, dtype=torch.float64)
+        self.cosine_sum[~self.captured_pairs] = float("nan")
         self.last_angular_sum = torch.zeros(b, b, dtype=torch.float64)
 
+    @property
+    def reach(self) -> int:
+        """The largest ``|i - j|`` whose token cosine is captured."""
+        last = self.num_boundaries - 1
+        return last if self.max_distance is None else min(self.max_distance, last)
+
+    @property
+    def captured_pairs(self) -> torch.Tensor:
+        """``[B, B]`` bool: which entries of ``cosine_sum`` are accumulated (the rest stay NaN)."""
+        index = torch.arange(self.num_boundaries)
+        return (index[:, None] - index[None, :]).abs() <= self.reach
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the accumulator holds on the activations' device for batches still in progress."""
+        return sum(window.nbytes for window in self._open.values())
+
+    # Feeding ------------------------------------------------------------------------------------
+    def add(self, boundary: int, batch_id: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Add the residual stream at ``boundary`` (0 = input of layer 0, i = output of layer i - 1) of batch ``batch_id``.
+
+        ``hidden`` is ``[batch, seq, hidden]`` in any dtype. Each batch's boundaries must arrive in
+        increasing order; batches may interleave (boundary-major). ``attention_mask`` is accepted for
+        padded batches later; today every token must be real (fixed-length calibration blocks).
+        """
+        _require_unpadded(attention_mask, hidden)
+        window = self._window_for(boundary, batch_id, hidden)
+        if window.full:
+            self._count_pending(window)
+            window.drop_below(boundary - self.reach)
+        window.put(boundary, hidden)
+        if boundary == self.num_boundaries - 1:
+            self._count_pending(window)
+            self._finish(batch_id, window)
+
     def update(self, boundaries: torch.Tensor) -> None:
-        """Add one batch of boundaries ``[batch, seq, L + 1, hidden]``."""
-        unit = F.normalize(boundaries.float(), dim=-1)
-        flat = unit.flatten(0, 1)  # [tokens, B, hidden]
-        batch_cosine = torch.einsum("nid,njd->ij", flat, flat)
-        _require_finite(batch_cosine)
-        self.cosine_sum += batch_cosine.double().cpu()
-        last = unit[:, -1]  # [batch, B, hidden]
-        cos = torch.einsum("bid,bjd->bij", last, last).clamp(-1.0, 1.0)
+        """Add one batch of every boundary at once, ``[batch, seq, L + 1, hidden]`` (e.g. ``LayerBoundaries.stacked()``)."""
+        if boundaries.dim() != 4 or boundaries.shape[2] != self.num_boundaries:
+            raise ValueError(
+                f"update() takes [batch, seq, {self.num_boundaries}, hidden] (every boundary of one batch), got shape "
+                f"{tuple(boundaries.shape)}; feed boundaries one at a time with add() instead."
+            )
+        batch_id = 1 + max(self._finished | set(self._open), default=-1)
+        for boundary in range(self.num_boundaries):
+            self.add(boundary, batch_id, boundaries[:, :, boundary])
+
+    def _window_for(self, boundary: int, batch_id: int, hidden: torch.Tensor) -> _BatchWindow:
+        last = self.num_boundaries - 1
+        if not 0 <= boundary <= last:
+            raise ValueError(
+                f"boundary={boundary} is out of range 0..{last} (0 = input of layer 0, i = output of layer i - 1); "
+                f"these statistics were made for {last} layers."
+            )
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [batch, seq, hidden], got shape {tuple(hidden.shape)} at boundary {boundary}.")
+        if batch_id in self._finished:
+            raise ValueError(f"batch_id={batch_id} already has all {last + 1} boundaries; give every calibration batch its own id.")
+        window = self._open.get(batch_id)
+        if window is None:
+            if boundary != 0:
+                raise ValueError(f"batch_id={batch_id} starts at boundary {boundary}; each batch's boundaries must arrive in order from 0.")
+            slots = min(self.num_boundaries, 2 * self.reach + 1)
+            window = self._open[batch_id] = _BatchWindow(hidden, self.num_boundaries, slots, self.store_dtype or hidden.dtype)
+        elif boundary != window.next_boundary:
+            raise ValueError(
+                f"batch_id={batch_id} got boundary {boundary} but expects {window.next_boundary}: each batch's boundaries "
+                "must arrive in increasing order, once each."
+            )
+        elif hidden.shape != window.shape:
+            raise ValueError(
+                f"batch_id={batch_id} boundary {boundary} has shape {tuple(hidden.shape)} but its earlier boundaries "
+                f"had {tuple(window.shape)}; every boundary of a batch has the same [batch, seq, hidden]."
+            )
+        return window
+
+    def _count_pending(self, window: _BatchWindow) -> None:
+        """Add the pairs (held i <= pending j, j - i <= reach) to ``cosine_sum`` and its mirror, from one pass over the ring."""
+        if not window.pending:
+            return
+        sums = window.cosine_sums()
+        pending, held = torch.tensor(window.pending), torch.tensor(window.held)
+        self_pairs = sums[pending % window.slots, pending % window.slots]
+        bad = pending[~torch.isfinite(self_pairs)]  # NaN/inf anywhere in a boundary makes its self-cosine non-finite
+        if len(bad):
+            raise NonFiniteActivationError(_non_finite_message(int(bad[0])))
+        i, j = torch.meshgrid(held, pending, indexing="ij")
+        counted = (i <= j) & (j - i <= self.reach)
+        i, j = i[counted], j[counted]
+        values = sums[i % window.slots, j % window.slots]
+        self.cosine_sum.index_put_((i, j), values, accumulate=True)
+        mirror = i != j
+        self.cosine_sum.index_put_((j[mirror], i[mirror]), values[mirror], accumulate=True)
+        window.pending.clear()
+
+    def _finish(self, batch_id: int, window: _BatchWindow) -> None:
+        last = F.normalize(window.last, dim=-1)  # [B, batch, hidden]
+        cos = torch.einsum("ibd,jbd->bij", last, last).clamp(-1.0, 1.0)
+        # A vector's angle to itself is 0; arccos would turn the rounding of 1 into up to ~1e-4.
+        cos.diagonal(dim1=1, dim2=2).fill_(1.0)
         self.last_angular_sum += (torch.arccos(cos) / torch.pi).sum(0).double().cpu()
-        self.tokens += flat.shape[0]
-        self.sequences += boundaries.shape[0]
-        self.features.append(boundaries[:, 1:].float().mean(dim=1).transpose(0, 1).cpu())  # [B, batch, hidden]
+        self.features[batch_id] = window.features.cpu()
+        batch, seq, _ = window.shape
+        self.tokens += batch * seq
+        self.sequences += batch
+        del self._open[batch_id]
+        self._finished.add(batch_id)
 
     # Derived views -------------------------------------------------------------------------------
     @property
     def cosine(self) -> torch.Tensor:
-        """Mean token cosine between boundaries, ``[L + 1, L + 1]``."""
+        """Mean token cosine between boundaries, ``[L + 1, L + 1]`` (NaN for pairs not captured)."""
         return (self.cosine_sum / max(self.tokens, 1)).float()
 
     @property
@@ -60,8 +305,8 @@ class BoundaryStatistics:
 
     @property
     def sample_features(self) -> torch.Tensor:
-        """``[L + 1, num_sequences, hidden]``."""
-        return torch.cat(self.features, dim=1)
+        """``[L + 1, num_sequences, hidden]``, sequences in batch-id order."""
+        return torch.cat([self.features[k] for k in sorted(self.features)], dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -73,37 +318,60 @@ class BoundaryStatistics:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> BoundaryStatistics:
-        stats = cls(num_boundaries=tensors["cosine_sum"].shape[0])
-        stats.cosine_sum = tensors["cosine_sum"].double()
+        cosine_sum = tensors["cosine_sum"].double()
+        stats = cls(num_boundaries=cosine_sum.shape[0], max_distance=_captured_distance(cosine_sum))
+        stats.cosine_sum = cosine_sum
         stats.last_angular_sum = tensors["last_angular_sum"].double()
         stats.tokens, stats.sequences = (int(v) for v in tensors["counts"])
-        stats.features = [tensors["sample_features"]]
+        stats.features = {0: tensors["sample_features"]}
+        stats._finished.add(0)
         return stats
 
 
-class NonFiniteActivationError(FloatingPointError):
-    """A layer produced NaN or inf activations; the message names the layer."""
+def _captured_distance(cosine_sum: torch.Tensor) -> int | None:
+    """The ``max_distance`` a saved ``cosine_sum`` was captured with: None when every pair is there."""
+    index = torch.arange(cosine_sum.shape[0])
+    missing = (index[:, None] - index[None, :]).abs()[~torch.isfinite(cosine_sum)]
+    return None if missing.numel() == 0 else int(missing.min()) - 1
 
 
-def _require_finite(cosine: torch.Tensor) -> None:
-    """NaN/inf anywhere in a boundary's hidden states turns its self-cosine (the diagonal) non-finite."""
-    bad = (~torch.isfinite(cosine.diagonal())).nonzero().flatten().tolist()
-    if bad:
-        where = "the embeddings" if bad[0] == 0 else f"the output of decoder layer {bad[0] - 1}"
-        raise NonFiniteActivationError(
-            f"NaN or inf activations first appear in {where} (layer boundary {bad[0]}). The weights are damaged "
-            "or the compute dtype overflows: try runtime.dtype=float32, and restore the checkpoint with "
-            "`dvc checkout --force artifacts/base` if it was modified."
+def _require_unpadded(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    if attention_mask is None:
+        return
+    if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but hidden is {tuple(hidden.shape)}; it must be [batch, seq].")
+    if not bool(attention_mask.bool().all()):
+        raise ValueError(
+            "attention_mask marks padding, which capture statistics do not support yet: every statistic averages over "
+            "all tokens. Use fixed-length calibration blocks (data.calibration.chunking concat or per_document) without padding."
         )
 
 
 @torch.no_grad()
-def capture_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, desc: str | None = "capture") -> BoundaryStatistics:
-    """One pass over ``blocks`` accumulating :class:`BoundaryStatistics` for the model's current layers."""
+def capture_statistics(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    desc: str | None = "capture",
+    *,
+    max_distance: int | None = None,
+    store_dtype: torch.dtype | None = None,
+) -> BoundaryStatistics:
+    """One pass over ``blocks`` ``[n, seq]`` accumulating :class:`BoundaryStatistics` for the model's current layers.
+
+    Hooks hand each boundary to :meth:`BoundaryStatistics.add` while the forward runs, so no batch of
+    boundaries is stacked or widened to fp32. Only the decoder runs (``model.base_model``, no LM head):
+    capture never reads logits, and they would be the largest activation of the pass.
+    """
     device = next(model.parameters()).device
-    with LayerBoundaries(model) as hooks:
-        stats = BoundaryStatistics(num_boundaries=len(hooks.layers) + 1)
-        for batch in iterate_batches(blocks, batch_size, device, desc):
-            model(input_ids=batch, use_cache=False)
-            stats.update(hooks.stacked())
+    decoder = model.base_model
+    stats = BoundaryStatistics(get_adapter(model).num_layers(model) + 1, max_distance, store_dtype)
+    batch_id = 0
+
+    def on_boundary(index: int, hidden: torch.Tensor) -> None:
+        stats.add(index, batch_id, hidden)
+
+    with LayerBoundaries(model, on_boundary=on_boundary):
+        for batch_id, batch in enumerate(iterate_batches(blocks, batch_size, device, desc)):
+            decoder(input_ids=batch, use_cache=False)
     return stats

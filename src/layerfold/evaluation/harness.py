@@ -27,7 +27,6 @@ import math
 import random
 import re
 import time
-from array import array
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from layerfold.evaluation.lm import load_token_cache, make_lm, save_token_cache, token_cache_file, tokenizer_key
 from layerfold.io import atomic_dir, read_json
 
 if TYPE_CHECKING:  # lm-eval is heavy to import; only the functions that need it import it.
@@ -390,14 +390,6 @@ def request_cache_key(local_task_dir: Path | None) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _tokenizer_key(tokenizer: Any) -> str:
-    """Identity of a tokenizer's behaviour (vocabulary, merges, normaliser, special-token handling)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    extra = (type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), tokenizer.bos_token, tokenizer.eos_token)
-    return hashlib.sha256((spec + repr(extra)).encode()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -416,115 +408,6 @@ def compile_templates_once() -> None:
     if not getattr(env, "_layerfold_cached", False):
         env.from_string = functools.lru_cache(maxsize=1024)(env.from_string)  # type: ignore[method-assign]
         env._layerfold_cached = True  # type: ignore[attr-defined]
-
-
-TOKEN_CACHE_FORMAT = 1
-
-
-def _token_cache_file(cache_dir: Path, lm: Any) -> Path:
-    """Where the token cache of ``lm``'s tokenization lives inside a request-cache directory.
-
-    Named after everything ``HFLM.tok_encode`` output depends on besides the string: the tokenizer
-    (:func:`_tokenizer_key`), HFLM's ``add_bos_token`` and prefix token, and the tokenizers /
-    transformers versions. The directory itself is keyed by the task data (:func:`request_cache_key`).
-    """
-    import tokenizers
-    import transformers
-
-    parts = (TOKEN_CACHE_FORMAT, _tokenizer_key(lm.tokenizer), getattr(lm, "add_bos_token", None), lm.prefix_token_id,
-             tokenizers.__version__, transformers.__version__)
-    return Path(cache_dir) / f"tokens-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}.pkl"
-
-
-def load_token_cache(path: Path, into: dict) -> int:
-    """Add the entries of a token cache written by :func:`save_token_cache` to ``into``; 0 if none."""
-    import pickle
-
-    try:
-        with open(path, "rb") as handle:
-            keys, flat, ends = pickle.load(handle)
-    except FileNotFoundError:
-        return 0
-    except Exception as error:  # a truncated/foreign file: ignore it, it is rewritten after this run
-        log.warning("Ignoring unreadable token cache %s: %s", path, error)
-        return 0
-    start = 0
-    for key, end in zip(keys, ends):
-        into.setdefault(key, flat[start:end])
-        start = end
-    return len(keys)
-
-
-def save_token_cache(path: Path, cache: dict) -> None:
-    """Write ``{(string, add_special_tokens): array('i') ids}`` as one flat array (fast to pickle)."""
-    import os
-    import pickle
-
-    keys = list(cache)
-    flat, ends = array("i"), array("q")
-    for key in keys:
-        flat.extend(cache[key])
-        ends.append(len(flat))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        pickle.dump((keys, flat, ends), handle, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-
-
-def _make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int | None, token_cache: dict | None) -> Any:
-    """lm-eval's ``HFLM`` around an in-memory model. With ``token_cache`` (one per tokenizer), every
-    string is tokenized once, in batches, and kept for further models with the same tokenizer."""
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
-
-    if token_cache is None:
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-
-    class _CachedTokensHFLM(HFLM):
-        # HFLM tokenizes each (context, continuation) request with two separate encode calls: a
-        # multiple-choice question sends its context once per choice (MMLU 5-shot: 4 x ~600 tokens),
-        # and every further model tokenizes the same strings again.
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
-            if kwargs or left_truncate_len:
-                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
-            key = (string, add_special_tokens)
-            hit = token_cache.get(key)
-            if hit is None:
-                hit = token_cache[key] = array("i", super().tok_encode(string, add_special_tokens))
-            return list(hit)
-
-        def _special_kwargs(self, string: str, bos: str) -> dict[str, bool]:
-            # exactly HFLM.tok_encode's choice for add_special_tokens=None
-            kwargs = _add_special_kwargs(None, self.add_bos_token)
-            if has_bos_prefix(string, bos):
-                kwargs["add_special_tokens"] = False
-            return kwargs
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            # Tokenize the strings _encode_pair will ask for in batches (one call per 2048 strings
-            # instead of two per request), then let HFLM proceed unchanged on cache hits.
-            wanted: dict[str, None] = {}
-            for context, continuation in (req.args for req in requests):
-                if not context:
-                    continue
-                n_spaces = len(context) - len(context.rstrip())
-                if n_spaces:
-                    context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-                for string in (context + continuation, context):
-                    if (string, None) not in token_cache:
-                        wanted[string] = None
-            bos = self.tokenizer.decode(self.prefix_token_id)
-            groups: dict[tuple, list[str]] = defaultdict(list)
-            for string in wanted:
-                groups[tuple(sorted(self._special_kwargs(string, bos).items()))].append(string)
-            for kwargs, strings in groups.items():
-                for i in range(0, len(strings), 2048):
-                    chunk = strings[i:i + 2048]
-                    for string, ids in zip(chunk, self.tokenizer(chunk, **dict(kwargs))["input_ids"]):
-                        token_cache[(string, None)] = array("i", ids)
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-
-    return _CachedTokensHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def _per_doc(samples: list[dict[str, Any]], metrics: list[str]) -> dict[str, list[float]]:
@@ -554,6 +437,7 @@ class LmEvalRunner:
     - built requests (few-shot contexts) go through lm-eval's own request cache (``cache_requests``),
       in ``cache_dir/<key>`` where the key covers lm-eval's version, the task YAMLs and their data
       (:func:`request_cache_key`), so a later process reuses them and edited tasks never do;
+    - requests are scored by :mod:`layerfold.evaluation.lm` (one pass per batch, same numbers as lm-eval);
     - request strings are tokenized in batches, each distinct string once, and kept per tokenizer in
       memory, so a further model with the same tokenizer skips tokenization and a different
       tokenizer never shares it; with ``cache_dir`` the tokens are also written next to the request
@@ -575,9 +459,10 @@ class LmEvalRunner:
         seed: int = 0,
         bootstrap_iters: int = 1000,
         cache_dir: Path | None = None,
+        scoring: str = "vectorised",
     ) -> None:
         self.tasks = list(tasks)
-        self.limit, self.seed, self.bootstrap_iters = limit, seed, bootstrap_iters
+        self.limit, self.seed, self.bootstrap_iters, self.scoring = limit, seed, bootstrap_iters, scoring
         self.names, self.manager = lm_eval_tasks(self.tasks, local_task_dir)
         self.by_shots: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for stock, name in zip(self.tasks, self.names):
@@ -636,10 +521,10 @@ class LmEvalRunner:
         from lm_eval.caching import cache as request_cache
         from lm_eval.evaluator import evaluate
 
-        token_cache = self._token_caches.setdefault(_tokenizer_key(tokenizer), {})
-        lm = _make_lm(model, tokenizer, batch_size, max_length, token_cache)
+        token_cache = self._token_caches.setdefault(tokenizer_key(tokenizer), {})
+        lm = make_lm(model, tokenizer, batch_size, max_length, token_cache, self.scoring)
         # A later process with the same tokenizer and task data reads the tokens instead of re-tokenizing.
-        token_file = None if self.cache_dir is None else _token_cache_file(self.cache_dir, lm)
+        token_file = None if self.cache_dir is None else token_cache_file(self.cache_dir, lm)
         if token_file is not None and token_file not in self._token_files_read:
             load_token_cache(token_file, token_cache)
             self._token_files_read.add(token_file)
@@ -693,16 +578,16 @@ _RUNNERS: dict[tuple, LmEvalRunner] = {}
 
 def shared_runner(
     tasks: list[str], num_fewshot: dict[str, int], local_task_dir: Path | None, *, limit: int | float | None,
-    seed: int, bootstrap_iters: int, cache_dir: Path | None,
+    seed: int, bootstrap_iters: int, cache_dir: Path | None, scoring: str = "vectorised",
 ) -> LmEvalRunner:
     """The process's :class:`LmEvalRunner` for these settings, so models evaluated one after another in
     one process (``scripts/run_methods.py``) share its task set and token caches. Task files are
     identified by content (:func:`request_cache_key`), not by the (temporary) folder they sit in."""
     key = (tuple(tasks), tuple(sorted((k, int(v)) for k, v in num_fewshot.items())), request_cache_key(local_task_dir),
-           limit, seed, bootstrap_iters, None if cache_dir is None else str(cache_dir))
+           limit, seed, bootstrap_iters, None if cache_dir is None else str(cache_dir), scoring)
     if key not in _RUNNERS:
         _RUNNERS[key] = LmEvalRunner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed,
-                                     bootstrap_iters=bootstrap_iters, cache_dir=cache_dir)
+                                     bootstrap_iters=bootstrap_iters, cache_dir=cache_dir, scoring=scoring)
     return _RUNNERS[key]
 
 
@@ -718,6 +603,7 @@ def run_lm_eval(
     bootstrap_iters: int = 1000,
     seed: int = 0,
     cache_dir: Path | None = None,
+    scoring: str = "vectorised",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on ``tasks`` (stock names) with lm-eval; results keyed by stock name.
 
@@ -733,6 +619,8 @@ def run_lm_eval(
         bootstrap_iters: bootstrap resamples for stderr of non-mean metrics (0 disables).
         seed: lm-eval's python/numpy/torch/few-shot seeds and the document sample.
         cache_dir: root of lm-eval's request cache (None: no cache).
+        scoring: ``vectorised`` (default) or ``lm_eval`` (lm-eval's per-request loop), see
+            :mod:`layerfold.evaluation.lm`; both give the same numbers.
 
     Calls with the same settings in one process share one :func:`shared_runner`.
 
@@ -742,5 +630,6 @@ def run_lm_eval(
         task defines (filter ``none``). For a group (mmlu) the metrics are the group aggregate and
         ``n`` is the number of docs over all its subtasks. Uncomputable stderrs are None.
     """
-    runner = shared_runner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters, cache_dir=cache_dir)
+    runner = shared_runner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters,
+                           cache_dir=cache_dir, scoring=scoring)
     return runner.evaluate(model, tokenizer, batch_size, max_length)

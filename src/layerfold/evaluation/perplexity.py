@@ -26,6 +26,30 @@ def perplexity(
     desc: str | None = "perplexity",
 ) -> dict:
     """Perplexity of ``model`` on ``text``; returns the value with the exact window/token counts used."""
+    blocks, tokens_in_text = perplexity_windows(tokenizer, text, seq_len, max_windows, add_bos)
+    nll, count = token_nll(model, blocks, batch_size, desc)
+    return perplexity_result(nll, count, blocks, tokens_in_text, add_bos)
+
+
+def perplexity_result(nll: float, count: int, blocks: torch.Tensor, tokens_in_text: int, add_bos: bool) -> dict:
+    """The perplexity record: the value and the exact window/token counts behind it."""
+    return {
+        "perplexity": math.exp(nll / count),
+        "seq_len": blocks.shape[1],
+        "windows": blocks.shape[0],
+        "tokens_scored": count,
+        "tokens_in_text": tokens_in_text,
+        "add_bos": add_bos,
+    }
+
+
+def perplexity_windows(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_windows: int | None = None,
+                       add_bos: bool = False) -> tuple[torch.Tensor, int]:
+    """The token windows :func:`perplexity` scores ``[windows, seq_len]``, and the text's token count.
+
+    Tokenize once, cut non-overlapping windows (``seq_len - 1`` tokens after a BOS when ``add_bos``);
+    the layer-major path (:mod:`layerfold.execution`) scores the same windows.
+    """
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     bos = tokenizer.bos_token_id if add_bos else None
     if add_bos and bos is None:
@@ -39,13 +63,4 @@ def perplexity(
     blocks = ids[: windows * body].view(windows, body)
     if bos is not None:
         blocks = torch.cat([torch.full((windows, 1), bos, dtype=torch.long), blocks], dim=1)
-
-    nll, count = token_nll(model, blocks, batch_size, desc)
-    return {
-        "perplexity": math.exp(nll / count),
-        "seq_len": seq_len,
-        "windows": windows,
-        "tokens_scored": count,
-        "tokens_in_text": int(ids.numel()),
-        "add_bos": add_bos,
-    }
+    return blocks, int(ids.numel())

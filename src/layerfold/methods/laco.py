@@ -66,11 +66,16 @@ class LaCoConfig:
     target_layers: int | None = field(default=None, metadata={"ge": 1, "lt": "num_layers"})  # stop once the model has this many layers, never go below
     rdsc: str = field(default="paper", metadata={"choices": ["paper", "code"]})  # paper (Eq. 1) | code (released notebook, telescoping)
     sentences: list[str] = field(default_factory=lambda: list(LACO_SENTENCES))
-    add_bos: bool = True  # the notebook calls the tokenizer with its default special tokens (BOS)
+    # true: BOS prepended explicitly (every tokenizer alike); null: the tokenizer's own default special tokens,
+    # as the released notebook calls it (`tokenizer(s)`: Llama's adds BOS, SmolLM2's adds none)
+    add_bos: bool | None = True
 
 
-def tokenize_sentences(tokenizer, sentences: list[str], add_bos: bool) -> list[torch.Tensor]:
-    """One id tensor per sentence, BOS prepended explicitly so every tokenizer behaves alike."""
+def tokenize_sentences(tokenizer, sentences: list[str], add_bos: bool | None) -> list[torch.Tensor]:
+    """One id tensor per sentence: BOS prepended explicitly (``add_bos=True``) so every tokenizer behaves
+    alike, none (``False``), or the tokenizer's own default special tokens (``None``, the released code)."""
+    if add_bos is None:
+        return [torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long) for text in sentences]
     bos = tokenizer.bos_token_id if add_bos else None
     if add_bos and bos is None:
         raise ConfigError("method.add_bos=true but the tokenizer has no BOS token; set method.add_bos=false.")

@@ -51,14 +51,16 @@ kept in the recorded scores and clamped by :func:`merge_alpha`. ``similarity_nor
 the raw guarded NPIB matrix (diagonal 1), the released code's score.
 
 **Noise (measured, why ``draws`` and near-ties exist).** The kNN estimates over 32 samples are
-noisy. On SmolLM2 (``benchmarks/results/cpu_smollm2_mka_similarity.json``: 4 disjoint draws of 32
-windows x 256 tokens) each draw picked a different most similar pair -- (16, 17), (9, 10), (25, 26),
-(16, 17) -- with winning margins of 0.006-0.019 against standard errors of 0.02-0.09 per pair and
-Spearman 0.28-0.65 between draws; 9 of the 29 adjacent pairs lie within two standard errors of the
-best. Against the calibration loss after merging each pair alone, a single draw's score ranks pairs
-at Spearman 0.04-0.51, the 4-draw average at 0.34, and the average's winner (16, 17) was also the
-least harmful merge. ``draws > 1`` therefore splits the calibration samples into that many disjoint,
-seeded subsets, scores each and averages; ``plan.json`` records each draw's winning pair, the
+noisy. On SmolLM2 (``benchmarks/results/cpu_smollm2_mka_similarity_torch.json``: 4 disjoint draws of
+32 windows x 256 tokens) the draws picked three different most similar pairs -- (16, 17), (9, 10),
+(25, 26), (16, 17) -- with winning margins of 0.023-0.033 against standard errors of 0.02-0.09 per
+pair and Spearman 0.32-0.66 between draws; 9 of the 29 adjacent pairs lie within two standard errors
+of the best. Against the calibration loss after merging each pair alone, a single draw's score ranks
+pairs at Spearman 0.05-0.51, the 4-draw average at 0.33, and the average's winner (16, 17) was also
+the least harmful merge. (The same run before the diffusion coordinates' signs were fixed,
+``cpu_smollm2_mka_similarity.json``, gave the same winners, near-ties and least harmful merge.)
+``draws > 1`` therefore splits the calibration samples into that many disjoint, seeded subsets,
+scores each and averages; ``plan.json`` records each draw's winning pair, the
 per-pair standard error and the Spearman correlation between draws. Adjacent pairs within
 ``tie_margin`` plus two standard errors of the best are flagged as near-ties; ``tie_break="loss"``
 merges the near-tie whose merge gives the lowest calibration loss (each candidate tried in place
@@ -66,11 +68,20 @@ through :meth:`MethodContext.trial`), the functional check the similarity stands
 ``tie_break="none"`` (default) keeps the paper's rule and only reports the ties; preset
 ``mka_draws`` turns on 4 draws of 32 windows and the loss tie-break.
 
-**Cost.** One similarity matrix is ``L`` diffusion maps (``O(N^2 F + N^3)`` each, numpy) and one
-batched MI matrix, ``O((L d)^2 N^2)`` elementwise work on the model's device
-(:func:`~layerfold.scoring.manifold.mutual_information_matrix`); with ``recompute=True`` it is redone
-after each of the ``num_remove`` merges, after a fresh capture. On the 2-core CPU, 30 layers x 32
-samples: MI matrix 12.8 s through per-pair scikit-learn calls, 0.42 s batched (same bits).
+**Cost.** ``L`` layers, ``N`` calibration samples of ``T`` tokens, hidden size ``d_h``, ``d =
+manifold_dim``. One similarity matrix is ``L`` Gram matrices ``O(L N^2 d_h)``, the kernel algebra,
+condition numbers and SVDs of all layers batched, ``O(L N^3)``, kNN entropies ``O(L N^2 d)`` and the
+MI matrix ``O((L d)^2 N^2)`` elementwise -- all tensor ops on the model's device
+(:mod:`layerfold.scoring.manifold`), replacing ``O(L)`` numpy/scikit-learn calls for the diffusion
+maps and entropies and ``O(L^2 d)`` for the MI, which equal them (the MI bit for bit, the rest to
+float64 rounding; the tests keep the replaced code). It is computed once per draw and, with
+``recompute=True``, again after each of the ``num_remove`` merges, each time after a fresh capture:
+one forward over the ``N T`` calibration tokens, by far the larger cost on a CPU. Measured on the
+2-core CPU, one thread (``benchmarks/results/cpu_smollm2_mka_similarity_torch.json``, SmolLM2 fp32):
+capture of 128 x 256 tokens 106 s; one 30-layer similarity at N = 32 0.18 s (the 30 diffusion
+maps and entropies 0.34 s as per-layer numpy/scikit-learn calls -> 0.04 s batched);
+``layer_similarity`` 0.019 / 0.052 / 0.18 s for 10 / 20 / 30 layers at N = 32, and 0.033 / 0.18 /
+0.74 / 2.97 s for N = 16 / 32 / 64 / 128 at 30 layers -- the ``(L d)^2 N^2`` MI term dominates.
 
 **Released output (``apply_merge=False``).** The released ``pipeline.py`` computes the fused
 weights but assigns them into a fresh ``state_dict()`` dict, so nothing is written and its saved
@@ -163,7 +174,7 @@ def self_similarity(
     overwritten with 1); under ``guard="none"`` this equals that function's raw diagonal. Not a
     constant: it is unbounded and varies by orders of magnitude between the layers of a real model.
     """
-    entropy = guarded_entropies(embeddings, k_entropy, guard, eps)
+    entropy = guarded_entropies(embeddings, k_entropy, guard, eps, device)
     mi = np.diag(mutual_information_matrix(embeddings, n_neighbors=n_neighbors, seed=seed, device=device))
     with np.errstate(invalid="ignore", divide="ignore"):
         return mi / np.abs(entropy)
@@ -179,16 +190,16 @@ def normalise_by_diagonal(similarity: np.ndarray, diagonal: np.ndarray) -> np.nd
     return out
 
 
-def layer_similarity(features, cfg: MKAConfig, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+def layer_similarity(features: np.ndarray | torch.Tensor, cfg: MKAConfig, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
     """MKA similarity of ``L`` layers from their per-sample outputs ``features`` ``[L, N, hidden]``.
 
     Returns ``similarity`` (the matrix the method uses), ``raw`` (guarded NPIB, diagonal 1) and
     ``self`` (raw self-NPIB per layer; only with ``similarity_norm="diagonal"``). The MI matrix and
-    the entropies are estimated once and shared by all three; ``device`` is where the pairwise MI
-    runs, and the result does not depend on it.
+    the entropies are estimated once and shared by all three; ``device`` is where the diffusion
+    maps, entropies and pairwise MI run, and the result does not depend on it.
     """
-    embeddings = layer_embeddings(list(features), sigma=cfg.sigma, alpha=cfg.kernel_alpha, dim=cfg.manifold_dim)
-    entropy = guarded_entropies(embeddings, cfg.k_entropy, cfg.guard)
+    embeddings = layer_embeddings(list(features), sigma=cfg.sigma, alpha=cfg.kernel_alpha, dim=cfg.manifold_dim, device=device)
+    entropy = guarded_entropies(embeddings, cfg.k_entropy, cfg.guard, device=device)
     mi = mutual_information_matrix(embeddings, n_neighbors=cfg.n_neighbors, device=device)
     raw = npib_from_parts(mi, entropy, cfg.guard)
     if cfg.similarity_norm == "none":
@@ -205,13 +216,17 @@ def draw_indices(samples: int, draws: int, seed: int) -> list[np.ndarray]:
     return [np.sort(order[d * size : (d + 1) * size]) for d in range(draws)]
 
 
-def averaged_similarity(features: np.ndarray, cfg: MKAConfig, device: str | torch.device = "cpu") -> dict:
+def averaged_similarity(features: np.ndarray | torch.Tensor, cfg: MKAConfig, device: str | torch.device = "cpu") -> dict:
     """:func:`layer_similarity` averaged over ``cfg.draws`` disjoint subsets of the samples.
 
     Adds ``stderr`` (standard error of the mean per entry; zeros for one draw) and ``per_draw`` (each
     draw's ``similarity`` matrix) to the averaged ``similarity``/``raw``/``self``.
     """
-    per_draw = [layer_similarity(features[:, idx], cfg, device) for idx in draw_indices(features.shape[1], cfg.draws, cfg.draw_seed)]
+    features = torch.as_tensor(features)
+    per_draw = [
+        layer_similarity(features[:, torch.from_numpy(idx)], cfg, device)
+        for idx in draw_indices(features.shape[1], cfg.draws, cfg.draw_seed)
+    ]
     out = {key: np.mean([d[key] for d in per_draw], axis=0) for key in per_draw[0]}
     stack = np.stack([d["similarity"] for d in per_draw])
     out["stderr"] = stack.std(axis=0, ddof=1) / np.sqrt(len(stack)) if len(stack) > 1 else np.zeros_like(stack[0])
@@ -263,8 +278,11 @@ def _check(ctx: MethodContext, cfg: MKAConfig) -> None:
             )
 
 
-def _features(ctx: MethodContext, step: int) -> np.ndarray:
-    """Per-sample outputs of every current layer, ``[L, N, hidden]`` (boundary 0, the embeddings, dropped)."""
+def _features(ctx: MethodContext, step: int) -> torch.Tensor:
+    """Per-sample outputs of every current layer, ``[L, N, hidden]`` (boundary 0, the embeddings, dropped).
+
+    Left in the captured dtype: :func:`layer_similarity` moves them to the device in float64.
+    """
     stats = ctx.dense_stats() if step == 0 else ctx.capture(f"mka step {step + 1}")
     features = stats.sample_features
     if features.shape[0] != ctx.num_layers + 1:
@@ -277,7 +295,7 @@ def _features(ctx: MethodContext, step: int) -> np.ndarray:
             f"MKA builds a manifold over calibration samples; the statistics hold {features.shape[1]} samples, "
             "too few; raise data.calibration.num_blocks (use >= 32)."
         )
-    return features[1:].double().numpy()
+    return features[1:]
 
 
 def _rounded(matrix: np.ndarray) -> list[list[float | None]]:

@@ -49,22 +49,35 @@ def checkpoint_parameters(path: str | Path) -> int:
     return count
 
 
+def capture_bytes_per_sequence(config: dict, dtype: torch.dtype, seq_len: int) -> int:
+    """What the streaming capture holds per calibration sequence while the sequence's batch is in flight.
+
+    Every layer boundary of every token in the compute dtype plus one fp32 norm per token (for the
+    all-pairs token cosine), and the last-token vector and mean feature of every boundary in fp32.
+    The one pass that turns them into cosines works in chunks of 64 MiB, inside :data:`HEADROOM`.
+    """
+    hidden = config.get("hidden_size", 0)
+    boundaries = config.get("num_hidden_layers", 0) + 1
+    item = torch.tensor([], dtype=dtype).element_size()
+    return boundaries * seq_len * (hidden * item + 4) + 2 * boundaries * hidden * 4
+
+
 def estimate(path: str | Path, dtype: torch.dtype, batch_size: int, seq_len: int, all_boundaries: bool = False) -> MemoryEstimate:
     """Memory for a forward pass of ``batch_size`` sequences of ``seq_len`` tokens through the checkpoint.
 
-    Per sequence: the fp32 logits over the vocabulary, a few hidden-size buffers per layer for the
-    residual stream and attention, and with ``all_boundaries`` the capture stage's fp32 stack of every
-    layer boundary and its normalised copy.
+    Per sequence: a few hidden-size buffers per layer for the residual stream and attention, and the
+    fp32 logits over the vocabulary. With ``all_boundaries`` (capture, and methods that re-capture),
+    the larger of the logits and :func:`capture_bytes_per_sequence`: capture runs the decoder without
+    the LM head, and the methods that also score the loss do so between captures, not during one.
     """
     config = json.loads((Path(path) / "config.json").read_text())
     hidden = config.get("hidden_size", 0)
-    layers = config.get("num_hidden_layers", 0)
     inter = config.get("intermediate_size") or config.get("ffn_dim") or 4 * hidden
     item = torch.tensor([], dtype=dtype).element_size()
-    per_token = 4 * config.get("vocab_size", 0) + item * (6 * hidden + 2 * inter)
-    if all_boundaries:
-        per_token += (layers + 1) * hidden * (item + 8)
-    return MemoryEstimate(checkpoint_parameters(path) * item, per_token * seq_len, batch_size)
+    forward = item * (6 * hidden + 2 * inter) * seq_len
+    logits = 4 * config.get("vocab_size", 0) * seq_len
+    extra = max(logits, capture_bytes_per_sequence(config, dtype, seq_len)) if all_boundaries else logits
+    return MemoryEstimate(checkpoint_parameters(path) * item, forward + extra, batch_size)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -216,9 +216,12 @@ def write_pointer(directory: str | Path, target: str | Path) -> None:
 
 
 def resolve_pointer(directory: str | Path) -> Path:
+    """The checkpoint directory ``directory`` stands for: itself, or the target of its ``pointer.json``."""
     import json
 
     directory = Path(directory)
+    if not (directory / POINTER_FILE).exists():
+        return directory
     target = directory / json.loads((directory / POINTER_FILE).read_text())["checkpoint"]
     if not (target / "config.json").exists():
         raise ModelSourceError(f"{directory / POINTER_FILE} points at {target}, which holds no checkpoint; run `dvc repro` first.")

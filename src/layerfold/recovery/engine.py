@@ -16,6 +16,14 @@ Teacher targets are computed on the fly, batch by batch, so host memory is O(bat
 LoRA (peft) adapters, when enabled, wrap the trained layers' linears and are merged back at the end.
 Checkpoints (trained tensors, optimiser, scheduler, position) are written atomically every
 ``checkpoint_every`` steps; a killed run resumes from the last one and ends with the same weights.
+
+The same loop runs on one process or on several (``accelerate launch`` / ``torchrun``) through
+``accelerate.Accelerator``: process setup and device, bf16 autocast, gradient accumulation and its
+synchronisation, and ``prepare`` of the trained module (DDP or FSDP2, :mod:`layerfold.recovery.distributed`),
+optimiser, scheduler and the sharded data loader (:mod:`layerfold.recovery.batches`). The global batch
+(``batch_size x grad_accum`` sequences over all processes) decides every optimiser step, so N processes
+reproduce one. The main process alone writes checkpoints, shows progress and calls ``on_log``; every process reads
+a checkpoint on resume; the final model (LoRA merged, FSDP2 shards gathered) exists on the main process.
 """
 
 from __future__ import annotations
@@ -24,33 +32,38 @@ import hashlib
 import json
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from layerfold.io import atomic_file
 from layerfold.models.adapters import get_adapter
+from layerfold.models.devices import peak_flops  # re-exported by layerfold.recovery
+from layerfold.recovery.batches import MicroBatches
+from layerfold.recovery.distributed import (
+    check_launch,
+    full_tensor,
+    launched_processes,
+    make_accelerator,
+    materialise,
+    meta_skeleton,
+    resolve_strategy,
+)
+from layerfold.recovery.errors import RecoveryConfigError
 from layerfold.recovery.losses import LOCAL_LOSSES, lm_loss, local_loss, logit_kd
 from layerfold.recovery.schedule import warmup_cosine
 from layerfold.recovery.spans import Span, plan_spans, trainable_layers
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices report no MFU rather than a guess.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-class RecoveryConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -123,19 +136,36 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return _hidden(layer(hidden, **kwargs))
 
 
+class SpanStudent(nn.Module):
+    """The student layers a layer-local phase trains, as one module: called with each span's teacher
+    input and layer arguments, it returns each layer's output.
+
+    This, not the whole student, is what DDP wraps for a layer-local phase: DDP then watches exactly the
+    trained layers, all of which get a gradient on every micro-batch, and never the teacher.
+    """
+
+    def __init__(self, student: PreTrainedModel, layers: list[int]) -> None:
+        super().__init__()
+        decoder = get_adapter(student).get_layers(student)
+        self.layers = nn.ModuleList([decoder[k] for k in layers])
+
+    def forward(self, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+        return [call_layer(layer, hidden, kwargs) for layer, (hidden, kwargs) in zip(self.layers, inputs)]
+
+
 def local_span_losses(teacher: PreTrainedModel, student: PreTrainedModel, spans: list[Span], input_ids: torch.Tensor, kind: str,
-                      temperature: float = 1.0, ignore_first: int = 0) -> list[torch.Tensor]:
-    """Layer-local loss of each span's student layer on one batch (teacher forward inside), over positions ``ignore_first:``."""
-    layers = get_adapter(student).get_layers(student)
+                      temperature: float = 1.0, ignore_first: int = 0, span_student: nn.Module | None = None) -> list[torch.Tensor]:
+    """Layer-local loss of each span's student layer on one batch (teacher forward inside), over positions ``ignore_first:``.
+
+    ``span_student`` runs the spans' student layers (the engine passes its prepared, possibly
+    DDP-wrapped :class:`SpanStudent`); by default the student's own layers are called.
+    """
+    span_student = span_student if span_student is not None else SpanStudent(student, [s.layer for s in spans])
     dtype = next(student.parameters()).dtype
     with TeacherTaps(teacher, spans) as taps:
         taps.run(teacher, input_ids)
-    losses = []
-    for span in spans:
-        hidden, kwargs = taps.inputs[span.start]
-        out = call_layer(layers[span.layer], hidden.to(dtype), kwargs)
-        losses.append(local_loss(out[:, ignore_first:], taps.outputs[span.end][:, ignore_first:], kind, temperature))
-    return losses
+    outputs = span_student([(taps.inputs[s.start][0].to(dtype), taps.inputs[s.start][1]) for s in spans])
+    return [local_loss(out[:, ignore_first:], taps.outputs[s.end][:, ignore_first:], kind, temperature) for out, s in zip(outputs, spans)]
 
 
 def _fingerprint(*parts: object) -> str:
@@ -144,7 +174,11 @@ def _fingerprint(*parts: object) -> str:
 
 @dataclass
 class RecoveryEngine:
-    """Train ``student`` towards ``teacher`` on ``train`` blocks as ``cfg`` (``params.recovery``) says."""
+    """Train ``student`` towards ``teacher`` on ``train`` blocks as ``cfg`` (``params.recovery``) says.
+
+    Under a launcher every process builds the engine with the same models and data; the engine's
+    ``accelerator`` says which process this is.
+    """
 
     student: PreTrainedModel
     teacher: PreTrainedModel | None
@@ -154,18 +188,18 @@ class RecoveryEngine:
     val: torch.Tensor  # [m, seq_len]
     state_dir: Path | None = None  # resumable checkpoints; None disables them
     on_step: Callable[[str, int], None] | None = None  # called after every optimiser step (tests, kill points)
-    on_log: Callable[[dict], None] | None = None  # wandb mirror
+    on_log: Callable[[dict], None] | None = None  # wandb mirror (main process only)
     progress: bool = True
     curve: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        self.check(cfg)
+        self.processes = launched_processes()
+        self.check(cfg, self.processes)
         self.adapter = get_adapter(self.student)
         teacher_layers = self.plan["original_layers"] if self.teacher is None else get_adapter(self.teacher).num_layers(self.teacher)
         self.spans = plan_spans(self.plan, self.adapter.num_layers(self.student), teacher_layers)
-        self.device = next(self.student.parameters()).device
         self.layers_trained = trainable_layers(self.spans, cfg.trainable)
         if not self.layers_trained:
             raise RecoveryConfigError(
@@ -177,17 +211,33 @@ class RecoveryEngine:
         if any(p.kind == "local" for p in self.phases) or (cfg.end_to_end.enabled and cfg.end_to_end.kd_weight > 0):
             if self.teacher is None:
                 raise RecoveryConfigError("This recovery mode needs the dense teacher model; pass it to the engine.")
-        autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
-        self.precision = "bf16-autocast" if autocast else str(next(self.student.parameters()).dtype).replace("torch.", "")
         self.peft_model = self._wrap_lora() if cfg.lora.enabled else None
         self.tracked = sorted({n for phase in self.phases for n in self._param_names(phase)})
-        self.fingerprint = _fingerprint(OmegaConf.to_container(cfg, resolve=True), self.plan["layers"], list(self.train.shape), int(self.train.sum()))
+
+        device = next(self.student.parameters()).device
+        self.strategy = resolve_strategy(cfg.distributed, self.processes, self._trainable_fraction(),
+                                         any(p.kind == "local" for p in self.phases), device.type)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.accumulation = cfg.grad_accum // self.processes  # micro-batches per optimiser step on this process
+        self.accelerator = make_accelerator(self.strategy, device, bf16, self.accumulation)
+        self.device = self.accelerator.device
+        self.student.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)  # frozen and never prepared: each process keeps a whole copy
+        self.precision = "bf16-autocast" if bf16 else str(next(self.student.parameters()).dtype).replace("torch.", "")
+        # FSDP2 shards the student in place; this structure without memory takes the gathered weights at the end.
+        self._skeleton = meta_skeleton(self.peft_model or self.student) if self.strategy == "fsdp2" else None
+        # A checkpoint's optimiser state is per parameter id (replicated) or gathered by name (FSDP2): not interchangeable.
+        self.fingerprint = _fingerprint(OmegaConf.to_container(cfg, resolve=True), self.plan["layers"], list(self.train.shape),
+                                        int(self.train.sum()), self.strategy == "fsdp2")
+        if self.processes > 1:
+            log.info("recovery on %d processes: %s, %d micro-batch(es) of %d per process and step, global batch %d sequences",
+                     self.processes, self.strategy, self.accumulation, cfg.batch_size, cfg.batch_size * cfg.grad_accum)
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
-    def check(cfg: DictConfig) -> None:
-        """Errors a user can fix, raised before any model work."""
+    def check(cfg: DictConfig, processes: int = 1) -> None:
+        """Errors a user can fix, raised before any model work (``processes``: how many were launched)."""
         if cfg.lr <= 0:
             raise RecoveryConfigError(f"recovery.lr={cfg.lr} must be > 0 (e.g. 2e-4); use recovery=none to skip training.")
         if not 0 <= cfg.min_lr <= cfg.lr:
@@ -204,6 +254,7 @@ class RecoveryEngine:
             raise RecoveryConfigError("recovery.end_to_end is enabled with lm_weight=0 and kd_weight=0; give one a positive weight.")
         if cfg.lora.enabled and cfg.trainable == "all":
             raise RecoveryConfigError("recovery.lora.enabled with trainable=all: LoRA adapts linears of decoder layers; use trainable=layers or new.")
+        check_launch(cfg, processes)
 
     def _phases(self) -> list[Phase]:
         phases = []
@@ -230,6 +281,11 @@ class RecoveryEngine:
                 names.append(name)
         return names
 
+    def _trainable_fraction(self) -> float:
+        """Share of the student's parameters that train in some phase (LoRA: the adapters)."""
+        params = dict(self.student.named_parameters())
+        return sum(params[n].numel() for n in self.tracked) / sum(p.numel() for p in params.values())
+
     def _wrap_lora(self):
         from peft import LoraConfig, get_peft_model
 
@@ -253,25 +309,24 @@ class RecoveryEngine:
             return int(self.cfg.max_steps)
         return math.ceil(self.cfg.epochs * self._micro_batches_per_epoch() / self.cfg.grad_accum)
 
-    def _micro_batch(self, index: int) -> torch.Tensor:
-        """Micro-batch ``index`` of the endless, seeded sequence of shuffled epochs (resumable by index)."""
-        per_epoch = self._micro_batches_per_epoch()
-        epoch, chunk = divmod(index, per_epoch)
-        order = torch.randperm(self.train.shape[0], generator=torch.Generator().manual_seed(self.cfg.data.seed * 1000 + epoch))
-        rows = order[chunk * self.cfg.batch_size : (chunk + 1) * self.cfg.batch_size]
-        return self.train[rows].to(self.device)
+    def _loader(self, first_step: int, total: int) -> DataLoader:
+        """The global micro-batches of optimiser steps ``first_step .. total - 1``; ``prepare`` shards them over the processes."""
+        cfg = self.cfg
+        order = MicroBatches(self.train.shape[0], cfg.batch_size, cfg.data.seed, first_step * cfg.grad_accum, total * cfg.grad_accum)
+        return DataLoader(self.train, batch_sampler=order)
 
     # -- losses ---------------------------------------------------------------------------------
-    def _loss(self, phase: Phase, batch: torch.Tensor) -> torch.Tensor:
-        if phase.kind == "local":
-            spans = [self.spans[k] for k in phase.layers]
-            with self.autocast:
+    def _loss(self, phase: Phase, batch: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """The phase's loss on ``batch``; ``module`` is the prepared trained module (None: the plain student, for validation)."""
+        with self.accelerator.autocast():
+            if phase.kind == "local":
+                spans = [self.spans[k] for k in phase.layers]
                 local = self.cfg.local
-                losses = local_span_losses(self.teacher, self.student, spans, batch, local.loss, local.temperature, local.ignore_first)
-            return torch.stack(losses).sum()
-        e2e = self.cfg.end_to_end
-        with self.autocast:
-            logits = self.student(input_ids=batch, use_cache=False).logits
+                losses = local_span_losses(self.teacher, self.student, spans, batch, local.loss, local.temperature, local.ignore_first,
+                                           span_student=module)
+                return torch.stack(losses).sum()
+            e2e = self.cfg.end_to_end
+            logits = (module if module is not None else self.student)(input_ids=batch, use_cache=False).logits
             loss = e2e.lm_weight * lm_loss(logits, batch) if e2e.lm_weight > 0 else logits.new_zeros((), dtype=torch.float32)
             if e2e.kd_weight > 0:
                 with torch.no_grad():
@@ -281,6 +336,7 @@ class RecoveryEngine:
 
     @torch.no_grad()
     def _validate(self, phase: Phase) -> float:
+        """Mean phase loss on the validation blocks; every process computes it on all of them (the same number)."""
         total = 0.0
         batches = range(0, self.val.shape[0], self.cfg.batch_size)
         for start in batches:
@@ -293,7 +349,7 @@ class RecoveryEngine:
         total, count = 0.0, 0
         for start in range(0, self.val.shape[0], self.cfg.batch_size):
             batch = self.val[start : start + self.cfg.batch_size].to(self.device)
-            with self.autocast:
+            with self.accelerator.autocast():
                 logits = model(input_ids=batch, use_cache=False).logits
             total += float(lm_loss(logits, batch)) * batch[:, 1:].numel()
             count += batch[:, 1:].numel()
@@ -318,21 +374,57 @@ class RecoveryEngine:
         teacher = 2 * (layer_params(self.teacher, range(get_adapter(self.teacher).num_layers(self.teacher))) + head) if self.cfg.end_to_end.kd_weight > 0 else 0
         return student + teacher
 
+    # -- across processes -----------------------------------------------------------------------
+    def _step_totals(self, loss: torch.Tensor, tokens: int) -> tuple[float, int]:
+        """This step's loss averaged over processes (each already the mean of its micro-batches) and its tokens summed."""
+        totals = torch.stack([loss.double(), torch.tensor(float(tokens), dtype=torch.float64, device=loss.device)])
+        totals = self.accelerator.reduce(totals, "sum")
+        return float(totals[0]) / self.processes, int(totals[1])
+
+    def per_process(self, value: Any) -> list[Any]:
+        """``value`` from every process, in rank order (a collective: every process must call it)."""
+        if self.processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
     # -- checkpoints ----------------------------------------------------------------------------
     def _state_path(self) -> Path | None:
         return None if self.state_dir is None else Path(self.state_dir) / "state.pt"
 
-    def _save_state(self, phase_index: int, step: int, optimizer, scheduler, results: list[PhaseResult]) -> None:
+    def _optimizer_state(self, module: nn.Module, optimizer) -> dict:
+        """The whole optimiser state: replicated on every process (none / DDP), or gathered by parameter name (FSDP2, a collective)."""
+        if self.strategy != "fsdp2":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, module: nn.Module, optimizer, state: dict) -> None:
+        if self.strategy != "fsdp2":
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def _save_state(self, phase_index: int, step: int, module: nn.Module, optimizer, scheduler, results: list[PhaseResult]) -> None:
+        """Every process takes part (FSDP2 gathers shards); the main process alone writes, atomically."""
         path = self._state_path()
         if path is None:
             return
         params = dict(self.student.named_parameters())
+        tensors = {n: full_tensor(params[n].detach()).cpu().clone() for n in self.tracked}
+        optimizer_state = self._optimizer_state(module, optimizer)
+        if not self.accelerator.is_main_process:
+            return
         state = {
             "fingerprint": self.fingerprint,
             "phase": phase_index,
             "step": step,
-            "tensors": {n: params[n].detach().cpu().clone() for n in self.tracked},
-            "optimizer": optimizer.state_dict(),
+            "tensors": tensors,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "curve": self.curve,
             "validation": self.validation,
@@ -342,6 +434,7 @@ class RecoveryEngine:
             torch.save(state, handle)
 
     def _load_state(self) -> dict | None:
+        """Every process reads the checkpoint; the trained tensors go into the plain (not yet prepared) student."""
         path = self._state_path()
         if path is None or not path.exists():
             return None
@@ -359,8 +452,12 @@ class RecoveryEngine:
         return state
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> tuple[PreTrainedModel, dict]:
-        """Train every phase; returns the trained student (LoRA merged) and a summary for metrics."""
+    def run(self) -> tuple[PreTrainedModel | None, dict]:
+        """Train every phase; returns the trained student (LoRA merged) and a summary for metrics.
+
+        Every process must call it. The model is returned on the main process only (None on the
+        others): with FSDP2 it is gathered from the shards into a plain model on the host.
+        """
         resume = self._load_state()
         results: list[PhaseResult] = [PhaseResult(**r) for r in resume["results"]] if resume else []
         lm_before = self.validation_lm_loss(self.student) if resume is None else None
@@ -373,19 +470,39 @@ class RecoveryEngine:
         self.student.eval()
         params = dict(self.student.named_parameters())
         trained_parameters = sum(params[n].numel() for n in self.tracked)
-        model = self.peft_model.merge_and_unload() if self.peft_model is not None else self.student
         summary = {
             "phases": [r.__dict__ for r in results],
             "layers_trained": self.layers_trained,
             "spans": {s.layer: [s.start, s.end] for s in self.spans if s.layer in self.layers_trained},
             "precision": self.precision,
+            "distributed": self.strategy,
+            "processes": self.processes,
+            "global_batch_sequences": self.cfg.batch_size * self.cfg.grad_accum,
             "val_lm_loss_before": lm_before,
-            "val_lm_loss_after": self.validation_lm_loss(model),
+            "val_lm_loss_after": self.validation_lm_loss(self.student),  # LoRA not yet merged: the same function
             "trained_parameters": trained_parameters,  # LoRA: the adapters' parameters
         }
-        if self.state_dir is not None and self._state_path().exists():
+        model = self._final_model()
+        if self.accelerator.is_main_process and self.state_dir is not None and self._state_path().exists():
             self._state_path().unlink()
         return model, summary
+
+    def _final_model(self) -> PreTrainedModel | None:
+        """The trained student as one plain model on the main process, LoRA merged once; None on the others."""
+        if self.strategy == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # Every process sends its shards; the main process receives the whole state on the host.
+            full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.accelerator.is_main_process:
+                return None
+            wrapper = self._skeleton
+            materialise(wrapper.get_base_model() if self.peft_model is not None else wrapper, full)
+        else:
+            if not self.accelerator.is_main_process:
+                return None
+            wrapper = self.peft_model if self.peft_model is not None else self.student
+        return wrapper.merge_and_unload() if self.peft_model is not None else wrapper
 
     def _set_trainable(self, phase: Phase) -> list[nn.Parameter]:
         names = set(self._param_names(phase))
@@ -397,11 +514,13 @@ class RecoveryEngine:
         return params
 
     def summary_metrics(self, summary: dict, device_name: str) -> dict:
-        """Throughput of the whole run: tokens, seconds, tokens/s and MFU against the device's bf16 peak."""
+        """Throughput of the whole run: tokens (all processes), seconds, tokens/s and MFU against the
+        bf16 peak of all the processes' devices together."""
         tokens = sum(p["tokens"] for p in summary["phases"])
         seconds = sum(p["seconds"] for p in summary["phases"])
         flops = sum(p["flops"] for p in summary["phases"])
         peak = peak_flops(device_name)
+        peak = peak * summary.get("processes", 1) if peak else None
         return {
             "train_tokens_processed": tokens,
             "train_seconds": round(seconds, 3),
@@ -422,36 +541,42 @@ class RecoveryEngine:
         scheduler = warmup_cosine(optimizer, total, cfg.warmup_ratio, cfg.lr, cfg.min_lr)
         result = next((r for r in results if r.name == phase.name), None) if state else None
         result = result or PhaseResult(phase.name)
-        first_step = 0
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            first_step = state["step"]
-        else:
+        first_step = state["step"] if state is not None else 0
+        if state is None:
             result.val_before = self._validate(phase)
             self.validation.append({"phase": phase.name, "step": 0, "val_loss": result.val_before})
         flops_per_token = self._flops_per_token(phase)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.train.shape[1]
+        # What trains goes through accelerate: DDP or FSDP2 around it, the optimiser, the schedule, the sharded loader.
+        module = SpanStudent(self.student, phase.layers) if phase.kind == "local" else self.student
+        module, optimizer, scheduler, loader = self.accelerator.prepare(module, optimizer, scheduler, self._loader(first_step, total))
+        if state is not None:
+            self._load_optimizer_state(module, optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        trained = [p for p in module.parameters() if p.requires_grad]  # FSDP2 replaced them by shards
         self.student.train()
-        bar = tqdm(range(first_step, total), desc=f"recover {phase.name}", disable=not self.progress, unit="step", initial=first_step, total=total)
+        main = self.accelerator.is_main_process
+        bar = tqdm(range(first_step, total), desc=f"recover {phase.name}", disable=not (self.progress and main), unit="step",
+                   initial=first_step, total=total)
         window_loss, window_steps = 0.0, 0
+        batches = iter(loader)
         for step in bar:
             started = time.perf_counter()
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                batch = self._micro_batch(step * cfg.grad_accum + micro)
-                loss = self._loss(phase, batch) / cfg.grad_accum
-                loss.backward()
-                step_loss += float(loss.detach())
+            step_loss, step_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
+            for _ in range(self.accumulation):
+                batch = next(batches)
+                # accumulate(): gradients are synchronised across processes on the step's last micro-batch only.
+                with self.accelerator.accumulate(module):
+                    loss = self._loss(phase, batch, module)
+                    self.accelerator.backward(loss)  # scaled by 1 / accumulation
+                step_loss += loss.detach().double() / self.accumulation
                 step_tokens += batch.numel()
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.accelerator.clip_grad_norm_(trained, cfg.max_grad_norm)
             lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            step_loss, step_tokens = self._step_totals(step_loss, step_tokens)  # waits for the step to finish
             seconds = time.perf_counter() - started
             result.steps, result.tokens = step + 1, result.tokens + step_tokens
             result.seconds += seconds
@@ -461,31 +586,25 @@ class RecoveryEngine:
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
                 point = {"phase": phase.name, "step": step + 1, "loss": window_loss / window_steps, "lr": lr_used, "tokens": result.tokens}
                 self.curve.append(point)
-                if self.on_log:
+                if self.on_log and main:
                     self.on_log({f"recover/{phase.name}/{k}": v for k, v in point.items() if k != "phase"})
                 window_loss, window_steps = 0.0, 0
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 self.validation.append({"phase": phase.name, "step": step + 1, "val_loss": self._validate(phase)})
                 self.student.train()
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                self._save_state(index, step + 1, optimizer, scheduler, [r for r in results if r.name != phase.name] + [result])
+                self._save_state(index, step + 1, module, optimizer, scheduler, [r for r in results if r.name != phase.name] + [result])
             if self.on_step:
                 self.on_step(phase.name, step + 1)
         bar.close()
+        for _ in batches:  # let accelerate's loader reach its end (it tracks the active loader for gradient sync)
+            pass
+        self.accelerator.unwrap_model(module, keep_fp32_wrapper=False)  # gives the student back its own forward
+        self.accelerator.free_memory()  # drops the DDP wrapper and the prepared optimiser, schedule and loader
         self.student.eval()
-        for param in params:
+        for param in self.student.parameters():
             param.requires_grad_(False)
         result.val_after = self._validate(phase)
         self.validation.append({"phase": phase.name, "step": total, "val_loss": result.val_after})
         log.info("%s: %d steps, %d tokens, val loss %.5g -> %.5g", phase.name, total, result.tokens, result.val_before or float("nan"), result.val_after)
         return result
-
-
-def peak_flops(device_name: str) -> float | None:
-    """The device's dense bf16 peak, or None when unknown (no MFU is reported then)."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
-
-
-def host_peak_rss_mib() -> float:
-    """Process high-water resident memory (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from layerfold.evaluation.efficiency import efficiency_speedups
 from layerfold.io import atomic_dir, read_json, write_json
 from layerfold.report.noise import difference, mean_difference, mean_stderr
 
@@ -182,6 +183,16 @@ def efficiency_table(dense: dict, compressed: dict) -> list[dict]:
     return rows
 
 
+def efficiency_speedup_rows(dense: dict, compressed: dict) -> list[dict]:
+    """Rows ``{phase, speedup, speedup_min, speedup_max, speedup_bound, measurement_suspect, paired}``:
+    dense / compressed time of the prefill and of a decode step, from the two ``evaluate`` stages'
+    separate measurements (``paired`` is False: not alternated in one process), with the FLOP bound.
+    A phase an older metrics file lacks the spread or FLOPs of has ``None`` values."""
+    checks = efficiency_speedups(dense.get("efficiency") or {}, compressed.get("efficiency") or {})
+    empty = {"speedup": None, "speedup_min": None, "speedup_max": None, "speedup_bound": None, "measurement_suspect": None}
+    return [{"phase": phase, **(check or empty), "paired": False} for phase, check in checks.items()]
+
+
 def run_model(run: dict) -> str | None:
     """The model an archived run compressed: its recorded name, else ``<model_type>-<params>M``."""
     name = _get(run, "meta", "model") or _get(run, "dense", "model", "name")
@@ -303,6 +314,27 @@ def diff_cell(diff: Any, se: Any) -> str:
     if num(diff) is None:
         return MISSING
     return f"{100 * diff:+.2f}" + ("" if num(se) is None else f" ± {100 * se:.2f}")
+
+
+def _speedup_section(dense: dict, compressed: dict) -> list[str]:
+    """The speed-ups of the two ``evaluate`` measurements, said to be unpaired, next to their FLOP bound."""
+    lines = [
+        "Speed-up = dense / compressed time (prefill latency; decode time per token), with its range over the repeats. "
+        "The two models were **measured in separate runs** (one `evaluate` stage each, one after the other, not alternated), "
+        "so clock state and other load may differ between them. The FLOP bound is dense / compressed forward FLOPs per token "
+        "(decoder layers with attention, and the LM head); removing layers cannot speed a model up by more. "
+        "A paired measurement: `python benchmarks/layer_removal_speed.py --checkpoint artifacts/base --compressed artifacts/compressed`.",
+        "",
+    ]
+    rows = []
+    for r in efficiency_speedup_rows(dense, compressed):
+        if r["speedup"] is None:
+            rows.append([r["phase"], MISSING, MISSING, "spread or FLOPs not recorded (metrics from an older layerfold)"])
+            continue
+        note = "**exceeds the bound by more than its spread: a timing artefact, not the models**" if r["measurement_suspect"] else ""
+        rows.append([r["phase"], f"{r['speedup']:.2f}× [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}]",
+                     MISSING if r["speedup_bound"] is None else f"{r['speedup_bound']:.2f}×", note])
+    return lines + _table(["phase", "speed-up [range]", "FLOP bound", "note"], rows)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -469,6 +501,8 @@ def markdown_report(
                    f"peak memory is {e.get('peak_memory_kind') or MISSING}.")
         out += ["", *_table(["quantity", "dense", "compressed", "compressed / dense"],
                             [[f"{r['name']} ({r['better']} is better)", fmt(r["dense"], ".1f"), fmt(r["compressed"], ".1f"), fmt(r["ratio"], ".3f")] for r in efficiency_table(dense, compressed)])]
+        if d_eff and c_eff:
+            out += ["", *_speedup_section(dense, compressed)]
     else:
         out.append("Not measured (eval.efficiency.enabled is false).")
     out.append("")

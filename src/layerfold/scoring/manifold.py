@@ -13,12 +13,26 @@ Deliberate departures from the released code, all documented where they happen:
   prompt 0 only.
 - The NPIB denominator is guarded against negative kNN entropies (``guard=``), NaN is replaced by 0,
   and the matrix is symmetrised; ``guard="none"`` keeps the released behaviour for parity runs.
+- The sign of every diffusion coordinate is fixed (largest-magnitude entry positive). The SVD leaves
+  it to the LAPACK build, and the rank/KSG statistics are not invariant to it (see
+  :func:`_canonical_signs`).
 
 Everything is computed in float64; the functions are pure and deterministic (the only randomness,
-the jitter ``mutual_info_regression`` adds, is seeded). The pairwise MI, ``O(L^2)`` estimates, runs
-as batched tensor ops on any torch device (:func:`mutual_information_matrix`) and equals
-scikit-learn's estimator; the per-layer diffusion maps and entropies, ``O(L)`` small numpy
-problems, stay in numpy.
+the jitter ``mutual_info_regression`` adds, is seeded).
+
+**Where it runs, and what it costs.** ``L`` layers, ``N`` calibration samples, ``F`` features per
+sample (``hidden``, or ``T * hidden`` for a flattened activation stack), ``d = dim`` coordinates:
+
+- diffusion maps (:func:`diffusion_maps`): ``L`` Gram matrices, ``O(L N^2 F)``, then the ``(N, N)``
+  kernel algebra, condition numbers and SVDs of all layers batched, ``O(L N^3)``;
+- kNN entropies (:func:`knn_entropies`): ``O(L N^2 d)`` distances and one ``k``-th value per point;
+- MI matrix (:func:`mutual_information_matrix`): ``O((L d)^2 N^2)`` elementwise work;
+- ranks and the KSG column scaling: ``O(L N d log N)`` in numpy (exact integer work and seeded jitter).
+
+The first three are batched tensor ops on any torch device (the model's, in MKA) instead of ``O(L)``
+numpy/scikit-learn calls with fixed per-call costs, and equal those calls: the MI bit for bit, the
+diffusion coordinates and entropies to float64 rounding (the tests keep the replaced numpy code as
+the reference).
 """
 
 from __future__ import annotations
@@ -29,7 +43,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from sklearn.feature_selection import mutual_info_regression
-from sklearn.neighbors import NearestNeighbors
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -39,6 +52,11 @@ ALPHA_MODES = ("paper", "code")
 # Feature columns converted to float64 at a time when building the Gram matrix: bounds the extra
 # memory to N x 65536 doubles even when a sample is a flattened (tokens x hidden) activation.
 _FEATURE_CHUNK = 1 << 16
+
+# Distance entries held at once by the kNN statistics (:func:`knn_entropies`,
+# :func:`mutual_information_matrix`): bounds their memory to about this many float64 entries
+# (256 MiB) whatever the number of layers and samples.
+_KSG_BLOCK = 1 << 25
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,109 +76,151 @@ def _rows(features: ArrayLike) -> ArrayLike:
     return features.reshape(features.shape[0], -1)
 
 
-def _chunk_f64(x: ArrayLike, start: int, stop: int) -> np.ndarray:
-    """Columns ``start:stop`` of a 2-D array or tensor as a fresh float64 numpy array.
+def _chunk_f64(x: ArrayLike, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Columns ``start:stop`` of a 2-D array or tensor as a fresh float64 tensor on ``device``.
 
     Always a copy: the caller centres it in place, which must never write into the input.
     """
-    chunk = x[:, start:stop]
-    if isinstance(chunk, torch.Tensor):
-        return chunk.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
-    return np.array(chunk, dtype=np.float64, copy=True)
+    chunk = torch.as_tensor(x[:, start:stop])
+    return chunk.detach().to(device=device, dtype=torch.float64, copy=True)
 
 
-def _pairwise_l2(features: ArrayLike) -> np.ndarray:
-    """Euclidean distances between the rows of ``features``, ``(N, N)`` float64, exact-zero diagonal.
+def _pairwise_l2(features_per_layer: Sequence[ArrayLike], device: torch.device) -> torch.Tensor:
+    """Euclidean distances between the rows of every layer's features, ``(L, N, N)`` float64, exact-zero diagonal.
 
-    Uses ``|a|^2 + |b|^2 - 2 a.b`` (one BLAS product per feature chunk, like the released code) but
-    on column-centred data: distances are translation invariant, and LLM hidden states carry large
-    shared offsets (outlier dimensions) that would otherwise cancel catastrophically. The precision
-    matters because the kernel takes sqrt(distance), which turns a 1e-8 rounding residue on a
-    duplicate pair into a 1e-4 change of its kernel entry.
+    Uses ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product per layer and feature chunk, like the released
+    code) but on column-centred data: distances are translation invariant, and LLM hidden states
+    carry large shared offsets (outlier dimensions) that would otherwise cancel catastrophically.
+    The precision matters because the kernel takes sqrt(distance), which turns a 1e-8 rounding
+    residue on a duplicate pair into a 1e-4 change of its kernel entry.
     """
-    x = _rows(features)
-    n, f = x.shape
-    gram = np.zeros((n, n), dtype=np.float64)
-    for start in range(0, f, _FEATURE_CHUNK):
-        chunk = _chunk_f64(x, start, min(start + _FEATURE_CHUNK, f))
-        chunk -= chunk.mean(axis=0, keepdims=True)
-        gram += chunk @ chunk.T
-    sq_norms = np.diag(gram)
+    grams = []
+    for features in features_per_layer:
+        x = _rows(features)
+        n, f = x.shape
+        gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+        for start in range(0, f, _FEATURE_CHUNK):
+            chunk = _chunk_f64(x, start, min(start + _FEATURE_CHUNK, f), device)
+            chunk -= chunk.mean(dim=0, keepdim=True)
+            gram += chunk @ chunk.T
+        grams.append(gram)
+    gram = torch.stack(grams)
+    sq_norms = torch.diagonal(gram, dim1=-2, dim2=-1)
     # Rounding can leave tiny negatives; the code takes abs(), clamping at 0 is the same up to 1 ulp.
-    sq_dist = np.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram, 0.0)
-    dist = np.sqrt(sq_dist)
+    sq_dist = (sq_norms[:, :, None] + sq_norms[:, None, :] - 2.0 * gram).clamp_min(0.0)
+    dist = torch.sqrt(sq_dist)
     # A point's distance to itself is 0 by definition, not whatever the rounding left.
-    np.fill_diagonal(dist, 0.0)
+    dist.diagonal(dim1=-2, dim2=-1).zero_()
     # Exact symmetry, so that A below is exactly symmetric and U == V in its SVD.
-    return 0.5 * (dist + dist.T)
+    return 0.5 * (dist + dist.transpose(-2, -1))
 
 
-def diffusion_map(
-    features: ArrayLike, sigma: float = 8.0, alpha: float = 0.5, dim: int = 2
-) -> np.ndarray:
-    """MKA diffusion-map embedding of calibration samples, ``(N, D) -> (N, dim)`` float64.
+def _canonical_signs(psi: torch.Tensor) -> torch.Tensor:
+    """Flip each coordinate ``psi[l, :, k]`` so that its largest-magnitude entry is positive.
+
+    An eigenvector's sign is arbitrary: LAPACK builds (numpy's OpenBLAS, torch's MKL, cuSOLVER) may
+    return either. It is not harmless here: ranks reverse under a flip, and the KSG estimate of MI
+    then breaks its distance ties (multiples of 1/N on rank data) with the same seeded jitter in the
+    opposite direction, which moved entries of SmolLM2's similarity matrix by up to 0.026. Fixing
+    the sign (scikit-learn's ``svd_flip`` rule) makes the embedding, and everything downstream, the
+    same on every backend and device.
+    """
+    largest = psi.abs().argmax(dim=-2, keepdim=True)  # (L, 1, dim)
+    signs = torch.sign(torch.gather(psi, -2, largest))
+    return psi * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def diffusion_maps(
+    features_per_layer: Sequence[ArrayLike],
+    sigma: float = 8.0,
+    alpha: float = 0.5,
+    dim: int = 2,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """MKA diffusion-map embedding of every layer's calibration samples, ``L x (N, D) -> (L, N, dim)``.
+
+    All layers go through one batched computation on ``device`` (float64): the ``(N, N)`` kernel
+    algebra, the condition-number check and the SVD of all ``L`` matrices at once. The result equals
+    the per-layer numpy computation this replaced to float64 rounding (``tests/scoring/test_manifold.py``
+    keeps that computation as the reference), with the sign of each coordinate fixed by
+    :func:`_canonical_signs`; only coordinates whose top singular values coincide (a rotation within
+    a degenerate eigenspace) could differ by more, as they do between LAPACK builds.
 
     Args:
-        features: ``(N, D)`` one row per calibration sample (a ``(N, T, d)`` stack is flattened to
-            ``(N, T*d)``); numpy or torch, any float dtype.
+        features_per_layer: ``L`` arrays or tensors of shape ``(N, D)`` (a ``(N, T, d)`` stack is
+            flattened to ``(N, T*d)``), any float dtype, one row per calibration sample.
         sigma: kernel scale ``sigma_K`` (code default 8).
         alpha: density-normalisation exponent (code default 0.5).
         dim: embedding dimension ``d`` (code default 2).
+        device: where the float64 work runs; the features are moved there chunk by chunk.
 
     Returns:
-        ``Y`` of shape ``(N, dim)``: the diffusion coordinates ``psi_1 .. psi_dim``. Each column is
-        defined up to sign (SVD), which is deterministic for a given input and irrelevant to the
-        rank/MI/entropy statistics computed downstream.
+        ``(L, N, dim)`` float64 on ``device``: the diffusion coordinates ``psi_1 .. psi_dim``.
     """
-    n = features.shape[0]
+    device = torch.device(device)
+    counts = {f.shape[0] for f in features_per_layer}
+    if len(counts) != 1:
+        raise ValueError(f"every layer needs the same calibration samples, got sample counts {sorted(counts)}")
+    n = counts.pop()
     if n < dim + 1:
         raise ValueError(f"need at least dim + 1 = {dim + 1} samples, got {n}")
 
     # D_ij = ||x_i - x_j||_2 between calibration samples.
-    dist = _pairwise_l2(features)
+    dist = _pairwise_l2(features_per_layer, device)
 
     # K_ij = exp(-(D_ij / sigma)^(1/2)): a Laplacian-type kernel on sqrt-distance, not a Gaussian
     # (exactly as coded). exp(-c |x - y|^b) is positive definite for 0 < b <= 2 (Schoenberg), so
     # A below is symmetric positive definite and its SVD is its eigendecomposition.
-    kernel = np.exp(-np.sqrt(dist / sigma))
+    kernel = torch.exp(-torch.sqrt(dist / sigma))
 
     # Coifman-Lafon alpha-normalisation: divide by (p_i p_j)^alpha, p = kernel density estimate,
     # so that the embedding reflects the manifold's geometry rather than the sampling density
     # (alpha = 0.5 is the Fokker-Planck normalisation).
-    p = kernel.sum(axis=0)
-    k1 = kernel / np.outer(p, p) ** alpha
+    p = kernel.sum(dim=-2)
+    k1 = kernel / (p[:, :, None] * p[:, None, :]) ** alpha
 
     # Symmetric normalisation A = V^-1/2 K1 V^-1/2, v_i^2 = degree of i: A is conjugate to the
     # Markov matrix V^-1 K1, so its top singular vector is ~ v (eigenvalue 1) and the next ones give
     # the diffusion coordinates after dividing by it.
-    v = np.sqrt(k1.sum(axis=0))
-    a = k1 / np.outer(v, v)
+    v = torch.sqrt(k1.sum(dim=-2))
+    a = k1 / (v[:, :, None] * v[:, None, :])
 
     # The code's safeguard: if A is numerically singular (cond = inf), add a growing ridge
-    # (1e-6 I, then x10 per retry, at most 10 times) so the SVD is well defined.
-    cond = np.linalg.cond(a)
+    # (1e-6 I, then x10 per retry, at most 10 times) so the SVD is well defined. Per layer, as coded:
+    # only the layers still singular get the next ridge.
+    eye = torch.eye(n, dtype=a.dtype, device=device)
+    singular = ~torch.isfinite(torch.linalg.cond(a))
     ridge = 1e-6
     for _ in range(10):
-        if np.isfinite(cond):
+        if not bool(singular.any()):
             break
-        a = a + np.eye(n) * ridge
-        cond = np.linalg.cond(a)
+        a = torch.where(singular[:, None, None], a + eye * ridge, a)
+        singular = singular & ~torch.isfinite(torch.linalg.cond(a))
         ridge *= 10.0
 
     # As coded: NaN -> 0 and entries below 1e-12 in magnitude raised to 1e-12 (kernel entries that
     # underflowed for far-apart samples), so no row of A is exactly zero.
-    a = np.nan_to_num(a)
-    a[np.abs(a) < 1e-12] = 1e-12
+    a = torch.nan_to_num(a, nan=0.0)
+    a = torch.where(a.abs() < 1e-12, torch.full_like(a, 1e-12), a)
 
-    u, _, _ = np.linalg.svd(a, full_matrices=False)
-    u = u[:, : dim + 1].copy()
+    u = torch.linalg.svd(a, full_matrices=False).U[..., : dim + 1]
     # psi_k = phi_k / phi_0 turns eigenvectors of the symmetric A into right eigenvectors of the
     # Markov matrix (the diffusion coordinates). phi_0 ~ v has one sign and no zeros in exact
     # arithmetic; the code's 1e-8 replacement only protects against a degenerate zero.
-    u[:, 0] = np.where(u[:, 0] == 0, 1e-8, u[:, 0])
-    u = u / u[:, :1]
-    # Column 0 is now constant 1 (the trivial coordinate); keep psi_1 .. psi_dim.
-    return u[:, 1 : dim + 1]
+    phi0 = u[..., :1]
+    phi0 = torch.where(phi0 == 0, torch.full_like(phi0, 1e-8), phi0)
+    # Column 0 would be constant 1 (the trivial coordinate); keep psi_1 .. psi_dim.
+    return _canonical_signs(u[..., 1 : dim + 1] / phi0)
+
+
+def diffusion_map(
+    features: ArrayLike, sigma: float = 8.0, alpha: float = 0.5, dim: int = 2, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """:func:`diffusion_maps` of one layer, ``(N, D) -> (N, dim)`` float64 numpy.
+
+    Each column is defined up to sign by the SVD; the sign is fixed by :func:`_canonical_signs`.
+    """
+    return diffusion_maps([features], sigma=sigma, alpha=alpha, dim=dim, device=device)[0].cpu().numpy()
 
 
 def rank_normalise(y: np.ndarray) -> np.ndarray:
@@ -181,16 +241,16 @@ def layer_embeddings(
     sigma: float = 8.0,
     alpha: float = 0.5,
     dim: int = 2,
+    device: str | torch.device = "cpu",
 ) -> list[np.ndarray]:
     """``rank_normalise(diffusion_map(f))`` for every layer: ``L x (N, D_l) -> L x (N, dim)``.
 
     All layers must see the same ``N`` calibration samples in the same order: the NPIB compares
-    layers sample by sample.
+    layers sample by sample. The diffusion maps run batched on ``device`` (:func:`diffusion_maps`);
+    the ranks, exact integer work on ``L x N x dim`` numbers, are taken in numpy.
     """
-    counts = {f.shape[0] for f in features_per_layer}
-    if len(counts) > 1:
-        raise ValueError(f"every layer needs the same calibration samples, got sample counts {sorted(counts)}")
-    return [rank_normalise(diffusion_map(f, sigma=sigma, alpha=alpha, dim=dim)) for f in features_per_layer]
+    coordinates = diffusion_maps(features_per_layer, sigma=sigma, alpha=alpha, dim=dim, device=device).cpu().numpy()
+    return [rank_normalise(y) for y in coordinates]
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,8 +263,8 @@ def _as_2d(y: np.ndarray) -> np.ndarray:
     return y.reshape(-1, 1) if y.ndim == 1 else y
 
 
-def knn_entropy(y: np.ndarray, k: int = 50) -> float:
-    """kNN entropy estimate of ``y`` ``(N, d)`` as coded: ``-mean log(k / (N r_k^d))`` in nats.
+def knn_entropies(embeddings: Sequence[np.ndarray], k: int = 50, device: str | torch.device = "cpu") -> np.ndarray:
+    """kNN entropy estimate of every embedding ``(N, d)`` as coded: ``-mean log(k / (N r_k^d))`` in nats, ``(L,)``.
 
     ``r_k`` is each point's Euclidean distance to its k-th nearest other point; ``N < 2`` gives 0 (as
     coded). ``k`` must be below ``N``: the released code silently clamped it to ``N - 1``, which
@@ -214,18 +274,41 @@ def knn_entropy(y: np.ndarray, k: int = 50) -> float:
     (``log pi`` short for ``d = 2``), so it can be, and on rank-normalised embeddings in
     ``[0, 1)^d`` (true differential entropy <= 0) usually is, **negative**; see
     :func:`npib_similarity` for what that does to the NPIB. Distances are floored at the smallest
-    normal float so that duplicated points give a large finite value instead of ``-inf``.
+    normal float and the logarithm is taken term by term, so that duplicated points give a large
+    finite value instead of ``-inf`` (the replaced code computed ``r^d`` first, which underflowed to
+    0 for ``d >= 2`` and gave ``-inf``; rank-normalised embeddings have no duplicated points).
+
+    All layers of one shape are one batched tensor computation on ``device`` (exact differences, then
+    the ``(k + 1)``-th smallest distance per point, the point itself being the smallest), in blocks of
+    about ``_KSG_BLOCK`` entries. It replaced one scikit-learn ``NearestNeighbors`` call per layer,
+    whose ~15 ms fixed cost was half of a 30-layer similarity; scikit-learn's brute-force distances
+    use ``|a|^2 + |b|^2 - 2 a.b``, so the two agree to float64 rounding (within 4e-16 relative on
+    SmolLM2's 30 rank-normalised layers), not bit for bit.
     """
-    y = _as_2d(y)
-    n, d = y.shape
-    if n < 2:
-        return 0.0
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k={k} neighbours need at least k + 1 = {k + 1} samples, got {n}; lower k")
-    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(y).kneighbors(y)
-    # Column 0 is the point itself (distance 0); the last column is the k-th other point.
-    r_k = np.maximum(distances[:, -1], np.finfo(np.float64).tiny)
-    return float(-np.mean(np.log(k / (n * r_k**d))))
+    embeddings = [_as_2d(e) for e in embeddings]
+    out = np.zeros(len(embeddings))
+    shapes = sorted({e.shape for e in embeddings})
+    for n, d in shapes:
+        if n < 2:
+            continue
+        if not 1 <= k <= n - 1:
+            raise ValueError(f"k={k} neighbours need at least k + 1 = {k + 1} samples, got {n}; lower k")
+        index = [i for i, e in enumerate(embeddings) if e.shape == (n, d)]
+        y = torch.from_numpy(np.stack([embeddings[i] for i in index])).to(device)
+        rows = max(1, _KSG_BLOCK // (n * n * d))
+        for start in range(0, len(index), rows):
+            block = y[start : start + rows]
+            distances = (block[:, :, None, :] - block[:, None, :, :]).square().sum(-1).sqrt()  # (b, N, N)
+            r_k = torch.kthvalue(distances, k + 1, dim=-1).values.clamp_min(np.finfo(np.float64).tiny)
+            # log(k / (N r^d)) as a sum of logs: r^d of the floored distance underflows to 0 for d >= 2.
+            entropy = -(math.log(k) - math.log(n) - d * torch.log(r_k)).mean(dim=-1)
+            out[index[start : start + rows]] = entropy.cpu().numpy()
+    return out
+
+
+def knn_entropy(y: np.ndarray, k: int = 50) -> float:
+    """:func:`knn_entropies` of one embedding ``(N, d)``."""
+    return float(knn_entropies([y], k)[0])
 
 
 def mutual_information(y_i: np.ndarray, y_j: np.ndarray, n_neighbors: int = 5, seed: int = 0) -> float:
@@ -257,9 +340,19 @@ def mutual_information(y_i: np.ndarray, y_j: np.ndarray, n_neighbors: int = 5, s
     return float(np.mean(per_target))
 
 
-# Joint (x, y) distance matrices held at once by :func:`mutual_information_matrix`: bounds its
-# memory to about this many float64 entries (256 MiB) whatever the number of layers and samples.
-_KSG_BLOCK = 1 << 25
+def _scaled(x: np.ndarray) -> np.ndarray:
+    """``sklearn.preprocessing.scale(x, with_mean=False)`` for a dense float64 array, without its input checks.
+
+    The same numpy calls on the same shapes (``nanstd`` over axis 0, near-zero scales set to 1 for a
+    2-D array, exactly zero for a 1-D one), hence the same bits; scikit-learn's validation cost
+    ~1.5 ms per call, 3 L d calls per similarity matrix. ``tests/scoring/test_manifold.py`` checks the
+    whole MI matrix against scikit-learn's own estimator bit for bit, which covers this.
+    """
+    std = np.nanstd(x, axis=0)
+    if np.isscalar(std) or std.ndim == 0:
+        return x / (1.0 if std == 0.0 else std)
+    std[std < 10 * np.finfo(std.dtype).eps] = 1.0
+    return x / std
 
 
 def _ksg_columns(embeddings: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,21 +362,19 @@ def _ksg_columns(embeddings: list[np.ndarray], seed: int) -> tuple[np.ndarray, n
     ``1e-10 * max(1, mean|.|)`` times standard-normal jitter drawn from ``RandomState(seed)``: first
     ``N x d`` draws for the features, then ``N`` for the target. With a fixed seed those draws are
     the same in every call, so each column's jittered version is computed once here, with
-    scikit-learn's own ``scale`` and the same arithmetic: ``(L*d, N)`` features, ``(L*d, N)`` targets.
+    scikit-learn's scaling (:func:`_scaled`) and the same arithmetic: ``(L*d, N)`` features, ``(L*d, N)`` targets.
     """
-    from sklearn.preprocessing import scale
-
     n, d = embeddings[0].shape
     rng = np.random.RandomState(seed)
     noise_x = rng.standard_normal(size=(n, d))
     noise_y = rng.standard_normal(size=n)
     features, targets = [], []
     for y in embeddings:
-        x = scale(np.array(y, dtype=np.float64), with_mean=False, copy=False)
+        x = _scaled(np.array(y, dtype=np.float64))
         x += 1e-10 * np.maximum(1, np.mean(np.abs(x), axis=0)) * noise_x
         features.extend(x.T)
         for k in range(d):
-            t = scale(np.array(y[:, k], dtype=np.float64), with_mean=False)
+            t = _scaled(np.array(y[:, k], dtype=np.float64))
             t += 1e-10 * np.maximum(1, np.mean(np.abs(t))) * noise_y
             targets.append(t)
     return np.stack(features), np.stack(targets)
@@ -348,11 +439,13 @@ def mutual_information_matrix(
     return np.mean(np.mean(mi.transpose(0, 2, 3, 1), axis=-1), axis=-1)
 
 
-def guarded_entropies(embeddings: list[np.ndarray], k_entropy: int, guard: str, eps: float = 1e-6) -> np.ndarray:
-    """:func:`knn_entropy` of every layer after the entropy ``guard`` of :func:`npib_similarity`, ``(L,)``."""
+def guarded_entropies(
+    embeddings: list[np.ndarray], k_entropy: int, guard: str, eps: float = 1e-6, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """:func:`knn_entropies` of every layer after the entropy ``guard`` of :func:`npib_similarity`, ``(L,)``."""
     if guard not in GUARDS:
         raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
-    entropy = np.array([knn_entropy(e, k=k_entropy) for e in embeddings])
+    entropy = knn_entropies(embeddings, k=k_entropy, device=device)
     if guard == "abs":
         entropy = np.maximum(np.abs(entropy), eps)
     elif guard == "shift":
@@ -415,7 +508,7 @@ def npib_similarity(
         clip: clip the guarded matrix to ``[0, 1]`` (ignored for ``"none"``).
         eps: floor for ``|H|`` (``"abs"``) or margin of the shift (``"shift"``).
         seed: random state of scikit-learn's MI jitter.
-        device: where the pairwise MI runs (:func:`mutual_information_matrix`); same result anywhere.
+        device: where the entropies and the pairwise MI run; same result anywhere.
 
     Returns:
         ``S`` of shape ``(L, L)``.
@@ -427,7 +520,7 @@ def npib_similarity(
     if len(counts) > 1:
         raise ValueError(f"every layer needs the same calibration samples, got sample counts {sorted(counts)}")
 
-    entropy = guarded_entropies(embeddings, k_entropy, guard, eps)
+    entropy = guarded_entropies(embeddings, k_entropy, guard, eps, device)
     mi = mutual_information_matrix(embeddings, n_neighbors=n_neighbors, seed=seed, device=device)
     return npib_from_parts(mi, entropy, guard, clip=clip)
 

@@ -11,6 +11,7 @@ import torch
 
 def block_influence(cosine: torch.Tensor) -> torch.Tensor:
     """ShortGPT Block Influence per layer: ``BI_i = 1 - E_t[cos(h_i, h_{i+1})]``, shape ``[L]``."""
+    _check_block(cosine, 1)
     return 1.0 - torch.diagonal(cosine, offset=1)
 
 
@@ -44,3 +45,10 @@ def _check_block(matrix: torch.Tensor, n: int) -> None:
     layers = matrix.shape[0] - 1
     if not 1 <= n <= layers:
         raise ValueError(f"Block size {n} must be between 1 and the number of layers ({layers}).")
+    if torch.isnan(torch.diagonal(matrix, offset=n)).any():
+        # Statistics captured with max_distance = d leave the cosine of boundaries more than d apart NaN.
+        captured = max((k for k in range(layers + 1) if not torch.isnan(torch.diagonal(matrix, offset=k)).any()), default=0)
+        raise ValueError(
+            f"Block size {n} needs the cosine of layer boundaries {n} apart, but these statistics hold pairs up to "
+            f"{captured} apart (captured with max_distance={captured}): capture with max_distance >= {n}, or None for all pairs."
+        )

@@ -1,0 +1,255 @@
+"""layerfold's lm-eval model: lm-eval's ``HFLM`` around an in-memory model, minus its per-request overhead.
+
+Two things in ``HFLM`` cost far more than the model's forward on a small model and a fast device:
+
+1. **Tokenization.** ``HFLM`` encodes each (context, continuation) request with two separate calls;
+   a multiple-choice question sends its context once per choice (MMLU 5-shot: 4 x ~600 tokens), and a
+   further model tokenizes the same strings again. Here every distinct string is tokenized once, in
+   batches, and kept per tokenizer (in memory, and on disk beside lm-eval's request cache).
+2. **Scoring.** After each batched forward, ``HFLM._loglikelihood_tokens`` picks every request apart
+   with half a dozen small device operations and two host synchronisations per request (slice,
+   argmax, compare, gather, sum, ``float()``) — ~125k requests for the full suite. The vectorised
+   scorer keeps lm-eval's batches exactly (same ``Collator`` order, same batch size, same right-padded
+   input tensor, same ``log_softmax`` over the whole batch, so the log-probabilities are the same
+   numbers) and replaces only the per-request loop: one gather of every continuation token's
+   log-probability and one argmax at every continuation position per batch, one copy to the host, then
+   per request the same ``sum`` lm-eval takes (on the host copy). ``scoring: lm_eval`` keeps lm-eval's
+   own loop, and a test checks both give identical (log-likelihood, is-greedy) pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from array import array
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SCORING_MODES = ("vectorised", "lm_eval")
+TOKEN_CACHE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """Identity of a tokenizer's behaviour (vocabulary, merges, normaliser, special-token handling)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = (type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), tokenizer.bos_token, tokenizer.eos_token)
+    return hashlib.sha256((spec + repr(extra)).encode()).hexdigest()
+
+
+def token_cache_file(cache_dir: Path, lm: Any) -> Path:
+    """Where the token cache of ``lm``'s tokenization lives inside a request-cache directory.
+
+    Named after everything ``HFLM.tok_encode`` output depends on besides the string: the tokenizer
+    (:func:`tokenizer_key`), HFLM's ``add_bos_token`` and prefix token, and the tokenizers /
+    transformers versions. The directory itself is keyed by the task data (``request_cache_key``).
+    """
+    import tokenizers
+    import transformers
+
+    parts = (TOKEN_CACHE_FORMAT, tokenizer_key(lm.tokenizer), getattr(lm, "add_bos_token", None), lm.prefix_token_id,
+             tokenizers.__version__, transformers.__version__)
+    return Path(cache_dir) / f"tokens-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}.pkl"
+
+
+def load_token_cache(path: Path, into: dict) -> int:
+    """Add the entries of a token cache written by :func:`save_token_cache` to ``into``; 0 if none."""
+    try:
+        with open(path, "rb") as handle:
+            keys, flat, ends = pickle.load(handle)
+    except FileNotFoundError:
+        return 0
+    except Exception as error:  # a truncated/foreign file: ignore it, it is rewritten after this run
+        log.warning("Ignoring unreadable token cache %s: %s", path, error)
+        return 0
+    start = 0
+    for key, end in zip(keys, ends):
+        into.setdefault(key, flat[start:end])
+        start = end
+    return len(keys)
+
+
+def save_token_cache(path: Path, cache: dict) -> None:
+    """Write ``{(string, add_special_tokens): array('i') ids}`` as one flat array (fast to pickle)."""
+    keys = list(cache)
+    flat, ends = array("i"), array("q")
+    for key in keys:
+        flat.extend(cache[key])
+        ends.append(len(flat))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        pickle.dump((keys, flat, ends), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the model wrapper
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int | None, token_cache: dict | None,
+            scoring: str = "vectorised") -> Any:
+    """lm-eval's ``HFLM`` around an in-memory model.
+
+    ``token_cache`` (one dict per tokenizer, or None for lm-eval's own tokenization) keeps every string's
+    tokens for further models; ``scoring`` is ``vectorised`` (one pass per batch) or ``lm_eval``.
+    """
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix
+
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"eval.lm_eval.scoring={scoring!r} is not one of {SCORING_MODES}; "
+                         "use vectorised (default) or lm_eval (lm-eval's per-request loop, for checking).")
+
+    class LayerfoldLM(HFLM):
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                       **kwargs: Any) -> list[int]:
+            if token_cache is None or kwargs or left_truncate_len:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            key = (string, add_special_tokens)
+            hit = token_cache.get(key)
+            if hit is None:
+                hit = token_cache[key] = array("i", super().tok_encode(string, add_special_tokens))
+            return list(hit)
+
+        def _special_kwargs(self, string: str, bos: str) -> dict[str, bool]:
+            # exactly HFLM.tok_encode's choice for add_special_tokens=None
+            kwargs = _add_special_kwargs(None, self.add_bos_token)
+            if has_bos_prefix(string, bos):
+                kwargs["add_special_tokens"] = False
+            return kwargs
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            if token_cache is not None:
+                self._tokenize_in_batches(requests)
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+        def _tokenize_in_batches(self, requests: list[Any]) -> None:
+            # Tokenize the strings _encode_pair will ask for (context + continuation, and context, after
+            # moving the context's trailing spaces to the continuation as it does) in calls of 2048
+            # strings instead of two calls per request; HFLM then proceeds unchanged on cache hits.
+            wanted: dict[str, None] = {}
+            for context, continuation in (req.args for req in requests):
+                if not context:
+                    continue
+                n_spaces = len(context) - len(context.rstrip())
+                if n_spaces:
+                    context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+                for string in (context + continuation, context):
+                    if (string, None) not in token_cache:
+                        wanted[string] = None
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            groups: dict[tuple, list[str]] = defaultdict(list)
+            for string in wanted:
+                groups[tuple(sorted(self._special_kwargs(string, bos).items()))].append(string)
+            for kwargs, strings in groups.items():
+                for i in range(0, len(strings), 2048):
+                    chunk = strings[i:i + 2048]
+                    for string, ids in zip(chunk, self.tokenizer(chunk, **dict(kwargs))["input_ids"]):
+                        token_cache[(string, None)] = array("i", ids)
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            if scoring == "lm_eval" or self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return _vectorised_loglikelihood(self, Collator, requests, disable_tqdm, override_bs)
+
+    return LayerfoldLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _sort_key(request: tuple) -> tuple:
+    # lm-eval's order: longest first, ties by the tokens themselves
+    tokens = request[1] + request[2]
+    return -len(tokens), tuple(tokens)
+
+
+def _group_key(request: tuple) -> list[int]:
+    # lm-eval's grouping: requests sharing context + continuation[:-1] share one forward
+    return request[-2] + request[-1][:-1]
+
+
+@torch.no_grad()
+def _vectorised_loglikelihood(lm: Any, collator_cls: type, requests: list, disable_tqdm: bool,
+                              override_bs: int | None) -> list[tuple[float, bool]]:
+    """``HFLM._loglikelihood_tokens`` for a causal model with the per-request device work batched.
+
+    Mirrors lm-eval 0.4's loop step by step: the same ``Collator`` (sort order, context grouping),
+    batch size (fixed, or lm-eval's own ``auto`` scheduler), left truncation to ``max_length + 1``,
+    right padding with token 0, ``log_softmax`` over the batch in ``softmax_dtype``; then, per request:
+    its continuation slice ends at its input length; greedy is checked on the slice's last
+    ``len(continuation)`` positions and log-probabilities are gathered from its first ones (as
+    ``get_cache`` hands a group's shared slice to each member); the answer is
+    ``(float(sum of those log-probabilities), all greedy)``, the sum taken by torch on the same values.
+    """
+    from tqdm.auto import tqdm
+
+    collator = collator_cls(requests, sort_fn=_sort_key, group_by="contexts" if lm.logits_cache else None,
+                            group_fn=_group_key)
+    n_requests = len(collator)
+    batch_size = lm.batch_size if lm.batch_size != "auto" else (override_bs if override_bs is not None else 0)
+    batch_fn = lm._batch_scheduler if lm.batch_size == "auto" and n_requests > 0 and not override_bs else None
+    if batch_fn is not None:
+        lm.batch_sizes = {}  # as lm-eval: detect against this request set, not a previous one
+    max_length = lm.max_length
+    placeholder = torch.empty(1, 1, 1)  # get_cache only needs something to expand per group member
+    answers: list[tuple[float, bool]] = []
+    progress = tqdm(total=len(requests), disable=disable_tqdm or lm.rank != 0, desc="Scoring requests")
+    warned = False
+    for chunk in collator.get_batched(n=batch_size, batch_fn=batch_fn):
+        inputs, lengths = [], []
+        for _, context, continuation in chunk:
+            if not context or not continuation or len(continuation) > max_length:
+                raise ValueError(f"lm-eval request with an empty or over-long part: {len(context)} context / "
+                                 f"{len(continuation)} continuation tokens (max_length {max_length}).")
+            tokens = (context + continuation)[-(max_length + 1):][:-1]
+            if len(context) + len(continuation) > max_length + 1 and not warned:
+                log.warning("A request exceeds max_length=%d; truncating from the left as lm-eval does.", max_length)
+                warned = True
+            inputs.append(tokens)
+            lengths.append(len(tokens))
+        width = max(lengths)
+        batch = torch.zeros(len(inputs), width, dtype=torch.long)
+        for row, tokens in enumerate(inputs):
+            batch[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        logprobs = F.log_softmax(lm._model_call(batch.to(lm.device)), dim=-1, dtype=lm.softmax_dtype)
+
+        # Every (row, position, token) to gather and every (row, position, token) whose greedy choice is checked.
+        members: list[tuple[Any, int, int]] = []  # (request strings, first gathered index, count)
+        gather_rows, gather_pos, gather_tok = [], [], []
+        greedy_rows, greedy_pos, greedy_tok = [], [], []
+        for row, ((request_str, context, continuation), length) in enumerate(zip(chunk, lengths)):
+            start = length - len(continuation)  # the slice lm-eval keeps: logits[length - contlen : length]
+            for member_str, member_cont, _ in collator.get_cache(req_str=request_str, cxt_toks=context,
+                                                                    cont_toks=continuation, logits=placeholder):
+                count = len(member_cont)
+                members.append((member_str, len(gather_tok), count))
+                gather_rows += [row] * count
+                gather_pos += range(start, start + count)
+                gather_tok += member_cont
+                greedy_rows += [row] * count
+                greedy_pos += range(length - count, length)
+                greedy_tok += member_cont
+        device = logprobs.device
+        rows = torch.tensor(gather_rows, device=device)
+        gathered = logprobs[rows, torch.tensor(gather_pos, device=device), torch.tensor(gather_tok, device=device)]
+        argmax = logprobs[torch.tensor(greedy_rows, device=device), torch.tensor(greedy_pos, device=device)].argmax(-1)
+        hits = (argmax == torch.tensor(greedy_tok, device=device)).cpu()
+        gathered = gathered.cpu()
+        for member_str, first, count in members:
+            answer = (float(gathered[first:first + count].sum()), bool(hits[first:first + count].all()))
+            answers.append(answer)
+            if member_str is not None:
+                lm.cache_hook.add_partial("loglikelihood", member_str, answer)
+        progress.update(len(members))
+        del logprobs
+    progress.close()
+    return collator.get_original(answers)

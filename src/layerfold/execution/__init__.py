@@ -1,0 +1,27 @@
+"""One execution path that scales: the same consumers run resident or layer by layer ("sequential").
+
+- :mod:`~layerfold.execution.loaders`: where one decoder layer's weights come from (safetensors shards,
+  a seeded generator for paper-scale shapes, an in-memory model).
+- :mod:`~layerfold.execution.plan`: a compression plan applied lazily per layer (removals, linear merges).
+- :mod:`~layerfold.execution.layer_major`: the layer-major runner (meta skeleton, probed layer
+  arguments, activations on the device or in pinned host memory, optional prefetch).
+- :mod:`~layerfold.execution.nll`: next-token NLL from the last boundary, LM head in chunks.
+- :mod:`~layerfold.execution.entry`: one entry point per consumer, chosen by ``hardware.mode``.
+
+Place in the import order: beside ``methods`` and ``recovery`` (it uses capture, scoring, surgery,
+evaluation's perplexity protocol, models), so methods may ask it to "run layers a..b over these
+activations" (:meth:`LayerMajorRunner.run_layers`).
+"""
+
+from layerfold.execution.entry import capture_statistics, layer_loader, perplexity, perplexity_windows, resident_model, runner, token_nll
+from layerfold.execution.layer_major import Activations, ExecutionReport, LayerMajorRunner, build_skeleton, materialise_model, probe_layer_calls
+from layerfold.execution.loaders import LayerLoader, ModelLayerLoader, SafetensorsLayerLoader, SeededLayerLoader
+from layerfold.execution.nll import TokenNLL
+from layerfold.execution.plan import LayerRecipe, PlanError, PlannedLayerLoader, WeightedLayerPlan, coefficients_of, recipes_from_plan
+
+__all__ = [
+    "Activations", "ExecutionReport", "LayerLoader", "LayerMajorRunner", "LayerRecipe", "ModelLayerLoader", "PlanError",
+    "PlannedLayerLoader", "SafetensorsLayerLoader", "SeededLayerLoader", "TokenNLL", "WeightedLayerPlan", "build_skeleton",
+    "capture_statistics", "coefficients_of", "layer_loader", "materialise_model", "perplexity", "perplexity_windows",
+    "probe_layer_calls", "recipes_from_plan", "resident_model", "runner", "token_nll",
+]

@@ -1,0 +1,202 @@
+"""A compression plan applied lazily, one layer at a time: the compressed model never exists as a whole.
+
+Every merge layerfold's methods write through :func:`layerfold.surgery.merge_weights` is linear in
+the layers' weights (LaCo's RDSC in both forms, MKA's ``alpha`` merge), and so is any sequence of such
+merges: each layer of the compressed stack is ``sum_j c_j * theta_j`` over original layers ``j`` for
+its linear weights and biases, with the normalisation weights (and anything else) of one *base*
+original layer, as :func:`~layerfold.surgery.merge_weights` keeps them. :class:`WeightedLayerPlan`
+tracks those coefficients through the same ``remove`` / ``merge(base, others, combine)`` calls the
+methods make on a :class:`~layerfold.surgery.LayerPlan`, and writes them into ``plan.json``
+(``layers[k].coefficients``, ``layers[k].base``) beside the usual ``stands_for``.
+
+:class:`PlannedLayerLoader` turns such a plan and a loader of the original model into a loader of
+the compressed one: new layer ``k`` is loaded as its original layer, or as the weighted sum of its
+original layers, when it is asked for. Merges that are not elementwise (CoMe's concatenation,
+LLM-Streamline's trained replacement) build new tensors and are out of reach of a plan; they need
+the compressed checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from layerfold.execution.loaders import LayerLoader, StateDict, check_index
+from layerfold.models.adapters import get_adapter
+from layerfold.surgery.merge import Combine
+from layerfold.surgery.plan import LayerPlan
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied layer by layer; the message names the layer and the fix."""
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """How one layer of the compressed stack is built from the original layers."""
+
+    stands_for: tuple[int, ...]  # original layers, ascending
+    coefficients: tuple[float, ...]  # weight of each original layer in the linear weights and biases
+    base: int  # the original layer whose other tensors (norms) the new layer keeps
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the layer is one original layer unchanged."""
+        return len(self.stands_for) == 1 and self.coefficients == (1.0,)
+
+
+def coefficients_of(combine: Combine, num_others: int) -> list[float]:
+    """The weights ``[c_base, c_other_1, ...]`` of a linear ``combine``, read off by feeding it unit vectors.
+
+    A combine that is not linear (its output on random tensors differs from the weighted sum) cannot be
+    applied lazily and raises :class:`PlanError`.
+    """
+    size = num_others + 1
+    units = torch.eye(size, dtype=torch.float64)
+    weights = combine(units[0], list(units[1:])).tolist()
+    probe = torch.randn(size, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = sum(w * p for w, p in zip(weights, probe))
+    if not torch.allclose(combine(probe[0], list(probe[1:])), expected, atol=1e-9):
+        raise PlanError(f"The merge rule {getattr(combine, '__name__', combine)!r} is not a weighted sum of the layers; a plan can only apply linear merges.")
+    return weights
+
+
+class WeightedLayerPlan(LayerPlan):
+    """A :class:`LayerPlan` that also records each layer's merge coefficients over the original layers."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(num_layers)
+        self.coefficients: list[dict[int, float]] = [{i: 1.0} for i in range(num_layers)]
+        self.bases: list[int] = list(range(num_layers))
+
+    def remove(self, positions) -> None:
+        drop = set(positions)
+        self.coefficients = [c for i, c in enumerate(self.coefficients) if i not in drop]
+        self.bases = [b for i, b in enumerate(self.bases) if i not in drop]
+        super().remove(drop)
+
+    def merge(self, base: int, others, combine: Combine | None = None) -> None:
+        """Layer ``base`` becomes ``combine(base, others)`` (positions in the current stack); ``others`` are removed.
+
+        Without ``combine`` the plan only records the grouping, as :class:`LayerPlan` does, and the
+        merged layer cannot be loaded (the weights are unknown).
+        """
+        others = [o for o in dict.fromkeys(others) if o != base]  # in the caller's order: merge_weights passes them so
+        if combine is None or any(self.coefficients[p] is None for p in [base, *others]):
+            merged: dict[int, float] | None = None
+        else:
+            weights = coefficients_of(combine, len(others))
+            merged = {}
+            for weight, position in zip(weights, [base, *others]):
+                for original, c in self.coefficients[position].items():
+                    merged[original] = merged.get(original, 0.0) + weight * c
+        self.coefficients[base] = merged  # type: ignore[assignment]
+        super().merge(base, others)  # groups; calls self.remove(others), which drops their coefficients
+
+    def to_json(self) -> dict:
+        plan = super().to_json()
+        for entry, coefficients, base in zip(plan["layers"], self.coefficients, self.bases):
+            if coefficients is not None:
+                entry["coefficients"] = [coefficients.get(o, 0.0) for o in entry["stands_for"]]
+            entry["base"] = base
+        return plan
+
+
+def recipes_from_plan(plan: dict) -> list[LayerRecipe]:
+    """One :class:`LayerRecipe` per layer of a ``plan.json``-shaped dict.
+
+    A layer standing for one original layer needs nothing more; a merged layer needs ``coefficients``
+    (written by :class:`WeightedLayerPlan`). ``base`` defaults to the first original layer, the one
+    :func:`~layerfold.surgery.merge_weights` keeps the norms of in every layerfold method.
+    """
+    recipes = []
+    for k, entry in enumerate(plan["layers"]):
+        stands_for = tuple(int(i) for i in entry["stands_for"])
+        if not stands_for or not all(0 <= i < plan["original_layers"] for i in stands_for):
+            raise PlanError(f"plan layer {k} stands for {list(stands_for)}, outside the original layers 0..{plan['original_layers'] - 1}.")
+        coefficients = entry.get("coefficients")
+        if coefficients is None:
+            if len(stands_for) > 1:
+                raise PlanError(
+                    f"plan layer {k} merges original layers {list(stands_for)} but records no merge coefficients, so its weights are "
+                    "unknown. Build the plan with layerfold.execution.WeightedLayerPlan (merge(base, others, combine)), or run the "
+                    "compressed checkpoint itself with SafetensorsLayerLoader."
+                )
+            coefficients = [1.0]
+        if len(coefficients) != len(stands_for):
+            raise PlanError(f"plan layer {k}: {len(coefficients)} coefficients for {len(stands_for)} original layers {list(stands_for)}.")
+        base = int(entry.get("base", stands_for[0]))
+        if base not in stands_for:
+            raise PlanError(f"plan layer {k}: base layer {base} is not one of the layers it stands for, {list(stands_for)}.")
+        recipes.append(LayerRecipe(stands_for, tuple(float(c) for c in coefficients), base))
+    return recipes
+
+
+class PlannedLayerLoader:
+    """The compressed stack of ``plan`` over ``base`` (a loader of the original model), built layer by layer on request.
+
+    ``plan`` is a :class:`WeightedLayerPlan`, a ``plan.json``-shaped dict, or a list of :class:`LayerRecipe`.
+    Merged linear weights are summed in float32 and cast back, as :func:`~layerfold.surgery.merge_weights` does.
+    """
+
+    def __init__(self, base: LayerLoader, plan: WeightedLayerPlan | dict | Sequence[LayerRecipe]) -> None:
+        if isinstance(plan, WeightedLayerPlan):
+            plan = plan.to_json()
+        if isinstance(plan, dict):
+            if plan["original_layers"] != base.num_layers:
+                raise PlanError(
+                    f"The plan describes a model of {plan['original_layers']} original layers but the loaded model has "
+                    f"{base.num_layers}; it belongs to another model. Re-run compress on this one."
+                )
+            plan = recipes_from_plan(plan)
+        self.base = base
+        self.recipes = list(plan)
+        self.adapter = get_adapter(base.config.model_type)
+        for k, recipe in enumerate(self.recipes):
+            if not all(0 <= i < base.num_layers for i in recipe.stands_for):
+                raise PlanError(f"plan layer {k} stands for {list(recipe.stands_for)}, outside the model's layers 0..{base.num_layers - 1}.")
+        self._config = self._planned_config(base.config)
+        self._linear_keys = {f"{name}.{attr}" for name in self.adapter.linears for attr in ("weight", "bias")}
+
+    def _planned_config(self, original: PretrainedConfig) -> PretrainedConfig:
+        """The original config with the new depth and per-layer lists following each layer's base (as ``remove_layers`` keeps them)."""
+        config = copy.deepcopy(original)
+        for key in self.adapter.per_layer_config:
+            values = getattr(config, key, None)
+            if isinstance(values, (list, tuple)) and len(values) == original.num_hidden_layers:
+                setattr(config, key, [values[r.base] for r in self.recipes])
+        config.num_hidden_layers = len(self.recipes)
+        return config
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self._config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.recipes)
+
+    def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
+        check_index(index, self.num_layers)
+        recipe = self.recipes[index]
+        if recipe.is_copy:
+            return self.base.load_layer(recipe.stands_for[0], device, dtype)
+        parts = {i: self.base.load_layer(i, device, dtype) for i, c in zip(recipe.stands_for, recipe.coefficients) if c != 0.0 or i == recipe.base}
+        state = dict(parts[recipe.base])
+        for key in state:
+            if key not in self._linear_keys:
+                continue  # norms and anything else stay the base layer's
+            total = None
+            for i, c in zip(recipe.stands_for, recipe.coefficients):
+                if i in parts:  # tensor by tensor: one float32 temporary at a time, never a float32 copy of the layer
+                    term = c * parts[i][key].float()
+                    total = term if total is None else total + term
+            state[key] = total.to(dtype)
+        return state
+
+    def load_outer(self, device: torch.device | str, dtype: torch.dtype) -> StateDict:
+        return self.base.load_outer(device, dtype)
