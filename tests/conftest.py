@@ -90,3 +90,28 @@ def make_clone(dest: Path) -> tuple[Path, dict]:
                 ["git", "config", "user.email", "test@layerfold.invalid"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
         subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True, check=True)
     return dest, env
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (the scripts import ``common`` from their own folder)."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models need no intra-op threads, and two spin-waiting ones crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

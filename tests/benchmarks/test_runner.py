@@ -3,34 +3,18 @@ scripts; benchmarks/layer_removal_speed.py measures a tiny saved checkpoint on C
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIGS
+from conftest import TINY_CONFIGS, load_benchmark
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from layerfold.models import save_checkpoint
 
-BENCHMARKS = REPO / "benchmarks"
-
-
-def _load(name: str):
-    """A script of benchmarks/ as a module (they import ``common`` from their own folder)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load("run")
+run = load_benchmark("run")
 
 FAKE = '''
 import argparse, json
@@ -143,7 +127,7 @@ def restore_threads():
 
 
 def test_layer_removal_speed_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, restore_threads):
-    speed = _load("layer_removal_speed")
+    speed = load_benchmark("layer_removal_speed")
     out = tmp_path / "speed.json"
     speed.main(["--checkpoint", str(tiny_checkpoint), "--remove", "2", "--settings", "1x16:4", "--repeats", "2", "--device", "cpu",
                 "--threads", "1", "--out", str(out)])  # one thread: two spin-waiting threads crawl on a busy machine
@@ -163,6 +147,6 @@ def test_layer_removal_speed_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, res
 
 
 def test_layer_removal_speed_rejects_a_bad_setting():
-    speed = _load("layer_removal_speed")
+    speed = load_benchmark("layer_removal_speed")
     with pytest.raises(SystemExit, match="BxT:N"):
         speed.parse_settings("8x512")

@@ -30,12 +30,8 @@ HEAD = HIDDEN * VOCAB
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models need no intra-op threads, and two spin-waiting ones crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """Tiny models only: one intra-op thread (see conftest.one_thread)."""
 
 
 class FakeClock:

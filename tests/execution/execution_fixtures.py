@@ -27,11 +27,8 @@ STORY = (
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """Tiny models only: one intra-op thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="session")

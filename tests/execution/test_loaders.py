@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import models_dir, tiny_model
-from execution_fixtures import one_thread  # noqa: F401  (fixture)
+from execution_fixtures import _single_thread  # noqa: F401  (fixture)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import layerfold.execution.loaders as loaders

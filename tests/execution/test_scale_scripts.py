@@ -3,40 +3,24 @@ benchmark's whole sequence of steps (capture, Block Influence, removal + merge, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import REPO, models_dir
-from execution_fixtures import one_thread  # noqa: F401  (fixture)
+from conftest import load_benchmark, models_dir
+from execution_fixtures import _single_thread  # noqa: F401  (fixture)
 from transformers import AutoConfig
 
 from layerfold.execution import SafetensorsLayerLoader, SeededLayerLoader
 from layerfold.models import check_compatible, load_checkpoint
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def _load(name: str):
-    """A script of benchmarks/ as a module (they import ``common`` from their own folder)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
     if not (models_dir() / "stories260K" / "tok512.bin").is_file():
         pytest.skip("stories260K tokenizer not found (set LAYERFOLD_MODELS_DIR)")
     out = tmp_path_factory.mktemp("random") / "tiny"
-    index = _load("make_random_checkpoint").main(["--shape", "tiny", "--out", str(out), "--shard-gb", "0.0002", "--seed", "5"])
+    index = load_benchmark("make_random_checkpoint").main(["--shape", "tiny", "--out", str(out), "--shard-gb", "0.0002", "--seed", "5"])
     return out, index
 
 
@@ -71,7 +55,7 @@ def test_random_checkpoint_holds_the_seeded_loaders_weights(random_checkpoint):
 
 
 def test_tokenizer_choice_follows_the_vocabulary():
-    script = _load("make_random_checkpoint")
+    script = load_benchmark("make_random_checkpoint")
     if not (models_dir() / "stories260K" / "tok512.bin").is_file():
         pytest.skip("stories260K tokenizer not found (set LAYERFOLD_MODELS_DIR)")
     name, tokenizer = script.fitting_tokenizer(32000, None)  # Llama-2: SmolLM2's 49,152 ids would overflow
@@ -82,7 +66,7 @@ def test_tokenizer_choice_follows_the_vocabulary():
 
 def test_sequential_70b_benchmark_runs_the_tiny_shape(tmp_path):
     out = tmp_path / "sequential_tiny.json"
-    _load("sequential_70b").main(["--shape", "tiny", "--windows", "2", "--seq-len", "64", "--calib", "2x64", "--out", str(out)])
+    load_benchmark("sequential_70b").main(["--shape", "tiny", "--windows", "2", "--seq-len", "64", "--calib", "2x64", "--out", str(out)])
     record = json.loads(out.read_text())
     assert set(record) >= {"benchmark", "environment", "settings", "rows", "notes"}
     rows = {r["name"]: r for r in record["rows"]}
@@ -100,7 +84,7 @@ def test_sequential_70b_benchmark_runs_the_tiny_shape(tmp_path):
 def test_sequential_benchmark_reads_a_checkpoint_and_matches_resident(random_checkpoint, tmp_path):
     out, _ = random_checkpoint
     result = tmp_path / "from_disk.json"
-    record = _load("sequential_70b").main(["--checkpoint", str(out), "--windows", "2", "--seq-len", "32", "--calib", "2x32", "--out", str(result)])
+    record = load_benchmark("sequential_70b").main(["--checkpoint", str(out), "--windows", "2", "--seq-len", "32", "--calib", "2x32", "--out", str(result)])
     rows = {r["name"]: r for r in record["rows"]}
     assert "read layer (disk)" in rows and "generate layer (cpu)" not in rows
     assert rows["perplexity resident"]["met"] is True and rows["perplexity resident"]["relative_nll_difference"] < 1e-5
