@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import os
 import shutil
 import subprocess
@@ -92,8 +94,9 @@ def make_clone(dest: Path) -> tuple[Path, dict]:
     return dest, env
 
 
+@functools.lru_cache(maxsize=None)
 def load_benchmark(name: str):
-    """A script of ``benchmarks/`` as a module (the scripts import ``common`` from their own folder)."""
+    """A script of ``benchmarks/`` as a module, loaded once (the scripts import ``common`` from their own folder)."""
     import importlib.util
     import sys
 

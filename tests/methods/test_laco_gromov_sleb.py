@@ -7,12 +7,14 @@ import copy
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from conftest import load_benchmark
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, compress, get_method
 from layerfold.methods.laco import LACO_SENTENCES
+from layerfold.methods.sleb import SLEBConfig
 from layerfold.scoring.loss import calibration_nll
 from layerfold.scoring.similarity import block_angular_distance
 from layerfold.surgery import rdsc_code, rdsc_paper
@@ -301,17 +303,9 @@ def test_laco_bad_settings_raise(tokenizer) -> None:
 
 # SLEB search: the loss without each layer, sharing the prefix ------------------------------------
 #
-# The reference is the search this replaced, kept here on purpose: every candidate removed on trial
-# and the whole model run over the calibration blocks (``calibration_nll``).
-
-
-@pytest.fixture
-def single_thread():
-    """Tiny matmuls: intra-op threads only add barrier waits on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The references are the search this replaced: every candidate removed on trial and the whole model run
+# over the calibration blocks (``calibration_nll``); the whole search is benchmarks/sleb_search.py's
+# ``search_before``, which times it against the new one.
 
 
 def reference_removal_nll(model, blocks: torch.Tensor, positions, batch_size: int) -> dict[int, float]:
@@ -326,23 +320,7 @@ def reference_removal_nll(model, blocks: torch.Tensor, positions, batch_size: in
     return losses
 
 
-def reference_sleb_order(ctx: MethodContext, num_remove: int, protected: set[int]) -> tuple[list[int], list[dict[int, float]]]:
-    order, per_step = [], []
-    for _ in range(num_remove):
-        candidates = [i for i, group in enumerate(ctx.plan.groups) if not protected.intersection(group)]
-        losses = {}
-        for i in candidates:
-            with ctx.trial():
-                ctx.remove([i])
-                losses[i] = calibration_nll(ctx.model, ctx.calibration, ctx.batch_size)
-        best = min(losses, key=lambda i: (losses[i], i))
-        order.extend(ctx.plan.groups[best])
-        per_step.append(losses)
-        ctx.remove([best])
-    return order, per_step
-
-
-@pytest.mark.usefixtures("single_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_removal_nll_equals_trial_removal_bit_for_bit(family) -> None:
     from conftest import tiny_model
 
@@ -366,7 +344,7 @@ def test_removal_nll_equals_trial_removal_bit_for_bit(family) -> None:
         removal_nll(model, blocks, [4])
 
 
-@pytest.mark.usefixtures("single_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_removal_nll_runs_each_shared_prefix_once(tokenizer) -> None:
     from layerfold.scoring.loss import removal_nll
 
@@ -384,7 +362,7 @@ def test_removal_nll_runs_each_shared_prefix_once(tokenizer) -> None:
     assert calls[0] == 42
 
 
-@pytest.mark.usefixtures("single_thread")
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("which", ["tiny_llama", "stories260k"])
 def test_sleb_chooses_the_blocks_of_the_trial_removal_search(tokenizer, which: str) -> None:
     if which == "tiny_llama":
@@ -412,7 +390,8 @@ def test_sleb_chooses_the_blocks_of_the_trial_removal_search(tokenizer, which: s
     model = make()
     blocks = blocks_of(model)
     reference = context(make(), tokenizer, blocks)
-    order, per_step = reference_sleb_order(reference, num_remove, protected={0, model.config.num_hidden_layers - 1})
+    before = load_benchmark("sleb_search").search_before(reference, SLEBConfig(num_remove=num_remove))  # protects first and last
+    order, per_step = before["removal_order"], [step["losses"] for step in before["steps"]]
     ctx = context(model, tokenizer, blocks)
     details = compress(ctx, {"name": "sleb", "num_remove": num_remove})["details"]
     assert details["removal_order"] == order

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from layerfold.scoring.manifold import (
     diffusion_map,
@@ -232,38 +233,16 @@ def test_mutual_information_matrix_blocks_do_not_change_the_result(monkeypatch: 
 
 # 6. torch ports against the numpy/scikit-learn code they replaced ----------------------------
 #
-# The reference functions below are the replaced implementations, kept here on purpose: the
-# per-layer numpy diffusion map (np.linalg.cond, ridge retries, np.linalg.svd) and scikit-learn's
-# NearestNeighbors entropy. The SVD's column signs are left to LAPACK there, so the reference gets
+# The references below are the replaced implementations: the per-layer numpy diffusion map
+# (np.linalg.cond, ridge retries, np.linalg.svd; kept once, in benchmarks/mka_similarity.py) and
+# scikit-learn's NearestNeighbors entropy. The SVD's column signs are left to LAPACK there, so the reference gets
 # the same sign rule as the port before comparing (largest-magnitude entry positive).
 
 
 def _reference_diffusion_map(features: np.ndarray, sigma: float = 8.0, alpha: float = 0.5, dim: int = 2) -> np.ndarray:
+    """The replaced per-layer numpy diffusion map, as benchmarks/mka_similarity.py keeps it for timing."""
     x = np.asarray(features, dtype=np.float64).reshape(features.shape[0], -1)
-    x = x - x.mean(axis=0, keepdims=True)
-    gram = x @ x.T
-    sq = np.diag(gram)
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
-    np.fill_diagonal(dist, 0.0)
-    dist = 0.5 * (dist + dist.T)
-    kernel = np.exp(-np.sqrt(dist / sigma))
-    p = kernel.sum(axis=0)
-    k1 = kernel / np.outer(p, p) ** alpha
-    v = np.sqrt(k1.sum(axis=0))
-    a = k1 / np.outer(v, v)
-    cond, ridge = np.linalg.cond(a), 1e-6
-    for _ in range(10):
-        if np.isfinite(cond):
-            break
-        a = a + np.eye(len(a)) * ridge
-        cond, ridge = np.linalg.cond(a), ridge * 10.0
-    a = np.nan_to_num(a)
-    a[np.abs(a) < 1e-12] = 1e-12
-    u = np.linalg.svd(a, full_matrices=False)[0][:, : dim + 1].copy()
-    u[:, 0] = np.where(u[:, 0] == 0, 1e-8, u[:, 0])
-    psi = (u / u[:, :1])[:, 1 : dim + 1]
-    largest = np.argmax(np.abs(psi), axis=0)
-    return psi * np.sign(psi[largest, np.arange(dim)])
+    return load_benchmark("mka_similarity").numpy_diffusion_map(x, sigma, alpha, dim)
 
 
 def _reference_knn_entropy(y: np.ndarray, k: int) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from layerfold.capture.hooks import hidden_from, iterate_batches
+from layerfold.capture.hooks import hidden_from, hidden_into, iterate_batches
 from layerfold.models.adapters import get_adapter
 
 SKIP_TOKENS = ("last", "all")
@@ -116,7 +116,7 @@ class _Accumulator:
         n = self.stats.window
 
         def hook(module, args, kwargs, output):
-            entering = args[0] if args else kwargs["hidden_states"]
+            entering = hidden_into(args, kwargs)
             leaving = hidden_from(output)
             if index == 0:
                 self._keep(0, entering)

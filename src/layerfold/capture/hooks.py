@@ -22,6 +22,11 @@ from layerfold.models.adapters import get_adapter
 BoundaryCallback = Callable[[int, torch.Tensor], None]
 
 
+def hidden_into(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a decoder layer is called with (positionally in most families, else ``hidden_states=``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def hidden_from(output: object) -> torch.Tensor:
     # Decoder layers return a tensor in recent transformers and a tuple (hidden, ...) in older ones.
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -47,7 +52,7 @@ class LayerBoundaries:
 
     def __enter__(self) -> LayerBoundaries:
         def entering_first_layer(module, args, kwargs):
-            self.on_boundary(0, (args[0] if args else kwargs["hidden_states"]).detach())
+            self.on_boundary(0, hidden_into(args, kwargs).detach())
 
         def leaving(index: int):
             def hook(module, args, output):

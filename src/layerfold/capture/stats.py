@@ -356,8 +356,10 @@ def capture_statistics(
     *,
     max_distance: int | None = None,
     store_dtype: torch.dtype | None = None,
+    stats: BoundaryStatistics | None = None,
 ) -> BoundaryStatistics:
-    """One pass over ``blocks`` ``[n, seq]`` accumulating :class:`BoundaryStatistics` for the model's current layers.
+    """One pass over ``blocks`` ``[n, seq]`` accumulating :class:`BoundaryStatistics` for the model's current layers
+    (into ``stats`` when given, batch ids = batch positions in ``blocks``; else into new statistics).
 
     Hooks hand each boundary to :meth:`BoundaryStatistics.add` while the forward runs, so no batch of
     boundaries is stacked or widened to fp32. Only the decoder runs (``model.base_model``, no LM head):
@@ -365,7 +367,8 @@ def capture_statistics(
     """
     device = next(model.parameters()).device
     decoder = model.base_model
-    stats = BoundaryStatistics(get_adapter(model).num_layers(model) + 1, max_distance, store_dtype)
+    if stats is None:
+        stats = BoundaryStatistics(get_adapter(model).num_layers(model) + 1, max_distance, store_dtype)
     batch_id = 0
 
     def on_boundary(index: int, hidden: torch.Tensor) -> None:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from layerfold.capture.hooks import LayerBoundaries, iterate_batches
 from layerfold.capture.stats import BoundaryStatistics
+from layerfold.capture.stats import capture_statistics as resident_capture
 from layerfold.evaluation.perplexity import perplexity as resident_perplexity
 from layerfold.evaluation.perplexity import perplexity_result, perplexity_windows
 from layerfold.execution.layer_major import ExecutionReport, LayerMajorRunner, materialise_model
@@ -111,10 +111,7 @@ def capture_statistics(source: Source, blocks: torch.Tensor, hardware: Any, stat
     if _mode(hardware) == "resident":
         model = resident_model(source, device, dtype)
         _check_boundaries(stats, get_adapter(model).num_layers(model))
-        batch_id = 0
-        with LayerBoundaries(model, on_boundary=lambda index, hidden: stats.add(index, batch_id, hidden)):
-            for batch_id, batch in enumerate(iterate_batches(blocks, batch_size, device)):
-                model.base_model(input_ids=batch, use_cache=False)
+        resident_capture(model, blocks, batch_size, desc=None, stats=stats)
         return _resident_report(device, began)
     run = runner(source, hardware, device, dtype, batch_size)
     _check_boundaries(stats, run.num_layers)

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from layerfold.capture.hooks import hidden_from, hidden_into
 from layerfold.io import atomic_file
 from layerfold.models.adapters import get_adapter
 from layerfold.models.devices import peak_flops  # re-exported by layerfold.recovery
@@ -88,10 +89,6 @@ class _StopForward(Exception):
     """Raised by a teacher hook once every target of the batch is captured (the rest of the forward is not needed)."""
 
 
-def _hidden(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 class TeacherTaps:
     """Hooks on the teacher capturing span inputs (with the layer's call kwargs) and span outputs."""
 
@@ -106,12 +103,12 @@ class TeacherTaps:
     def __enter__(self) -> TeacherTaps:
         for start in {s.start for s in self.spans}:
             def save_input(module, args, kwargs, start=start):
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = hidden_into(args, kwargs)
                 self.inputs[start] = (hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"})
             self._handles.append(self.layers[start].register_forward_pre_hook(save_input, with_kwargs=True))
         for end in {s.end for s in self.spans}:
             def save_output(module, args, output, end=end):
-                self.outputs[end] = _hidden(output).detach()
+                self.outputs[end] = hidden_from(output).detach()
                 if end - 1 == self.last:
                     raise _StopForward
             self._handles.append(self.layers[end - 1].register_forward_hook(save_output))
@@ -133,7 +130,7 @@ class TeacherTaps:
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Run a decoder layer as the model's forward does, with the kwargs the teacher's layer received."""
-    return _hidden(layer(hidden, **kwargs))
+    return hidden_from(layer(hidden, **kwargs))
 
 
 class SpanStudent(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerfold.capture.hooks import iterate_batches
+from layerfold.capture.hooks import hidden_from, hidden_into, iterate_batches
 from layerfold.models.adapters import get_adapter
 from layerfold.surgery import StackSnapshot, remove_layers
 
@@ -65,16 +65,6 @@ class _Stop(Exception):
     """Raised by a hook once the hidden state it waits for is taken: the rest of the forward is not needed."""
 
 
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    # Decoder layers take the hidden state positionally (most families) or as ``hidden_states=``.
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _output_of(output: object) -> torch.Tensor:
-    # Decoder layers return a tensor in recent transformers and a tuple (hidden, ...) in older ones.
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @contextmanager
 def _only_layers(model: nn.Module, keep: Sequence[int]) -> Iterator[None]:
     """The model with only the decoder layers at positions ``keep`` (in order), restored on exit.
@@ -105,7 +95,7 @@ def _forward_from(model: nn.Module, batch: torch.Tensor, hidden: torch.Tensor | 
         return args, {**kwargs, "hidden_states": hidden}
 
     def take(module, args, output):
-        taken.append(_output_of(output))
+        taken.append(hidden_from(output))
         raise _Stop
 
     handles = []
@@ -129,7 +119,7 @@ def _input_of(model: nn.Module, batch: torch.Tensor, position: int) -> torch.Ten
     taken: list[torch.Tensor] = []
 
     def take(module, args, kwargs):
-        taken.append(_hidden_of(args, kwargs))
+        taken.append(hidden_into(args, kwargs))
         raise _Stop
 
     handle = layers[position].register_forward_pre_hook(take, with_kwargs=True)
