@@ -87,19 +87,21 @@ def legacy_capture(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int
     return {"cosine": cosine_sum / tokens, "last_token_angular": angular_sum / blocks.shape[0], "sample_features": torch.cat(features, dim=1)}
 
 
-def streaming_capture(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    stats = capture_statistics(model, blocks, batch_size, desc=None)
+def streaming_capture(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int,
+                      max_distance: int | None = None) -> dict[str, torch.Tensor]:
+    stats = capture_statistics(model, blocks, batch_size, desc=None, max_distance=max_distance)
     return {"cosine": stats.cosine.double(), "last_token_angular": stats.last_token_angular.double(), "sample_features": stats.sample_features}
 
 
 def differences(result: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
     """Largest differences of one capture's statistics to the legacy ones (the diagonal of the angular distance is
-    arccos of a rounded 1 in legacy and exactly 0 now, so it is left out)."""
+    arccos of a rounded 1 in legacy and exactly 0 now, so it is left out; so are pairs beyond max_distance)."""
     off_diagonal = ~torch.eye(len(result["cosine"]), dtype=torch.bool)
+    kept = result["cosine"].isfinite()  # with max_distance, pairs further apart are not computed (NaN)
     features, ref_features = result["sample_features"].float(), reference["sample_features"].float()
     return {
-        "max_abs_diff_cosine_vs_legacy": float((result["cosine"] - reference["cosine"]).abs().max()),
-        "max_abs_diff_angular_vs_legacy": float((result["last_token_angular"] - reference["last_token_angular"])[off_diagonal].abs().max()),
+        "max_abs_diff_cosine_vs_legacy": float((result["cosine"] - reference["cosine"])[kept].abs().max()),
+        "max_abs_diff_angular_vs_legacy": float((result["last_token_angular"] - reference["last_token_angular"])[off_diagonal & kept].abs().max()),
         "max_rel_diff_features_vs_legacy": float((features - ref_features).abs().max() / ref_features.abs().max().clamp_min(1e-30)),
     }
 
@@ -112,7 +114,8 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
         return AutoModelForCausalLM.from_config(llama_config(shape), dtype=dtype).eval()
 
 
-def measure_shape(shape: str, blocks: torch.Tensor, device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def measure_shape(shape: str, blocks: torch.Tensor, device: torch.device, dtype: torch.dtype, repeats: int,
+                  max_distance: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All rows of one shape and a summary of its target check."""
     model = build_model(shape, device, dtype)
     config = model.config
@@ -121,6 +124,8 @@ def measure_shape(shape: str, blocks: torch.Tensor, device: torch.device, dtype:
     sizes = sorted({min(b, n) for b in BATCH_SIZES})
     variants: dict[str, Callable[[], Any]] = {f"plain b{b}": (lambda b=b: plain_forward(model, blocks, b)) for b in sizes}
     variants |= {f"capture b{b}": (lambda b=b: streaming_capture(model, blocks, b)) for b in sizes}
+    if max_distance is not None:  # the pairs a method reads (capture.max_distance): fewer boundaries kept per batch
+        variants |= {f"capture-d{max_distance} b{b}": (lambda b=b: streaming_capture(model, blocks, b, max_distance)) for b in sizes}
     variants[f"legacy b{min(LEGACY_BATCH, n)}"] = lambda: legacy_capture(model, blocks, min(LEGACY_BATCH, n))
 
     failed = {}
@@ -145,10 +150,11 @@ def measure_shape(shape: str, blocks: torch.Tensor, device: torch.device, dtype:
         sync(device)
         reset_peak_gpu(device)
         results[name] = fn()
-        kind, batch = name.split()[0], int(name.split()[1][1:])
+        kind, batch = name.split()[0].split("-")[0], int(name.split()[1][1:])
         r = row(f"{shape} {name}", timing=timings[name], tokens=n * seq, device=device, weights_mib=weights_mib,
                 flops=forward_flops(**flops_base, logits_tokens=logits_tokens[kind]), shape=shape, variant=kind,
-                batch_size=batch, ratio_to_best_plain=round(timings[name].median / reference_s, 4))
+                batch_size=batch, ratio_to_best_plain=round(timings[name].median / reference_s, 4),
+                max_distance=max_distance if "-d" in name.split()[0] else None)
         if kind != "plain":
             memory = r.get("peak_gpu_over_weights")  # None off-GPU: only the speed part can be checked there
             r.update(target=f"<= {TARGET_SPEED}x {plain_best} ({reference_s:.3f} s) and peak <= {TARGET_MEMORY}x weights",
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant after the warm-up (default 3)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-distance", type=int, default=None,
+                        help="also time capture with capture.max_distance=D (only pairs of boundaries at most D apart)")
     parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/capture_speed_<device>.json)")
     args = parser.parse_args(argv)
 
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         vocab = llama_config(shape).vocab_size
         blocks = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
-        shape_rows, summary = measure_shape(shape, blocks, device, dtype, args.repeats)
+        shape_rows, summary = measure_shape(shape, blocks, device, dtype, args.repeats, args.max_distance)
         rows += shape_rows
         summaries.append(summary)
         print(summary, flush=True)
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "capture_speed",
         "environment": environment(device),
         "settings": {"shapes": shapes, "tokens": f"{n}x{seq}", "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats,
-                     "batch_sizes": list(BATCH_SIZES), "legacy_batch": LEGACY_BATCH, "weights": "random (time and memory only)",
+                     "max_distance": args.max_distance, "batch_sizes": list(BATCH_SIZES), "legacy_batch": LEGACY_BATCH, "weights": "random (time and memory only)",
                      "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "summaries": summaries},
         "rows": rows,
         "notes": ("Variants alternate round-robin in one process after one untimed run each; ratio_to_best_plain = median / the "

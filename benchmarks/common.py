@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from layerfold.evaluation.efficiency import Timing, Workload, alternate, synchronize, timed  # noqa: F401 (re-exported)
-from layerfold.models.devices import device_name, host_peak_rss_mib, mfu
+from layerfold.models.devices import device_name, host_peak_rss_mib, library_versions, mfu
 
 # Real configurations of the paper-scale models (published config.json values). Random weights of these
 # shapes give real time and memory, never accuracy.
@@ -89,13 +89,10 @@ def forward_flops(num_params_no_embed: int, tokens: int, num_layers: int = 0, hi
 
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Where and when a result was measured."""
-    import transformers
-
     return {
         "date": _dt.date.today().isoformat(),
         "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **library_versions(),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
     }

@@ -157,7 +157,8 @@ def run_after(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
         for label in ("first_model", "further_model_same_process", "further_model_new_runner")[:args.passes]:
             if label != "further_model_same_process":  # a new runner = what a later process sees
                 runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0,
-                                              bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir, scoring=args.scoring)
+                                              bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir, scoring=args.scoring,
+                                              head_rows=args.head_rows, batch_tokens=args.batch_tokens)
             per_task: dict[str, dict] = {}
             start = time.perf_counter()
             report = runner.evaluate(model, tokenizer, batch_size=args.batch_size, timings=per_task, phase_timer=timer)
@@ -168,15 +169,27 @@ def run_after(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
     return out
 
 
+SCORERS = {  # label -> (scoring, head_rows, batched by tokens); lm_eval first: the reference the others are compared to
+    "lm_eval": ("lm_eval", "all", False),
+    "vectorised": ("vectorised", "all", False),
+    "vectorised_head_read": ("vectorised", "read", False),
+    "vectorised_head_read_tokens": ("vectorised", "read", True),
+}
+
+
 def run_check(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -> dict:
-    """Score the suite with lm-eval's own per-request loop, then with the vectorised scorer, keeping
+    """Score the suite with lm-eval's own per-request loop, then with each vectorised scorer, keeping
     every request's answer; the check is that all ~10^5 (log-likelihood, is-greedy) pairs and every
-    document's 0/1 are identical. Pass a warm ``--cache-dir`` so both walls are further-model times."""
+    document's 0/1 are identical to lm-eval's. Pass a warm ``--cache-dir`` so every wall is a
+    further-model time; the scorers run in ``SCORERS`` order (with ``--check-rounds 2`` again in
+    reverse, each wall the lower of its two runs, so none gains from running later)."""
     answers: dict[str, list] = {}
     out: dict[str, dict] = {}
+    walls: dict[str, list[float]] = defaultdict(list)
     make_lm = harness.make_lm
-
-    for label, scoring in (("lm_eval", "lm_eval"), ("vectorised", "vectorised")):
+    labels = [label for label in SCORERS if label in args.scorers]
+    for label in labels + (labels[::-1] if args.check_rounds == 2 else []):
+        scoring, head_rows, by_tokens = SCORERS[label]
         recorded: list = []
 
         def recording_make_lm(*a, **k):
@@ -193,31 +206,40 @@ def run_check(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
 
         harness.make_lm = recording_make_lm
         try:
-            runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0,
-                                          bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir, scoring=scoring)
+            runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0, bootstrap_iters=args.bootstrap_iters,
+                                          cache_dir=cache_dir, scoring=scoring, head_rows=head_rows,
+                                          batch_tokens=args.batch_tokens if by_tokens else None)
             start = time.perf_counter()
             report = runner.evaluate(model, tokenizer, batch_size=args.batch_size)
-            wall = time.perf_counter() - start
+            walls[label].append(round(time.perf_counter() - start, 3))
         finally:
             harness.make_lm = make_lm
+        if label in answers:
+            if answers[label] != recorded:
+                raise RuntimeError(f"{label}: two runs of the same scorer disagree; the check is meaningless")
+            continue
         answers[label] = recorded
-        out[label] = {"wall": round(wall, 3), "requests": len(recorded),
+        out[label] = {"requests": len(recorded),
                       "per_doc": {t: r.get("per_doc") for t, r in report.items()},
                       "scores": {t: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n")}
                                  for t, r in report.items()}}
-        print(label, out[label]["wall"], len(recorded), flush=True)
-    stock, fast = answers["lm_eval"], answers["vectorised"]
-    differing = [i for i, (a, b) in enumerate(zip(stock, fast)) if a != b]
-    result = {
-        "passes": {k: {"wall": v["wall"], "requests": v["requests"]} for k, v in out.items()},
-        "requests": len(stock),
-        "identical_requests": len(stock) == len(fast) and not differing,
-        "differing_requests": len(differing),
-        "identical_per_doc": out["vectorised"]["per_doc"] == out["lm_eval"]["per_doc"],
-        "identical_scores": out["vectorised"]["scores"] == out["lm_eval"]["scores"],
-        "scores": out["vectorised"]["scores"],
-    }
-    print(json.dumps({k: v for k, v in result.items() if k != "scores"}), flush=True)
+        print(label, walls[label], len(recorded), flush=True)
+    stock = answers["lm_eval"]
+    result: dict = {"requests": len(stock), "scorers": {}, "scores": out["lm_eval"]["scores"]}
+    for label in labels:
+        fast = answers[label]
+        differing = [i for i, (a, b) in enumerate(zip(stock, fast)) if a != b]
+        largest = max((abs(stock[i][0] - fast[i][0]) for i in differing), default=0.0)
+        result["scorers"][label] = {
+            "walls": walls[label], "wall": min(walls[label]), "requests": len(fast),
+            "identical_requests": len(stock) == len(fast) and not differing,
+            "differing_requests": len(differing),
+            "differing_greedy": sum(stock[i][1] != fast[i][1] for i in differing),
+            "largest_loglikelihood_difference": largest,
+            "identical_per_doc": out[label]["per_doc"] == out["lm_eval"]["per_doc"],
+            "identical_scores": out[label]["scores"] == out["lm_eval"]["scores"],
+        }
+    print(json.dumps(result["scorers"]), flush=True)
     return result
 
 
@@ -335,6 +357,12 @@ def main() -> None:
                              "check: lm-eval's scoring loop vs the vectorised scorer, every request compared; "
                              "newprocess: the first model of a later process (child processes on one persistent cache)")
     parser.add_argument("--scoring", choices=["vectorised", "lm_eval"], default="vectorised", help="after: the runner's scorer")
+    parser.add_argument("--head-rows", choices=["all", "read"], default="all", help="after: where the vectorised scorer applies the LM head")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="after: padded tokens per forward (vectorised); check: the budget of vectorised_head_read_tokens")
+    parser.add_argument("--check-rounds", type=int, choices=[1, 2], default=1, help="check: 2 = again in reverse order")
+    parser.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=list(SCORERS),
+                        help="check: the scorers compared (lm_eval is always included, as the reference)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="after: request/token cache root (default: a fresh temporary one)")
     parser.add_argument("--no-forward", action="store_true",
                         help="replace HFLM._loglikelihood_tokens (forward, scoring, Collator) by constant results: overhead only, scores meaningless")
@@ -348,6 +376,7 @@ def main() -> None:
     args = parser.parse_args()
     args.limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     args.batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    args.scorers = ["lm_eval", *(label for label in args.scorers if label != "lm_eval")]
     harness.quiet_lm_eval(REPO / ".cache/lm_eval/logs" / f"{args.out.stem}.log")  # lm-eval's own log lines
 
     if args.no_forward:
@@ -380,6 +409,7 @@ def main() -> None:
         "vocab": len(tokenizer), "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
         "tasks": args.tasks, "num_fewshot": shots, "date": time.strftime("%Y-%m-%d"),
         "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "scoring": args.scoring,
+        "head_rows": args.head_rows, "batch_tokens": args.batch_tokens,
     }
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = harness.write_task_configs(Path(args.benchmarks), Path(tmp) / "tasks")

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from layerfold import execution
 from layerfold.evaluation.efficiency import device_name, measure_efficiency
+from layerfold.models.devices import library_versions
 from layerfold.io import write_json
 from layerfold.models import checkpoint_facts, describe, load_checkpoint
 from layerfold.models.sources import POINTER_FILE, resolve_pointer
@@ -53,7 +54,8 @@ def main(name: str, checkpoint: str) -> None:
     else:
         model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)
         metrics = {"model": describe(model)}
-    metrics |= {"device": device_name(stage.device), "dtype": str(stage.dtype).replace("torch.", "")}
+    metrics |= {"device": device_name(stage.device), "dtype": str(stage.dtype).replace("torch.", ""),
+                "versions": library_versions()}
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -82,12 +84,13 @@ def main(name: str, checkpoint: str) -> None:
             local = write_task_configs(benchmarks, Path(task_dir)) if benchmarks.exists() else None
             metrics["lm_eval"] = run_lm_eval(
                 model, tokenizer, list(le.tasks), dict(le.num_fewshot), le.batch_size, le.limit, local, le.max_length,
-                le.bootstrap_iters, seed=seed, cache_dir=cache, scoring=le.scoring,
+                le.bootstrap_iters, seed=seed, cache_dir=cache, scoring=le.scoring, head_rows=le.head_rows,
+                batch_tokens=le.batch_tokens,
             )
         metrics["lm_eval_settings"] = {
             "limit": le.limit, "sampling": "seeded random subset" if le.limit is not None else "full sets",
             "seed": seed, "num_fewshot": dict(le.num_fewshot), "local_tasks": local is not None,
-            "scoring": le.scoring,
+            "scoring": le.scoring, "head_rows": le.head_rows, "batch_tokens": le.batch_tokens,
         }
         timings["lm_eval_s"] = time.perf_counter() - started
 

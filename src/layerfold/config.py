@@ -115,6 +115,12 @@ class LmEvalConfig:
     # vectorised: layerfold scores each batch's requests in one pass (same forward, same log-softmax,
     # same numbers); lm_eval: lm-eval's own per-request loop, for checking the former.
     scoring: str = field(default="vectorised", metadata={"choices": ["vectorised", "lm_eval"]})
+    # where the vectorised scorer applies the LM head: all = every position, as lm-eval (its numbers
+    # exactly); read = only the positions a request reads (same up to a matrix product's summation order)
+    head_rows: str = field(default="all", metadata={"choices": ["all", "read"]})
+    # vectorised only: padded tokens per forward instead of batch_size rows (fewer, fuller forwards for
+    # short sequences); null = lm-eval's batch_size
+    batch_tokens: Optional[int] = field(default=None, metadata={"ge": 1})
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from layerfold.config import ConfigError, Params, check_ranges
-from layerfold.methods import get_method
+from layerfold.methods import check_layer_major, get_method
 from layerfold.models.adapters import get_adapter
 from layerfold.models.facts import ModelFacts
 
@@ -26,6 +26,8 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
         get_adapter(facts.model_type)
     bounds = facts.bounds() if facts is not None else {}
     get_method(params.method, bounds)
+    if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
+        check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
     if facts is None:
         return
     check_ranges(params, Params, where, facts=bounds)

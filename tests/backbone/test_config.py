@@ -65,7 +65,7 @@ def test_stage_params_are_granular():
     """Each stage depends only on the groups it reads, so an eval knob never re-runs capture."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert "eval" not in stages["capture"]["params"] and "method" not in stages["capture"]["params"]
-    assert stages["compress"]["params"] == ["method", "runtime"]
+    assert stages["compress"]["params"] == ["method", "hardware", "runtime"]
     assert "eval" in stages["evaluate"]["do"]["params"]
 
 

@@ -460,9 +460,12 @@ class LmEvalRunner:
         bootstrap_iters: int = 1000,
         cache_dir: Path | None = None,
         scoring: str = "vectorised",
+        head_rows: str = "all",
+        batch_tokens: int | None = None,
     ) -> None:
         self.tasks = list(tasks)
         self.limit, self.seed, self.bootstrap_iters, self.scoring = limit, seed, bootstrap_iters, scoring
+        self.head_rows, self.batch_tokens = head_rows, batch_tokens
         self.names, self.manager = lm_eval_tasks(self.tasks, local_task_dir)
         self.by_shots: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for stock, name in zip(self.tasks, self.names):
@@ -522,7 +525,7 @@ class LmEvalRunner:
         from lm_eval.evaluator import evaluate
 
         token_cache = self._token_caches.setdefault(tokenizer_key(tokenizer), {})
-        lm = make_lm(model, tokenizer, batch_size, max_length, token_cache, self.scoring)
+        lm = make_lm(model, tokenizer, batch_size, max_length, token_cache, self.scoring, self.head_rows, self.batch_tokens)
         # A later process with the same tokenizer and task data reads the tokens instead of re-tokenizing.
         token_file = None if self.cache_dir is None else token_cache_file(self.cache_dir, lm)
         if token_file is not None and token_file not in self._token_files_read:
@@ -578,16 +581,18 @@ _RUNNERS: dict[tuple, LmEvalRunner] = {}
 
 def shared_runner(
     tasks: list[str], num_fewshot: dict[str, int], local_task_dir: Path | None, *, limit: int | float | None,
-    seed: int, bootstrap_iters: int, cache_dir: Path | None, scoring: str = "vectorised",
+    seed: int, bootstrap_iters: int, cache_dir: Path | None, scoring: str = "vectorised", head_rows: str = "all",
+    batch_tokens: int | None = None,
 ) -> LmEvalRunner:
     """The process's :class:`LmEvalRunner` for these settings, so models evaluated one after another in
     one process (``scripts/run_methods.py``) share its task set and token caches. Task files are
     identified by content (:func:`request_cache_key`), not by the (temporary) folder they sit in."""
     key = (tuple(tasks), tuple(sorted((k, int(v)) for k, v in num_fewshot.items())), request_cache_key(local_task_dir),
-           limit, seed, bootstrap_iters, None if cache_dir is None else str(cache_dir), scoring)
+           limit, seed, bootstrap_iters, None if cache_dir is None else str(cache_dir), scoring, head_rows, batch_tokens)
     if key not in _RUNNERS:
         _RUNNERS[key] = LmEvalRunner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed,
-                                     bootstrap_iters=bootstrap_iters, cache_dir=cache_dir, scoring=scoring)
+                                     bootstrap_iters=bootstrap_iters, cache_dir=cache_dir, scoring=scoring,
+                                     head_rows=head_rows, batch_tokens=batch_tokens)
     return _RUNNERS[key]
 
 
@@ -604,6 +609,8 @@ def run_lm_eval(
     seed: int = 0,
     cache_dir: Path | None = None,
     scoring: str = "vectorised",
+    head_rows: str = "all",
+    batch_tokens: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on ``tasks`` (stock names) with lm-eval; results keyed by stock name.
 
@@ -621,6 +628,9 @@ def run_lm_eval(
         cache_dir: root of lm-eval's request cache (None: no cache).
         scoring: ``vectorised`` (default) or ``lm_eval`` (lm-eval's per-request loop), see
             :mod:`layerfold.evaluation.lm`; both give the same numbers.
+        head_rows: ``all`` (default) or ``read``: where the vectorised scorer applies the LM head
+            (:func:`layerfold.evaluation.lm.make_lm`).
+        batch_tokens: None (lm-eval's ``batch_size``) or padded tokens per forward (vectorised only).
 
     Calls with the same settings in one process share one :func:`shared_runner`.
 
@@ -631,5 +641,6 @@ def run_lm_eval(
         ``n`` is the number of docs over all its subtasks. Uncomputable stderrs are None.
     """
     runner = shared_runner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters,
-                           cache_dir=cache_dir, scoring=scoring)
+                           cache_dir=cache_dir, scoring=scoring, head_rows=head_rows,
+                           batch_tokens=batch_tokens)
     return runner.evaluate(model, tokenizer, batch_size, max_length)

@@ -7,6 +7,9 @@
   arguments, activations on the device or in pinned host memory, optional prefetch).
 - :mod:`~layerfold.execution.nll`: next-token NLL from the last boundary, LM head in chunks.
 - :mod:`~layerfold.execution.entry`: one entry point per consumer, chosen by ``hardware.mode``.
+- :mod:`~layerfold.execution.trials`: what compression methods measure during their search (NLL,
+  removal NLL, final representations, statistics), answered resident or layer-major under a plan.
+- :mod:`~layerfold.execution.checkpoint`: a checkpoint written layer by layer from a loader.
 
 Place in the import order: beside ``methods`` and ``recovery`` (it uses capture, scoring, surgery,
 evaluation's perplexity protocol, models), so methods may ask it to "run layers a..b over these
@@ -18,10 +21,12 @@ from layerfold.execution.layer_major import Activations, ExecutionReport, LayerM
 from layerfold.execution.loaders import LayerLoader, ModelLayerLoader, SafetensorsLayerLoader, SeededLayerLoader
 from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import LayerRecipe, PlanError, PlannedLayerLoader, WeightedLayerPlan, coefficients_of, recipes_from_plan
+from layerfold.execution.trials import LayerMajorStack, ResidentStack
+from layerfold.execution.checkpoint import save_layerwise
 
 __all__ = [
-    "Activations", "ExecutionReport", "LayerLoader", "LayerMajorRunner", "LayerRecipe", "ModelLayerLoader", "PlanError",
+    "Activations", "ExecutionReport", "LayerLoader", "LayerMajorRunner", "LayerMajorStack", "LayerRecipe", "ModelLayerLoader", "PlanError", "ResidentStack",
     "PlannedLayerLoader", "SafetensorsLayerLoader", "SeededLayerLoader", "TokenNLL", "WeightedLayerPlan", "build_skeleton",
     "capture_statistics", "coefficients_of", "layer_loader", "materialise_model", "perplexity", "perplexity_windows",
-    "probe_layer_calls", "recipes_from_plan", "resident_model", "runner", "token_nll",
+    "probe_layer_calls", "recipes_from_plan", "resident_model", "runner", "save_layerwise", "token_nll",
 ]

@@ -56,8 +56,8 @@ def build_skeleton(loader: LayerLoader, device: torch.device, dtype: torch.dtype
     for real (accelerate's ``init_empty_weights`` keeps buffers) and moved to ``device`` in the dtype
     the model computed them in, as ``from_pretrained`` leaves them.
     """
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(loader.config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # a copy of the config: editing the skeleton must not change the loader's
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(loader.config), dtype=dtype)
     model.eval()
     for module in model.modules():
         for name, buffer in module._buffers.items():
@@ -168,6 +168,21 @@ class Activations:
     @property
     def num_batches(self) -> int:
         return len(self.hidden)
+
+    def fork(self) -> Activations:
+        """A second handle on the same boundary: running layers over it leaves this one as it is.
+
+        Cheap: the tensors are shared, never copied, since layers replace them rather than write into them.
+        """
+        return Activations(self.placement, self.device, self.boundary, list(self.hidden), self.input_ids, self.calls)
+
+    def extend(self, other: Activations) -> None:
+        """Append ``other``'s batches (same boundary and placement), e.g. sequences of different lengths embedded one by one."""
+        if (other.boundary, other.placement) != (self.boundary, self.placement):
+            raise ValueError(f"Cannot join activations at boundary {other.boundary} ({other.placement}) to boundary {self.boundary} ({self.placement}).")
+        self.hidden += other.hidden
+        self.input_ids += other.input_ids
+        self.calls += other.calls
 
     def store(self, hidden: torch.Tensor) -> torch.Tensor:
         """Where a boundary of one batch is kept: as it is on the device, or copied to (pinned) host memory."""
@@ -338,7 +353,25 @@ class LayerMajorRunner:
         self.model = build_skeleton(loader, self.device, dtype)
         self.adapter = get_adapter(self.model)
         self.templates = list(self.adapter.get_layers(self.model))
+        self.call_of = list(range(len(self.templates)))  # layer k runs with the call arguments probed for layer call_of[k]
         self.report = ExecutionReport()
+
+    def over(self, loader: LayerLoader, call_of: list[int]) -> LayerMajorRunner:
+        """A runner over another stack of the same model (e.g. a :class:`~layerfold.execution.PlannedLayerLoader` of
+        this runner's loader) that shares this runner's skeleton, settings and report.
+
+        Layer ``k`` of ``loader`` runs as this stack's layer ``call_of[k]`` does (its template and its
+        call arguments in activations this runner embedded): the layer a planned layer keeps the
+        per-layer settings of, as the plan's config does. Nothing is loaded, so trying many plans
+        costs no second copy of the embeddings or the LM head.
+        """
+        if len(call_of) != loader.num_layers or not all(0 <= i < self.num_layers for i in call_of):
+            raise ValueError(f"call_of={call_of} must name one of this stack's {self.num_layers} layers for each of the {loader.num_layers} layers.")
+        other = copy.copy(self)
+        other.loader = loader
+        other.templates = [self.templates[i] for i in call_of]
+        other.call_of = [self.call_of[i] for i in call_of]
+        return other
 
     @property
     def num_layers(self) -> int:
@@ -402,7 +435,7 @@ class LayerMajorRunner:
         layer = materialise_layer(self.templates[index], state)
 
         def step(b: int, hidden: torch.Tensor) -> torch.Tensor:
-            call = acts.calls[b][index]
+            call = acts.calls[b][self.call_of[index]]
             out = hidden_from(layer(hidden, *call.args, **call.kwargs))
             if on_boundary is not None:
                 on_boundary(index + 1, b, out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from transformers import PretrainedConfig
@@ -65,18 +66,30 @@ def coefficients_of(combine: Combine, num_others: int) -> list[float]:
     return weights
 
 
+# How one layer was built, step by step: an original layer index, or ``(combine, base build, other builds)``.
+Build = Union[int, tuple[Combine, "Build", tuple["Build", ...]]]
+
+
 class WeightedLayerPlan(LayerPlan):
-    """A :class:`LayerPlan` that also records each layer's merge coefficients over the original layers."""
+    """A :class:`LayerPlan` that also records each layer's merge coefficients over the original layers.
+
+    Beside the coefficients (what ``plan.json`` can hold) it keeps each layer's *builds*: the merge
+    rules in the order they were applied. :class:`PlannedLayerLoader` replays them with the
+    arithmetic of :func:`~layerfold.surgery.merge_weights` (float32, cast back after every merge), so
+    a merged layer equals the one a resident merge writes bit for bit, not only to rounding.
+    """
 
     def __init__(self, num_layers: int) -> None:
         super().__init__(num_layers)
         self.coefficients: list[dict[int, float]] = [{i: 1.0} for i in range(num_layers)]
         self.bases: list[int] = list(range(num_layers))
+        self.builds: list[Build | None] = list(range(num_layers))
 
     def remove(self, positions) -> None:
         drop = set(positions)
         self.coefficients = [c for i, c in enumerate(self.coefficients) if i not in drop]
         self.bases = [b for i, b in enumerate(self.bases) if i not in drop]
+        self.builds = [b for i, b in enumerate(self.builds) if i not in drop]
         super().remove(drop)
 
     def merge(self, base: int, others, combine: Combine | None = None) -> None:
@@ -95,7 +108,18 @@ class WeightedLayerPlan(LayerPlan):
                 for original, c in self.coefficients[position].items():
                     merged[original] = merged.get(original, 0.0) + weight * c
         self.coefficients[base] = merged  # type: ignore[assignment]
+        parts = [self.builds[p] for p in [base, *others]]
+        known = combine is not None and all(b is not None for b in parts)
+        self.builds[base] = (combine, parts[0], tuple(parts[1:])) if known else None
         super().merge(base, others)  # groups; calls self.remove(others), which drops their coefficients
+
+    def copy(self) -> WeightedLayerPlan:
+        """An independent copy (lists copied, merge rules shared: they are never changed)."""
+        other = WeightedLayerPlan(self.original_layers)
+        other.groups = [list(g) for g in self.groups]
+        other.coefficients = [None if c is None else dict(c) for c in self.coefficients]
+        other.bases, other.builds = list(self.bases), list(self.builds)
+        return other
 
     def to_json(self) -> dict:
         plan = super().to_json()
@@ -144,6 +168,8 @@ class PlannedLayerLoader:
     """
 
     def __init__(self, base: LayerLoader, plan: WeightedLayerPlan | dict | Sequence[LayerRecipe]) -> None:
+        # A plan still in memory replays its merges exactly (see WeightedLayerPlan); plan.json has coefficients only.
+        self.builds: list[Build | None] | None = list(plan.builds) if isinstance(plan, WeightedLayerPlan) else None
         if isinstance(plan, WeightedLayerPlan):
             plan = plan.to_json()
         if isinstance(plan, dict):
@@ -185,6 +211,8 @@ class PlannedLayerLoader:
         recipe = self.recipes[index]
         if recipe.is_copy:
             return self.base.load_layer(recipe.stands_for[0], device, dtype)
+        if self.builds is not None and self.builds[index] is not None:
+            return self._replay(self.builds[index], device, dtype)
         parts = {i: self.base.load_layer(i, device, dtype) for i, c in zip(recipe.stands_for, recipe.coefficients) if c != 0.0 or i == recipe.base}
         state = dict(parts[recipe.base])
         for key in state:
@@ -196,6 +224,22 @@ class PlannedLayerLoader:
                     term = c * parts[i][key].float()
                     total = term if total is None else total + term
             state[key] = total.to(dtype)
+        return state
+
+    def _replay(self, build: Build, device: torch.device | str, dtype: torch.dtype) -> StateDict:
+        """The layer ``build`` describes, merged as :func:`~layerfold.surgery.merge_weights` merges in place.
+
+        Linear weights and biases: ``combine(base.float(), [other.float(), ...]).to(dtype)``; every other
+        tensor is the base's.
+        """
+        if isinstance(build, int):
+            return self.base.load_layer(build, device, dtype)
+        combine, base, others = build
+        state = dict(self._replay(base, device, dtype))
+        parts = [self._replay(other, device, dtype) for other in others]
+        for key in state:
+            if key in self._linear_keys:
+                state[key] = combine(state[key].float(), [part[key].float() for part in parts]).to(dtype)
         return state
 
     def load_outer(self, device: torch.device | str, dtype: torch.dtype) -> StateDict:

@@ -1,8 +1,9 @@
 """Compression methods, registered by name: a method is one file plus one ``conf/method/*.yaml``.
 
-A method receives a :class:`MethodContext` (model, calibration data, statistics of the dense model)
-and edits the model in place through the context's surgery helpers, which keep the :class:`LayerPlan`
-in step. It returns a dict of details (scores, choices) that ends up in ``plan.json``.
+A method receives a :class:`MethodContext` (model, calibration data, statistics of the dense model),
+states its edits through the context (which keeps the plan in step) and asks the context for what it
+measures; the context answers resident or layer-major (``hardware=sequential``), so a method has one
+body for both. It returns a dict of details (scores, choices) that ends up in ``plan.json``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from layerfold.capture import BoundaryStatistics, capture_statistics
+from layerfold.capture import BoundaryStatistics
 from layerfold.config import ConfigError, validate
+from layerfold.execution.loaders import LayerLoader
+from layerfold.execution.plan import PlanError, WeightedLayerPlan
+from layerfold.execution.trials import LayerMajorStack, ResidentStack, Stack
 from layerfold.models.adapters import LayerAdapter, get_adapter
-from layerfold.surgery import LayerPlan, LayerSurgeryError, StackSnapshot, merge_weights, remove_layers
+from layerfold.surgery import LayerSurgeryError, StackSnapshot, remove_layers
 from layerfold.surgery.merge import Combine
 
 MethodFn = Callable[["MethodContext", Any], dict]
@@ -65,17 +69,41 @@ def get_method(raw: DictConfig | dict, facts: dict[str, int] | None = None) -> t
 
 @dataclass
 class MethodContext:
+    """What a method works on: the model (or, layer-major, its skeleton), calibration data and dense statistics.
+
+    Edits go through :meth:`remove` / :meth:`merge` (which keep :attr:`plan` in step) and measurements
+    through :meth:`calibration_nll`, :meth:`removal_nll`, :meth:`final_representations` and
+    :meth:`capture`; the :attr:`stack` answers them resident (the model edited in place) or layer-major
+    (``hardware=sequential``: the plan applied lazily, one layer on the device at a time), so a method
+    is written once. Build a layer-major context with :meth:`layer_major`; there ``model`` is a skeleton
+    whose decoder layers hold no weights (config, adapter and layer count only).
+    """
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     calibration: torch.Tensor  # [num_blocks, seq_len] token ids
     stats: BoundaryStatistics | None = None  # statistics of the dense model, from the capture stage
     batch_size: int = 4
-    plan: LayerPlan = field(init=False)
+    stack: Stack | None = None  # None: resident on ``model``
+    plan: WeightedLayerPlan = field(init=False)
     adapter: LayerAdapter = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.stack is None:
+            self.stack = ResidentStack(self.model, self.batch_size)
         self.adapter = get_adapter(self.model)
-        self.plan = LayerPlan(self.num_layers)
+        self.plan = WeightedLayerPlan(self.num_layers)
+
+    @classmethod
+    def layer_major(cls, loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, calibration: torch.Tensor, hardware: Any,
+                    device: torch.device | str, dtype: torch.dtype, stats: BoundaryStatistics | None = None, batch_size: int = 4) -> MethodContext:
+        """A context over ``loader``'s model that never loads it whole (``hardware`` = the ``hardware`` config section)."""
+        stack = LayerMajorStack(loader, hardware, device, dtype, batch_size)
+        return cls(stack.model, tokenizer, calibration, stats, batch_size, stack=stack)
+
+    @property
+    def is_layer_major(self) -> bool:
+        return bool(self.stack.layer_major)
 
     @property
     def num_layers(self) -> int:
@@ -83,26 +111,31 @@ class MethodContext:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.stack.device
 
     def layers(self) -> torch.nn.ModuleList:
         return self.adapter.get_layers(self.model)
 
     def remove(self, positions: list[int]) -> None:
-        remove_layers(self.model, positions)
+        self.stack.remove(positions)
         self.plan.remove(positions)
 
     def merge(self, base: int, others: list[int], combine: Combine) -> None:
         """Fold layers ``others`` into layer ``base`` with ``combine`` and delete them."""
-        merge_weights(self.model, base, others, combine)
-        remove_layers(self.model, others)
-        self.plan.merge(base, others)
+        self.stack.merge(base, others, combine)
+        try:
+            self.plan.merge(base, others, combine)
+        except PlanError:
+            if self.is_layer_major:
+                raise
+            self.plan.merge(base, others)  # resident: the model holds the weights; the plan records the grouping
 
     def replace_merge(self, base: int, others: list[int], state: dict[str, torch.Tensor]) -> None:
         """Layer ``base`` takes ``state`` (a full state dict of one layer, same shapes) and stands for ``others``, which are deleted.
 
         For merges that build a new layer rather than combining weights elementwise (CoMe's concatenation).
         """
+        self._resident_only("a merge that builds a new layer (replace_merge)")
         self.layers()[base].load_state_dict(state, strict=True)
         remove_layers(self.model, others)
         self.plan.merge(base, others)
@@ -112,32 +145,81 @@ class MethodContext:
         """Try an edit; it is undone on exit unless ``trial.accept()`` was called.
 
         Only references to the layer modules and clones of the ``changed`` layers are kept, never a
-        copy of the model.
+        copy of the model (layer-major: the layers are meta, so only the plan is copied).
         """
-        trial = Trial(StackSnapshot(self.model, changed), [list(g) for g in self.plan.groups])
+        trial = Trial(StackSnapshot(self.model, changed), self.plan.copy())
         try:
             yield trial
         finally:
             if not trial.accepted:
                 trial.snapshot.restore()
-                self.plan.groups = trial.groups
+                self.plan = trial.plan
+
+    # Measurements of the model as it is *now* (the plan so far), resident or layer-major.
+    def calibration_nll(self) -> float:
+        """Mean next-token NLL over the calibration blocks (SLEB's criterion)."""
+        return self.stack.calibration_nll(self.plan, self.calibration)
+
+    def removal_nll(self, positions: list[int], desc: str | None = None) -> dict[int, float]:
+        """``{i: calibration_nll without layer i}`` for each position, the shared prefix run once."""
+        return self.stack.removal_nll(self.plan, self.calibration, positions, desc)
+
+    def final_representations(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Final-norm hidden states ``[seq, hidden]`` (float32) of each token sequence (LaCo's criterion)."""
+        return self.stack.final_representations(self.plan, inputs)
 
     def capture(self, desc: str | None = None) -> BoundaryStatistics:
         """Statistics of the model as it is *now* (iterative methods re-score after each edit)."""
-        return capture_statistics(self.model, self.calibration, self.batch_size, desc)
+        return self.stack.capture(self.plan, self.calibration, desc)
 
     def dense_stats(self) -> BoundaryStatistics:
         return self.stats if self.stats is not None else self.capture("capture")
+
+    def _resident_only(self, what: str) -> None:
+        if self.is_layer_major:
+            raise LayerMajorUnsupported(f"{what} needs the resident model; it cannot run with hardware=sequential. Use hardware=resident.")
 
 
 @dataclass
 class Trial:
     snapshot: StackSnapshot
-    groups: list[list[int]]
+    plan: WeightedLayerPlan  # the plan before the trial
     accepted: bool = False
 
     def accept(self) -> None:
         self.accepted = True
+
+
+class LayerMajorUnsupported(ConfigError):
+    """A method (or one of its settings) that cannot run with ``hardware=sequential``; the message names the fix."""
+
+
+# Methods written against the context's edits and measurements only, and the settings that still need
+# the resident model: CoMe builds merged layers by concatenation and re-scores them with hooks,
+# CoMe-P searches a ratio grid the same way, LLM-Streamline's replacements are new weights trained in
+# place.
+LAYER_MAJOR_METHODS = ("drop_last", "gromov", "laco", "mka", "shortgpt", "sleb", "streamline")
+
+
+def layer_major_blocker(name: str, cfg: Any) -> str | None:
+    """Why method ``name`` with settings ``cfg`` cannot run layer-major, or None when it can."""
+    if name not in LAYER_MAJOR_METHODS:
+        if name in ("come", "come_p"):
+            return f"method={name} merges layers by concatenation and re-scores the merged model with hooks on the resident model"
+        return f"method={name} has not been written against the layer-major context (layerfold.methods.MethodContext measurements)"
+    if name == "streamline" and cfg.replacement != "none":
+        return (f"method=streamline with method.replacement={cfg.replacement} builds a replacement layer in place and "
+                "trains it (only method.replacement=none, the pure window removal, runs layer-major)")
+    return None
+
+
+def check_layer_major(raw_cfg: DictConfig | dict) -> None:
+    """Fail before anything is loaded when the configured method cannot run with ``hardware=sequential``."""
+    spec, cfg = get_method(raw_cfg)
+    why = layer_major_blocker(spec.name, cfg)
+    if why is not None:
+        raise LayerMajorUnsupported(f"{why}; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`), "
+                                    "on a device that holds the whole model.")
 
 
 def check_target(ctx: MethodContext, num_remove: int) -> None:
@@ -151,6 +233,8 @@ def check_target(ctx: MethodContext, num_remove: int) -> None:
 
 def compress(ctx: MethodContext, raw_cfg: DictConfig | dict) -> dict:
     """Run the configured method on ``ctx`` and return ``plan.json`` content."""
+    if ctx.is_layer_major:
+        check_layer_major(raw_cfg)
     spec, cfg = get_method(raw_cfg)
     details = spec.fn(ctx, cfg)
     return {"method": OmegaConf.to_container(cfg, resolve=True), **ctx.plan.to_json(), "details": details}

@@ -18,7 +18,9 @@ Additions to the notebook: ``target_layers`` clamps ``K`` so the stack never dro
 and ends the loop as soon as the target is reached (``target_layers=None`` runs the notebook's loop
 exactly: preset ``laco_code_parity``; ``laco_code_22`` is the code merge with the target stop);
 trials run in place through :meth:`MethodContext.trial` (only layer ``l`` is cloned; the notebook
-deep-copies the model twice per trial).
+deep-copies the model twice per trial). With ``hardware=sequential`` the context runs each trial layer
+by layer from the dense model's boundary at ``l`` (the layers below a trial's base are the dense ones),
+the merged layer built lazily from the plan.
 
 Two merge rules: ``rdsc="paper"`` is Eq. 1, ``theta_l + sum_k (theta_{l+k} - theta_l)``;
 ``rdsc="code"`` is what the released code computes (``W += W_{l+k} - W`` updated in place, which
@@ -36,7 +38,7 @@ import torch
 
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, register
-from layerfold.scoring.loss import final_representations, representation_similarity
+from layerfold.scoring.loss import representation_similarity
 from layerfold.surgery import rdsc_code, rdsc_paper
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
     C, I, T, target = cfg.merge_layers, cfg.interval, cfg.threshold, cfg.target_layers
 
     inputs = tokenize_sentences(ctx.tokenizer, list(cfg.sentences), cfg.add_bos)
-    reference = final_representations(ctx.model, inputs)  # the dense model M, computed once
+    reference = ctx.final_representations(inputs)  # the dense model M, computed once
 
     trials: list[dict] = []
     base = highest - C
@@ -133,7 +135,7 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
         stands_for = sorted(o for i in window for o in ctx.plan.groups[i])
         with ctx.trial(changed=[base]) as trial:
             ctx.merge(base, window[1:], combine)
-            sim = representation_similarity(reference, final_representations(ctx.model, inputs))
+            sim = representation_similarity(reference, ctx.final_representations(inputs))
             accepted = sim > T
             if accepted:
                 trial.accept()

@@ -106,7 +106,6 @@ from scipy.stats import spearmanr
 
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, check_target, register
-from layerfold.scoring.loss import calibration_nll
 from layerfold.scoring.manifold import (
     ALPHA_MODES,
     GUARDS,
@@ -329,7 +328,7 @@ def _break_tie(ctx: MethodContext, cfg: MKAConfig, candidates: list[int], alphas
     for t in candidates:
         with ctx.trial(changed=[t]):
             _merge_or_drop(ctx, t, alphas[t], cfg.apply_merge)
-            losses[t] = calibration_nll(ctx.model, ctx.calibration, ctx.batch_size)
+            losses[t] = ctx.calibration_nll()
     return losses
 
 

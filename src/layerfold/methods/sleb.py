@@ -30,6 +30,11 @@ fp32, one thread, 2 windows x 64 tokens; ``benchmarks/results/cpu_smollm2_sleb_s
 step over all candidates 1.87 -> 1.52 s at 10 layers, 7.42 -> 5.45 s at 20, 14.87 -> 10.01 s at 30
 (block passes 72 -> 44, 342 -> 189, 812 -> 434); the 2-step search on 30 layers 27.9 -> 18.7 s
 (1.49x), the same blocks removed and every candidate loss identical.
+
+**Layer-major** (``hardware=sequential``): the context measures the same losses one layer at a time
+(:class:`layerfold.execution.trials.LayerMajorStack`) with the same prefix sharing: the calibration
+blocks are embedded once per step, the state entering each candidate is carried forward, and only
+the suffix after it runs for "without ``i``". The losses equal the resident ones to float32 rounding.
 """
 
 from dataclasses import dataclass, field
@@ -38,7 +43,6 @@ from tqdm.auto import tqdm
 
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, check_target, register
-from layerfold.scoring.loss import calibration_nll, removal_nll
 
 
 @dataclass
@@ -66,10 +70,10 @@ def sleb(ctx: MethodContext, cfg: SLEBConfig) -> dict:
             f"(protect_first={cfg.protect_first}, protect_last={cfg.protect_last}); lower one of them."
         )
 
-    dense_loss = calibration_nll(ctx.model, ctx.calibration, ctx.batch_size)
+    dense_loss = ctx.calibration_nll()
     steps, removed = [], []
     for step in tqdm(range(cfg.num_remove), desc="sleb"):
-        losses = removal_nll(ctx.model, ctx.calibration, candidates(), ctx.batch_size, desc=f"sleb step {step + 1}")
+        losses = ctx.removal_nll(candidates(), desc=f"sleb step {step + 1}")
         best = min(losses, key=lambda i: (losses[i], i))
         original = list(ctx.plan.groups[best])
         steps.append(

@@ -18,6 +18,19 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def library_versions() -> dict[str, str | None]:
+    """The versions a measured number depends on (recorded beside every metric and benchmark)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"torch": torch.__version__, "transformers": installed("transformers"), "lm_eval": installed("lm_eval")}
+
+
 def peak_flops(name: str) -> float | None:
     """The dense bf16 peak of the device called ``name`` (:func:`device_name`), or None when unknown."""
     return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)

@@ -21,6 +21,10 @@ COLUMNS = [("experiment", 20, False), ("model", 20, False), ("method", 12, False
 LEGEND = "avg acc: mean headline accuracy ± stderr (tasks all runs have); Δ: final − dense, points ± stderr; * = beyond 1.96 se"
 
 
+def _optional_json(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
 def runs_from_methods_dir(out: str | Path) -> list[dict]:
     """Runs written by ``scripts/run_methods.py --out``: ``<out>/<name>/metrics.json`` (+ ``plan.json``,
     ``recovered.json``, ``params.yaml``), each compared with ``<out>/dense/metrics.json``."""
@@ -35,10 +39,14 @@ def runs_from_methods_dir(out: str | Path) -> list[dict]:
                          and ((p / "metrics.json").is_file() or (p / "recovered.json").is_file())):
         params = yaml.safe_load((folder / "params.yaml").read_text()) if (folder / "params.yaml").is_file() else {}
         runs.append({
-            "name": folder.name, "dense": dense,
-            "compressed": read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else None,
-            "recovered": read_json(folder / "recovered.json") if (folder / "recovered.json").is_file() else None,
-            "plan": read_json(folder / "plan.json") if (folder / "plan.json").is_file() else None,
+            "name": folder.name, "path": str(folder), "dense": dense,
+            "compressed": _optional_json(folder / "metrics.json"),
+            "recovered": _optional_json(folder / "recovered.json"),
+            "plan": _optional_json(folder / "plan.json"),
+            "compress": _optional_json(folder / "compress.json"),
+            "compress_time": _optional_json(folder / "compress_time.json"),
+            "recover": _optional_json(folder / "recover.json"),
+            "params": params,
             "meta": {"model": (params.get("model") or {}).get("name")},
         })
     return runs
@@ -49,18 +57,29 @@ def _short_rev(rev: str) -> str:
 
 
 def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
-    """Runs from ``dvc exp show --json``: the workspace, each commit and every experiment under it."""
+    """Runs from ``dvc exp show --json``: the workspace, each commit and every experiment under it.
+
+    Each run also carries ``rev`` and ``timestamp`` (None for the workspace), its ``params`` and
+    ``metric_files`` (metrics file stem -> path, to read the whole file from ``rev`` with git, since
+    DVC drops lists). ``recovered`` is None where it only points at the compressed model (recovery=none).
+    """
     runs = []
 
     def visit(entry: dict[str, Any]) -> None:
         data = entry.get("data") or {}
-        metrics = {Path(path).stem: (m or {}).get("data") for path, m in (data.get("metrics") or {}).items()}
+        files = data.get("metrics") or {}
+        metrics = {Path(path).stem: (m or {}).get("data") for path, m in files.items()}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        recovered = metrics.get("recovered")
         if metrics.get("compressed"):
             runs.append({
                 "name": entry.get("name") or _short_rev(data.get("rev") or entry.get("rev") or "?"),
-                "dense": metrics.get("dense"), "compressed": metrics["compressed"], "recovered": metrics.get("recovered"),
+                "rev": data.get("rev") or entry.get("rev"), "timestamp": data.get("timestamp"),
+                "dense": metrics.get("dense"), "compressed": metrics["compressed"],
+                "recovered": None if recovered and "same_model_as" in recovered else recovered,
                 "compress": metrics.get("compress"),
+                "compress_time": metrics.get("compress_time"), "recover": metrics.get("recover"),
+                "params": params, "metric_files": {Path(path).stem: path for path in files},
                 "plan": {"method": {"name": (params.get("method") or {}).get("name")}},
                 "meta": {"model": (params.get("model") or {}).get("name")},
             })

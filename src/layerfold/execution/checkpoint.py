@@ -1,0 +1,110 @@
+"""Write a checkpoint layer by layer: the model of a :class:`~layerfold.execution.LayerLoader` never exists as a whole.
+
+The resident compress stage edits the whole model and calls ``save_pretrained``; under
+``hardware=sequential`` the compressed model is a :class:`~layerfold.execution.PlannedLayerLoader`
+over the base checkpoint, and :func:`save_layerwise` reads one layer at a time from it and appends it
+to the current safetensors shard. Host memory holds one shard at most (``max_shard_bytes``, 5 GB by
+default: a 70B bf16 model becomes 29 shards, never 140 GB in RAM).
+
+The files are those ``save_pretrained`` writes: ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors``
+plus ``model.safetensors.index.json`` when there is more than one shard), ``config.json`` (the
+loader's config, ``dtype`` set to the stored dtype), ``generation_config.json`` when given, and the
+tokenizer. Tensors pass through the compute dtype first, then the storage dtype, as a resident model
+loaded in the compute dtype and saved in the storage dtype does, so the tensors are identical to the
+resident path's. The directory appears only when complete (:func:`layerfold.io.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from layerfold.execution.loaders import LayerLoader, StateDict, layer_prefix
+from layerfold.io import atomic_dir, write_json
+from layerfold.models.adapters import get_adapter
+
+SHARD_BYTES = 5 * 2**30
+
+
+def _stored(state: StateDict, dtype: torch.dtype) -> StateDict:
+    """Floating tensors in the storage dtype, contiguous on the CPU (safetensors writes them as they are)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in state.items()}
+
+
+class _ShardWriter:
+    """Collects tensors into shards of at most ``max_bytes`` (a larger single group gets a shard of its own)."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: StateDict = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, Any]] = []  # per shard: its temp file, its keys, its size in bytes
+
+    def add(self, tensors: StateDict) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.update(tensors)
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        part = self.folder / f".part-{len(self.shards)}.safetensors"
+        save_file(self.pending, str(part), metadata={"format": "pt"})
+        self.shards.append({"file": part, "keys": list(self.pending), "bytes": self.pending_bytes})
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Rename the parts as ``save_pretrained`` names shards, with the index when there is more than one."""
+        self.flush()
+        if len(self.shards) == 1:
+            self.shards[0]["file"].rename(self.folder / "model.safetensors")
+            return
+        total = len(self.shards)
+        weight_map, size = {}, 0
+        for k, shard in enumerate(self.shards, start=1):
+            name = f"model-{k:05d}-of-{total:05d}.safetensors"
+            shard["file"].rename(self.folder / name)
+            weight_map.update({key: name for key in shard["keys"]})
+            size += shard["bytes"]
+        write_json(self.folder / "model.safetensors.index.json", {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+@torch.no_grad()
+def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path: str | Path, compute_dtype: torch.dtype,
+                   storage_dtype: torch.dtype, *, generation_config: GenerationConfig | None = None,
+                   extra_json: dict[str, dict] | None = None, max_shard_bytes: int = SHARD_BYTES) -> None:
+    """Write ``loader``'s model to ``path`` as a Hugging Face checkpoint, one decoder layer in host memory at a time.
+
+    ``extra_json``: more files for the same directory (e.g. ``{"plan.json": plan}``), written inside
+    the same atomic rename.
+    """
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be >= 1.")
+    adapter = get_adapter(loader.config.model_type)
+    with atomic_dir(path) as tmp:
+        shards = _ShardWriter(tmp, max_shard_bytes)
+        shards.add(_stored(loader.load_outer("cpu", compute_dtype), storage_dtype))
+        for index in range(loader.num_layers):
+            prefix = layer_prefix(adapter, index)
+            state = _stored(loader.load_layer(index, "cpu", compute_dtype), storage_dtype)
+            shards.add({prefix + key: tensor for key, tensor in state.items()})
+        shards.finish()
+        config = loader.config
+        stored_before = config.dtype
+        config.dtype = storage_dtype
+        try:
+            config.save_pretrained(tmp)
+        finally:
+            config.dtype = stored_before
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, content in (extra_json or {}).items():
+            write_json(tmp / name, content)
+

