@@ -96,6 +96,11 @@ def instrumented(device: torch.device):
     lm_phases = ("tokenize", "score_logits", "forward")
     timer.wrap(TemplateLM, "loglikelihood", "tokenize", exclusive_of=lm_phases)
     timer.wrap(HFLM, "_model_call", "forward")
+    # the vectorised scorer's own model call (head_rows=read); with head_rows=all it calls _model_call,
+    # so the forward is counted once either way
+    from layerfold.evaluation import lm as layerfold_lm
+
+    timer.wrap(layerfold_lm, "_logits_at", "forward", exclusive_of=("forward",))
     timer.wrap(HFLM, "_loglikelihood_tokens", "score_logits", exclusive_of=("forward",))
     make_lm = harness.make_lm
 

@@ -2,7 +2,7 @@
 
 The notebook reads what `python scripts/comparison.py collect` wrote and computes nothing new: every
 number comes from layerfold.report.comparison over the collected run records. The "Findings" cells
-are left for a person to write after the GPU run; they hold no claim until then.
+are written from the collected H100 run and quote only differences found there.
 """
 
 from pathlib import Path
@@ -10,9 +10,48 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-FINDINGS = ("## Findings{where}\n\n"
-            "**To be written after the GPU run**, from the tables above only: which differences are outside 1.96 standard "
-            "errors, and nothing else. No findings are stated yet.")
+# Written from the H100 run collected in results/comparison/smollm2-135m-q4_1_h100 (2026-11-22); every
+# difference quoted is in its table.md / pairs.md / depth.json, and "ahead" means beyond 1.96 standard errors.
+FINDINGS_COMPARISON = """## Findings: the 30 -> 22 comparison (H100 run of 2026-11-22)
+
+Dense: 41.14 ± 0.42 % (8-task average). Differences below are paired over the same documents.
+
+1. **Only CoMe + hierarchical distillation stays within noise of dense** (+0.10 ± 0.42). It is ahead of every
+   other run, including ShortGPT + LoRA (+1.26 ± 0.36) and Gromov + LoRA (+1.55 ± 0.40); those two are within
+   noise of each other (−0.29 ± 0.37). Recovery matters more than the choice of layers: every trained
+   end-to-end run is ahead of every training-free one.
+2. **Training-free, plain removal leads.** ShortGPT (−2.55 ± 0.42) and SLEB (−2.81 ± 0.41) are within noise of
+   each other and ahead of Gromov, LLM-Streamline's window removal, CoMe, CoMe-P, both MKA modes and LaCo's
+   paper mode; LaCo's code mode is within noise of both (ShortGPT +0.75 ± 0.50).
+3. **The merging papers' claim does not carry over here.** MKA (paper mode) is behind ShortGPT by 3.44 ± 0.50
+   and behind simply dropping the last 8 layers by 2.22 ± 0.52; training-free CoMe is behind ShortGPT by
+   2.60 ± 0.40; LaCo's paper mode by 1.62 ± 0.53. CoMe-P is not ahead of CoMe (−0.60 ± 0.37), and MKA's paper
+   and parity modes are within noise of each other (−0.35 ± 0.51).
+4. **LLM-Streamline**: its window (mean cosine of boundaries 8 apart) is the one Gromov picks (layers 11-18,
+   identical models). Training a replacement transformer layer or FFN by layer-local MSE leaves the model
+   within noise of removing the window with nothing in its place (+0.39 ± 0.44, +0.08 ± 0.45 for the empty
+   window); the paper's lightweight-network gain does not appear with MSE on this model.
+5. **The average hides collapse.** Drop-last (WikiText-2 perplexity 2.9e9), LaCo's paper mode (1.1e9) and MKA
+   (3.5e6 and 2.4e9) average 35-38 %, within noise of Gromov (perplexity 237) for drop-last and LaCo, because on a
+   135M model several tasks sit near chance even dense (MMLU 24.8 %, WinoGrande 50.6 %, ARC-Challenge 26.8 %)
+   and BoolQ rises to ~62 % when a broken model answers one way. Perplexity separates these runs; the average
+   does not. Read the table's perplexity columns before its average.
+
+These are one small GQA model (9 query / 3 key-value heads, 30 layers) as a dequantised Q4_1 GGUF, with the
+papers' settings scaled down (32 x 256 calibration tokens; 4.3M training tokens): they say what holds here,
+not what the papers measured on Llama-2/3.
+"""
+
+FINDINGS_DEPTH = """## Findings: depth curves (H100 run of 2026-11-22)
+
+- Measured at 4, 8 and 12 layers removed for ShortGPT and Gromov; at 4 and 8 for SLEB; at 8 only for CoMe and
+  ShortGPT + LoRA (the 12-layer SLEB run, CoMe at 4 and 12 and ShortGPT + LoRA at 4 and 12 did not finish
+  inside the GPU window and are missing, not interpolated: a line between two points spans no measurement).
+- Removing 4 layers already costs beyond noise: ShortGPT −1.46 ± 0.38, Gromov −1.14 ± 0.38, SLEB −0.99 ± 0.38
+  (each vs dense, paired).
+- The loss grows faster than linearly: ShortGPT −2.55 at 8 and −6.12 ± 0.46 at 12 (WikiText-2 perplexity
+  43 -> 115 -> 2305); Gromov −3.99 at 8 and −6.23 ± 0.50 at 12 (42 -> 237 -> 3285).
+"""
 
 CELLS = [
     new_markdown_cell(
@@ -25,7 +64,7 @@ CELLS = [
         "python scripts/comparison.py queue && dvc queue start -j 1     # every run of conf/comparison/smollm2.yaml\n"
         "python scripts/comparison.py collect --out results/comparison/<tag>\n"
         "```\n\n"
-        "The folder is `$LAYERFOLD_COMPARISON` if set, else `results/comparison/smollm2` under the repository root "
+        "The folder is `$LAYERFOLD_COMPARISON` if set, else `results/comparison/smollm2-135m-q4_1_h100` (the H100 run) under the repository root "
         "(the first folder at or above the working directory that holds `dvc.yaml`). A difference counts only "
         "outside 1.96 standard errors, paired over the same documents."
     ),
@@ -43,7 +82,7 @@ CELLS = [
         "        if (candidate / \"dvc.yaml\").is_file():\n"
         "            return candidate\n"
         "    return Path.cwd()\n\n\n"
-        "FOLDER = Path(os.environ.get(\"LAYERFOLD_COMPARISON\") or find_root() / \"results\" / \"comparison\" / \"smollm2\")\n"
+        "FOLDER = Path(os.environ.get(\"LAYERFOLD_COMPARISON\") or find_root() / \"results\" / \"comparison\" / \"smollm2-135m-q4_1_h100\")\n"
         "collected = json.loads((FOLDER / \"runs.json\").read_text())\n"
         "records = load_records(FOLDER)\n"
         "tasks = tasks_of(records)\n"
@@ -83,8 +122,8 @@ CELLS = [
         "deltas = pd.DataFrame({r[\"run\"]: {t: cell(r[\"tasks\"][t]) for t in tasks} for r in rows[1:]}).T\n"
         "display(deltas)"
     ),
-    new_markdown_cell(FINDINGS.format(where=": the 30 → 22 comparison")),
-    new_markdown_cell(FINDINGS.format(where=": depth curves")),
+    new_markdown_cell(FINDINGS_COMPARISON),
+    new_markdown_cell(FINDINGS_DEPTH),
 ]
 
 

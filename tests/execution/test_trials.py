@@ -127,6 +127,22 @@ def test_mka_recaptures_and_merges_layer_major(family):
         assert mine["coefficients"] == pytest.approx(theirs["coefficients"], rel=1e-4)
 
 
+def test_mka_loss_tie_break_runs_layer_major():
+    """The loss tie-break tries each near-tied merge and measures the calibration NLL through the context:
+    the same losses (to fp32 tolerance) and the same choice on both paths."""
+    blocks = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(3))
+    method = {"name": "mka", "num_remove": 1, "k_entropy": 8, "tie_break": "loss", "tie_margin": 1.0}
+    resident = compress(MethodContext(tiny_model("llama"), None, blocks, batch_size=4), method)
+    ctx = MethodContext.layer_major(ModelLayerLoader(tiny_model("llama")), None, blocks, sequential("device"), "cpu", torch.float32, batch_size=4)
+    ours = compress(ctx, method)
+    step, reference = ours["details"]["steps"][0], resident["details"]["steps"][0]
+    assert len(reference["tie_break_loss"]) > 1  # the margin makes every pair a near-tie: the break really ran
+    assert step["tie_break_loss"].keys() == reference["tie_break_loss"].keys()
+    assert list(step["tie_break_loss"].values()) == pytest.approx(list(reference["tie_break_loss"].values()), rel=1e-5)
+    assert step["pair"] == reference["pair"]
+    assert [layer["stands_for"] for layer in ours["layers"]] == [layer["stands_for"] for layer in resident["layers"]]
+
+
 @pytest.mark.parametrize("method, setting", [
     ({"name": "come", "target_layers": 3}, "method=come"),
     ({"name": "come_p", "target_layers": 3}, "method=come_p"),

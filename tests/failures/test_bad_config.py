@@ -137,3 +137,10 @@ def _unbounded_numeric_fields(schema: type, prefix: str = "") -> list[str]:
 def test_method_ranges_apply_through_get_method():
     with pytest.raises(ConfigError, match=r"method.num_remove=0 is not allowed: it must be >= 1"):
         get_method({"name": "shortgpt", "num_remove": 0})
+
+
+@pytest.mark.parametrize("method", ["come", "come_p"])
+def test_method_that_needs_the_resident_model_stops_in_validate_under_sequential(method):
+    with pytest.raises(ConfigError, match=rf"method={method}.*hardware=sequential.*hardware=resident"):
+        check(parse_params(composed(f"method={method}", "hardware=sequential")), SMOLLM2)
+    check(parse_params(composed("method=sleb", "hardware=sequential")), SMOLLM2)  # layer-major methods pass

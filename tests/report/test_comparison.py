@@ -398,7 +398,7 @@ def test_notebook_code_cells_run_on_a_collected_folder(collected, monkeypatch, c
     spec.loader.exec_module(generator)
     assert [c.source for c in notebook.cells] == [c.source for c in generator.build().cells], "run notebooks/make_reproduction.py"
     findings = [c.source for c in notebook.cells if c.cell_type == "markdown" and c.source.startswith("## Findings")]
-    assert len(findings) == 2 and all("To be written after the GPU run" in f for f in findings)
+    assert len(findings) == 2
 
     monkeypatch.setenv("LAYERFOLD_COMPARISON", str(out))
     namespace: dict = {}
@@ -408,3 +408,33 @@ def test_notebook_code_cells_run_on_a_collected_folder(collected, monkeypatch, c
     assert namespace["compare_layers"] == 22 and len(namespace["pairs"]) == 1
     assert list(namespace["deltas"].index) == ["shortgpt", "come", "shortgpt-r4"]
     assert "3 run(s)" in capsys.readouterr().out
+
+
+def test_findings_quote_only_differences_the_collected_run_holds():
+    """Every "x ± se" the notebook's findings state is a difference in the committed H100 run's table or
+    pairs (up to the sign, which depends on the order of a pair); a typed-in number fails here."""
+    import re
+
+    import nbformat
+
+    folder = REPO / "results" / "comparison" / "smollm2-135m-q4_1_h100"
+    recorded = (folder / "table.md").read_text() + (folder / "pairs.md").read_text()
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    findings = " ".join(c.source for c in notebook.cells if c.cell_type == "markdown" and c.source.startswith("## Findings"))
+    quoted = re.findall(r"(\d+\.\d+) ± (\d+\.\d+)", findings)
+    assert len(quoted) >= 15
+    missing = [f"{value} ± {se}" for value, se in quoted if f"{value} ± {se}" not in recorded]
+    assert not missing, missing
+
+
+def test_notebook_runs_on_the_committed_h100_results(monkeypatch, capsys):
+    import nbformat
+
+    monkeypatch.delenv("LAYERFOLD_COMPARISON", raising=False)
+    monkeypatch.chdir(REPO)
+    namespace: dict = {}
+    for cell in nbformat.read(NOTEBOOK, as_version=4).cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "reproduction.ipynb", "exec"), namespace)  # noqa: S102
+    assert namespace["compare_layers"] == 22 and len(namespace["records"]) >= 17
+    assert "smollm2-135m-q4_1_h100" in capsys.readouterr().out

@@ -40,7 +40,7 @@ from layerfold.execution.layer_major import Activations, ExecutionReport, LayerM
 from layerfold.execution.loaders import LayerLoader
 from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import PlannedLayerLoader, WeightedLayerPlan
-from layerfold.scoring.loss import calibration_nll, final_representations, removal_nll
+from layerfold.scoring.loss import calibration_nll, final_representations, removal_nll, removal_order
 from layerfold.surgery import merge_weights, remove_layers
 from layerfold.surgery.merge import Combine
 
@@ -162,14 +162,9 @@ class LayerMajorStack:
         Layer passes: ``order[-1]`` to carry the state entering each candidate, plus ``L - 1 - i`` per
         candidate ``i`` for its suffix, and one LM head per candidate.
         """
-        num_layers = len(plan.groups)
-        order = sorted(set(int(i) for i in positions))
+        order = removal_order(positions, len(plan.groups))
         if not order:
             return {}
-        if order[0] < 0 or order[-1] >= num_layers:
-            raise ValueError(f"positions {order} out of range for a model with {num_layers} layers (valid: 0..{num_layers - 1})")
-        if num_layers < 2:
-            raise ValueError("removal_nll needs at least two layers: removing the only one leaves no model")
         full = self.stack(plan)
         state = self._embed(blocks)
         full.run_layers(state, 0, order[0])  # the state entering the first candidate

@@ -85,7 +85,9 @@ def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
             })
         for child in entry.get("experiments") or []:
             for revision in child.get("revs") or [child]:
-                visit(revision)
+                # an experiment still running shows its temporary workspace's files, not a result
+                if (revision.get("data") or {}).get("rev") != "workspace":
+                    visit(revision)
 
     for entry in payload:
         visit(entry)

@@ -132,6 +132,16 @@ def _input_of(model: nn.Module, batch: torch.Tensor, position: int) -> torch.Ten
     return taken[0]
 
 
+def removal_order(positions: Sequence[int], num_layers: int) -> list[int]:
+    """The candidate layers of a removal scan, ascending and checked (each scan shares the prefix up to them)."""
+    order = sorted(set(int(i) for i in positions))
+    if order and (order[0] < 0 or order[-1] >= num_layers):
+        raise ValueError(f"positions {order} out of range for a model with {num_layers} layers (valid: 0..{num_layers - 1})")
+    if order and num_layers < 2:
+        raise ValueError("removal_nll needs at least two layers: removing the only one leaves no model")
+    return order
+
+
 @torch.no_grad()
 def removal_nll(
     model: nn.Module, blocks: torch.Tensor, positions: Sequence[int], batch_size: int = 4, desc: str | None = None
@@ -143,13 +153,9 @@ def removal_nll(
     for how, and for the cost. The model is unchanged on return.
     """
     num_layers = get_adapter(model).num_layers(model)
-    order = sorted(set(int(i) for i in positions))
+    order = removal_order(positions, num_layers)
     if not order:
         return {}
-    if order[0] < 0 or order[-1] >= num_layers:
-        raise ValueError(f"positions {order} out of range for a model with {num_layers} layers (valid: 0..{num_layers - 1})")
-    if num_layers < 2:
-        raise ValueError("removal_nll needs at least two layers: removing the only one leaves no model")
     device = next(model.parameters()).device
     batches = list(iterate_batches(blocks, batch_size, device))
     count = sum(batch[:, 1:].numel() for batch in batches)
