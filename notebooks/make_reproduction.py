@@ -34,8 +34,9 @@ Dense: 41.14 ± 0.42 % (8-task average). Differences below are paired over the s
 5. **The average hides collapse.** Drop-last (WikiText-2 perplexity 2.9e9), LaCo's paper mode (1.1e9) and MKA
    (3.5e6 and 2.4e9) average 35-38 %, within noise of Gromov (perplexity 237) for drop-last and LaCo, because on a
    135M model several tasks sit near chance even dense (MMLU 24.8 %, WinoGrande 50.6 %, ARC-Challenge 26.8 %)
-   and BoolQ rises to ~62 % when a broken model answers one way. Perplexity separates these runs; the average
-   does not. Read the table's perplexity columns before its average.
+   and answering \"yes\" to every BoolQ question scores 62.17 % (2,033 of 3,270; LaCo's paper mode scores exactly
+   that). Perplexity separates these runs; the average does not. Read the table's perplexity columns
+   before its average.
 
 These are one small GQA model (9 query / 3 key-value heads, 30 layers) as a dequantised Q4_1 GGUF, with the
 papers' settings scaled down (32 x 256 calibration tokens; 4.3M training tokens): they say what holds here,

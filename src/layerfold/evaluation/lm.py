@@ -16,7 +16,7 @@ Two things in ``HFLM`` cost far more than the model's forward on a small model a
    per request the same ``sum`` lm-eval takes (on the host copy). ``scoring: lm_eval`` keeps lm-eval's
    own loop, and a test checks both give identical (log-likelihood, is-greedy) pairs.
 3. **Logits nobody reads.** lm-eval takes a full-vocabulary ``log_softmax`` at every position of
-   every sequence, then reads only the continuation's positions (MMLU 5-shot: 1 of ~600). The
+   every sequence, then reads only the continuation's positions (MMLU 5-shot: the last of a several-hundred-token prompt). The
    vectorised scorer keeps the positions some request of the batch reads and normalises those rows
    only; ``log_softmax`` normalises each row on its own, so these are lm-eval's numbers exactly.
    ``head_rows: read`` goes further and has the model project only those positions onto the
@@ -25,8 +25,8 @@ Two things in ``HFLM`` cost far more than the model's forward on a small model a
    in fp32 the log-likelihoods move by ~1e-6), so it is checked request by request on the full suite
    (``benchmarks/eval_breakdown.py --mode check``) before it is used. A model whose forward takes no
    ``logits_to_keep`` gets every position's logits.
-4. **Launches.** A 135M model's forward over 64 short sequences (the zero-shot tasks) costs the
-   GPU a few milliseconds and Python ~40 ms of module calls and kernel launches, 30 layers' worth.
+4. **Launches.** A 135M model's forward over 64 short sequences (the zero-shot tasks) is bound by
+   the host: ~40 ms of Python module calls and kernel launches, 30 layers' worth (profiled on an H100).
    ``batch_tokens`` batches by padded tokens instead of by a fixed count (lm-eval's order kept): many
    short sequences per forward, few long ones. Rows of other batches go through matrix products of
    other heights, so this too is checked request by request against lm-eval at its own batch size.
@@ -174,9 +174,7 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int |
                 if self.prefix_token_id != continuation_enc[0]:
                     return strings, [self.prefix_token_id], continuation_enc
                 return strings, continuation_enc[:1], continuation_enc[1:]
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces:
-                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            context, continuation = _split_pair(context, continuation)
             whole = token_cache[(context + continuation, None)]
             context_enc = token_cache[(context, None)]
             return strings, context_enc, whole[len(context_enc):]
@@ -189,9 +187,7 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int |
             for context, continuation in (req.args for req in requests):
                 if not context:
                     continue
-                n_spaces = len(context) - len(context.rstrip())
-                if n_spaces:
-                    context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+                context, continuation = _split_pair(context, continuation)
                 for string in (context + continuation, context):
                     if (string, None) not in token_cache:
                         wanted[string] = None
@@ -212,6 +208,14 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int |
             return _vectorised_loglikelihood(self, Collator, requests, disable_tqdm, override_bs, head_rows, batch_tokens)
 
     return LayerfoldLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """``HFLM._encode_pair``'s split: the context's trailing spaces move to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
 
 
 def _token_array(tokens: Any) -> array:
