@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-# Written from the H100 run collected in results/comparison/smollm2-135m-q4_1_h100 (2026-11-22); every
+# Written from the H100 runs collected in results/comparison/smollm2-135m-q4_1_h100 (2026-11-22/23); every
 # difference quoted is in its table.md / pairs.md / depth.json, and "ahead" means beyond 1.96 standard errors.
 FINDINGS_COMPARISON = """## Findings: the 30 -> 22 comparison (H100 run of 2026-11-22)
 
@@ -43,15 +43,27 @@ papers' settings scaled down (32 x 256 calibration tokens; 4.3M training tokens)
 not what the papers measured on Llama-2/3.
 """
 
-FINDINGS_DEPTH = """## Findings: depth curves (H100 run of 2026-11-22)
+FINDINGS_DEPTH = """## Findings: depth curves (H100 runs of 2026-11-22 and 2026-11-23)
 
-- Measured at 4, 8 and 12 layers removed for ShortGPT and Gromov; at 4 and 8 for SLEB; at 8 only for CoMe and
-  ShortGPT + LoRA (the 12-layer SLEB run, CoMe at 4 and 12 and ShortGPT + LoRA at 4 and 12 did not finish
-  inside the GPU window and are missing, not interpolated: a line between two points spans no measurement).
-- Removing 4 layers already costs beyond noise: ShortGPT −1.46 ± 0.38, Gromov −1.14 ± 0.38, SLEB −0.99 ± 0.38
-  (each vs dense, paired).
-- The loss grows faster than linearly: ShortGPT −2.55 at 8 and −6.12 ± 0.46 at 12 (WikiText-2 perplexity
-  43 -> 115 -> 2305); Gromov −3.99 at 8 and −6.23 ± 0.50 at 12 (42 -> 237 -> 3285).
+Five curves at 4, 8 and 12 layers removed: ShortGPT, Gromov, SLEB, CoMe (training-free) and ShortGPT + LoRA
+(trained). The 2026-11-23 points (SLEB 12, CoMe 4 and 12, ShortGPT + LoRA 4 and 12) ran from the same tree
+in a second queue; its dense baseline equals the first one in every task and both perplexities. Each point
+is paired with dense; differences between methods at 4 or 12 layers are not computed, so none is claimed.
+
+- Removing 4 layers already costs beyond noise for ShortGPT (−1.46 ± 0.38), Gromov (−1.14 ± 0.38) and SLEB
+  (−0.99 ± 0.38); training-free CoMe at 4 is within noise of dense (−0.42 ± 0.41) although its WikiText-2
+  perplexity rises from 21.6 to 62.6.
+- The cost grows faster than linearly for plain removal: ShortGPT −1.46 / −2.55 / −6.12 ± 0.46 (WikiText-2
+  perplexity 43 -> 115 -> 2305), Gromov −1.14 / −3.99 / −6.23 ± 0.50 (42 -> 237 -> 3285), SLEB −0.99 / −2.81 /
+  −5.26 ± 0.43 (42 -> 85 -> 226: of the training-free runs, SLEB's perplexity-driven search has the lowest perplexity at
+  8 and 12 and ties Gromov at 4).
+- CoMe's average does not fall monotonically (−5.15 ± 0.43 at 8, −4.52 ± 0.51 at 12) while its perplexity
+  goes 181 -> 5799: at 12 its BoolQ rises to 55.3 % (dense 39.7 %), towards the 62.17 % of always answering
+  "yes" — the collapse pattern of finding 5 above, not a better model.
+- ShortGPT + LoRA is ahead of dense at 4 layers removed (+1.32 ± 0.40) and that gain is BoolQ alone (60.6 %
+  vs 39.7 %; HellaSwag 35.9 vs 40.9, ARC-Easy 46.3 vs 50.0): LoRA on WikiText/C4 text moves the instruct
+  model's BoolQ answers towards the majority class. At 8 and 12 it loses 1.16 ± 0.44 and 2.11 ± 0.46 with
+  perplexity 33.6 and 52.7, far below every training-free run at the same depth.
 """
 
 CELLS = [
