@@ -87,6 +87,17 @@ def forward_flops(num_params_no_embed: int, tokens: int, num_layers: int = 0, hi
     return 2 * num_params_no_embed * tokens + attention + head
 
 
+def add_layer_major_args(parser: Any, name: str, dtype_help: str = "auto: bf16 on CUDA, fp32 on CPU") -> None:
+    """The options every layer-by-layer benchmark shares: where activations live, prefetch, seed, device,
+    dtype and the result file (default ``benchmarks/results/<name>_<device type>.json``)."""
+    parser.add_argument("--activations", default="auto", choices=["auto", "device", "host"])
+    parser.add_argument("--no-prefetch", action="store_true", help="load each layer only when it is needed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
+    parser.add_argument("--out", type=Path, help=f"result JSON (default benchmarks/results/{name}_<device type>.json)")
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Where and when a result was measured."""
     return {

@@ -55,7 +55,9 @@ SUITES: dict[str, dict[str, Benchmark]] = {
         "layer_removal_speed_8b": Benchmark(
             "layer_removal_speed.py --shape llama3-8b --remove 8 --settings 1x128:32,8x512:128 --out {out}", 600),
         "capture_speed": Benchmark("capture_speed.py --max-distance 8 --out {out}", 600),
+        "capture_dots": Benchmark("capture_dots.py --out {out}", 300),
         "sequential_trials": Benchmark("sequential_trials.py --shape llama3-70b --out {out}", 600),
+        "sequential_distill": Benchmark("sequential_distill.py --shape llama3-70b --out {out}", 600),
         "sequential_70b": Benchmark(
             "sequential_70b.py --shape llama3-70b --windows 16 --seq-len 2048 --calib 16x2048 --out {out}", 600),
         "mka_similarity": Benchmark("mka_similarity.py --checkpoint artifacts/base --device cuda --out {out}", 600),
@@ -66,7 +68,9 @@ SUITES: dict[str, dict[str, Benchmark]] = {
         "layer_removal_speed": Benchmark("layer_removal_speed.py --checkpoint artifacts/base --remove 8 --threads 1 --out {out}", 600),
         "layer_removal_speed_tiny": Benchmark("layer_removal_speed.py --shape tiny --remove 2 --threads 1 --out {out}", 300),
         "capture_speed": Benchmark("capture_speed.py --shape tiny --tokens 4x64 --max-distance 2 --out {out}", 300),
+        "capture_dots": Benchmark("capture_dots.py --tokens 256 --hidden 64 --slots 3 9 --repeats 3 --out {out}", 300),
         "sequential_trials": Benchmark("sequential_trials.py --shape tiny --out {out}", 300),
+        "sequential_distill": Benchmark("sequential_distill.py --shape tiny --out {out}", 300),
         "sequential_70b": Benchmark("sequential_70b.py --shape tiny --windows 2 --seq-len 64 --calib 2x64 --out {out}", 300),
         "mka_similarity": Benchmark("mka_similarity.py --checkpoint artifacts/base --skip-sklearn --out {out}", 1200),
         "sleb_search": Benchmark("sleb_search.py --shape tiny --out {out}", 300),

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import SHAPES, Timing, environment, forward_flops, llama_config, reset_peak_gpu, row, timed, write_result
+from common import SHAPES, Timing, add_layer_major_args, environment, forward_flops, llama_config, reset_peak_gpu, row, timed, write_result
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.execution import (
@@ -79,13 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib", help="calibration blocks NxT (default 16x2048; tiny: 2x64)")
     parser.add_argument("--layers", type=int, help="override the shape's number of layers (e.g. 80 for the tiny shape)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per decoder-layer call (default 4)")
-    parser.add_argument("--activations", default="auto", choices=["auto", "device", "host"])
-    parser.add_argument("--no-prefetch", action="store_true", help="load each layer only when it is needed")
     parser.add_argument("--logits-chunk", type=int, default=1024, help="tokens per LM-head chunk (default 1024)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/sequential_70b_<device type>.json)")
+    add_layer_major_args(parser, "sequential_70b")
     args = parser.parse_args(argv)
     defaults = DEFAULTS.get(args.shape if not args.checkpoint else "*", DEFAULTS["*"])
     args.windows = args.windows or defaults["windows"]

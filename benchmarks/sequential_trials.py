@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHAPES, Timing, environment, llama_config, reset_peak_gpu, row, write_result
+from common import SHAPES, Timing, add_layer_major_args, environment, llama_config, reset_peak_gpu, row, write_result
 
 from layerfold.execution import SeededLayerLoader
 from layerfold.methods import MethodContext
@@ -51,12 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--first-candidate", type=int, help="position of the first candidate (default: the middle layer)")
     parser.add_argument("--merge-layers", type=int, help="LaCo's C: layers in the trial merge (default 4; tiny: 2)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per decoder-layer call (default 4)")
-    parser.add_argument("--activations", default="auto", choices=["auto", "device", "host"])
-    parser.add_argument("--no-prefetch", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/sequential_trials_<device type>.json)")
+    add_layer_major_args(parser, "sequential_trials")
     args = parser.parse_args(argv)
     defaults = DEFAULTS.get(args.shape, DEFAULTS["*"])
     match = re.fullmatch(r"(\d+)x(\d+)", args.calib or defaults["calib"])

@@ -6,7 +6,8 @@
 ``hardware=sequential`` never holds the model: the method's trials run layer by layer
 (:class:`layerfold.methods.MethodContext.layer_major`), and the compressed checkpoint is written one
 layer at a time from the plan over the base checkpoint's shards (:func:`layerfold.execution.save_layerwise`),
-the same files with the same tensors. A method that cannot run layer-major stops before anything loads.
+the same files with the same tensors (LLM-Streamline's replacements included: the plan states their
+re-initialisation, drawn from ``runtime.seed``). A method that cannot run layer-major stops before anything loads.
 
 Wall time, peak memory and the device go to metrics/compress_time.json, which no stage depends on: a
 re-run that writes the same model and plan leaves the report and everything else up to date.
@@ -45,10 +46,13 @@ def _timed_compress(ctx: MethodContext, method: Any, device: torch.device) -> tu
 
 
 def compress_resident(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, batch_size: int,
-                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path) -> tuple[dict, dict, float]:
-    """The whole model on ``device``, edited in place and saved: ``(plan, describe(model), seconds)``."""
+                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, float]:
+    """The whole model on ``device``, edited in place and saved: ``(plan, describe(model), seconds)``.
+
+    ``seed`` (``runtime.seed``) seeds the weights a method draws fresh (LLM-Streamline's swiglu replacement).
+    """
     model, tokenizer = load_checkpoint(base, device, dtype)
-    ctx = MethodContext(model, tokenizer, blocks, stats, batch_size=batch_size)
+    ctx = MethodContext(model, tokenizer, blocks, stats, batch_size=batch_size, seed=seed)
     plan, seconds = _timed_compress(ctx, method, device)
     save_checkpoint(model, tokenizer, out, dtype=storage)
     write_json(out / "plan.json", plan)
@@ -56,12 +60,12 @@ def compress_resident(base: Path, blocks: torch.Tensor, stats: BoundaryStatistic
 
 
 def compress_layer_major(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, hardware: Any, batch_size: int,
-                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path) -> tuple[dict, dict, float]:
+                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, float]:
     """Trials layer by layer, the checkpoint written layer by layer: ``(plan, describe(skeleton), seconds)``."""
     check_layer_major(method)  # before any weight is read
     loader = execution.SafetensorsLayerLoader(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    ctx = MethodContext.layer_major(loader, tokenizer, blocks, hardware, device, dtype, stats, batch_size=batch_size)
+    ctx = MethodContext.layer_major(loader, tokenizer, blocks, hardware, device, dtype, stats, batch_size=batch_size, seed=seed)
     plan, seconds = _timed_compress(ctx, method, device)
     generation = GenerationConfig.from_pretrained(base) if (base / "generation_config.json").exists() else None
     save_layerwise(execution.PlannedLayerLoader(loader, ctx.plan), tokenizer, out, dtype, storage,
@@ -76,14 +80,15 @@ def main() -> None:
     blocks = load_file(CALIBRATION / "blocks.safetensors")["input_ids"]
     stats = BoundaryStatistics.from_tensors(load_file(CAPTURE / "stats.safetensors"))
     storage = resolve_dtype(stage.params.model.storage_dtype)
-    batch_size, hardware = stage.params.capture.batch_size, stage.params.hardware
+    batch_size, hardware, seed = stage.params.capture.batch_size, stage.params.hardware, stage.params.runtime.seed
     if hardware.mode == "sequential":
         plan, facts, seconds = compress_layer_major(BASE, blocks, stats, stage.params.method, hardware, batch_size,
-                                                    stage.device, stage.dtype, storage, COMPRESSED)
+                                                    stage.device, stage.dtype, storage, COMPRESSED, seed=seed)
     else:
         # Iterative methods re-capture statistics of the current model, so the capture estimate applies.
         guard(BASE, stage.device, stage.dtype, batch_size, blocks.shape[1], "capture.batch_size", all_boundaries=True)
-        plan, facts, seconds = compress_resident(BASE, blocks, stats, stage.params.method, batch_size, stage.device, stage.dtype, storage, COMPRESSED)
+        plan, facts, seconds = compress_resident(BASE, blocks, stats, stage.params.method, batch_size, stage.device, stage.dtype, storage,
+                                                 COMPRESSED, seed=seed)
 
     summary = {
         "method": plan["method"]["name"],

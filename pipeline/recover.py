@@ -9,6 +9,13 @@ With ``recovery=none`` the output is a pointer to ``artifacts/compressed`` (no w
 ``layerfold.models.load_checkpoint`` follows it. Otherwise the dense base model is the teacher, the
 compressed model the student, and ``plan.json`` says which original layers each new layer stands for.
 
+``hardware=resident`` loads both models whole. ``hardware=sequential`` (layer-local recovery only,
+:mod:`layerfold.recovery.layer_major`) never does: the teacher's span boundaries are computed once,
+layer by layer, from the base checkpoint's shards; only the trained layers of the student are
+materialised; the recovered checkpoint is written layer by layer from the compressed one. The same
+engine loop trains both ways; ``metrics/recover.json`` records what the layer-major passes cost
+under ``execution``.
+
 Under a launcher every process loads both models onto its own GPU and builds the same training data;
 the engine shares the work (``recovery.distributed``). The main process alone writes the outputs, the
 resumable checkpoints and the logs, so no two processes race on a temporary folder.
@@ -21,6 +28,7 @@ import time
 
 import torch
 import transformers
+from transformers import AutoTokenizer, GenerationConfig
 
 from layerfold.data.training import build_training_data
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
@@ -29,6 +37,7 @@ from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.sources import resolve_dtype, write_pointer
 from layerfold.recovery import RecoveryEngine
+from layerfold.recovery.layer_major import check_layer_major, execution_report, layer_major_engine, save_recovered
 from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, process_device
 from layerfold.stage import BASE, COMPRESSED, METRICS, RECOVERED, RECOVERY_STATE, start
 from layerfold.tracking import init_run
@@ -53,27 +62,47 @@ def main() -> None:
         end_processes()
         return
 
+    hardware = stage.params.hardware
+    layer_major = hardware.mode == "sequential"
     RecoveryEngine.check(cfg, processes)  # bad settings fail before models or data are loaded
+    if layer_major:
+        check_layer_major(cfg, processes)
     run = init_run(stage.params, "recover") if main_process else None
-    teacher, tokenizer = load_checkpoint(BASE, device, stage.dtype)
-    teacher.requires_grad_(False)
-    # The student trains in float32 (master weights); on CUDA the forward runs under bf16 autocast.
-    student, _ = load_checkpoint(COMPRESSED, device, torch.float32)
+    if layer_major:  # neither model is loaded whole: the engine reads both checkpoints layer by layer
+        tokenizer = AutoTokenizer.from_pretrained(BASE)
+    else:
+        teacher, tokenizer = load_checkpoint(BASE, device, stage.dtype)
+        teacher.requires_grad_(False)
+        # The student trains in float32 (master weights); on CUDA the forward runs under bf16 autocast.
+        student, _ = load_checkpoint(COMPRESSED, device, torch.float32)
     train, val, data_meta = build_training_data(cfg.data, tokenizer, stage.params.data.local_dir)
     logging.info("training data: %d x %d tokens (%s), validation %d blocks", *train.shape,
                  ", ".join(f"{m['source']} {m['share_actual']:.0%}" for m in data_meta["mix"]), val.shape[0])
 
     reset_peak_memory(device)
     started = time.perf_counter()
-    engine = RecoveryEngine(student, teacher, plan, cfg, train, val, state_dir=RECOVERY_STATE, on_log=run.log if run else None)
+    engine_kwargs = dict(state_dir=RECOVERY_STATE, on_log=run.log if run else None)
+    if layer_major:
+        engine = layer_major_engine(BASE, COMPRESSED, plan, cfg, train, val, hardware, device, stage.dtype, **engine_kwargs)
+    else:
+        engine = RecoveryEngine(student, teacher, plan, cfg, train, val, **engine_kwargs)
     model, summary = engine.run()
     wall = time.perf_counter() - started
-    # peak accelerator memory of every process (a collective: each process sends its own)
-    peaks = engine.per_process(round(peak_memory_mib(device), 1) if device.type == "cuda" else None)
+    # peak accelerator memory of every process (a collective: each process sends its own); the layer-major
+    # LM-loss passes reset the peak statistics, so the peak before each reset counts too
+    peak = max(peak_memory_mib(device), getattr(engine.lm_loss, "peak_gpu_mib", None) or 0.0) if device.type == "cuda" else None
+    peaks = engine.per_process(round(peak, 1) if peak is not None else None)
     host_peaks = engine.per_process(round(host_peak_rss_mib(), 1))
     if main_process:
-        save_checkpoint(model, tokenizer, RECOVERED, dtype=resolve_dtype(stage.params.model.storage_dtype))
-        write_json(RECOVERED / "plan.json", {**plan, "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}})
+        storage = resolve_dtype(stage.params.model.storage_dtype)
+        recovered_plan = {**plan, "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}}
+        if layer_major:
+            generation = GenerationConfig.from_pretrained(COMPRESSED) if (COMPRESSED / "generation_config.json").exists() else None
+            save_recovered(model, summary["layers_trained"], COMPRESSED, tokenizer, RECOVERED, storage, generation_config=generation,
+                           extra_json={"plan.json": recovered_plan})
+        else:
+            save_checkpoint(model, tokenizer, RECOVERED, dtype=storage)
+            write_json(RECOVERED / "plan.json", recovered_plan)
         metrics = {
             "recovery": cfg.name,
             "trained": True,
@@ -85,6 +114,7 @@ def main() -> None:
             **summary,
             "data": data_meta,
             "validation": engine.validation,
+            "execution": execution_report(engine),
             **{k: v for k, v in describe(model).items() if k.startswith("params_") and k != "params_per_layer"},
         }
         if processes > 1:
@@ -95,7 +125,7 @@ def main() -> None:
         run.log({f"recover/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.finish()
         logging.info("recovered: val LM loss %.4f -> %.4f, %s tokens/s", summary["val_lm_loss_before"] or float("nan"),
-                     summary["val_lm_loss_after"], metrics["tokens_per_s"])
+                     summary["val_lm_loss_after"] or float("nan"), metrics["tokens_per_s"])
     end_processes()
 
 

@@ -118,3 +118,37 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+def assert_same_checkpoint(resident: Path, ours: Path) -> tuple[dict[str, Path], dict[str, torch.Tensor], dict]:
+    """Two compressed checkpoints (resident path, layer-by-layer path) hold the same files, identical bf16
+    tensors and the same ``config.json``, which names the stored dtype (bfloat16) on both.
+    Returns our ``{file name: path}``, tensors and config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    resident_files, our_files = ({p.name: p for p in sorted(folder.iterdir())} for folder in (resident, ours))
+    assert sorted(our_files) == sorted(resident_files)
+    theirs, mine = load_file(resident_files["model.safetensors"]), load_file(our_files["model.safetensors"])
+    assert sorted(mine) == sorted(theirs)
+    for key, tensor in theirs.items():
+        assert mine[key].dtype == tensor.dtype == torch.bfloat16 and torch.equal(mine[key], tensor), key
+    config, resident_config = (json.loads(files["config.json"].read_text()) for files in (our_files, resident_files))
+    assert config == resident_config and config["dtype"] == "bfloat16"
+    return our_files, mine, config
+
+
+@pytest.fixture(scope="session")
+def stories(tmp_path_factory):
+    """``(checkpoint dir, model, tokenizer)``: stories260K (5 layers, tied embeddings) saved in fp32."""
+    folder = models_dir() / "stories260K"
+    if not (folder / "stories260K.bin").is_file():
+        pytest.skip(f"stories260K not found in {folder} (set LAYERFOLD_MODELS_DIR)")
+    from layerfold.models import save_checkpoint
+    from layerfold.models.llama2c import load_llama2c
+
+    model, tokenizer = load_llama2c(folder / "stories260K.bin", folder / "tok512.bin")
+    path = tmp_path_factory.mktemp("stories") / "checkpoint"
+    save_checkpoint(model, tokenizer, path, dtype=torch.float32)
+    return path, model.eval(), tokenizer
+

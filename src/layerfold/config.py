@@ -88,8 +88,9 @@ class DataConfig:
 class CaptureConfig:
     batch_size: int = field(default=4, metadata={"ge": 1})
     # Keep the token cosine only between boundaries at most this far apart (null: every pair). Block
-    # Influence needs 1, a window of n layers n; layer-major execution holds 2d+1 boundaries of every
-    # sequence, so large models under hardware=sequential want it small.
+    # Influence needs 1, a window of n layers n (validate checks the method's need); a ring holds 2d+1
+    # boundaries per batch (of every sequence under hardware=sequential), and 1 holds only the previous
+    # boundary, compared as the next arrives.
     max_distance: Optional[int] = field(default=None, metadata={"ge": 1, "le": "num_layers"})
 
 

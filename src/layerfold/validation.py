@@ -12,9 +12,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from layerfold.config import ConfigError, Params, check_ranges
-from layerfold.methods import check_layer_major, get_method
+from layerfold.methods import check_layer_major, get_method, token_cosine_distance
 from layerfold.models.adapters import get_adapter
 from layerfold.models.facts import ModelFacts
+from layerfold.recovery.layer_major import layer_major_blocker
 
 
 def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yaml") -> None:
@@ -25,15 +26,39 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     if facts is not None:
         get_adapter(facts.model_type)
     bounds = facts.bounds() if facts is not None else {}
-    get_method(params.method, bounds)
+    _check_capture_distance(params, *get_method(params.method, bounds))
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
         check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
+        _check_recovery_layer_major(params)  # and so does a recovery that needs the whole student
     if facts is None:
         return
     check_ranges(params, Params, where, facts=bounds)
     problems = list(_cross_field_problems(params, facts))
     if problems:
         raise ConfigError(f"{where}: " + " ".join(problems))
+
+
+def _check_capture_distance(params: DictConfig, spec, method_cfg) -> None:
+    """The capture must keep the boundary pairs the method reads (``capture.max_distance``), or compress would fail later."""
+    kept = (params.get("capture") or {}).get("max_distance")
+    needed = token_cosine_distance(spec.name, method_cfg)
+    if kept is not None and needed is not None and needed > kept:
+        raise ConfigError(
+            f"capture.max_distance={kept} keeps the token cosine of boundaries at most {kept} layers apart, but method={spec.name} "
+            f"with these settings reads boundaries {needed} apart. Set capture.max_distance >= {needed} "
+            f"(`-S capture.max_distance={needed}`), or null for every pair."
+        )
+
+
+def _check_recovery_layer_major(params: DictConfig) -> None:
+    """End-to-end recovery (LM loss, logit KD) needs the whole student: refuse it under ``hardware=sequential``."""
+    recovery = params.get("recovery")
+    if recovery is None:
+        return
+    why = layer_major_blocker(recovery)
+    if why is not None:
+        raise ConfigError(f"{why}; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`) on a device "
+                          "that holds both models, or a layer-local recovery (`-S recovery=distill`, recovery.end_to_end.enabled=false).")
 
 
 def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import models_dir, tiny_model
 
-from layerfold.capture import BoundaryStatistics, capture_statistics
+from layerfold.capture import BoundaryStatistics, NonFiniteActivationError, capture_statistics
 from layerfold.models.llama2c import load_llama2c_model
 from layerfold.models.resources import capture_bytes_per_sequence
 
@@ -170,14 +170,15 @@ def test_max_distance_keeps_near_pairs_only(max_distance):
 
 
 def test_max_distance_frees_boundaries_that_cannot_pair_again():
-    """Boundary-major over three batches: with ``max_distance=1`` each batch holds a ring of 3 boundaries
-    whatever the depth, and everything is released once the last boundary is in."""
+    """Boundary-major over three batches: with ``max_distance=2`` each batch holds a ring of 5 boundaries
+    whatever the depth; with ``max_distance=1`` only the previous boundary (and its norms); everything is
+    released once the last boundary is in."""
     model = stories_model()
     blocks = make_blocks(model, n=3)
     all_boundaries = reference_boundaries(model, blocks)
     per_batch = {i: [b[i : i + 1] for b in all_boundaries] for i in range(3)}
-    hidden = all_boundaries[0].shape[-1]
-    one_boundary = blocks.shape[1] * (hidden * 4 + 4)  # fp32 states + one norm per token
+    seq, hidden = blocks.shape[1], all_boundaries[0].shape[-1]
+    one_boundary = seq * hidden * 4  # fp32 states (the ring's norms come from the dot products)
 
     def run(max_distance):
         held = []
@@ -185,13 +186,30 @@ def test_max_distance_frees_boundaries_that_cannot_pair_again():
         feed_boundary_major(stats, per_batch, watch=lambda boundary: held.append(stats.held_bytes))
         return stats, held
 
-    near, near_held = run(1)
+    chain, chain_held = run(1)
+    ring, ring_held = run(2)
     full, full_held = run(None)
     small_parts = 3 * 2 * len(all_boundaries) * hidden * 4  # last-token vectors and features of 3 batches
-    assert near_held[:-1] == [3 * (3 * one_boundary) + small_parts] * (len(all_boundaries) - 1)
+    assert len(all_boundaries) > 5  # so the ring of max_distance=2 is smaller than every boundary
+    assert chain_held[:-1] == [3 * (one_boundary + seq * 4) + small_parts] * (len(all_boundaries) - 1)
+    assert ring_held[4:-1] == [3 * (5 * one_boundary) + small_parts] * (len(all_boundaries) - 5)
     assert full_held[:-1] == [3 * (len(all_boundaries) * one_boundary) + small_parts] * (len(all_boundaries) - 1)
-    assert near_held[-1] == full_held[-1] == 0
-    torch.testing.assert_close(near.cosine.diagonal(1), full.cosine.diagonal(1), rtol=0, atol=1e-6)
+    assert chain_held[-1] == ring_held[-1] == full_held[-1] == 0
+    for near in (chain, ring):
+        torch.testing.assert_close(near.cosine.diagonal(1), full.cosine.diagonal(1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(near.cosine.diagonal(), full.cosine.diagonal(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ring.cosine.diagonal(2), full.cosine.diagonal(2), rtol=0, atol=1e-6)
+    assert torch.isnan(chain.cosine.diagonal(2)).all() and torch.isnan(ring.cosine.diagonal(3)).all()
+
+
+def test_adjacent_pairs_refuse_a_boundary_changed_in_place():
+    """max_distance=1 holds the previous boundary by reference: if the model changed it in place, capture says so."""
+    stats = BoundaryStatistics(3, max_distance=1)
+    h = torch.randn(1, 4, 8)
+    stats.add(0, 0, h)
+    h.mul_(2.0)  # what a model doing in-place residual adds on a hooked output would do
+    with pytest.raises(RuntimeError, match="changed in place"):
+        stats.add(1, 0, torch.randn(1, 4, 8))
 
 
 # The resident path and the memory estimate -------------------------------------------------------
@@ -209,6 +227,36 @@ def test_capture_never_computes_logits():
     finally:
         handle.remove()
     assert stats.sequences == 5
+
+
+@pytest.mark.parametrize("max_distance", [1, 2, None])
+def test_capture_reads_nothing_back_to_the_host_until_the_end(monkeypatch, max_distance):
+    """Every sum stays on the activations' device while the model runs (on an accelerator a host read waits
+    for all queued work); the host reads them once, in ``synchronize``, and the ring's index tensors are
+    made once per layout, not once per batch."""
+    model = tiny_model("llama")
+    reads = []
+    for method in ("cpu", "item", "tolist"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _o=original, _m=method, **k: (reads.append(_m), _o(self, *a, **k))[1])
+    reads_before_sync = []
+    original_sync = BoundaryStatistics.synchronize
+    monkeypatch.setattr(BoundaryStatistics, "synchronize", lambda self: (reads_before_sync.append(list(reads)), original_sync(self))[1])
+    stats = capture_statistics(model, make_blocks(model, n=6), 2, desc=None, max_distance=max_distance)
+    assert reads_before_sync[0] == []
+    monkeypatch.undo()
+    layouts = stats._device_sums._pairs  # one entry per ring layout, shared by all 3 batches; no ring for adjacent pairs
+    assert (len(layouts) == 0) if max_distance == 1 else (0 < len(layouts) <= model.config.num_hidden_layers)
+    assert torch.isfinite(stats.cosine.diagonal(1)).all()
+
+
+def test_non_finite_activations_stop_the_capture_with_the_layer_named():
+    """With the check deferred by a batch, a broken layer still fails the capture and is named."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteActivationError, match=r"output of decoder layer 1 \(layer boundary 2\)"):
+        capture_statistics(model, make_blocks(model, n=6), 2, desc=None)
 
 
 def test_memory_estimate_counts_what_the_accumulator_holds():

@@ -1,5 +1,5 @@
-"""Fixtures for the layer-major execution tests (imported by each test module): stories260K saved as a
-checkpoint, and one CPU thread per test.
+"""Fixtures for the layer-major execution tests (imported by each test module): stories260K's calibration
+blocks (the checkpoint itself is ``conftest.stories``), and one CPU thread per test.
 
 The tests compare two execution orders of the same fp32 arithmetic on tiny models; one thread keeps
 them fast on a shared 2-core machine (OpenMP spin-waiting between two threads costs more than it
@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import models_dir
-
-from layerfold.models import save_checkpoint
-
-STORIES = models_dir() / "stories260K"
 
 # Short stories in the model's domain: 5 windows of 32 tokens with stories260K's 512-piece tokenizer.
 STORY = (
@@ -31,17 +26,6 @@ def _single_thread(one_thread):
     """Tiny models only: one intra-op thread (see conftest.one_thread)."""
 
 
-@pytest.fixture(scope="session")
-def stories(tmp_path_factory):
-    """``(checkpoint dir, model, tokenizer)``: stories260K (5 layers, tied embeddings) saved in fp32."""
-    if not (STORIES / "stories260K.bin").is_file():
-        pytest.skip(f"stories260K not found in {STORIES} (set LAYERFOLD_MODELS_DIR)")
-    from layerfold.models.llama2c import load_llama2c
-
-    model, tokenizer = load_llama2c(STORIES / "stories260K.bin", STORIES / "tok512.bin")
-    path = tmp_path_factory.mktemp("stories") / "checkpoint"
-    save_checkpoint(model, tokenizer, path, dtype=torch.float32)
-    return path, model.eval(), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import REPO, TINY_CONFIGS, tiny_model
-from execution_fixtures import STORY, _single_thread, stories, story_blocks  # noqa: F401  (fixtures)
+from execution_fixtures import STORY, _single_thread, story_blocks  # noqa: F401  (fixtures; stories comes from conftest)
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from layerfold.capture import BoundaryStatistics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from execution_fixtures import STORY, _single_thread, stories, story_blocks  # noqa: F401  (fixtures)
+from execution_fixtures import STORY, _single_thread, story_blocks  # noqa: F401  (fixtures; stories comes from conftest)
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.evaluation.perplexity import perplexity as resident_perplexity

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from execution_fixtures import _single_thread, stories, story_blocks  # noqa: F401  (fixtures)
-from safetensors.torch import load_file
+from conftest import assert_same_checkpoint, tiny_model
+from execution_fixtures import _single_thread, story_blocks  # noqa: F401  (fixtures; stories comes from conftest)
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.execution import LayerMajorStack, ModelLayerLoader, SafetensorsLayerLoader, WeightedLayerPlan
@@ -146,7 +145,7 @@ def test_mka_loss_tie_break_runs_layer_major():
 @pytest.mark.parametrize("method, setting", [
     ({"name": "come", "target_layers": 3}, "method=come"),
     ({"name": "come_p", "target_layers": 3}, "method=come_p"),
-    ({"name": "streamline", "num_remove": 2, "replacement": "ffn"}, "method.replacement=ffn"),
+    ({"name": "streamline", "num_remove": 2, "replacement": "mlp"}, "method.replacement=mlp"),
 ])
 def test_resident_only_methods_fail_before_loading_a_layer(stories, story_blocks, method, setting):
     path, _, tokenizer = stories
@@ -166,10 +165,6 @@ def test_resident_only_methods_fail_before_loading_a_layer(stories, story_blocks
 
 
 # The compress stage ---------------------------------------------------------------------------------
-def checkpoint_files(path) -> dict:
-    return {p.name: p for p in sorted(path.iterdir())}
-
-
 @pytest.mark.parametrize("method", [
     {"name": "shortgpt", "num_remove": 2},
     {"name": "laco", "rdsc": "paper", "merge_layers": 3, "threshold": 0.1, "interval": 1},
@@ -187,17 +182,9 @@ def test_sequential_compress_writes_the_resident_checkpoint(stories, story_block
     plan_s, facts_s, _ = compress_layer_major(path, *args, sequential("host"), 2, torch.device("cpu"), torch.float32, torch.bfloat16, tmp_path / "sequential")
     assert structure(plan_s) == structure(plan_r) and (plan_r["merged"] if method["name"] == "laco" else plan_r["removed"])
     assert {k: v for k, v in facts_s.items() if k.startswith("params_")} == {k: v for k, v in facts_r.items() if k.startswith("params_")}
-    resident, ours = checkpoint_files(tmp_path / "resident"), checkpoint_files(tmp_path / "sequential")
-    assert sorted(ours) == sorted(resident)
-    theirs_tensors, our_tensors = load_file(resident["model.safetensors"]), load_file(ours["model.safetensors"])
-    assert sorted(our_tensors) == sorted(theirs_tensors)
-    for key, tensor in theirs_tensors.items():
-        assert our_tensors[key].dtype == tensor.dtype == torch.bfloat16 and torch.equal(our_tensors[key], tensor), key
-    # config.json: the same, except that ours records the stored dtype; save_pretrained writes the dtype the
-    # resident model computed in (float32 here) over the one save_checkpoint asked for.
-    config, resident_config = json.loads(ours["config.json"].read_text()), json.loads(resident["config.json"].read_text())
-    assert config.pop("dtype") == "bfloat16" and resident_config.pop("dtype") == "float32"
-    assert config == resident_config and config["num_hidden_layers"] == len(plan_r["layers"])
+    ours, _, config = assert_same_checkpoint(tmp_path / "resident", tmp_path / "sequential")
+    assert config["num_hidden_layers"] == len(plan_r["layers"])
+    resident = {p.name: p for p in (tmp_path / "resident").iterdir()}
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if name in resident:
             assert json.loads(ours[name].read_text()) == json.loads(resident[name].read_text()), name

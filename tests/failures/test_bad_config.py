@@ -144,3 +144,29 @@ def test_method_that_needs_the_resident_model_stops_in_validate_under_sequential
     with pytest.raises(ConfigError, match=rf"method={method}.*hardware=sequential.*hardware=resident"):
         check(parse_params(composed(f"method={method}", "hardware=sequential")), SMOLLM2)
     check(parse_params(composed("method=sleb", "hardware=sequential")), SMOLLM2)  # layer-major methods pass
+
+
+@pytest.mark.parametrize("overrides", [["recovery=lm"], ["recovery=lora"], ["recovery=come"],
+                                       ["recovery=distill", "recovery.end_to_end.enabled=true"]])
+def test_end_to_end_recovery_stops_in_validate_under_sequential(overrides):
+    message = fails([*overrides, "hardware=sequential"])
+    assert "recovery.end_to_end.enabled=true" in message and "hardware=sequential" in message
+    assert "-S hardware=resident" in message  # the fix
+    check(parse_params(composed(*overrides)), SMOLLM2)  # resident: fine
+
+
+def test_layer_local_recovery_passes_validate_under_sequential():
+    check(parse_params(composed("recovery=distill", "hardware=sequential")), SMOLLM2)
+    check(parse_params(composed("recovery=distill", "recovery.lora.enabled=true", "hardware=sequential")), SMOLLM2)
+
+
+@pytest.mark.parametrize(("method", "needed"), [
+    (["method=streamline", "method.num_remove=8"], 9),  # a replaced window: 9 layers, both ends compared
+    (["method=streamline", "method.num_remove=8", "method.replacement=none"], 8),
+])
+def test_capture_must_keep_the_pairs_the_method_reads(method, needed):
+    message = fails([*method, f"capture.max_distance={needed - 1}"], facts=None)
+    assert f"capture.max_distance={needed - 1}" in message and f"reads boundaries {needed} apart" in message
+    assert f"-S capture.max_distance={needed}" in message
+    check(parse_params(composed(*method, f"capture.max_distance={needed}")), None)
+    check(parse_params(composed("method=shortgpt", "capture.max_distance=1")), None)  # Block Influence: adjacent pairs

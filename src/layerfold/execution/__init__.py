@@ -2,7 +2,8 @@
 
 - :mod:`~layerfold.execution.loaders`: where one decoder layer's weights come from (safetensors shards,
   a seeded generator for paper-scale shapes, an in-memory model).
-- :mod:`~layerfold.execution.plan`: a compression plan applied lazily per layer (removals, linear merges).
+- :mod:`~layerfold.execution.plan`: a compression plan applied lazily per layer (removals, linear merges,
+  re-initialised stand-in layers).
 - :mod:`~layerfold.execution.layer_major`: the layer-major runner (meta skeleton, probed layer
   arguments, activations on the device or in pinned host memory, optional prefetch).
 - :mod:`~layerfold.execution.nll`: next-token NLL from the last boundary, LM head in chunks.

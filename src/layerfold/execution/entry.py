@@ -102,8 +102,9 @@ def capture_statistics(source: Source, blocks: torch.Tensor, hardware: Any, stat
     positions in ``blocks`` either way, so ``stats`` ends up with the same sums (and sample order).
 
     Boundary-major, every batch is open at once, so ``stats`` holds ``2 * max_distance + 1`` boundaries
-    of *all* sequences (all ``L + 1`` with ``max_distance=None``): give large models a ``max_distance``
-    (1 is enough for Block Influence, ``n`` for windows of ``n`` layers).
+    of *all* sequences (all ``L + 1`` with ``max_distance=None``; one, the previous, with
+    ``max_distance=1``): give large models a ``max_distance`` (1 is enough for Block Influence, ``n``
+    for windows of ``n`` layers).
     """
     device = torch.device(device)
     _reset_peaks(device)
@@ -117,6 +118,7 @@ def capture_statistics(source: Source, blocks: torch.Tensor, hardware: Any, stat
     _check_boundaries(stats, run.num_layers)
     acts = run.embed(blocks)
     run.run_layers(acts, on_boundary=stats.add)
+    stats.synchronize()  # the sums to the host; a non-finite boundary fails here
     return run.report
 
 

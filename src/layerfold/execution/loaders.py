@@ -268,3 +268,31 @@ class ModelLayerLoader:
         prefix = f"{self.adapter.layers}."
         outer = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
         return {k: cast(v.detach(), device, dtype) for k, v in _untied(self.model, outer).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+class OverriddenLayerLoader:
+    """Another loader's stack with some decoder layers taken from given state dicts instead (e.g. layers
+    a recovery run trained); every other tensor still comes from ``base``, one layer at a time."""
+
+    def __init__(self, base: LayerLoader, layers: dict[int, StateDict]) -> None:
+        for index in layers:
+            check_index(index, base.num_layers)
+        self.base = base
+        self.layers = layers
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.base.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.num_layers
+
+    def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
+        if index not in self.layers:
+            return self.base.load_layer(index, device, dtype)
+        return {k: cast(v.detach(), device, dtype) for k, v in self.layers[index].items()}
+
+    def load_outer(self, device: torch.device | str, dtype: torch.dtype) -> StateDict:
+        return self.base.load_outer(device, dtype)

@@ -9,11 +9,16 @@ tracks those coefficients through the same ``remove`` / ``merge(base, others, co
 methods make on a :class:`~layerfold.surgery.LayerPlan`, and writes them into ``plan.json``
 (``layers[k].coefficients``, ``layers[k].base``) beside the usual ``stands_for``.
 
+A layer may also *stand in* for others (``stand_in(base, others, init)``: LLM-Streamline's
+replacement): it keeps ``base``'s weights (coefficient 1, the others 0) and some of its tensors get new
+values, stated as a :class:`~layerfold.models.replacement.TensorInit` (zero attention output, a freshly
+drawn FFN from a seeded generator) and written to ``plan.json`` as ``layers[k].init``.
+
 :class:`PlannedLayerLoader` turns such a plan and a loader of the original model into a loader of
 the compressed one: new layer ``k`` is loaded as its original layer, or as the weighted sum of its
-original layers, when it is asked for. Merges that are not elementwise (CoMe's concatenation,
-LLM-Streamline's trained replacement) build new tensors and are out of reach of a plan; they need
-the compressed checkpoint itself.
+original layers, then re-initialised where its recipe says, when it is asked for. Merges that are not
+elementwise (CoMe's concatenation) and layers of another class (LLM-Streamline's ReLU-MLP replacement)
+build new tensors out of reach of a plan; they need the compressed checkpoint itself.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from transformers import PretrainedConfig
 
 from layerfold.execution.loaders import LayerLoader, StateDict, check_index
 from layerfold.models.adapters import get_adapter
+from layerfold.models.replacement import TensorInit
 from layerfold.surgery.merge import Combine
 from layerfold.surgery.plan import LayerPlan
 
@@ -43,11 +49,12 @@ class LayerRecipe:
     stands_for: tuple[int, ...]  # original layers, ascending
     coefficients: tuple[float, ...]  # weight of each original layer in the linear weights and biases
     base: int  # the original layer whose other tensors (norms) the new layer keeps
+    init: TensorInit | None = None  # new values for some tensors, applied after the weights are built
 
     @property
     def is_copy(self) -> bool:
         """True when the layer is one original layer unchanged."""
-        return len(self.stands_for) == 1 and self.coefficients == (1.0,)
+        return len(self.stands_for) == 1 and self.coefficients == (1.0,) and self.init is None
 
 
 def coefficients_of(combine: Combine, num_others: int) -> list[float]:
@@ -76,7 +83,8 @@ class WeightedLayerPlan(LayerPlan):
     Beside the coefficients (what ``plan.json`` can hold) it keeps each layer's *builds*: the merge
     rules in the order they were applied. :class:`PlannedLayerLoader` replays them with the
     arithmetic of :func:`~layerfold.surgery.merge_weights` (float32, cast back after every merge), so
-    a merged layer equals the one a resident merge writes bit for bit, not only to rounding.
+    a merged layer equals the one a resident merge writes bit for bit, not only to rounding. ``inits``
+    holds each layer's re-initialisation (:meth:`stand_in`), None for most.
     """
 
     def __init__(self, num_layers: int) -> None:
@@ -84,12 +92,14 @@ class WeightedLayerPlan(LayerPlan):
         self.coefficients: list[dict[int, float]] = [{i: 1.0} for i in range(num_layers)]
         self.bases: list[int] = list(range(num_layers))
         self.builds: list[Build | None] = list(range(num_layers))
+        self.inits: list[TensorInit | None] = [None] * num_layers
 
     def remove(self, positions) -> None:
         drop = set(positions)
         self.coefficients = [c for i, c in enumerate(self.coefficients) if i not in drop]
         self.bases = [b for i, b in enumerate(self.bases) if i not in drop]
         self.builds = [b for i, b in enumerate(self.builds) if i not in drop]
+        self.inits = [t for i, t in enumerate(self.inits) if i not in drop]
         super().remove(drop)
 
     def merge(self, base: int, others, combine: Combine | None = None) -> None:
@@ -99,7 +109,9 @@ class WeightedLayerPlan(LayerPlan):
         merged layer cannot be loaded (the weights are unknown).
         """
         others = [o for o in dict.fromkeys(others) if o != base]  # in the caller's order: merge_weights passes them so
-        if combine is None or any(self.coefficients[p] is None for p in [base, *others]):
+        # A re-initialised layer's weights are not a sum of original layers: merging it leaves the result unknown.
+        unknown = combine is None or any(self.coefficients[p] is None or self.inits[p] is not None for p in [base, *others])
+        if unknown:
             merged: dict[int, float] | None = None
         else:
             weights = coefficients_of(combine, len(others))
@@ -109,24 +121,41 @@ class WeightedLayerPlan(LayerPlan):
                     merged[original] = merged.get(original, 0.0) + weight * c
         self.coefficients[base] = merged  # type: ignore[assignment]
         parts = [self.builds[p] for p in [base, *others]]
-        known = combine is not None and all(b is not None for b in parts)
+        known = not unknown and all(b is not None for b in parts)
         self.builds[base] = (combine, parts[0], tuple(parts[1:])) if known else None
+        self.inits[base] = None
         super().merge(base, others)  # groups; calls self.remove(others), which drops their coefficients
+
+    def stand_in(self, base: int, others, init: TensorInit | None = None) -> None:
+        """Layer ``base``, re-initialised by ``init``, stands for itself and ``others`` (positions), which are removed.
+
+        Its weights stay ``base``'s (coefficient 1 on ``base``'s originals, 0 on the others'), then
+        ``init`` gives some tensors new values. A layer that already has an init cannot take a second one.
+        """
+        others = [o for o in dict.fromkeys(others) if o != base]
+        if init is not None and self.inits[base] is not None:
+            raise PlanError(f"plan layer {base} is already re-initialised ({self.inits[base]}); a second re-initialisation is not supported.")
+        if self.coefficients[base] is not None:
+            self.coefficients[base] = {**self.coefficients[base], **{original: 0.0 for o in others for original in self.groups[o]}}
+        self.inits[base] = init if init is not None else self.inits[base]
+        LayerPlan.merge(self, base, others)  # groups only; self.remove(others) drops the others' entries
 
     def copy(self) -> WeightedLayerPlan:
         """An independent copy (lists copied, merge rules shared: they are never changed)."""
         other = WeightedLayerPlan(self.original_layers)
         other.groups = [list(g) for g in self.groups]
         other.coefficients = [None if c is None else dict(c) for c in self.coefficients]
-        other.bases, other.builds = list(self.bases), list(self.builds)
+        other.bases, other.builds, other.inits = list(self.bases), list(self.builds), list(self.inits)
         return other
 
     def to_json(self) -> dict:
         plan = super().to_json()
-        for entry, coefficients, base in zip(plan["layers"], self.coefficients, self.bases):
+        for entry, coefficients, base, init in zip(plan["layers"], self.coefficients, self.bases, self.inits):
             if coefficients is not None:
                 entry["coefficients"] = [coefficients.get(o, 0.0) for o in entry["stands_for"]]
             entry["base"] = base
+            if init is not None:
+                entry["init"] = init.to_json()
         return plan
 
 
@@ -135,7 +164,8 @@ def recipes_from_plan(plan: dict) -> list[LayerRecipe]:
 
     A layer standing for one original layer needs nothing more; a merged layer needs ``coefficients``
     (written by :class:`WeightedLayerPlan`). ``base`` defaults to the first original layer, the one
-    :func:`~layerfold.surgery.merge_weights` keeps the norms of in every layerfold method.
+    :func:`~layerfold.surgery.merge_weights` keeps the norms of in every layerfold method. ``init``
+    (optional) is the layer's re-initialisation.
     """
     recipes = []
     for k, entry in enumerate(plan["layers"]):
@@ -156,7 +186,8 @@ def recipes_from_plan(plan: dict) -> list[LayerRecipe]:
         base = int(entry.get("base", stands_for[0]))
         if base not in stands_for:
             raise PlanError(f"plan layer {k}: base layer {base} is not one of the layers it stands for, {list(stands_for)}.")
-        recipes.append(LayerRecipe(stands_for, tuple(float(c) for c in coefficients), base))
+        init = TensorInit.from_json(entry["init"]) if entry.get("init") is not None else None
+        recipes.append(LayerRecipe(stands_for, tuple(float(c) for c in coefficients), base, init))
     return recipes
 
 
@@ -164,7 +195,8 @@ class PlannedLayerLoader:
     """The compressed stack of ``plan`` over ``base`` (a loader of the original model), built layer by layer on request.
 
     ``plan`` is a :class:`WeightedLayerPlan`, a ``plan.json``-shaped dict, or a list of :class:`LayerRecipe`.
-    Merged linear weights are summed in float32 and cast back, as :func:`~layerfold.surgery.merge_weights` does.
+    Merged linear weights are summed in float32 and cast back, as :func:`~layerfold.surgery.merge_weights` does;
+    a recipe's ``init`` is applied last, in the requested dtype (the values :class:`TensorInit` gives a resident layer).
     """
 
     def __init__(self, base: LayerLoader, plan: WeightedLayerPlan | dict | Sequence[LayerRecipe]) -> None:
@@ -208,8 +240,14 @@ class PlannedLayerLoader:
 
     def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
         check_index(index, self.num_layers)
+        state = self._weights(index, device, dtype)
+        init = self.recipes[index].init
+        return state if init is None else init.apply(state)
+
+    def _weights(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
+        """Layer ``index`` before its re-initialisation: an original layer, or the weighted sum of its originals."""
         recipe = self.recipes[index]
-        if recipe.is_copy:
+        if len(recipe.stands_for) == 1 and recipe.coefficients == (1.0,):
             return self.base.load_layer(recipe.stands_for[0], device, dtype)
         if self.builds is not None and self.builds[index] is not None:
             return self._replay(self.builds[index], device, dtype)

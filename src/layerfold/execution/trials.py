@@ -6,7 +6,8 @@ candidate layer removed (SLEB's step), the final-norm hidden states of a few tok
 or the layer-boundary statistics (MKA's re-scoring). Two stacks answer the same four questions:
 
 - :class:`ResidentStack`: the whole model on the device, edited in place (merges written with
-  :func:`~layerfold.surgery.merge_weights`, layers removed with :func:`~layerfold.surgery.remove_layers`),
+  :func:`~layerfold.surgery.merge_weights`, layers removed with :func:`~layerfold.surgery.remove_layers`,
+  a stand-in layer re-initialised with its :class:`~layerfold.models.replacement.TensorInit`),
   measured by the resident functions of :mod:`layerfold.scoring.loss` and :mod:`layerfold.capture`.
   This is the code path methods have always run; its numbers are unchanged.
 - :class:`LayerMajorStack`: the model never exists as a whole. Edits go into the plan only (and into
@@ -28,7 +29,8 @@ taken in another order), so both stacks choose the same layers unless two candid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -40,8 +42,10 @@ from layerfold.execution.layer_major import Activations, ExecutionReport, LayerM
 from layerfold.execution.loaders import LayerLoader
 from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import PlannedLayerLoader, WeightedLayerPlan
+from layerfold.models.adapters import get_adapter
+from layerfold.models.replacement import TensorInit
 from layerfold.scoring.loss import calibration_nll, final_representations, removal_nll, removal_order
-from layerfold.surgery import merge_weights, remove_layers
+from layerfold.surgery import StackSnapshot, merge_weights, reindex_layers, remove_layers
 from layerfold.surgery.merge import Combine
 
 
@@ -55,6 +59,8 @@ class Stack(Protocol):
     def remove(self, positions: Sequence[int]) -> None: ...
 
     def merge(self, base: int, others: Sequence[int], combine: Combine) -> None: ...
+
+    def stand_in(self, base: int, others: Sequence[int], init: TensorInit | None) -> None: ...
 
     def calibration_nll(self, plan: WeightedLayerPlan, blocks: torch.Tensor) -> float: ...
 
@@ -84,6 +90,11 @@ class ResidentStack:
 
     def merge(self, base: int, others: Sequence[int], combine: Combine) -> None:
         merge_weights(self.model, base, others, combine)
+        remove_layers(self.model, others)
+
+    def stand_in(self, base: int, others: Sequence[int], init: TensorInit | None) -> None:
+        if init is not None:
+            init.apply_to(get_adapter(self.model).get_layers(self.model)[base])
         remove_layers(self.model, others)
 
     def calibration_nll(self, plan: WeightedLayerPlan, blocks: torch.Tensor) -> float:
@@ -133,6 +144,9 @@ class LayerMajorStack:
     def merge(self, base: int, others: Sequence[int], combine: Combine) -> None:
         remove_layers(self.model, others)
 
+    def stand_in(self, base: int, others: Sequence[int], init: TensorInit | None) -> None:
+        remove_layers(self.model, others)
+
     # The planned stack as a runner over the root's skeleton and embeddings.
     def stack(self, plan: WeightedLayerPlan) -> LayerMajorRunner:
         planned = PlannedLayerLoader(self.loader, plan)
@@ -142,8 +156,29 @@ class LayerMajorStack:
         """Boundary 0 of ``blocks``, embedded once per block tensor (a method measures the same blocks many times)."""
         if self._embedded is None or self._embedded[0] is not blocks:
             self._embedded = None  # the old boundary is freed before the new one is made
-            self._embedded = (blocks, self.runner.embed(blocks))
+            with self._original_layers():
+                self._embedded = (blocks, self.runner.embed(blocks))
         return self._embedded[1].fork()
+
+    @contextmanager
+    def _original_layers(self) -> Iterator[None]:
+        """The skeleton with every original layer while call arguments are probed, the edits restored after.
+
+        Planned layers run with the arguments probed for their base layer (an original index), so the
+        probe must see the original stack even when the first measurement comes after an edit.
+        """
+        edited = StackSnapshot(self.model)
+        adapter = get_adapter(self.model)
+        adapter.set_layers(self.model, nn.ModuleList(self.runner.templates))
+        for key in adapter.per_layer_config:
+            values = getattr(self.loader.config, key, None)
+            if isinstance(values, (list, tuple)):
+                setattr(self.model.config, key, list(values))
+        reindex_layers(self.model)
+        try:
+            yield
+        finally:
+            edited.restore()
 
     def _mean_nll(self, run: LayerMajorRunner, acts: Activations) -> float:
         """Mean next-token NLL of ``acts`` (holding some boundary of ``run``) after the rest of ``run``'s layers."""
@@ -217,17 +252,18 @@ class LayerMajorStack:
 
     @staticmethod
     def _layer_identities(plan: WeightedLayerPlan) -> list[tuple]:
-        """What makes two plans' layer ``k`` the same layer: its group, coefficients, base and merge history."""
-        return [(tuple(g), tuple(sorted(c.items())) if c is not None else None, base, build)
-                for g, c, base, build in zip(plan.groups, plan.coefficients, plan.bases, plan.builds)]
+        """What makes two plans' layer ``k`` the same layer: its group, coefficients, base, merge history and re-initialisation."""
+        return [(tuple(g), tuple(sorted(c.items())) if c is not None else None, base, build, init)
+                for g, c, base, build, init in zip(plan.groups, plan.coefficients, plan.bases, plan.builds, plan.inits)]
 
     def _embed_each(self, inputs: list[torch.Tensor]) -> Activations:
         """Boundary 0 of sequences of different lengths: one batch per sequence."""
         if not inputs:
             raise ValueError("final_representations needs at least one token sequence.")
-        acts = self.runner.embed(inputs[0].view(1, -1))
-        for ids in inputs[1:]:
-            acts.extend(self.runner.embed(ids.view(1, -1)))
+        with self._original_layers():
+            acts = self.runner.embed(inputs[0].view(1, -1))
+            for ids in inputs[1:]:
+                acts.extend(self.runner.embed(ids.view(1, -1)))
         return acts
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerfold.capture import BoundaryStatistics
@@ -25,6 +26,7 @@ from layerfold.execution.loaders import LayerLoader
 from layerfold.execution.plan import PlanError, WeightedLayerPlan
 from layerfold.execution.trials import LayerMajorStack, ResidentStack, Stack
 from layerfold.models.adapters import LayerAdapter, get_adapter
+from layerfold.models.replacement import TensorInit
 from layerfold.surgery import LayerSurgeryError, StackSnapshot, remove_layers
 from layerfold.surgery.merge import Combine
 
@@ -71,12 +73,13 @@ def get_method(raw: DictConfig | dict, facts: dict[str, int] | None = None) -> t
 class MethodContext:
     """What a method works on: the model (or, layer-major, its skeleton), calibration data and dense statistics.
 
-    Edits go through :meth:`remove` / :meth:`merge` (which keep :attr:`plan` in step) and measurements
+    Edits go through :meth:`remove` / :meth:`merge` / :meth:`stand_in` (which keep :attr:`plan` in step) and measurements
     through :meth:`calibration_nll`, :meth:`removal_nll`, :meth:`final_representations` and
     :meth:`capture`; the :attr:`stack` answers them resident (the model edited in place) or layer-major
     (``hardware=sequential``: the plan applied lazily, one layer on the device at a time), so a method
     is written once. Build a layer-major context with :meth:`layer_major`; there ``model`` is a skeleton
-    whose decoder layers hold no weights (config, adapter and layer count only).
+    whose decoder layers hold no weights (config, adapter and layer count only). ``seed`` (the stage's
+    ``runtime.seed``) seeds every fresh weight a method draws, so both modes draw the same.
     """
 
     model: PreTrainedModel
@@ -85,6 +88,7 @@ class MethodContext:
     stats: BoundaryStatistics | None = None  # statistics of the dense model, from the capture stage
     batch_size: int = 4
     stack: Stack | None = None  # None: resident on ``model``
+    seed: int = 0  # seeds freshly drawn weights (TensorInit.seed), not the global RNG
     plan: WeightedLayerPlan = field(init=False)
     adapter: LayerAdapter = field(init=False)
 
@@ -96,10 +100,11 @@ class MethodContext:
 
     @classmethod
     def layer_major(cls, loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, calibration: torch.Tensor, hardware: Any,
-                    device: torch.device | str, dtype: torch.dtype, stats: BoundaryStatistics | None = None, batch_size: int = 4) -> MethodContext:
+                    device: torch.device | str, dtype: torch.dtype, stats: BoundaryStatistics | None = None, batch_size: int = 4,
+                    seed: int = 0) -> MethodContext:
         """A context over ``loader``'s model that never loads it whole (``hardware`` = the ``hardware`` config section)."""
         stack = LayerMajorStack(loader, hardware, device, dtype, batch_size)
-        return cls(stack.model, tokenizer, calibration, stats, batch_size, stack=stack)
+        return cls(stack.model, tokenizer, calibration, stats, batch_size, stack=stack, seed=seed)
 
     @property
     def is_layer_major(self) -> bool:
@@ -129,6 +134,26 @@ class MethodContext:
             if self.is_layer_major:
                 raise
             self.plan.merge(base, others)  # resident: the model holds the weights; the plan records the grouping
+
+    def stand_in(self, base: int, others: list[int], init: TensorInit | None = None) -> None:
+        """Layer ``base``, with the tensors ``init`` names given new values, stands for itself and ``others``, which are deleted.
+
+        Resident: ``init`` is applied to the layer in place. Layer-major: the plan records it and
+        :class:`~layerfold.execution.PlannedLayerLoader` applies it whenever the layer is built, with the
+        same values (LLM-Streamline's replacements).
+        """
+        self.stack.stand_in(base, others, init)
+        self.plan.stand_in(base, others, init)
+
+    def swap_layer(self, base: int, others: list[int], layer: nn.Module) -> None:
+        """Layer ``base`` becomes the module ``layer`` (any class) and stands for ``others``, which are deleted.
+
+        For layers no plan can describe (LLM-Streamline's ReLU-MLP replacement); resident only.
+        """
+        self._resident_only("a layer of a class the checkpoint's architecture does not have (swap_layer)")
+        self.layers()[base] = layer
+        remove_layers(self.model, others)
+        self.plan.merge(base, others)
 
     def replace_merge(self, base: int, others: list[int], state: dict[str, torch.Tensor]) -> None:
         """Layer ``base`` takes ``state`` (a full state dict of one layer, same shapes) and stands for ``others``, which are deleted.
@@ -196,8 +221,8 @@ class LayerMajorUnsupported(ConfigError):
 
 # Methods written against the context's edits and measurements only, and the settings that still need
 # the resident model: CoMe builds merged layers by concatenation and re-scores them with hooks,
-# CoMe-P searches a ratio grid the same way, LLM-Streamline's replacements are new weights trained in
-# place.
+# CoMe-P searches a ratio grid the same way, LLM-Streamline's mlp replacement is a layer of a class the
+# architecture does not have (its other replacements are stock layers re-initialised through the plan).
 LAYER_MAJOR_METHODS = ("drop_last", "gromov", "laco", "mka", "shortgpt", "sleb", "streamline")
 
 
@@ -207,9 +232,19 @@ def layer_major_blocker(name: str, cfg: Any) -> str | None:
         if name in ("come", "come_p"):
             return f"method={name} merges layers by concatenation and re-scores the merged model with hooks on the resident model"
         return f"method={name} has not been written against the layer-major context (layerfold.methods.MethodContext measurements)"
-    if name == "streamline" and cfg.replacement != "none":
-        return (f"method=streamline with method.replacement={cfg.replacement} builds a replacement layer in place and "
-                "trains it (only method.replacement=none, the pure window removal, runs layer-major)")
+    if name == "streamline" and cfg.replacement == "mlp":
+        return ("method=streamline with method.replacement=mlp builds a ReLU-MLP layer that no stock layer class expresses "
+                "(method.replacement=transformer_layer, ffn, swiglu and none run layer-major)")
+    return None
+
+
+def token_cosine_distance(name: str, cfg: Any) -> int | None:
+    """How many layers apart the boundaries are whose mean token cosine method ``name`` reads, or None when it
+    reads none (``capture.max_distance`` must be at least this; validate checks it before anything runs)."""
+    if name == "shortgpt":
+        return 1  # Block Influence: each layer's input against its output
+    if name == "streamline":
+        return cfg.num_remove if cfg.replacement == "none" else cfg.num_remove + 1  # the window's two ends
     return None
 
 

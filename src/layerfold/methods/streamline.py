@@ -23,14 +23,21 @@ MSE path, ``recovery=lm`` its LLM-loss path):
 - ``ffn``: layer ``j`` with its attention branch zeroed (``o_proj = 0``, kept frozen by the recovery
   engine), so only the architecture's own FFN, initialised from layer ``j``, acts. A stock checkpoint.
 - ``swiglu``: like ``ffn`` but the gated SwiGLU FFN and its pre-norm are freshly initialised (the paper's
-  lightweight network trained from scratch); only for families whose FFN is SwiGLU (Llama, Mistral,
-  Qwen2, Qwen3). On those families it has exactly the shape of ``ffn``; the two differ in initialisation.
+  lightweight network trained from scratch): weights ``normal(0, initializer_range)``, norm 1, drawn
+  from a CPU generator seeded with ``runtime.seed`` (:attr:`MethodContext.seed`), never the global RNG;
+  only for families whose FFN is SwiGLU (Llama, Mistral, Qwen2, Qwen3). On those families it has
+  exactly the shape of ``ffn``; the two differ in initialisation.
 - ``mlp``: the released example's ``d -> 4d`` ReLU ``4d -> d`` MLP, freshly initialised. No stock
   class has that shape: it is kept as a zero-attention decoder layer whose MLP is the ReLU MLP, so it
   also keeps the layer's pre-norm and residual (the released example has neither), and it is saved to
   a side file (:mod:`layerfold.models.replacement`). Plain ``from_pretrained`` on such a checkpoint
   loads the model *without* the MLP; ``layerfold.models.load_checkpoint`` restores it.
 - ``none``: pure pruning of the window.
+
+``transformer_layer``, ``ffn`` and ``swiglu`` are stock layers with some tensors given new values: the
+method states them as a :class:`~layerfold.models.replacement.TensorInit` and lets the context apply
+it (:meth:`MethodContext.stand_in`), so ``hardware=sequential`` builds the same replacement from the
+original shards, tensor for tensor. ``mlp`` changes the layer's class and stays resident-only.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from dataclasses import dataclass, field
 import torch
 
 from layerfold.methods import MethodContext, check_target, register
-from layerfold.models.replacement import mlp_replacement_layer, zero_attention
-from layerfold.surgery import LayerSurgeryError, remove_layers
+from layerfold.models.adapters import LayerAdapter
+from layerfold.models.replacement import TensorInit, mlp_replacement_layer
+from layerfold.surgery import LayerSurgeryError
 
 REPLACEMENTS = ("transformer_layer", "ffn", "swiglu", "mlp", "none")
 SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -110,20 +118,23 @@ def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> dict:
     }
 
 
+def replacement_init(replacement: str, adapter: LayerAdapter, initializer_range: float, seed: int) -> TensorInit | None:
+    """The new values that turn the window's first layer into a stock replacement (None: the layer as it is)."""
+    if replacement == "transformer_layer":
+        return None
+    if replacement == "ffn":
+        return TensorInit(zero=(adapter.attn_output,))
+    if replacement == "swiglu":
+        return TensorInit(zero=(adapter.attn_output,), normal=adapter.mlp_linears, ones=(adapter.norms[1],),
+                          std=initializer_range, seed=seed)
+    raise LayerSurgeryError(f"method.replacement={replacement} is not a re-initialised stock layer; choose one of transformer_layer, ffn, swiglu.")
+
+
 @torch.no_grad()
 def _replace(ctx: MethodContext, start: int, others: list[int], cfg: StreamlineConfig) -> None:
     """Turn layer ``start`` into the replacement and delete ``others``; the plan records the whole window."""
-    adapter = ctx.adapter
-    layers = ctx.layers()
-    if cfg.replacement in ("ffn", "swiglu"):
-        zero_attention(layers[start], adapter.attn_output)
-    if cfg.replacement == "swiglu":
-        layer = layers[start]
-        std = getattr(ctx.model.config, "initializer_range", 0.02)
-        for name in adapter.mlp_linears:
-            layer.get_submodule(name).weight.normal_(0.0, std)
-        layer.get_submodule(adapter.norms[1]).weight.fill_(1.0)
     if cfg.replacement == "mlp":
-        layers[start] = mlp_replacement_layer(ctx.model, start, cfg.mlp_ratio * ctx.model.config.hidden_size)
-    ctx.plan.merge(start, others)
-    remove_layers(ctx.model, others)
+        ctx.swap_layer(start, others, mlp_replacement_layer(ctx.model, start, cfg.mlp_ratio * ctx.model.config.hidden_size))
+        return
+    std = float(getattr(ctx.model.config, "initializer_range", 0.02))
+    ctx.stand_in(start, others, replacement_init(cfg.replacement, ctx.adapter, std, ctx.seed))

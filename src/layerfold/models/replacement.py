@@ -8,13 +8,19 @@ hold the other layers (so plain ``AutoModelForCausalLM.from_pretrained`` loads t
 the replacement, i.e. pure pruning one layer deeper) and :data:`SIDE_FILE` holds each replacement
 layer with its position; :func:`attach_side_layers` (called by ``layerfold.models.load_checkpoint``)
 puts them back.
+
+The other replacements are stock layers with some tensors re-initialised (a zero attention output,
+a freshly drawn FFN). :class:`TensorInit` states those new values as data, so the same description
+re-initialises a layer in place (resident compression) and a layer's state dict as it is built from
+the original shards (``hardware=sequential``), and both give the same tensors bit for bit.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,13 +46,74 @@ class ReluMLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(hidden_states)))
 
 
+@dataclass(frozen=True)
+class TensorInit:
+    """New values for some tensors of one decoder layer, named by module (relative to the layer).
+
+    - ``zero``: every tensor of these modules (weight and bias) becomes 0;
+    - ``normal``: these modules' weights are drawn from ``normal(0, std)``;
+    - ``ones``: these modules' weights become 1 (a freshly initialised norm).
+
+    The draws come from one CPU generator seeded with ``seed``, in float32, tensor after tensor in the
+    order of ``normal``, then cast to each tensor's dtype and device. Nothing depends on the global RNG,
+    the device or the compute dtype's own sampler, so a layer re-initialised in place on a GPU and the
+    same layer built from the shards on the host get the same values.
+    """
+
+    zero: tuple[str, ...] = ()
+    normal: tuple[str, ...] = ()
+    ones: tuple[str, ...] = ()
+    std: float = 0.02
+    seed: int = 0
+
+    def values(self, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """The new float32 CPU tensors for the keys of ``shapes`` (a layer's state-dict keys -> shapes) this init names."""
+        new: dict[str, torch.Tensor] = {}
+        for module in self.zero:
+            keys = [key for key in shapes if key.rsplit(".", 1)[0] == module]
+            if not keys:
+                raise ValueError(f"TensorInit.zero names '{module}', which has no tensors in this layer (its tensors: {sorted(shapes)}).")
+            new.update({key: torch.zeros(shapes[key], dtype=torch.float32) for key in keys})
+        generator = torch.Generator().manual_seed(self.seed)
+        for module in self.normal:
+            key = self._weight(module, shapes, "normal")
+            new[key] = torch.empty(shapes[key], dtype=torch.float32).normal_(0.0, self.std, generator=generator)
+        for module in self.ones:
+            key = self._weight(module, shapes, "ones")
+            new[key] = torch.ones(shapes[key], dtype=torch.float32)
+        return new
+
+    @staticmethod
+    def _weight(module: str, shapes: Mapping[str, torch.Size], field_name: str) -> str:
+        key = f"{module}.weight"
+        if key not in shapes:
+            raise ValueError(f"TensorInit.{field_name} names '{module}', which has no weight in this layer (its tensors: {sorted(shapes)}).")
+        return key
+
+    def apply(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with the named tensors replaced (same dtype and device as the tensors they replace)."""
+        new = self.values({key: tensor.shape for key, tensor in state.items()})
+        return {key: new[key].to(device=tensor.device, dtype=tensor.dtype) if key in new else tensor for key, tensor in state.items()}
+
+    @torch.no_grad()
+    def apply_to(self, layer: nn.Module) -> None:
+        """Re-initialise ``layer``'s named tensors in place (the values :meth:`apply` gives its state dict)."""
+        state = layer.state_dict(keep_vars=True)
+        for key, value in self.values({key: tensor.shape for key, tensor in state.items()}).items():
+            state[key].copy_(value)
+
+    def to_json(self) -> dict:
+        return {"zero": list(self.zero), "normal": list(self.normal), "ones": list(self.ones), "std": self.std, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, entry: Mapping) -> TensorInit:
+        return cls(tuple(entry.get("zero", ())), tuple(entry.get("normal", ())), tuple(entry.get("ones", ())),
+                   float(entry.get("std", 0.02)), int(entry.get("seed", 0)))
+
+
 def zero_attention(layer: nn.Module, output: str) -> None:
     """Make a decoder layer's attention branch contribute exactly zero (zero output projection)."""
-    proj = layer.get_submodule(output)
-    with torch.no_grad():
-        proj.weight.zero_()
-        if getattr(proj, "bias", None) is not None:
-            proj.bias.zero_()
+    TensorInit(zero=(output,)).apply_to(layer)
 
 
 def mlp_replacement_layer(model: PreTrainedModel, position: int, width: int) -> nn.Module:

@@ -52,14 +52,14 @@ def checkpoint_parameters(path: str | Path) -> int:
 def capture_bytes_per_sequence(config: dict, dtype: torch.dtype, seq_len: int) -> int:
     """What the streaming capture holds per calibration sequence while the sequence's batch is in flight.
 
-    Every layer boundary of every token in the compute dtype plus one fp32 norm per token (for the
-    all-pairs token cosine), and the last-token vector and mean feature of every boundary in fp32.
-    The one pass that turns them into cosines works in chunks of 64 MiB, inside :data:`HEADROOM`.
+    Every layer boundary of every token in the compute dtype (for the all-pairs token cosine), and the
+    last-token vector and mean feature of every boundary in fp32. The one pass that turns them into
+    cosines works in chunks of 64 MiB, inside :data:`HEADROOM`.
     """
     hidden = config.get("hidden_size", 0)
     boundaries = config.get("num_hidden_layers", 0) + 1
     item = torch.tensor([], dtype=dtype).element_size()
-    return boundaries * seq_len * (hidden * item + 4) + 2 * boundaries * hidden * 4
+    return boundaries * seq_len * hidden * item + 2 * boundaries * hidden * 4
 
 
 def estimate(path: str | Path, dtype: torch.dtype, batch_size: int, seq_len: int, all_boundaries: bool = False) -> MemoryEstimate:

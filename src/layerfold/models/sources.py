@@ -7,6 +7,7 @@ and ``llama2c`` (a llama2.c checkpoint plus its tokenizer).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -117,13 +118,23 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 name: converted.setdefault(t.data_ptr(), t.to(dtype)) if t.is_floating_point() else t
                 for name, t in model.state_dict().items()
             }
-        original_dtype = model.config.dtype
-        model.config.dtype = dtype or model.dtype
-        try:
-            model.save_pretrained(tmp, state_dict=state_dict)
-        finally:
-            model.config.dtype = original_dtype
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if dtype is not None:
+            record_stored_dtype(tmp / "config.json", dtype)
         tokenizer.save_pretrained(tmp)
+
+
+def record_stored_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Name the dtype the tensors are stored in as the config's ``dtype``.
+
+    ``save_pretrained`` writes the dtype the model computes in (float32 for a student saved in bf16),
+    whatever the config said; ``from_pretrained(dtype="auto")`` reads this key, so it must match the file.
+    """
+    config = json.loads(config_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import Dataset
 
 
 class MicroBatches:
@@ -53,3 +54,17 @@ class MicroBatches:
     def __iter__(self) -> Iterator[list[int]]:
         for index in range(self.start, self.stop):
             yield self.indices(index)
+
+
+class IndexedRows(Dataset):
+    """The rows of a ``[n, seq_len]`` token tensor as ``(row index, token ids)``: batches carry the indices
+    along (collated to ``[indices, ids]``), so targets stored per row can be looked up for them."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, self.blocks[index]

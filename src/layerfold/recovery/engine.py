@@ -12,7 +12,14 @@ stepped per optimiser step, gradient accumulation, clipping, bf16 autocast on CU
   one teacher pass (``order: joint``) or one after another (``order: sequential``, a phase each).
 - ``end_to_end``: the whole student runs; next-token LM loss and/or KL to the teacher's logits.
 
-Teacher targets are computed on the fly, batch by batch, so host memory is O(batch), never O(dataset).
+Where a layer-local phase's teacher signal comes from is pluggable (``targets``, a :class:`SpanTargets`):
+:class:`LiveTeacher` runs the resident teacher on every batch with the hooks above (host memory
+O(batch), never O(dataset)); :class:`layerfold.recovery.layer_major.StoredTargets` holds the span
+boundaries of every training and validation block, computed once layer by layer (``hardware=sequential``),
+and looks a batch's rows up. The loop, the data order and the losses are the same either way. Under
+``hardware=sequential`` the student is *partial*: its skeleton lives on the meta device and only the
+trained decoder layers are materialised, so the whole-student parts of a run go through ``lm_loss``
+(the validation LM loss, computed layer by layer) and end-to-end phases are refused.
 LoRA (peft) adapters, when enabled, wrap the trained layers' linears and are merged back at the end.
 Checkpoints (trained tensors, optimiser, scheduler, position) are written atomically every
 ``checkpoint_every`` steps; a killed run resumes from the last one and ends with the same weights.
@@ -36,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -49,7 +56,7 @@ from layerfold.capture.hooks import hidden_from, hidden_into
 from layerfold.io import atomic_file
 from layerfold.models.adapters import get_adapter
 from layerfold.models.devices import peak_flops  # re-exported by layerfold.recovery
-from layerfold.recovery.batches import MicroBatches
+from layerfold.recovery.batches import IndexedRows, MicroBatches
 from layerfold.recovery.distributed import (
     check_launch,
     full_tensor,
@@ -83,6 +90,19 @@ class PhaseResult:
     flops: float = 0.0
     val_before: float | None = None
     val_after: float | None = None
+
+
+class SpanTargets(Protocol):
+    """The teacher's side of a layer-local loss: for each span, the hidden state entering it (with the
+    keyword arguments the teacher's decoder layer received there) and the hidden state leaving it."""
+
+    def fetch(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor,
+              spans: list[Span]) -> tuple[dict[int, tuple[torch.Tensor, dict]], dict[int, torch.Tensor]]:
+        """``(inputs[span.start], outputs[span.end])`` on the training device for rows ``rows`` of ``split``
+        (``train`` or ``val``), whose token ids are ``input_ids``."""
+
+    def teacher_flops_per_token(self, spans: list[Span]) -> float:
+        """Teacher FLOPs spent per training token inside the loop (0 when the targets were computed beforehand)."""
 
 
 class _StopForward(Exception):
@@ -128,6 +148,23 @@ class TeacherTaps:
             pass
 
 
+class LiveTeacher:
+    """:class:`SpanTargets` from a resident teacher: one hooked forward per batch (stopped after the last span)."""
+
+    def __init__(self, teacher: PreTrainedModel) -> None:
+        self.teacher = teacher
+
+    def fetch(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor,
+              spans: list[Span]) -> tuple[dict[int, tuple[torch.Tensor, dict]], dict[int, torch.Tensor]]:
+        with TeacherTaps(self.teacher, spans) as taps:
+            taps.run(self.teacher, input_ids)
+        return dict(taps.inputs), dict(taps.outputs)
+
+    def teacher_flops_per_token(self, spans: list[Span]) -> float:
+        layers = get_adapter(self.teacher).get_layers(self.teacher)
+        return 2 * sum(p.numel() for i in range(max(s.end for s in spans)) for p in layers[i].parameters())
+
+
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Run a decoder layer as the model's forward does, with the kwargs the teacher's layer received."""
     return hidden_from(layer(hidden, **kwargs))
@@ -150,6 +187,14 @@ class SpanStudent(nn.Module):
         return [call_layer(layer, hidden, kwargs) for layer, (hidden, kwargs) in zip(self.layers, inputs)]
 
 
+def span_losses(span_student: nn.Module, spans: list[Span], inputs: dict[int, tuple[torch.Tensor, dict]], outputs: dict[int, torch.Tensor],
+                dtype: torch.dtype, kind: str, temperature: float = 1.0, ignore_first: int = 0) -> list[torch.Tensor]:
+    """Layer-local loss of each span's student layer (run by ``span_student``) against the teacher's span
+    ``inputs`` / ``outputs``, over positions ``ignore_first:``; the inputs enter in the student's ``dtype``."""
+    results = span_student([(inputs[s.start][0].to(dtype), inputs[s.start][1]) for s in spans])
+    return [local_loss(out[:, ignore_first:], outputs[s.end][:, ignore_first:], kind, temperature) for out, s in zip(results, spans)]
+
+
 def local_span_losses(teacher: PreTrainedModel, student: PreTrainedModel, spans: list[Span], input_ids: torch.Tensor, kind: str,
                       temperature: float = 1.0, ignore_first: int = 0, span_student: nn.Module | None = None) -> list[torch.Tensor]:
     """Layer-local loss of each span's student layer on one batch (teacher forward inside), over positions ``ignore_first:``.
@@ -158,11 +203,13 @@ def local_span_losses(teacher: PreTrainedModel, student: PreTrainedModel, spans:
     DDP-wrapped :class:`SpanStudent`); by default the student's own layers are called.
     """
     span_student = span_student if span_student is not None else SpanStudent(student, [s.layer for s in spans])
-    dtype = next(student.parameters()).dtype
-    with TeacherTaps(teacher, spans) as taps:
-        taps.run(teacher, input_ids)
-    outputs = span_student([(taps.inputs[s.start][0].to(dtype), taps.inputs[s.start][1]) for s in spans])
-    return [local_loss(out[:, ignore_first:], taps.outputs[s.end][:, ignore_first:], kind, temperature) for out, s in zip(outputs, spans)]
+    inputs, outputs = LiveTeacher(teacher).fetch("train", torch.arange(input_ids.shape[0]), input_ids, spans)
+    return span_losses(span_student, spans, inputs, outputs, next(student.parameters()).dtype, kind, temperature, ignore_first)
+
+
+def is_partial(model: nn.Module) -> bool:
+    """True for a student whose skeleton is on the meta device (only the trained layers hold weights)."""
+    return any(p.is_meta for p in model.parameters())
 
 
 def _fingerprint(*parts: object) -> str:
@@ -187,6 +234,10 @@ class RecoveryEngine:
     on_step: Callable[[str, int], None] | None = None  # called after every optimiser step (tests, kill points)
     on_log: Callable[[dict], None] | None = None  # wandb mirror (main process only)
     progress: bool = True
+    # The teacher's span boundaries for layer-local phases; None: live hooks on ``teacher`` (LiveTeacher).
+    targets: SpanTargets | None = None
+    # Mean validation next-token loss of a student model; None: the student's own forward (it must be whole).
+    lm_loss: Callable[[nn.Module], float | None] | None = None
     curve: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
 
@@ -205,23 +256,32 @@ class RecoveryEngine:
             )
         self.attention_free = list(self.plan.get("details", {}).get("attention_free_layers", []))
         self.phases = self._phases()
-        if any(p.kind == "local" for p in self.phases) or (cfg.end_to_end.enabled and cfg.end_to_end.kd_weight > 0):
-            if self.teacher is None:
-                raise RecoveryConfigError("This recovery mode needs the dense teacher model; pass it to the engine.")
+        self.partial = is_partial(self.student)
+        self._check_partial()
+        if self.targets is None and self.teacher is not None:
+            self.targets = LiveTeacher(self.teacher)
+        if any(p.kind == "local" for p in self.phases) and self.targets is None:
+            raise RecoveryConfigError("Layer-local distillation needs the dense teacher model or its stored span targets; pass one to the engine.")
+        if cfg.end_to_end.enabled and cfg.end_to_end.kd_weight > 0 and self.teacher is None:
+            raise RecoveryConfigError("This recovery mode needs the dense teacher model; pass it to the engine.")
         self.peft_model = self._wrap_lora() if cfg.lora.enabled else None
         self.tracked = sorted({n for phase in self.phases for n in self._param_names(phase)})
 
-        device = next(self.student.parameters()).device
+        device = self._weight().device
         self.strategy = resolve_strategy(cfg.distributed, self.processes, self._trainable_fraction(),
                                          any(p.kind == "local" for p in self.phases), device.type)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.accumulation = cfg.grad_accum // self.processes  # micro-batches per optimiser step on this process
         self.accelerator = make_accelerator(self.strategy, device, bf16, self.accumulation)
         self.device = self.accelerator.device
-        self.student.to(self.device)
+        if self.partial:  # only the trained layers exist; the meta skeleton stays where it is
+            for k in self.layers_trained:
+                self.adapter.get_layers(self.student)[k].to(self.device)
+        else:
+            self.student.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device)  # frozen and never prepared: each process keeps a whole copy
-        self.precision = "bf16-autocast" if bf16 else str(next(self.student.parameters()).dtype).replace("torch.", "")
+        self.precision = "bf16-autocast" if bf16 else str(self._weight().dtype).replace("torch.", "")
         # FSDP2 shards the student in place; this structure without memory takes the gathered weights at the end.
         self._skeleton = meta_skeleton(self.peft_model or self.student) if self.strategy == "fsdp2" else None
         # A checkpoint's optimiser state is per parameter id (replicated) or gathered by name (FSDP2): not interchangeable.
@@ -252,6 +312,27 @@ class RecoveryEngine:
         if cfg.lora.enabled and cfg.trainable == "all":
             raise RecoveryConfigError("recovery.lora.enabled with trainable=all: LoRA adapts linears of decoder layers; use trainable=layers or new.")
         check_launch(cfg, processes)
+
+    def _check_partial(self) -> None:
+        """A partial student trains layer-local phases of materialised layers only, and needs ``lm_loss``."""
+        if not self.partial:
+            return
+        if any(p.kind != "local" for p in self.phases):
+            raise RecoveryConfigError(
+                f"recovery={self.cfg.name} trains end to end (recovery.end_to_end.enabled=true), which needs the whole student, "
+                "but this student holds only its trained layers (hardware=sequential). Use hardware=resident, or a layer-local "
+                "recovery (recovery=distill with recovery.end_to_end.enabled=false)."
+            )
+        layers = self.adapter.get_layers(self.student)
+        empty = [k for k in self.layers_trained if any(p.is_meta for p in layers[k].parameters())]
+        if empty:
+            raise RecoveryConfigError(f"Student layers {empty} train but hold no weights (meta tensors); materialise them before training.")
+        if self.lm_loss is None:
+            raise RecoveryConfigError("A partial student cannot compute its own validation LM loss; pass lm_loss (layer by layer) to the engine.")
+
+    def _weight(self) -> nn.Parameter:
+        """A parameter of the student that holds memory: its device and dtype are the student's (meta skeleton aside)."""
+        return next(p for p in self.student.parameters() if not p.is_meta)
 
     def _phases(self) -> list[Phase]:
         phases = []
@@ -295,7 +376,12 @@ class RecoveryEngine:
         lora = self.cfg.lora
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none")
         # peft injects the adapters into self.student's own modules; the wrapper is kept only to merge them later.
-        return get_peft_model(self.student, config)
+        # Their initial values come from the run's seed (recovery.data.seed), not from whatever the global
+        # generator went through before: resident and layer-major runs start from the same adapters.
+        device = self._weight().device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.data.seed)
+            return get_peft_model(self.student, config)
 
     # -- data -----------------------------------------------------------------------------------
     def _micro_batches_per_epoch(self) -> int:
@@ -307,20 +393,23 @@ class RecoveryEngine:
         return math.ceil(self.cfg.epochs * self._micro_batches_per_epoch() / self.cfg.grad_accum)
 
     def _loader(self, first_step: int, total: int) -> DataLoader:
-        """The global micro-batches of optimiser steps ``first_step .. total - 1``; ``prepare`` shards them over the processes."""
+        """The global micro-batches of optimiser steps ``first_step .. total - 1`` as ``[row indices, token ids]``;
+        ``prepare`` shards them over the processes. Stored targets are looked up by row."""
         cfg = self.cfg
         order = MicroBatches(self.train.shape[0], cfg.batch_size, cfg.data.seed, first_step * cfg.grad_accum, total * cfg.grad_accum)
-        return DataLoader(self.train, batch_sampler=order)
+        return DataLoader(IndexedRows(self.train), batch_sampler=order)
 
     # -- losses ---------------------------------------------------------------------------------
-    def _loss(self, phase: Phase, batch: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-        """The phase's loss on ``batch``; ``module`` is the prepared trained module (None: the plain student, for validation)."""
+    def _loss(self, phase: Phase, split: str, rows: torch.Tensor, batch: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """The phase's loss on ``batch`` (rows ``rows`` of ``split``); ``module`` is the prepared trained module (None: the
+        plain student, for validation)."""
         with self.accelerator.autocast():
             if phase.kind == "local":
                 spans = [self.spans[k] for k in phase.layers]
                 local = self.cfg.local
-                losses = local_span_losses(self.teacher, self.student, spans, batch, local.loss, local.temperature, local.ignore_first,
-                                           span_student=module)
+                inputs, outputs = self.targets.fetch(split, rows, batch, spans)
+                span_student = module if module is not None else SpanStudent(self.student, phase.layers)
+                losses = span_losses(span_student, spans, inputs, outputs, self._weight().dtype, local.loss, local.temperature, local.ignore_first)
                 return torch.stack(losses).sum()
             e2e = self.cfg.end_to_end
             logits = (module if module is not None else self.student)(input_ids=batch, use_cache=False).logits
@@ -337,12 +426,15 @@ class RecoveryEngine:
         total = 0.0
         batches = range(0, self.val.shape[0], self.cfg.batch_size)
         for start in batches:
-            total += float(self._loss(phase, self.val[start : start + self.cfg.batch_size].to(self.device)))
+            rows = torch.arange(start, min(start + self.cfg.batch_size, self.val.shape[0]))
+            total += float(self._loss(phase, "val", rows, self.val[rows].to(self.device)))
         return total / max(1, len(batches))
 
     @torch.no_grad()
-    def validation_lm_loss(self, model: PreTrainedModel) -> float:
+    def validation_lm_loss(self, model: PreTrainedModel) -> float | None:
         """Mean next-token loss of ``model`` on the validation blocks (the headline before/after number)."""
+        if self.lm_loss is not None:
+            return self.lm_loss(model)
         total, count = 0.0, 0
         for start in range(0, self.val.shape[0], self.cfg.batch_size):
             batch = self.val[start : start + self.cfg.batch_size].to(self.device)
@@ -362,8 +454,7 @@ class RecoveryEngine:
         head = self.student.get_output_embeddings().weight.numel()
         if phase.kind == "local":
             spans = [self.spans[k] for k in phase.layers]
-            teacher = 2 * layer_params(self.teacher, range(max(s.end for s in spans)))
-            return teacher + 6 * layer_params(self.student, phase.layers)
+            return self.targets.teacher_flops_per_token(spans) + 6 * layer_params(self.student, phase.layers)
         n = self.adapter.num_layers(self.student)
         first = min(phase.layers)
         student = 2 * (layer_params(self.student, range(n)) + head) + 2 * (layer_params(self.student, range(first, n)) + head)
@@ -560,10 +651,10 @@ class RecoveryEngine:
             started = time.perf_counter()
             step_loss, step_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
             for _ in range(self.accumulation):
-                batch = next(batches)
+                rows, batch = next(batches)
                 # accumulate(): gradients are synchronised across processes on the step's last micro-batch only.
                 with self.accelerator.accumulate(module):
-                    loss = self._loss(phase, batch, module)
+                    loss = self._loss(phase, "train", rows, batch, module)
                     self.accelerator.backward(loss)  # scaled by 1 / accumulation
                 step_loss += loss.detach().double() / self.accumulation
                 step_tokens += batch.numel()
