@@ -14,12 +14,14 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from layerfold.evaluation.efficiency import Timing, Workload, alternate, synchronize, timed  # noqa: F401 (re-exported)
+from layerfold.io import portable_path
 from layerfold.models.devices import device_name, host_peak_rss_mib, library_versions, mfu
 
 # Real configurations of the paper-scale models (published config.json values). Random weights of these
@@ -85,6 +87,11 @@ def forward_flops(num_params_no_embed: int, tokens: int, num_layers: int = 0, hi
     attention = 2 * num_layers * tokens * seq_len * hidden if seq_len else 0  # QK^T and AV, causal half
     head = 2 * hidden * vocab * (tokens if logits_tokens is None else logits_tokens)
     return 2 * num_params_no_embed * tokens + attention + head
+
+
+def command_line() -> str:
+    """This process's command as results record it: paths relative to the repository, none of this machine's."""
+    return " ".join(portable_path(arg) if arg.startswith("/") else arg for arg in sys.argv)
 
 
 def add_layer_major_args(parser: Any, name: str, dtype_help: str = "auto: bf16 on CUDA, fp32 on CPU") -> None:

@@ -34,6 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from common import command_line  # noqa: E402
+
 from layerfold.evaluation import harness  # noqa: E402
 
 SUITE = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_notitle", "openbookqa", "mmlu"]
@@ -392,7 +394,7 @@ def main() -> None:
 
         layerfold_lm._vectorised_loglikelihood = lambda lm, collator, requests, *rest: [(0.0, False)] * len(requests)
     if args.mode == "newprocess":
-        result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "tasks": args.tasks,
+        result = {"command": command_line(), "date": time.strftime("%Y-%m-%d"), "tasks": args.tasks,
                   "num_fewshot": {"mmlu": args.mmlu_shots}, "limit": None, "no_forward": args.no_forward,
                   "torch_threads": torch.get_num_threads(), "newprocess": run_new_process(args)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -413,7 +415,7 @@ def main() -> None:
         "model": "tiny random llama (2 layers, hidden 64)" if args.tiny else args.model,
         "vocab": len(tokenizer), "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
         "tasks": args.tasks, "num_fewshot": shots, "date": time.strftime("%Y-%m-%d"),
-        "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "scoring": args.scoring,
+        "torch_threads": torch.get_num_threads(), "command": command_line(), "scoring": args.scoring,
         "head_rows": args.head_rows, "batch_tokens": args.batch_tokens,
     }
     with tempfile.TemporaryDirectory() as tmp:

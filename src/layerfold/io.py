@@ -89,6 +89,19 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     os.replace(tmp, path)
 
 
+def portable_path(path: str | Path) -> str:
+    """``path`` as tracked outputs record it: relative to the working directory (the repository root, where
+    stages and scripts run) when inside it, else only its name under ``<outside>/``. An absolute path names
+    one machine; recorded in a result it would make the same result differ from machine to machine."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return f"<outside>/{path.name}"
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     with atomic_file(path) as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)

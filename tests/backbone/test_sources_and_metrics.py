@@ -87,3 +87,14 @@ def test_parameter_counts_exclude_tied_embedding():
     head = 0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()
     assert facts["params_non_embedding"] == facts["params_total"] - embedding - head
     assert sum(facts["params_per_layer"]) + model.model.norm.weight.numel() == facts["params_non_embedding"]
+
+
+def test_recorded_paths_hold_no_machine_path(tmp_path, monkeypatch):
+    """Results record paths relative to the repository (the working directory), never a machine's absolute path."""
+    from layerfold.io import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    assert portable_path(tmp_path / "conf" / "runs.yaml") == "conf/runs.yaml"
+    assert portable_path("conf/runs.yaml") == "conf/runs.yaml"
+    assert portable_path("/somewhere/else/model.gguf") == "<outside>/model.gguf"

@@ -21,6 +21,7 @@ import yaml
 from conftest import REPO
 
 from layerfold.config import ConfigError
+from layerfold.io import read_json
 from layerfold.models import ModelFacts
 from layerfold.report.comparison import (
     check_runs, load_records, load_run_list, records_from_exp_show, records_from_methods_dir, write_comparison,
@@ -296,6 +297,8 @@ def test_collect_keeps_finished_runs_of_the_list_newest_first(collected):
     assert sorted(p.name for p in out.iterdir()) == ["depth.json", "depth.png", "pairs.md", "runs", "runs.json", "table.md"]
     assert (out / "depth.png").read_bytes()[:8] == PNG_MAGIC
     assert [r["name"] for r in load_records(out)] == ["shortgpt", "come", "shortgpt-r4"]
+    # no machine's absolute path in a tracked result: the run list as the repository names it
+    assert read_json(out / "runs.json")["run_list"] in ("conf/comparison/smollm2.yaml", "<outside>/smollm2.yaml")
 
 
 def test_table_has_the_header_and_paired_differences(collected):

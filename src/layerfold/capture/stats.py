@@ -103,21 +103,34 @@ def _token_dots(block: torch.Tensor) -> torch.Tensor:
     return torch.bmm(wide, wide.mT)
 
 
-class _BatchWindow:
+class _Window:
+    """What every batch keeps whatever the pairs: each boundary's last-token vector and per-sequence feature."""
+
+    def __init__(self, first: torch.Tensor, num_boundaries: int) -> None:
+        batch, _, width = first.shape
+        self.shape = first.shape
+        self.last = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=first.device)
+        self.features = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=first.device)
+        self.next_boundary = 0
+
+    def _record(self, boundary: int, hidden: torch.Tensor) -> None:
+        self.last[boundary].copy_(hidden[:, -1])
+        # Mean over tokens after the first: BOS/attention-sink tokens carry outlier norms that would dominate.
+        torch.mean(hidden[:, 1:], dim=1, dtype=torch.float32, out=self.features[boundary])
+        self.next_boundary += 1
+
+
+class _BatchWindow(_Window):
     """What one calibration batch still needs while its boundaries arrive (see the module docstring)."""
 
     def __init__(self, first: torch.Tensor, num_boundaries: int, slots: int, store_dtype: torch.dtype) -> None:
+        super().__init__(first, num_boundaries)
         batch, seq, width = first.shape
-        device = first.device
-        self.shape = first.shape
         self.slots = slots
         # Token-major, so a chunk of tokens is one contiguous [tokens, slots, hidden] block for the matmul.
-        self.states = torch.empty(batch * seq, slots, width, dtype=store_dtype, device=device)
-        self.last = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=device)
-        self.features = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=device)
+        self.states = torch.empty(batch * seq, slots, width, dtype=store_dtype, device=first.device)
         self.held: list[int] = []  # boundaries in the ring, ascending; boundary b sits in slot b % slots
         self.pending: list[int] = []  # held boundaries whose pairs are not counted yet
-        self.next_boundary = 0
 
     @property
     def full(self) -> bool:
@@ -131,12 +144,9 @@ class _BatchWindow:
         slot = boundary % self.slots
         tokens = hidden.reshape(-1, hidden.shape[-1])
         self.states[:, slot].copy_(tokens)
-        self.last[boundary].copy_(hidden[:, -1])
-        # Mean over tokens after the first: BOS/attention-sink tokens carry outlier norms that would dominate.
-        torch.mean(hidden[:, 1:], dim=1, dtype=torch.float32, out=self.features[boundary])
         self.held.append(boundary)
         self.pending.append(boundary)
-        self.next_boundary += 1
+        self._record(boundary, hidden)
 
     def drop_below(self, lowest: int) -> None:
         self.held = [b for b in self.held if b >= lowest]
@@ -164,7 +174,7 @@ class _BatchWindow:
         return total, finite
 
 
-class _ChainWindow:
+class _ChainWindow(_Window):
     """What one batch needs when only adjacent boundaries pair (``max_distance=1``): the previous boundary.
 
     Each boundary is compared with the one before it as it arrives (per-token dot products, norms,
@@ -178,14 +188,10 @@ class _ChainWindow:
     full = False  # no ring to flush
 
     def __init__(self, first: torch.Tensor, num_boundaries: int, sums: _DeviceSums, store_dtype: torch.dtype) -> None:
-        batch, _, width = first.shape
-        self.shape = first.shape
+        super().__init__(first, num_boundaries)
         self.sums = sums
         self.store_dtype = store_dtype
         self.previous: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (tokens, version, fp32 norms)
-        self.last = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=first.device)
-        self.features = torch.empty(num_boundaries, batch, width, dtype=torch.float32, device=first.device)
-        self.next_boundary = 0
 
     @property
     def nbytes(self) -> int:
@@ -211,9 +217,7 @@ class _ChainWindow:
             cosines = _pair_dots(before, tokens) / (before_norms.clamp_min(NORM_EPS) * norms.clamp_min(NORM_EPS))
             self.sums.add_adjacent(boundary, cosines.sum(dtype=torch.float64))
         self.previous = (tokens, tokens._version, norms)
-        self.last[boundary].copy_(hidden[:, -1])
-        torch.mean(hidden[:, 1:], dim=1, dtype=torch.float32, out=self.features[boundary])
-        self.next_boundary += 1
+        self._record(boundary, hidden)
 
 
 def _pair_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from layerfold.config import ConfigError, compose, parse_params
-from layerfold.io import atomic_dir, read_json, write_json
+from layerfold.io import atomic_dir, portable_path, read_json, write_json
 from layerfold.models import ModelFacts, ModelSourceError, UnsupportedArchitectureError, probe
 from layerfold.report.compare import runs_from_dvc_exp_show, runs_from_methods_dir
 from layerfold.report.noise import difference, mean_difference, mean_stderr
@@ -570,7 +570,7 @@ def write_comparison(out: str | Path, run_list: RunList, records: list[dict], ti
     with atomic_dir(out) as tmp:
         for record in records:
             write_json(tmp / "runs" / f"{record['name']}.json", record)
-        write_json(tmp / "runs.json", {"run_list": run_list.source, "order": [r["name"] for r in records], "missing": missing,
+        write_json(tmp / "runs.json", {"run_list": portable_path(run_list.source), "order": [r["name"] for r in records], "missing": missing,
                                        "compare_layers": compare_layers})
         (tmp / "table.md").write_text(table_markdown(records, rows, tasks, title, missing))
         (tmp / "pairs.md").write_text(pairs_markdown(pairs, compare_layers, title))
