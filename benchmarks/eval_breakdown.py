@@ -319,7 +319,7 @@ def run_new_process(args) -> dict:
             base.append("--no-forward")
         for label in ("populate_caches", "before_token_cache_removed", "after_token_cache_on_disk"):
             if label == "before_token_cache_removed":
-                for path in cache.rglob("tokens-*.pkl"):
+                for path in cache.rglob("tokens-*.npz"):
                     path.unlink()
             child = Path(tmp) / f"{label}.json"
             start = time.perf_counter()

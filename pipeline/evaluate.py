@@ -1,6 +1,18 @@
 """Stage `evaluate@<name>`: perplexity, lm-eval benchmarks and efficiency of one checkpoint.
 
-    dvc repro evaluate@dense evaluate@compressed   # params: eval  ->  metrics/<name>.json
+    dvc repro evaluate@dense evaluate@compressed   # params: eval
+
+Outputs:
+
+- ``metrics/<name>.json`` (DVC metrics): numbers a rerun on the same inputs reproduces to the byte --
+  the model's size, perplexities, each task's aggregates and the evaluation settings;
+- ``metrics/documents/<name>.json`` (a plain output): per task, each document's 0/1 result, chosen and
+  gold answer and number of choices, and the task's floor (chance, majority class), for paired
+  differences and answer drift (:func:`layerfold.evaluation.harness.split_documents`);
+- ``metrics/timings/[<experiment>/]evaluate-<name>.json`` (git-ignored, not a DVC output, so its
+  changing bytes touch neither git nor ``dvc.lock``): wall times, the efficiency measurement, the device
+  and library versions. Under ``dvc exp run`` it goes to the main workspace (``$DVC_ROOT``), one folder
+  per experiment, where ``scripts/comparison.py collect`` finds it.
 
 Usage: python -m pipeline.evaluate <name> <checkpoint dir>
 """
@@ -21,6 +33,9 @@ from layerfold.io import write_json
 from layerfold.models import checkpoint_facts, describe, load_checkpoint
 from layerfold.models.sources import POINTER_FILE, resolve_pointer
 from layerfold.stage import EVAL_DATA, METRICS, start
+
+DOCUMENTS = METRICS / "documents"  # per-document results: a plain output, not a metrics file
+TIMINGS = METRICS / "timings"  # wall times, efficiency, device, versions: git-ignored, not a DVC output
 from layerfold.tracking import init_run
 
 PPL_TEXT = {"wikitext2": "wikitext2_test.txt", "c4": "c4.txt"}
@@ -35,6 +50,13 @@ def cache_root(configured: str | None) -> Path | None:
     return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or Path.cwd()) / path
 
 
+def timings_file(name: str) -> Path:
+    """Where this stage's timings and machine facts go (git-ignored, see the module docstring)."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()) if experiment else Path.cwd()
+    return root / TIMINGS / (experiment or "") / f"evaluate-{name}.json"
+
+
 def main(name: str, checkpoint: str) -> None:
     stage = start(f"evaluate@{name}")
     cfg = stage.params.eval
@@ -42,6 +64,7 @@ def main(name: str, checkpoint: str) -> None:
         # recovery=none: the "recovered" model is the compressed one; scoring it twice would only cost time
         target = os.path.relpath(resolve_pointer(checkpoint))  # relative: outputs stay portable across clones
         write_json(METRICS / f"{name}.json", {"same_model_as": target})
+        write_json(DOCUMENTS / f"{name}.json", {"same_model_as": target})
         logging.info("%s points at %s, which evaluate scores under its own name; nothing to do", checkpoint, target)
         return
     run = init_run(stage.params, f"evaluate-{name}")
@@ -54,9 +77,10 @@ def main(name: str, checkpoint: str) -> None:
     else:
         model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)
         metrics = {"model": describe(model)}
-    metrics |= {"device": device_name(stage.device), "dtype": str(stage.dtype).replace("torch.", ""),
-                "versions": library_versions()}
+    metrics["dtype"] = str(stage.dtype).replace("torch.", "")
+    machine = {"device": device_name(stage.device), "versions": library_versions()}
     timings: dict[str, float] = {}
+    documents: dict = {}
 
     started = time.perf_counter()
     metrics["perplexity"] = {}
@@ -73,7 +97,7 @@ def main(name: str, checkpoint: str) -> None:
     timings["perplexity_s"] = time.perf_counter() - started
 
     if cfg.lm_eval.tasks:
-        from layerfold.evaluation.harness import quiet_lm_eval, run_lm_eval, write_task_configs
+        from layerfold.evaluation.harness import quiet_lm_eval, run_lm_eval, split_documents, write_task_configs
 
         started = time.perf_counter()
         le, seed = cfg.lm_eval, stage.params.runtime.seed
@@ -82,11 +106,12 @@ def main(name: str, checkpoint: str) -> None:
         benchmarks = EVAL_DATA / "benchmarks"
         with tempfile.TemporaryDirectory() as task_dir:
             local = write_task_configs(benchmarks, Path(task_dir)) if benchmarks.exists() else None
-            metrics["lm_eval"] = run_lm_eval(
+            results = run_lm_eval(
                 model, tokenizer, list(le.tasks), dict(le.num_fewshot), le.batch_size, le.limit, local, le.max_length,
                 le.bootstrap_iters, seed=seed, cache_dir=cache, scoring=le.scoring, head_rows=le.head_rows,
                 batch_tokens=le.batch_tokens,
             )
+        metrics["lm_eval"], documents["lm_eval"] = split_documents(results)
         metrics["lm_eval_settings"] = {
             "limit": le.limit, "sampling": "seeded random subset" if le.limit is not None else "full sets",
             "seed": seed, "num_fewshot": dict(le.num_fewshot), "local_tasks": local is not None,
@@ -98,11 +123,13 @@ def main(name: str, checkpoint: str) -> None:
         e = cfg.efficiency
         # one model per stage: two stages' numbers are not a paired comparison (the report says so;
         # benchmarks/layer_removal_speed.py alternates dense and compressed in one process)
-        metrics["efficiency"] = measure_efficiency(model, batch_size=e.batch_size, prompt_len=e.prompt_len, new_tokens=e.new_tokens,
+        machine["efficiency"] = measure_efficiency(model, batch_size=e.batch_size, prompt_len=e.prompt_len, new_tokens=e.new_tokens,
                                                    warmup=e.warmup, repeats=e.repeats, seed=stage.params.runtime.seed)
-    metrics["wall_time"] = {k: round(v, 2) for k, v in timings.items()}
+    machine["wall_time"] = {k: round(v, 2) for k, v in timings.items()}
     write_json(METRICS / f"{name}.json", metrics)
-    run.log(_flatten(metrics))
+    write_json(DOCUMENTS / f"{name}.json", documents)
+    write_json(timings_file(name), machine)
+    run.log(_flatten(metrics) | _flatten({"efficiency": machine.get("efficiency") or {}, "wall_time": machine["wall_time"]}))
     run.finish()
 
 

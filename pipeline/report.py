@@ -1,10 +1,16 @@
-"""Stage `report`: dense-vs-compressed tables, figures and a Markdown report of the current run.
+"""Stage `report`: dense-vs-compressed tables, figures, a Markdown report and the run's summary metric.
 
-    dvc repro report    # params: report  ->  reports/report.md, reports/plots/*.png, reports/tables/*.json
+    dvc repro report    # params: report, eval.headline  ->  metrics/summary.json, reports/report.md,
+                        #                                    reports/plots/*.png, reports/tables/*.json
 
-Inputs are the JSON files of earlier stages (metrics/{dense,compressed,compress}.json,
-artifacts/capture/stats.json, artifacts/compressed/plan.json, and metrics/recovered.json when a
-recovery ran); nothing is recomputed. Every accuracy difference carries its standard error.
+Inputs are the JSON files of earlier stages (metrics/{dense,compressed,compress}.json with their
+per-document outputs metrics/documents/*.json, artifacts/capture/stats.json,
+artifacts/compressed/plan.json, and metrics/recovered.json and metrics/recover.json when a recovery
+ran); nothing is recomputed. Every accuracy difference carries its standard error. The headline is the
+mean over the informative tasks (:mod:`layerfold.report.protocol`, ``eval.headline.tasks``), and
+``metrics/summary.json`` holds it for ``dvc exp show``. Timings and the device (the evaluate stages'
+git-ignored ``metrics/timings/`` files) go to ``reports/timings.md``, git-ignored too, so that the
+committed report does not change when only the clock does.
 
 Experiment archive (``report.experiments_dir``, default reports/experiments/): every run copies its
 small JSON files (metrics + plan, a few KB) to ``<experiments_dir>/<name>/``, where ``name`` is
@@ -24,8 +30,9 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from layerfold.io import atomic_dir, atomic_file, write_json
+from layerfold.io import atomic_dir, atomic_file, read_json, write_json
 from layerfold.report import (
     accuracy_points,
     accuracy_vs_params,
@@ -33,8 +40,6 @@ from layerfold.report import (
     collect_experiments,
     common_tasks,
     comparison_table,
-    efficiency_speedup_rows,
-    efficiency_table,
     experiment_name,
     experiments_table,
     layer_importance,
@@ -42,9 +47,14 @@ from layerfold.report import (
     markdown_report,
     similarity_heatmap,
 )
+from layerfold.report.protocol import informative_tasks, run_drift, summary
 from layerfold.report.reported import markdown_section as reported_section
-from layerfold.report.tables import RUN_FILES
-from layerfold.stage import REPORTS, start
+from layerfold.report.tables import RUN_FILES, efficiency_section, final_metrics
+from layerfold.stage import METRICS, REPORTS, start
+
+TIMINGS_DIR = METRICS / "timings"  # written by the evaluate stages (pipeline/evaluate.py)
+SUMMARY = METRICS / "summary.json"  # the run's headline numbers: a DVC metric (dvc exp show, --sort-by)
+TIMINGS_REPORT = REPORTS / "timings.md"  # machine-local (git-ignored): efficiency, device, wall times
 
 PLOTS = {
     "Mean cosine between layer boundaries": "similarity_heatmap.png",
@@ -61,10 +71,12 @@ def experiments_root(configured: str | Path, root: Path) -> Path:
 
 
 def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | None = None, exp_name: str | None = None,
-               protocol: Mapping | None = None) -> dict:
-    """Archive the run under ``root`` into ``experiments_dir``, then write ``root/reports/``.
+               protocol: Mapping | None = None, headline_tasks: Any = "auto") -> dict:
+    """Archive the run under ``root`` into ``experiments_dir``, then write ``root/reports/`` and
+    ``root/metrics/summary.json``.
 
     ``protocol`` is a paper preset's ``protocol`` block: the report then ends with measured beside reported.
+    ``headline_tasks`` is ``eval.headline.tasks`` (``auto`` or a list of task names).
 
     Returns the loaded run (``layerfold.report.load_run``) with ``name`` set to the archive name.
     """
@@ -78,35 +90,42 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
     archive_run(run, experiments_dir, run["name"])
     runs = collect_experiments(experiments_dir, current=run)
     plan, stats = run["plan"], run["stats"]
+    final = final_metrics(run)
+    evaluated = common_tasks([run])
+    decision = informative_tasks(run["dense"], evaluated, headline_tasks)
+    drift = {label: run_drift(run["dense"], run[label], evaluated) for label in ("compressed", "recovered") if run.get(label)}
+    write_json(root / SUMMARY, summary(run["dense"], final, decision, run.get("recover"), drift.get("recovered") or drift.get("compressed")))
 
     reports = root / REPORTS
     with atomic_dir(reports / "plots") as tmp:
         similarity_heatmap(stats["cosine"], tmp / PLOTS["Mean cosine between layer boundaries"])
         layer_importance(stats["block_influence"], plan.get("removed", []), tmp / PLOTS["Block influence per layer"], merged=plan.get("merged"))
-        tasks = common_tasks(runs)
-        title = f"Average accuracy over {len(tasks)} task(s) vs size, {len(runs)} experiment(s)" if tasks else None
-        accuracy_vs_params(accuracy_points(runs), tmp / PLOTS["Accuracy vs parameters across experiments"], title=title)
+        tasks = [t for t in common_tasks(runs) if t in decision["tasks"]]
+        title = f"Headline accuracy over {len(tasks)} informative task(s) vs size, {len(runs)} experiment(s)" if tasks else None
+        accuracy_vs_params(accuracy_points(runs, tasks=decision["tasks"]), tmp / PLOTS["Accuracy vs parameters across experiments"],
+                           title=title)
 
     removed, merged = set(plan.get("removed", [])), {i for g in plan.get("merged", []) for i in g}
     importance = [
         {"layer": i, "block_influence": float(v), "status": "removed" if i in removed else "merged" if i in merged else "kept"}
         for i, v in enumerate(stats["block_influence"])
     ]
-    experiments = experiments_table(runs)
+    experiments = experiments_table(runs, [t for t in common_tasks(runs) if t in decision["tasks"]])
     with atomic_dir(reports / "tables") as tmp:
         write_json(tmp / "layer_importance.json", importance)
         write_json(tmp / "comparison.json", {
-            "comparison": comparison_table(run["dense"], run["compressed"]),
-            **({"recovered": comparison_table(run["dense"], run["recovered"])} if run.get("recovered") else {}),
-            "efficiency": efficiency_table(run["dense"], run["compressed"]),
-            "efficiency_speedups": efficiency_speedup_rows(run["dense"], run["compressed"]),  # unpaired: separate runs
+            "headline": {k: decision[k] for k in ("rule", "text", "tasks", "excluded", "decisions")},
+            "drift": drift,
+            "comparison": comparison_table(run["dense"], run["compressed"], decision["tasks"]),
+            **({"recovered": comparison_table(run["dense"], run["recovered"], decision["tasks"])} if run.get("recovered") else {}),
             "experiments": experiments,
         })
+    _timings_report(root, reports, run)
 
     text = markdown_report(
         run["dense"], run["compressed"], run["compress"], plan, stats, model_name,
         plots={caption: f"plots/{file}" for caption, file in PLOTS.items()}, experiments=experiments,
-        recovered=run.get("recovered"),
+        recovered=run.get("recovered"), decision=decision, drift=drift,
     )
     preset = reported_section(protocol, run["dense"], run.get("recovered") or run["compressed"], plan)
     if preset:
@@ -117,11 +136,37 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
     return run
 
 
+def _timings_report(root: Path, reports: Path, run: dict) -> None:
+    """``reports/timings.md`` from the evaluate stages' machine-local files (when they are there): the
+    efficiency tables, the device, library versions and wall times, kept out of the committed report."""
+    experiment = os.environ.get("DVC_EXP_NAME")  # as pipeline.evaluate.timings_file places them
+    folder = Path(os.environ.get("DVC_ROOT") or root) / TIMINGS_DIR / experiment if experiment else root / TIMINGS_DIR
+    machine = {k: read_json(folder / f"evaluate-{k}.json") for k in ("dense", "compressed", "recovered")
+               if (folder / f"evaluate-{k}.json").is_file()}
+    if not machine:
+        return
+    dense, compressed = machine.get("dense") or {}, machine.get("compressed") or {}
+    lines = ["# Timings and machine (machine-local, not committed)", ""]
+    for name, facts in machine.items():
+        lines.append(f"- **{name}**: {facts.get('device') or '—'}; versions {facts.get('versions') or '—'}; wall time (s) {facts.get('wall_time') or '—'}")
+    lines.append("")
+    lines += efficiency_section(dense, compressed)
+    with atomic_file(root / TIMINGS_REPORT) as handle:
+        handle.write("\n".join(lines))
+
+
 def main() -> None:
     stage = start("report")
     root = Path.cwd()
     run_report(root, experiments_root(stage.params.report.experiments_dir, root), stage.params.model.name,
-               protocol=stage.params.get("protocol"))
+               protocol=stage.params.get("protocol"), headline_tasks=_plain(stage.params.eval.headline.tasks))
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf value as plain Python (a ListConfig of task names -> list)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 if __name__ == "__main__":

@@ -7,6 +7,15 @@ pairwise comparison and the depth plot.
     python scripts/comparison.py collect --out results/comparison/<tag>                       # from `dvc exp show`
     python scripts/comparison.py collect --out results/comparison/<tag> --exp-show exps.json  # a saved payload
     python scripts/comparison.py collect --out results/comparison/<tag> --methods-dir results/x  # run_methods folders
+    python scripts/comparison.py recompute --folder results/comparison/<tag>                    # again from its runs/*.json
+
+collect lists only runs that finished, each with numbers its own commit's dvc.lock ties to it; failed,
+queued, running, never-run runs and runs whose numbers are not their own are listed as such, without
+numbers. Every table starts with the headline protocol (docs/protocol.md): the informative tasks decided
+from the dense model (or --headline-tasks), answer drift, collapse. recompute rewrites the tables, pairs,
+findings and depth plot of a collected folder from its stored records under the current protocol;
+--task-data (a prepared benchmarks folder, e.g. data/prepared/eval/benchmarks) computes each task's floor
+and gold answers for records that predate stored answers (kept in task_facts.json).
 
 The run list is conf/comparison/smollm2.yaml (--runs); the logic is layerfold.report.comparison.
 """
@@ -18,11 +27,14 @@ import json
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from layerfold.config import ConfigError
+from layerfold.io import read_json
 from layerfold.report.comparison import (
-    check_runs, git_reader, load_run_list, queue_command, records_from_exp_show, records_from_methods_dir, write_comparison,
+    check_runs, git_reader, load_records, load_run_list, load_task_facts, queue_command, records_from_exp_show,
+    records_from_methods_dir, tasks_of, write_comparison,
 )
 
 DEFAULT_RUNS = Path("conf/comparison/smollm2.yaml")
@@ -44,8 +56,32 @@ def queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _headline_setting(text: str) -> str | list[str]:
+    return "auto" if text == "auto" else [t for t in text.split(",") if t]
+
+
+def _facts(folder: Path | None, task_data: Path | None, records: list[dict]) -> dict | None:
+    """Task facts from a prepared benchmarks folder (documents the records were scored on), else the folder's own."""
+    if task_data is None:
+        return load_task_facts(folder) if folder is not None and folder.is_dir() else None
+    from layerfold.evaluation.harness import document_facts, write_task_configs
+
+    settings = (records[0]["metrics"].get("dense") or {}).get("lm_eval_settings") or {}
+    with tempfile.TemporaryDirectory() as task_dir:
+        return document_facts(tasks_of(records), write_task_configs(task_data, Path(task_dir)), settings.get("limit"), settings.get("seed", 0))
+
+
+def _report(written: dict, out: Path, count: int) -> None:
+    print(f"{count} run(s) -> {out}/ (table.md, pairs.md, findings.md, depth.json, depth.png, runs/)")
+    print(f"headline ({written['decision']['rule']}): {', '.join(written['decision']['tasks'])}; "
+          f"excluded: {', '.join(e['task'] for e in written['decision']['excluded']) or 'none'}")
+    for missing in written["missing"]:
+        print(f"no numbers: {missing['run']} ({missing['state']}: {missing['reason']})")
+
+
 def collect(args: argparse.Namespace) -> int:
     run_list = load_run_list(args.runs)
+    missing = None
     if args.methods_dir is not None:
         records, unmatched = records_from_methods_dir(args.methods_dir, run_list)
         if unmatched:
@@ -53,11 +89,24 @@ def collect(args: argparse.Namespace) -> int:
     else:
         text = args.exp_show.read_text() if args.exp_show is not None else subprocess.run(
             ["dvc", "exp", "show", "--json", "--all-commits"], check=True, capture_output=True, text=True).stdout
-        records = records_from_exp_show(json.loads(text), run_list, git_reader("."))
-    written = write_comparison(args.out, run_list, records, TITLE)
-    print(f"{len(records)} run(s) -> {args.out}/ (table.md, pairs.md, depth.json, depth.png, runs/)")
-    if written["missing"]:
-        print(f"not collected: {', '.join(written['missing'])}")
+        records, missing = records_from_exp_show(json.loads(text), run_list, git_reader("."), machine_dir=Path("metrics/timings"))
+    if not records:
+        raise ValueError(f"no finished run of {run_list.source} holds numbers of its own; nothing written to {args.out}")
+    written = write_comparison(args.out, run_list, records, TITLE, missing, _headline_setting(args.headline_tasks),
+                               _facts(None, args.task_data, records))
+    _report(written, args.out, len(records))
+    return 0
+
+
+def recompute(args: argparse.Namespace) -> int:
+    folder = args.folder
+    collected = read_json(folder / "runs.json")
+    run_list = load_run_list(args.runs if args.runs != DEFAULT_RUNS else Path(collected.get("run_list") or DEFAULT_RUNS))
+    records = load_records(folder)
+    missing = [m for m in collected.get("missing", []) if isinstance(m, dict)] or None
+    setting = _headline_setting(args.headline_tasks) if args.headline_tasks is not None else collected.get("headline_setting", "auto")
+    written = write_comparison(folder, run_list, records, TITLE, missing, setting, _facts(folder, args.task_data, records))
+    _report(written, folder, len(records))
     return 0
 
 
@@ -75,9 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     source = c.add_mutually_exclusive_group()
     source.add_argument("--exp-show", type=Path, default=None, help="a saved `dvc exp show --json --all-commits` (default: run it)")
     source.add_argument("--methods-dir", type=Path, default=None, help="a scripts/run_methods.py --out folder instead of DVC")
+    r = commands.add_parser("recompute", help="a collected folder's tables, pairs, findings and plot again, from its runs/*.json")
+    r.add_argument("--folder", type=Path, required=True, help="a folder collect wrote, e.g. results/comparison/<tag>")
+    for sub, default in ((c, "auto"), (r, None)):
+        sub.add_argument("--headline-tasks", default=default, metavar="auto|T1,T2",
+                         help="auto (decided from the dense model, default) or a fixed comma-separated task list")
+        sub.add_argument("--task-data", type=Path, default=None,
+                         help="a prepared benchmarks folder (data/prepared/eval/benchmarks): each task's floor and gold answers "
+                              "for records without stored answers")
     args = parser.parse_args(argv)
     try:
-        return queue(args) if args.command == "queue" else collect(args)
+        return {"queue": queue, "collect": collect, "recompute": recompute}[args.command](args)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

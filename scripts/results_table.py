@@ -5,7 +5,8 @@
 
 Table 1, quality: one row per run (``dense`` first) with the metrics of the model the run ends with
 (recovered when a recovery ran): layers, WikiText-2 / C4 perplexity, each task's reported metric (acc
-or acc_norm, see layerfold.report.REPORTED_METRIC), the task average ± its standard error and the
+or acc_norm, see layerfold.report.REPORTED_METRIC), the headline (mean over the informative tasks, whose
+rule, set and exclusions are printed above the table: docs/protocol.md) ± its standard error and the
 difference to dense ± its standard error (paired over the same documents; ``*`` marks a difference
 beyond 1.96 standard errors — anything else is noise, not a gain or a loss).
 
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from layerfold.evaluation.harness import merge_documents
 from layerfold.io import read_json
 from layerfold.report.compare import runs_from_methods_dir
+from layerfold.report.protocol import informative_tasks, rule_lines
 from layerfold.report.reported import LEGEND, comparison_lines, entry, load_papers, reported_name, side_by_side
 from layerfold.report.tables import REPORTED_METRIC, TASK_ORDER, experiments_table, final_metrics, fmt
 
@@ -33,13 +36,15 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def quality_table(root: Path) -> list[str]:
+def quality_table(root: Path, headline_tasks: str | list[str] = "auto") -> list[str]:
     runs = runs_from_methods_dir(root)
-    dense = read_json(root / "dense" / "metrics.json")
+    dense = merge_documents(read_json(root / "dense" / "metrics.json"),
+                            read_json(root / "dense" / "documents.json") if (root / "dense" / "documents.json").is_file() else None)
     tasks = [t for t in TASK_ORDER if t in dense.get("lm_eval", {}) and all(t in final_metrics(r).get("lm_eval", {}) for r in runs)]
-    rows = experiments_table([{"name": "dense", "dense": dense, "compressed": dense}, *runs], tasks)
-    header = ["run", "layers", "wiki2 ppl", "c4 ppl", *[f"{t} ({REPORTED_METRIC[t]})" for t in tasks], "avg ± se", "Δ vs dense ± se"]
-    out = [_row(header), "|" + "---|" * len(header)]
+    decision = informative_tasks(dense, tasks, headline_tasks)
+    rows = experiments_table([{"name": "dense", "dense": dense, "compressed": dense}, *runs], decision["tasks"])
+    header = ["run", "layers", "wiki2 ppl", "c4 ppl", *[f"{t} ({REPORTED_METRIC[t]})" for t in tasks], "headline ± se", "Δ vs dense ± se"]
+    out = [*rule_lines(decision), "", _row(header), "|" + "---|" * len(header)]
     for run, row in zip([{"name": "dense", "compressed": dense}, *runs], rows):
         metrics = final_metrics(run)
         diff = "—" if run["name"] == "dense" else f"{fmt(100 * row['diff'], '+.2f')} ± {fmt(100 * row['diff_se'], '.2f')}{'*' if row['significant'] else ''}"
@@ -95,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="a scripts/run_methods.py --out folder")
     parser.add_argument("--reported", action="store_true", help="add measured-vs-reported tables for paper-preset runs")
+    parser.add_argument("--headline-tasks", default="auto", metavar="auto|T1,T2",
+                        help="auto (tasks the dense model answers above chance and majority, docs/protocol.md) or a fixed list")
     args = parser.parse_args(argv)
-    print("\n".join(quality_table(args.root)))
+    setting = "auto" if args.headline_tasks == "auto" else [t for t in args.headline_tasks.split(",") if t]
+    print("\n".join(quality_table(args.root, setting)))
     print()
     print("\n".join(cost_table(args.root)))
     if args.reported:

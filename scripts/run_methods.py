@@ -97,6 +97,7 @@ def main() -> None:
         per_model["dense"] = timings["evaluate@dense"] = timed("evaluate dense", evaluate.main, "dense", str(BASE))
         (args.out / "dense").mkdir(exist_ok=True)
         shutil.copy(METRICS / "dense.json", args.out / "dense" / "metrics.json")
+        copy_if(METRICS / "documents" / "dense.json", args.out / "dense" / "documents.json")  # per-document results
         copy_if(CAPTURE / "stats.json", args.out / "dense" / "capture_stats.json")
         shutil.copy("params.yaml", args.out / "dense" / "params.yaml")
         save()
@@ -120,11 +121,13 @@ def main() -> None:
         dest.mkdir(exist_ok=True)
         if recovery == "none" or not args.final_only:
             shutil.copy(METRICS / "compressed.json", dest / "metrics.json")
+            copy_if(METRICS / "documents" / "compressed.json", dest / "documents.json")
         for source, target in ((METRICS / "compress.json", "compress.json"), (METRICS / "compress_time.json", "compress_time.json"),
                                (COMPRESSED / "plan.json", "plan.json"), (Path("params.yaml"), "params.yaml")):
             copy_if(source, dest / target)
         if recovery != "none":
             copy_if(METRICS / "recovered.json", dest / "recovered.json")
+            copy_if(METRICS / "documents" / "recovered.json", dest / "recovered_documents.json")
             copy_if(METRICS / "recover.json", dest / "recover.json")
         save()
 

@@ -79,7 +79,7 @@ class DataConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     benchmarks: list[str] = field(
         default_factory=lambda: [
-            "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa", "mmlu",
+            "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa", "mmlu", "lambada_openai",
         ]
     )
 
@@ -136,10 +136,19 @@ class EfficiencyConfig:
 
 
 @dataclass
+class HeadlineConfig:
+    # auto: the tasks on which the dense model beats max(chance, majority class) by > 1.96 se, decided per
+    # run from its documents (layerfold.report.protocol, docs/protocol.md); or a list of lm-eval task names
+    # from eval.lm_eval.tasks (a paper's task set), used as given and labelled "fixed"
+    tasks: Any = "auto"
+
+
+@dataclass
 class EvalConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+    headline: HeadlineConfig = field(default_factory=HeadlineConfig)
 
 
 @dataclass

@@ -9,7 +9,7 @@ written ``artifacts/base/config.json`` (every later stage).
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from layerfold.config import ConfigError, Params, check_ranges
 from layerfold.methods import check_layer_major, get_method, token_cosine_distance
@@ -27,6 +27,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
         get_adapter(facts.model_type)
     bounds = facts.bounds() if facts is not None else {}
     _check_capture_distance(params, *get_method(params.method, bounds))
+    _check_headline(params)
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
         check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
         _check_recovery_layer_major(params)  # and so does a recovery that needs the whole student
@@ -48,6 +49,23 @@ def _check_capture_distance(params: DictConfig, spec, method_cfg) -> None:
             f"with these settings reads boundaries {needed} apart. Set capture.max_distance >= {needed} "
             f"(`-S capture.max_distance={needed}`), or null for every pair."
         )
+
+
+def _check_headline(params: DictConfig) -> None:
+    """``eval.headline.tasks``: ``auto`` or a non-empty list of tasks ``eval.lm_eval.tasks`` evaluates."""
+    evaluation = params.get("eval")
+    if evaluation is None or evaluation.get("headline") is None:
+        return
+    setting, evaluated = evaluation.headline.get("tasks"), list((evaluation.get("lm_eval") or {}).get("tasks") or [])
+    if setting == "auto":
+        return
+    if isinstance(setting, str) or not isinstance(setting, (list, ListConfig)) or not setting:
+        raise ConfigError(f"eval.headline.tasks={setting!r}: use auto (decided from the dense model) or a non-empty list of "
+                          f"task names from eval.lm_eval.tasks, e.g. `-S 'eval.headline.tasks=[piqa,hellaswag]'`.")
+    unknown = [t for t in setting if t not in evaluated]
+    if unknown:
+        raise ConfigError(f"eval.headline.tasks lists {unknown}, which eval.lm_eval.tasks={evaluated} does not evaluate: "
+                          "add them there or remove them from the headline list (or use auto).")
 
 
 def _check_recovery_layer_major(params: DictConfig) -> None:

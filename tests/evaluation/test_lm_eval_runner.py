@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from layerfold.data.benchmarks import prepare_benchmarks
+from layerfold.evaluation.answers import unpack_digits
 from layerfold.evaluation.harness import LmEvalRunner, lm_eval_tasks, sample_indices, unpack_bits, write_task_configs
 
 DATA_DIR = Path(os.environ.get("LAYERFOLD_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "datasets"))
@@ -80,10 +81,15 @@ def test_same_scores_as_stock_path_first_further_and_later_process(setup, tmp_pa
 
     first = limit_runner.evaluate(model, tokenizer, batch_size=32, max_length=1024) | full_runner.evaluate(model, tokenizer, batch_size=32, max_length=1024)
     further = limit_runner.evaluate(model, tokenizer, batch_size=32, max_length=1024)  # warm tokens
-    assert any(tmp_path.rglob("*.pickle"))  # the full-set run went through lm-eval's request cache
+    cached = list(tmp_path.rglob("*.requests.json.gz"))
+    assert cached and not any(tmp_path.rglob("*.pickle"))  # the full-set run's requests, as data (never lm-eval's pickles)
     later = LmEvalRunner(["openbookqa"], SHOTS, task_dir, limit=None, seed=0, bootstrap_iters=0, cache_dir=tmp_path)
-    assert any(tmp_path.rglob("tokens-*.pkl"))  # and the tokens were written next to it
+    assert any(tmp_path.rglob("tokens-*.npz"))  # and the tokens were written next to it
+    # a pickle planted where lm-eval's own request cache would be read runs nothing in a later process
+    marker = tmp_path / "code-ran"
+    _plant_pickles(cached, marker)
     further |= later.evaluate(model, tokenizer, batch_size=32, max_length=1024)  # a later process: warm requests and tokens
+    assert not marker.exists()
 
     assert first["openbookqa"]["n"] == 500 and first["hellaswag"]["n"] == 2 and first["mmlu"]["n"] == 57 * 2
     for stock in TASKS:
@@ -94,6 +100,28 @@ def test_same_scores_as_stock_path_first_further_and_later_process(setup, tmp_pa
             assert unpack_bits(first[stock]["per_doc"][metric]) == expected, (stock, metric)
             assert unpack_bits(further[stock]["per_doc"][metric]) == expected, (stock, metric)
             assert first[stock][metric] == further[stock][metric] == pytest.approx(sum(expected) / len(expected))
+            # each document's stored answer is the one lm-eval scored: right exactly where the 0/1 says so
+            answers = first[stock]["answers"]
+            chosen, gold = unpack_digits(answers["chosen"][metric]), unpack_digits(answers["gold"])
+            assert [float(c == g) for c, g in zip(chosen, gold)] == expected, (stock, metric)
+        floor = first[stock]["answers"]["floor"]
+        assert floor["n"] == first[stock]["n"] and floor["chance"] == pytest.approx(0.25) and floor["majority"] >= 0.25
+
+
+def _plant_pickles(cached: list[Path], marker: Path) -> None:
+    """At every request-cache key the run wrote: a pickle that creates ``marker`` when loaded, where
+    lm-eval's own (dill) cache would read it."""
+    import pickle
+
+    from lm_eval.caching import cache
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for path in cached:
+        key = path.name.removesuffix(".requests.json.gz")
+        (path.parent / Path(cache._cache_file_path(key)).name).write_bytes(pickle.dumps(Payload()))
 
 
 def test_sample_indices_are_seeded_spread_and_bounded() -> None:
@@ -107,3 +135,42 @@ def test_sample_indices_are_seeded_spread_and_bounded() -> None:
     assert sample_indices("boolq", 10, None, seed=0) is None
     with pytest.raises(ValueError, match="limit"):
         sample_indices("boolq", 10, 0, seed=0)
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="benchmark files not found")
+def test_lambada_requests_score_as_lm_eval_scores_them(tmp_path: Path) -> None:
+    """LAMBADA is a log-likelihood task: its accuracy is whether every token of the target word is the greedy
+    one (multi-token continuations). The vectorised scorer must return lm-eval's own (log-likelihood,
+    is-greedy) for each of its requests, greedy ones included, and the same document results end to end."""
+    from layerfold.evaluation.lm import make_lm
+
+    meta = prepare_benchmarks(DATA_DIR, tmp_path / "bench", ["lambada_openai"])
+    task_dir = write_task_configs(tmp_path / "bench", tmp_path / "tasks")
+    rows = (tmp_path / "bench" / meta["lambada_openai"]["data_files"]["test"]).read_text().splitlines()[:300]
+    model, tokenizer = _tiny_model_and_tokenizer(rows)
+    names, manager = lm_eval_tasks(["lambada_openai"], task_dir)
+    (task,) = manager.load(names)["tasks"].values()
+    task.build_all_requests(samples=sample_indices(names[0], len(task.eval_docs), 40, 0))
+    requests = list(task.instances)
+    assert len(requests) == 40 and all(r.request_type == "loglikelihood" for r in requests)
+    # and continuations that are the model's own greedy tokens, so that is-greedy is true for some
+    from lm_eval.api.instance import Instance
+
+    for request in requests[:12]:
+        context = request.args[0]
+        ids = tokenizer(context, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            greedy = model.generate(ids, max_new_tokens=2, do_sample=False)[0, ids.shape[1]:]
+        requests.append(Instance("loglikelihood", {}, (context, tokenizer.decode(greedy)), 0, ("lambada_greedy", 0, 1)))
+    stock = make_lm(model, tokenizer, 8, 512, None, scoring="lm_eval").loglikelihood(requests, disable_tqdm=True)
+    fast = make_lm(model, tokenizer, 8, 512, None, scoring="vectorised").loglikelihood(requests, disable_tqdm=True)
+    cached = make_lm(model, tokenizer, 8, 512, {}, scoring="vectorised").loglikelihood(requests, disable_tqdm=True)
+    assert fast == stock == cached  # exact floats and greedy flags, request by request
+    assert any(greedy for _, greedy in stock[40:])
+    # end to end: the same per-document accuracy, perplexity and floor with either scorer
+    results = {mode: LmEvalRunner(["lambada_openai"], {}, task_dir, limit=40, seed=0, bootstrap_iters=0, scoring=mode)
+               .evaluate(model, tokenizer, batch_size=8, max_length=512)["lambada_openai"] for mode in ("lm_eval", "vectorised")}
+    assert results["vectorised"]["per_doc"] == results["lm_eval"]["per_doc"]
+    assert results["vectorised"]["perplexity"] == results["lm_eval"]["perplexity"] and results["lm_eval"]["n"] == 40
+    floor = results["vectorised"]["answers"]["floor"]
+    assert floor["chance"] == 0.0 and 0.0 < floor["majority"] < 0.2 and floor["n"] == 40

@@ -36,6 +36,7 @@ STOCK = {
     "boolq": ("super_glue/boolq/default.yaml", 0),
     "openbookqa": ("openbookqa/openbookqa.yaml", 0),
     f"mmlu_{MMLU_SUBJECT}": (f"mmlu/default/mmlu_{MMLU_SUBJECT}.yaml", 5),
+    "lambada_openai": ("lambada/lambada_openai.yaml", 0),
 }
 ROWS = {
     "piqa": 1838,
@@ -45,6 +46,7 @@ ROWS = {
     "arc_challenge": 1172,
     "boolq": 3270,
     "openbookqa": 500,
+    "lambada_openai": 5153,
 }
 
 
@@ -153,7 +155,8 @@ def test_local_task_renders_like_stock(stock: str, prepared: tuple[Path, dict[st
     for i in range(3):  # the first document, plus two more for good measure
         doc, ref = local_docs[i], reference_docs[i]
         assert local.doc_to_text(doc) == reference.doc_to_text(ref)
-        assert local.doc_to_choice(doc) == reference.doc_to_choice(ref)
+        if local.OUTPUT_TYPE == "multiple_choice":
+            assert local.doc_to_choice(doc) == reference.doc_to_choice(ref)
         assert local.doc_to_target(doc) == reference.doc_to_target(ref)
         assert local.fewshot_context(doc, shots) == reference.fewshot_context(ref, shots)
 
@@ -191,6 +194,13 @@ def test_known_first_documents(local_tasks: dict[str, ConfigurableTask]) -> None
 
     text, choices, target = first("openbookqa")
     assert text.startswith("A person wants to start saving money") and choices[target] == "quit eating lunch out"
+
+    task = local_tasks["lambada_openai"]
+    doc = task.eval_docs[0]
+    assert task.OUTPUT_TYPE == "loglikelihood"
+    assert task.doc_to_text(doc).startswith("In my palm is a clear stone, and inside it is a small ivory statuette.")
+    assert task.doc_to_text(doc).endswith("his mouth curved in a confident grin, I don't care about")
+    assert task.doc_to_target(doc) == " signs"
 
     task = local_tasks[f"mmlu_{MMLU_SUBJECT}"]
     context = task.fewshot_context(task.eval_docs[0], 5)

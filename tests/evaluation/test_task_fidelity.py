@@ -26,7 +26,7 @@ import pytest
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from layerfold.data.benchmarks import BOOLQ_NOTITLE_DOCS, HELLASWAG_WIKIHOW_DOCS, MMLU_SUBJECTS, prepare_benchmarks
+from layerfold.data.benchmarks import BOOLQ_NOTITLE_DOCS, HELLASWAG_WIKIHOW_DOCS, LAMBADA_OPENAI_DOCS, MMLU_SUBJECTS, prepare_benchmarks
 from layerfold.evaluation.harness import lm_eval_tasks, stock_tasks_dir, write_task_configs
 
 DATA_DIR = Path(os.environ.get("LAYERFOLD_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "datasets"))
@@ -92,6 +92,11 @@ def _hellaswag() -> tuple[Rows, int]:
     return rows, wikihow
 
 
+def _lambada() -> Rows:
+    """EleutherAI/lambada_openai rows: the passage, whose last space-separated word is the target."""
+    return [{"text": f"{r['context']} {r['continuation']}"} for r in _jsonl(DATA_DIR / "lambada_openai" / "lambada_openai.jsonl")]
+
+
 def _mmlu(subject: str) -> dict[str, Rows]:
     def read(split: str) -> Rows:
         with open(DATA_DIR / "mmlu" / split / f"{subject}_{split}.csv", encoding="utf-8", newline="") as handle:
@@ -126,7 +131,8 @@ def _stock_task(rel: str, eval_rows: Rows, extra: dict[str, Rows] | None = None)
 
 
 def _render(task: ConfigurableTask) -> list[tuple[Any, Any, Any]]:
-    return [(task.doc_to_text(d), task.doc_to_choice(d), task.doc_to_target(d)) for d in task.eval_docs]
+    choices = task.doc_to_choice if task.OUTPUT_TYPE == "multiple_choice" else lambda d: None
+    return [(task.doc_to_text(d), choices(d), task.doc_to_target(d)) for d in task.eval_docs]
 
 
 def _mismatches(local: ConfigurableTask, stock: ConfigurableTask) -> list[int]:
@@ -138,7 +144,8 @@ def _mismatches(local: ConfigurableTask, stock: ConfigurableTask) -> list[int]:
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("fidelity")
-    prepare_benchmarks(DATA_DIR, out, ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "boolq", "openbookqa", "mmlu"])
+    prepare_benchmarks(DATA_DIR, out, ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "boolq", "openbookqa", "mmlu",
+                                       "lambada_openai"])
     task_dir = write_task_configs(out, out / "tasks")
 
     def load(names: list[str]) -> dict[str, ConfigurableTask]:
@@ -154,6 +161,7 @@ SIMPLE = {
     "arc_easy": ("arc/arc_easy.yaml", lambda: _mosaic("arc_easy", "question", "Question: ")),
     "arc_challenge": ("arc/arc_challenge.yaml", lambda: _mosaic("arc_challenge", "question", "Question: ")),
     "openbookqa": ("openbookqa/openbookqa.yaml", lambda: _mosaic("openbookqa", "question_stem")),
+    "lambada_openai": ("lambada/lambada_openai.yaml", _lambada),
 }
 
 
@@ -164,6 +172,9 @@ def test_every_document_renders_as_stock(name: str, local) -> None:
     stock = _stock_task(rel, rows())
     assert len(task.eval_docs) == len(stock.eval_docs) > 400
     assert _mismatches(task, stock) == []
+    if name == "lambada_openai":  # the prompt is the passage without its last word, the target that word with its space
+        assert len(task.eval_docs) == LAMBADA_OPENAI_DOCS
+        assert all(task.doc_to_text(d) + task.doc_to_target(d) == d["text"] for d in task.eval_docs)
 
 
 def test_hellaswag_every_document_and_the_wikihow_count(local) -> None:

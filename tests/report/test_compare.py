@@ -27,7 +27,8 @@ def test_methods_dir_rows_fit_120_columns(tmp_path: Path) -> None:
     _write(tmp_path / "laco/metrics.json", _metrics(30, 0.595, 20.0, stderr=0.05))
     lines = format_rows(load_runs(methods_dirs=[tmp_path]))
     assert all(len(line) <= 120 for line in lines)
-    assert lines[0].split()[:3] == ["experiment", "model", "method"]
+    assert lines[0].startswith("headline: auto over boolq, piqa")  # no answers recorded: every task counts
+    assert lines[1].split()[:3] == ["experiment", "model", "method"]
     row = next(line for line in lines if line.startswith("shortgpt_with"))
     # 10 points down with stderr sqrt(2 * 0.01^2) / sqrt(2) per task average: far outside the noise -> starred
     assert "smollm2-135m-instru…" in row and "30→22" in row and "-10.00±1.00*" in row and "50.00±0.71" in row
@@ -46,4 +47,5 @@ def test_dvc_exp_show_payload() -> None:
     assert [(r["name"], r["plan"]["method"]["name"], r["compressed"]["model"]["num_layers"]) for r in runs] == [
         ("workspace", "sleb", 22), ("exp-1", "gromov", 26)]
     lines = format_rows(runs)
-    assert len(lines) == 2 + 2 + 1 and all(len(line) <= 120 for line in lines)
+    assert len(lines) == 1 + 2 + 2 + 1 and all(len(line) <= 120 for line in lines)  # rule, header, rule line, runs, legend
+    assert format_rows(runs, ["piqa"])[0].startswith("headline: fixed over piqa; excluded: boolq")

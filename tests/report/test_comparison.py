@@ -5,6 +5,7 @@ reproduction notebook runs on what collect writes."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -219,8 +220,36 @@ def _params(method: str, num_remove: int = 8) -> dict:
             "data": {"calibration": {"source": "wikitext2_train", "num_blocks": 32, "seq_len": 256}}, "tracking": {"mode": "disabled"}}
 
 
+def _raw(content: dict) -> bytes:
+    return json.dumps(content, indent=2).encode()
+
+
+def _lock(files: dict[str, dict], params: dict) -> bytes:
+    """The dvc.lock of a commit whose stages wrote ``files`` with ``params``: each metrics file an output with
+    its md5, compress's method params, evaluate@compressed reading compress's checkpoint."""
+    md5 = {stem: hashlib.md5(_raw(content)).hexdigest() for stem, content in files.items()}
+    checkpoint = hashlib.md5(json.dumps(params["method"], sort_keys=True).encode()).hexdigest() + ".dir"
+    stages = {
+        "compress": {"params": {"params.yaml": {"method": params["method"]}},
+                     "outs": [{"path": "artifacts/compressed", "md5": checkpoint}, {"path": "metrics/compress.json", "md5": md5["compress"]},
+                              {"path": "metrics/compress_time.json", "md5": md5["compress_time"]}]},
+        "evaluate@dense": {"params": {"params.yaml": {"eval.perplexity": params["eval"]["perplexity"]}},
+                           "outs": [{"path": "metrics/dense.json", "md5": md5["dense"]}]},
+        "evaluate@compressed": {"deps": [{"path": "artifacts/compressed", "md5": checkpoint}],
+                                "params": {"params.yaml": {"eval.perplexity": params["eval"]["perplexity"]}},
+                                "outs": [{"path": "metrics/compressed.json", "md5": md5["compressed"]}]},
+        "evaluate@recovered": {"outs": [{"path": "metrics/recovered.json", "md5": md5["recovered"]}]},
+    }
+    return yaml.safe_dump({"schema": "2.0", "stages": stages}).encode()
+
+
+def _commit(rev: str, files: dict[str, dict], params: dict) -> dict:
+    """What `git show <rev>:<path>` returns for a commit holding ``files`` and the dvc.lock that made them."""
+    return {(rev, f"metrics/{stem}.json"): _raw(content) for stem, content in files.items()} | {(rev, "dvc.lock"): _lock(files, params)}
+
+
 def _exp_show(runs: dict) -> tuple[list[dict], dict]:
-    """The payload and what `git show <rev>:<path>` returns for each experiment's metrics files."""
+    """The payload and what `git show <rev>:<path>` returns for each experiment's files (bytes)."""
     committed = {}
     experiments = []
     for rev, name, timestamp, files, params in [
@@ -230,7 +259,7 @@ def _exp_show(runs: dict) -> tuple[list[dict], dict]:
         ("d" * 40, "unrelated-exp", "2026-11-23T12:30:00", _run_files(runs, "come"), _params("come")),
     ]:
         experiments.append(_group(_entry(rev, name, timestamp, params, _files(files)), "success"))
-        committed |= {(rev, f"metrics/{stem}.json"): content for stem, content in files.items()}
+        committed |= _commit(rev, files, params)
     missing = {f"metrics/{stem}.json": {"error": {"type": "FileNotFoundError", "msg": f"No such file: 'metrics/{stem}.json'"}}
                for stem in ("dense", "compressed")}
     experiments.append(_group(_entry("e" * 40, "cmp-sleb", "2026-11-23T13:00:00", _params("sleb"), missing,
@@ -239,6 +268,7 @@ def _exp_show(runs: dict) -> tuple[list[dict], dict]:
     stale = _run_files(runs, "shortgpt") | {"compressed": runs["come"]}  # an older run of the same name, other commit
     older = _entry("1" * 40, "main", "2026-11-01T09:00:00", {}, missing)
     older["experiments"] = [_group(_entry("2" * 40, "cmp-shortgpt", "2026-11-01T10:00:00", _params("shortgpt"), _files(stale)), None)]
+    committed |= _commit("2" * 40, stale, _params("shortgpt"))
     baseline = _entry("3" * 40, "main", "2026-11-22T09:00:00", {}, missing)
     baseline["experiments"] = experiments
     workspace = _entry("workspace", None, None, _params("come"), _files(_run_files(runs, "come")))
@@ -259,7 +289,14 @@ def _expected_paired_se(a: dict, b: dict) -> tuple[float, float]:
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    """The first Markdown table of ``text``, rows keyed by their first cell."""
+    lines, started = [], False
+    for line in text.splitlines():
+        if line.startswith("| "):
+            lines.append(line)
+            started = True
+        elif started and not line.startswith("|---"):
+            break
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
 
@@ -275,9 +312,9 @@ def collected(tmp_path_factory):
     runs = _synthetic_runs()
     payload, committed = _exp_show(runs)
     run_list = load_run_list(RUNS)
-    records = records_from_exp_show(payload, run_list, lambda rev, path: committed.get((rev, path)))
+    records, missing = records_from_exp_show(payload, run_list, lambda rev, path: committed.get((rev, path)))
     out = tmp_path_factory.mktemp("comparison") / "smollm2"
-    written = write_comparison(out, run_list, records, "test comparison")
+    written = write_comparison(out, run_list, records, "test comparison", missing)
     return runs, run_list, records, out, written
 
 
@@ -293,8 +330,10 @@ def test_collect_keeps_finished_runs_of_the_list_newest_first(collected):
     assert records[0]["metrics"]["recovered"] is None  # recovery=none: a pointer, not a model
     assert records[0]["metrics"]["compressed"]["lm_eval"]["piqa"]["per_doc"]  # read whole, not as DVC shows it
     assert records[0]["timings"]["compress_s"] == 1.5 and "tracking" not in records[0]["params"]
-    assert "sleb" in written["missing"] and "gromov" in written["missing"]
-    assert sorted(p.name for p in out.iterdir()) == ["depth.json", "depth.png", "pairs.md", "runs", "runs.json", "table.md"]
+    states = {m["run"]: m["state"] for m in written["missing"]}
+    assert states["sleb"] == "failed" and states["gromov"] == "queued" and states["drop-last"] == "not run"
+    assert records[0]["provenance"].startswith(f"dvc.lock at {'a' * 12}")
+    assert sorted(p.name for p in out.iterdir()) == ["depth.json", "depth.png", "findings.md", "pairs.md", "runs", "runs.json", "table.md"]
     assert (out / "depth.png").read_bytes()[:8] == PNG_MAGIC
     assert [r["name"] for r in load_records(out)] == ["shortgpt", "come", "shortgpt-r4"]
     # no machine's absolute path in a tracked result: the run list as the repository names it
@@ -307,7 +346,7 @@ def test_table_has_the_header_and_paired_differences(collected):
     assert "sha256 `b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53`" in text
     assert "**dequantised GGUF**, not of the full-precision model" in text and "NVIDIA H100 80GB HBM3" in text
     assert "torch 2.13.0+cu128, transformers 5.23.0, lm-eval 0.4.13" in text and "**Date**: 2026-11-23" in text
-    assert "Not collected" in text and "sleb" in text.split("Not collected")[1]
+    assert "Not in the table" in text and "sleb (failed: Experiment run failed)" in text.split("Not in the table")[1]
     rows = _table_rows(text)
     for name in ("shortgpt", "come"):
         want_diff, want_se = _expected_paired_se(runs[name], runs["dense"])
@@ -354,8 +393,9 @@ def test_without_per_document_results_the_se_is_unpaired_and_inside_it_nothing_i
             result.update({metric: runs["dense"]["lm_eval"][task][metric] - ratio * average_se, f"{metric}_stderr": task_se / math.sqrt(2)})
     payload, _ = _exp_show(runs)
     run_list = load_run_list(RUNS)
-    records = records_from_exp_show(payload, run_list, read_file=None)
-    written = write_comparison(tmp_path / "out", run_list, records, "unpaired")
+    records, missing = records_from_exp_show(payload, run_list, read_file=None)
+    assert all(r["provenance"].startswith("not checked") for r in records)
+    written = write_comparison(tmp_path / "out", run_list, records, "unpaired", missing)
     rows = _table_rows((tmp_path / "out" / "table.md").read_text())
     for name, ratio, starred in (("shortgpt", 1.9, False), ("come", 2.1, True)):
         assert _delta(rows[name]["Δ vs dense"]) == (round(-100 * ratio * average_se, 2), round(100 * average_se, 2), starred)
@@ -366,6 +406,45 @@ def test_without_per_document_results_the_se_is_unpaired_and_inside_it_nothing_i
     pair = written["pairs"][0]  # both have the same stderrs as dense, and are 0.2 average se apart: within noise
     assert pair["se"] == pytest.approx(average_se) and pair["diff"] == pytest.approx(0.2 * average_se) and pair["ahead"] is None
     assert "within noise" in (tmp_path / "out" / "pairs.md").read_text()
+
+
+def test_a_failed_running_or_foreign_run_never_shows_numbers():
+    """The failure seen in practice: a queued run that failed is listed by `dvc exp show` with the metrics of
+    the commit it was queued from (HEAD's, another method's), and git holds those files at its stash commit.
+    It must come back as failed, without numbers; so must a running one, and a run whose numbers its own
+    commit's dvc.lock does not tie to its params (edited or copied metrics)."""
+    runs = _synthetic_runs()
+    head_files, head_params = _run_files(runs, "shortgpt"), _params("shortgpt")
+    committed = _commit("e" * 40, head_files, head_params) | _commit("a" * 40, head_files, head_params)
+    experiments = [
+        # failed: HEAD's metrics under the failed run's own params (what DVC shows for a failed queued run)
+        _group(_entry("e" * 40, "cmp-come", "2026-11-23T13:00:00", _params("come"), _files(head_files),
+                      {"msg": "Experiment run failed", "type": ""}), "failed"),
+        # running: its temporary workspace
+        _group(_entry("workspace", "cmp-sleb", None, _params("sleb"), _files(_run_files(runs, "come"))), "running"),
+        # "finished" but holding HEAD's files, whose dvc.lock ran shortgpt: not this run's numbers
+        _group(_entry("a" * 40, "cmp-mka-paper", "2026-11-23T14:00:00", {**_params("mka"), "method": {"name": "mka", "num_remove": 8}},
+                      _files(head_files)), "success"),
+        # finished, its own numbers
+        _group(_entry("b" * 40, "cmp-shortgpt", "2026-11-23T15:00:00", head_params, _files(head_files)), "success"),
+    ]
+    committed |= _commit("b" * 40, head_files, head_params)
+    baseline = _entry("3" * 40, "main", "2026-11-22T09:00:00", {}, {})
+    baseline["experiments"] = experiments
+    run_list = load_run_list(RUNS)
+    records, missing = records_from_exp_show([baseline], run_list, lambda rev, path: committed.get((rev, path)))
+    assert [r["name"] for r in records] == ["shortgpt"]
+    states = {m["run"]: m for m in missing}
+    assert states["come"]["state"] == "failed" and states["sleb"]["state"] == "running"
+    assert states["mka-paper"]["state"] == "rejected" and "method=" in states["mka-paper"]["reason"]
+    assert "the run's params.yaml has" in states["mka-paper"]["reason"]
+    assert states["gromov"]["state"] == "not run"
+    # a metrics file edited after the run no longer matches the md5 its stage recorded
+    edited = dict(committed) | {("b" * 40, "metrics/compressed.json"): _raw({**runs["shortgpt"], "perplexity": {}})}
+    records, missing = records_from_exp_show([baseline], run_list, lambda rev, path: edited.get((rev, path)))
+    assert records == [] and "is not the file stage evaluate@compressed recorded" in {m["run"]: m for m in missing}["shortgpt"]["reason"]
+    with pytest.raises(ValueError, match="no run of"):
+        write_comparison(Path("/nonexistent"), run_list, records, "nothing", missing)
 
 
 def test_methods_dir_runs_are_matched_by_their_settings(tmp_path, monkeypatch):
@@ -400,8 +479,10 @@ def test_notebook_code_cells_run_on_a_collected_folder(collected, monkeypatch, c
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
     assert [c.source for c in notebook.cells] == [c.source for c in generator.build().cells], "run notebooks/make_reproduction.py"
-    findings = [c.source for c in notebook.cells if c.cell_type == "markdown" and c.source.startswith("## Findings")]
-    assert len(findings) == 2
+    # no figure typed into the notebook's prose: its findings are the folder's generated findings.md
+    prose = " ".join(c.source for c in notebook.cells if c.cell_type == "markdown")
+    assert not re.search(r"\d+\.\d+ ± |[+-]\d+\.\d+|\d+(\.\d+)? %", prose)
+    assert any('"findings.md"' in c.source for c in notebook.cells if c.cell_type == "code")
 
     monkeypatch.setenv("LAYERFOLD_COMPARISON", str(out))
     namespace: dict = {}
@@ -413,21 +494,43 @@ def test_notebook_code_cells_run_on_a_collected_folder(collected, monkeypatch, c
     assert "3 run(s)" in capsys.readouterr().out
 
 
-def test_findings_quote_only_differences_the_collected_run_holds():
-    """Every "x ± se" the notebook's findings state is a difference in the committed H100 run's table or
-    pairs (up to the sign, which depends on the order of a pair); a typed-in number fails here."""
-    import re
-
-    import nbformat
+def test_the_committed_comparison_is_what_the_code_makes_of_its_records(tmp_path):
+    """table.md, pairs.md and findings.md of the committed H100 comparison are exactly what the current protocol
+    writes from its stored records and task facts: no number in them was typed or left from an earlier protocol."""
+    import shutil
 
     folder = REPO / "results" / "comparison" / "smollm2-135m-q4_1_h100"
-    recorded = (folder / "table.md").read_text() + (folder / "pairs.md").read_text()
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    findings = " ".join(c.source for c in notebook.cells if c.cell_type == "markdown" and c.source.startswith("## Findings"))
-    quoted = re.findall(r"(\d+\.\d+) ± (\d+\.\d+)", findings)
-    assert len(quoted) >= 15
-    missing = [f"{value} ± {se}" for value, se in quoted if f"{value} ± {se}" not in recorded]
-    assert not missing, missing
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert _script().main(["recompute", "--folder", str(copy)]) == 0
+    for name in ("table.md", "pairs.md", "findings.md", "depth.json", "runs.json"):
+        assert (copy / name).read_text() == (folder / name).read_text(), f"{name}: run scripts/comparison.py recompute --folder {folder}"
+    assert (copy / "dvc_exp_show.md").is_file()  # a file recompute does not write stays
+
+
+def test_readme_comparison_table_is_the_recomputed_one():
+    """The README's one-protocol table quotes the committed table.md: headline ± se, Δ and flags of every run."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### One protocol, every method"):text.index("### Parity with the released code")]
+    committed = _table_rows((REPO / "results" / "comparison" / "smollm2-135m-q4_1_h100" / "table.md").read_text())
+    readme = _table_rows(section)
+    assert set(readme) == set(committed)
+    for run, row in readme.items():
+        source = committed[run]
+        headline_key = next(k for k in source if k.startswith("headline %"))
+        assert row["headline % ± se"] == source[headline_key], run
+        assert row["Δ vs dense"] == source["Δ vs dense"] and row["wiki2 PPL"] == source["wiki2 PPL"], run
+        assert row["collapsed"] == ("yes" if "collapsed" in source["flags"] else "—"), run
+    informative = json.loads((REPO / "results" / "comparison" / "smollm2-135m-q4_1_h100" / "runs.json").read_text())["headline"]["tasks"]
+    assert f"counts {', '.join(informative)}" in section
+    # the README's summary of it, claim by claim
+    runs = {run: row for run, row in committed.items() if run != "dense"}
+    assert "no run is within noise of dense" in section and all(_delta(r["Δ vs dense"])[2] and _delta(r["Δ vs dense"])[0] < 0
+                                                               for r in runs.values())
+    assert not _delta(runs["come-distill"]["Δ all 8"])[2]  # "within noise on the 8-task average"
+    assert all("drift: " in r["flags"] for r in runs.values())  # "every run's answers drifted on BoolQ or WinoGrande"
+    assert sum("boolq_notitle→yes" in r["flags"] for r in runs.values()) > len(runs) / 2  # "mostly towards yes"
+    assert all("collapsed" in runs[r]["flags"] for r in ("drop-last", "laco-paper", "laco-code", "mka-paper", "mka-parity"))
 
 
 def test_notebook_runs_on_the_committed_h100_results(monkeypatch, capsys):

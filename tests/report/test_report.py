@@ -105,9 +105,11 @@ def test_report_markdown(repo):
     # no per-document results here, so the difference's stderr is the unpaired sqrt(0.11^2 + 0.11^2);
     # -10 points is inside 1.96 of them: the retained % is marked as noise
     assert "| hellaswag | acc_norm | 20 | 40.00 ± 11.00 | 30.00 ± 11.00 | -10.00 ± 15.56 | ≈75.0 (n.s.) |" in text
+    # no per-document answers, so no task's floor is known: the headline counts the 3 tasks present in both, and says why;
     # average stderr sqrt(.11^2 + .1^2 + .1^2) / 3; difference stderr sqrt(2 * .11^2 + 4 * .1^2) / 3
-    assert "| **average** | headline |  | 50.00 ± 5.97 | 43.00 ± 5.97 | -7.00 ± 8.45 | ≈86.0 (n.s.) |" in text
-    assert "over the 3 tasks present in both" in text
+    assert "| **headline** | headline |  | 50.00 ± 5.97 | 43.00 ± 5.97 | -7.00 ± 8.45 | ≈86.0 (n.s.) |" in text
+    assert "over the 3 informative task(s)" in text and "no task's floor is known here, so every task counts" in text
+    assert "- counted (3): boolq, piqa, hellaswag" in text
     assert "| winogrande | acc | 20 | 55.00 ± 10.00 | — | — | — |" in text  # never made up
     assert "| perplexity wikitext2 (lower is better) | 20.000 | 30.000 | 1.500 | — |" in text
     assert "| parameters (total) | 1,500 | 1,300 | 0.867 | 86.7 |" in text
@@ -117,6 +119,16 @@ def test_report_markdown(repo):
     assert "in 0.50 s, peak memory 123.4 MiB" in text
     # the archived laco run predates recorded model names: named from its dense metrics instead
     assert "| laco-4L | llama-0M | laco | 4 |" in text and "| shortgpt-3L | tiny-test | shortgpt | 3 |" in text
+
+
+def test_summary_metric(repo):
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert summary["headline"] == 43.0 and summary["dense"] == 50.0 and summary["delta"] == -7.0 and summary["delta_se"] == 8.45
+    assert summary["verdict"] == "within noise" and summary["retained"] == 86.0 and summary["n_tasks"] == 3
+    assert (summary["retained_lo"], summary["retained_hi"]) == (round(100 * (1 + (-0.07 - 1.96 * 0.0845) / 0.5), 1),
+                                                                  round(100 * (1 + (-0.07 + 1.96 * 0.0845) / 0.5), 1))
+    assert summary["wiki2_ppl"] == 30.0 and summary["layers"] == 3 and summary["collapsed"] is False and summary["drift"] is None
+    assert summary["tasks"] == ["boolq", "piqa", "hellaswag"] and summary["rule"] == "auto"
 
 
 def test_plots_and_tables(repo):

@@ -20,6 +20,7 @@ Layout of ``out_dir`` (split names are the stock task's split names)::
     boolq/validation.jsonl              question, passage, idx, label:int
     openbookqa/test.jsonl               id, question_stem, choices{text,label}, answerKey
     mmlu/{test,dev}/<subject>.jsonl     question, subject, choices:list[str], answer:int
+    lambada_openai/test.jsonl           text
 
 What cannot be recovered from the local files (documented per converter below):
 
@@ -57,6 +58,7 @@ CONVERTER_VERSION = 2
 # BoolQ: every document, for the missing "<title> -- " passage prefix.
 HELLASWAG_WIKIHOW_DOCS = 6799
 BOOLQ_NOTITLE_DOCS = 3270
+LAMBADA_OPENAI_DOCS = 5153  # the test split of EleutherAI/lambada_openai (OpenAI's detokenised LAMBADA)
 
 # The 57 MMLU subjects, in the order of lm-eval's mmlu/_generate_configs.py.
 MMLU_SUBJECTS: tuple[str, ...] = (
@@ -316,6 +318,27 @@ def _convert_openbookqa(data_dir: Path) -> dict[str, list[Row]]:
     return {"openbookqa/test.jsonl": out}
 
 
+def _convert_lambada_openai(data_dir: Path) -> dict[str, list[Row]]:
+    """LAMBADA (OpenAI's detokenised test set, 5,153 passages) as ``{context, continuation}`` -> the
+    EleutherAI/lambada_openai schema ``text``.
+
+    The local file splits each passage at its last space-separated word; the stock task splits ``text``
+    the same way (``text.split(' ')[:-1]`` is the prompt, ``' ' + text.split(' ')[-1]`` the target), so
+    ``text = context + " " + continuation`` renders every document as stock does, provided the split is
+    exactly that one: a continuation holding a space, or a context ending in one, would move the split,
+    and is refused. (A continuation may hold a newline: stock splits on spaces only, so it keeps it too.)
+    """
+    out = []
+    for i, row in enumerate(_read_jsonl(data_dir / "lambada_openai" / "lambada_openai.jsonl")):
+        context, continuation = row["context"], row["continuation"]
+        if not continuation or " " in continuation or context.endswith(" "):
+            raise ValueError(f"lambada_openai row {i}: the passage does not split at its last space "
+                             f"(context ends {context[-20:]!r}, continuation {continuation!r})")
+        out.append({"text": f"{context} {continuation}"})
+    _check_count("lambada_openai", out, LAMBADA_OPENAI_DOCS)
+    return {"lambada_openai/test.jsonl": out}
+
+
 def _read_mmlu_csv(path: Path, subject: str) -> list[Row]:
     """Read an original hendrycks CSV the way the cais/mmlu loader does (plain ``csv.reader``)."""
     rows = []
@@ -352,6 +375,7 @@ _SPECS: dict[str, _Spec] = {
         _convert_mmlu,
         "test",
     ),
+    "lambada_openai": _Spec(("lambada_openai/lambada_openai.jsonl",), _convert_lambada_openai, "test"),
 }
 
 BENCHMARKS: tuple[str, ...] = tuple(_SPECS)

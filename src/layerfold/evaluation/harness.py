@@ -416,6 +416,92 @@ def _per_doc(samples: list[dict[str, Any]], metrics: list[str]) -> dict[str, lis
     return {m: [float(s[m]) for s in ordered] for m in metrics if ordered and m in ordered[0]}
 
 
+def _answers(tasks: dict[str, Any], samples: dict[str, list[dict[str, Any]]], leaves: list[str], n: int) -> dict[str, Any] | None:
+    """Each document's chosen answer, gold answer and number of choices (multiple-choice tasks), and the
+    task's floor (:func:`layerfold.evaluation.answers.answer_floor`), over ``leaves`` in document order;
+    None where a document's answer cannot be recovered exactly (then nothing is stored for the task)."""
+    from layerfold.evaluation.answers import answer_floor, chosen_answers, pack_digits, shared_labels, target_floor
+
+    ordered = [(tasks[leaf], s) for leaf in leaves for s in sorted(samples.get(leaf, []), key=lambda s: s["doc_id"])]
+    if not ordered or len(ordered) != n:
+        return None
+    kinds = {task.OUTPUT_TYPE for task, _ in ordered}
+    if kinds == {"loglikelihood"}:  # LAMBADA: one target per document, greedy match or not
+        return {"floor": target_floor([str(task.doc_to_target(s["doc"])) for task, s in ordered])}
+    if kinds != {"multiple_choice"}:
+        return None
+    picked = [chosen_answers(task, s) for task, s in ordered]
+    if any(p is None for p in picked):
+        log.warning("answers of %s not stored: a document's answer could not be recovered exactly", ", ".join(leaves))
+        return None
+    labels = shared_labels([p["labels"] for p in picked])
+    gold, choices = [p["gold"] for p in picked], [p["choices"] for p in picked]
+    return {
+        "chosen": {m: pack_digits([p[m] for p in picked]) for m in ("acc", "acc_norm")},
+        "gold": pack_digits(gold),
+        "choices": pack_digits(choices),
+        "labels": labels,
+        "floor": answer_floor(gold, choices, labels),
+    }
+
+
+def document_facts(tasks: list[str], local_task_dir: Path, limit: int | float | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per stock task, what its scored documents say without any model: ``{"n", "floor", "gold", "choices",
+    "labels"}`` for multiple-choice tasks (gold index and number of choices per document, packed like
+    ``answers``), ``{"n", "floor"}`` for LAMBADA-style ones. The documents are those ``eval.lm_eval.limit``
+    and ``seed`` select (:func:`sample_indices`), in the order results list them, so results recorded before
+    answers were stored can be read against them (their floor; a two-choice task's answers)."""
+    from layerfold.evaluation.answers import answer_floor, gold_index, pack_digits, shared_labels, target_floor
+
+    names, manager = lm_eval_tasks(tasks, local_task_dir)
+    loaded = manager.load(names)["tasks"]
+    facts: dict[str, dict[str, Any]] = {}
+    for stock, name in zip(tasks, names):
+        leaves = sorted(leaf for leaf in loaded if leaf == name or leaf.startswith(name + "_"))
+        docs = []
+        for leaf in leaves:
+            task = loaded[leaf]
+            all_docs = list(task.eval_docs)
+            picked = sample_indices(leaf, len(all_docs), limit, seed)
+            docs += [(task, all_docs[i]) for i in (range(len(all_docs)) if picked is None else picked)]
+        if docs and all(task.OUTPUT_TYPE == "loglikelihood" for task, _ in docs):
+            facts[stock] = {"n": len(docs), "floor": target_floor([str(task.doc_to_target(d)) for task, d in docs])}
+            continue
+        gold = [gold_index(task, d) for task, d in docs]
+        if not docs or any(g is None for g in gold) or any(task.OUTPUT_TYPE != "multiple_choice" for task, _ in docs):
+            continue
+        choices = [task.doc_to_choice(d) for task, d in docs]
+        labels = shared_labels(choices)
+        counts = [len(c) for c in choices]
+        facts[stock] = {"n": len(docs), "floor": answer_floor(gold, counts, labels), "gold": pack_digits(gold),  # type: ignore[arg-type]
+                        "choices": pack_digits(counts), "labels": labels}
+    return facts
+
+
+# Per-document keys of a task's results: they go to the per-document output, not to the metrics file.
+DOCUMENT_KEYS = ("per_doc", "doc_ids", "answers")
+
+
+def split_documents(lm_eval_results: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``run_lm_eval``'s results as (aggregates per task, per-document data per task): the first is what
+    a DVC metrics file holds (numbers), the second the plain per-document output."""
+    aggregates = {task: {k: v for k, v in entry.items() if k not in DOCUMENT_KEYS} for task, entry in lm_eval_results.items()}
+    documents = {task: {k: entry[k] for k in DOCUMENT_KEYS if k in entry} for task, entry in lm_eval_results.items()}
+    return aggregates, documents
+
+
+def merge_documents(metrics: dict[str, Any] | None, documents: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A metrics dict with each task's per-document data (an ``evaluate`` per-document output, whose
+    ``lm_eval`` maps task -> per-document keys) put back beside its aggregates, as the readers use it.
+    A metrics dict that still carries per-document data (older runs) is returned unchanged."""
+    if metrics is None or not documents:
+        return metrics
+    per_task = documents.get("lm_eval") or {}
+    lm_eval = {task: {**entry, **{k: v for k, v in (per_task.get(task) or {}).items() if k not in entry}}
+               for task, entry in (metrics.get("lm_eval") or {}).items()}
+    return {**metrics, "lm_eval": lm_eval} if lm_eval else metrics
+
+
 def pack_bits(values: list[float], width: int = 100) -> list[str]:
     """0/1 values as rows of ``width`` characters: compact in JSON, and a list, which DVC's metrics
     views skip (they would otherwise show thousands of characters as one column)."""
@@ -434,19 +520,22 @@ class LmEvalRunner:
 
     - the task set (datasets read, YAMLs resolved) is built once per runner;
     - prompt templates are compiled once (:func:`compile_templates_once`);
-    - built requests (few-shot contexts) go through lm-eval's own request cache (``cache_requests``),
+    - built requests (few-shot contexts) go through lm-eval's request cache (``cache_requests``), stored
+      as checked data-only files (:mod:`layerfold.evaluation.request_cache`, never lm-eval's pickles),
       in ``cache_dir/<key>`` where the key covers lm-eval's version, the task YAMLs and their data
       (:func:`request_cache_key`), so a later process reuses them and edited tasks never do;
     - requests are scored by :mod:`layerfold.evaluation.lm` (one pass per batch, same numbers as lm-eval);
     - request strings are tokenized in batches, each distinct string once, and kept per tokenizer in
       memory, so a further model with the same tokenizer skips tokenization and a different
       tokenizer never shares it; with ``cache_dir`` the tokens are also written next to the request
-      cache (:func:`_token_cache_file`), so the first model of a later process skips it too;
+      cache (:func:`layerfold.evaluation.lm.token_cache_file`, data-only npz with a sha256), so the first
+      model of a later process skips it too;
     - ``limit`` draws a seeded random subset per task (:func:`sample_indices`, lm-eval's
       ``samples=``), the same for every model;
     - lm-eval's seeds (python, numpy, torch, few-shot sampler) are set from ``seed`` before each model.
 
-    Per-document correctness comes back with the results (``per_doc``) for paired standard errors.
+    Per-document correctness comes back with the results (``per_doc``) for paired standard errors, and
+    each document's chosen answer, gold answer and number of choices (``answers``) for answer drift.
     """
 
     def __init__(
@@ -516,13 +605,16 @@ class LmEvalRunner:
     ) -> dict[str, dict[str, Any]]:
         """Scores of ``model`` per stock task name (see :func:`run_lm_eval` for the layout), each with
         ``per_doc`` (metric -> 0/1 per document, ordered by document id; group tasks concatenate their
-        leaves) and ``doc_ids`` (None for every document, else the sampled indices per leaf task).
+        leaves), ``doc_ids`` (None for every document, else the sampled indices per leaf task) and
+        ``answers`` (:func:`_answers`: chosen and gold answers per document, the task's floor).
 
         ``timings`` (if given) receives wall seconds per group of tasks sharing a shot count;
         ``phase_timer`` (benchmarks) has ``take()`` called after each group.
         """
         from lm_eval.caching import cache as request_cache
         from lm_eval.evaluator import evaluate
+
+        from layerfold.evaluation import request_cache as data_only_request_cache
 
         token_cache = self._token_caches.setdefault(tokenizer_key(tokenizer), {})
         lm = make_lm(model, tokenizer, batch_size, max_length, token_cache, self.scoring, self.head_rows, self.batch_tokens)
@@ -544,6 +636,7 @@ class LmEvalRunner:
             if use_cache:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 request_cache.PATH = str(self.cache_dir)
+                data_only_request_cache.install()  # lm-eval's own cache would unpickle (dill) whatever lies there
             results = evaluate(
                 lm=lm, task_dict=task_dict, samples=samples, cache_requests=use_cache,
                 bootstrap_iters=self.bootstrap_iters, log_samples=True,
@@ -559,6 +652,7 @@ class LmEvalRunner:
                     for metric, values in _per_doc(results.get("samples", {}).get(leaf, []), metrics).items():
                         per_doc[metric].extend(values)
                 entry["per_doc"] = {m: pack_bits(v) for m, v in per_doc.items() if len(v) == entry["n"]}
+                entry["answers"] = _answers(task_dict["tasks"], results.get("samples", {}), sorted(leaves), entry["n"])
                 # which documents: None = every one; else the sampled indices per leaf task (a dict of
                 # lists, which DVC's metric views skip, like per_doc)
                 entry["doc_ids"] = None if samples is None else {leaf: samples[leaf] for leaf in sorted(leaves) if leaf in samples}
@@ -636,9 +730,12 @@ def run_lm_eval(
 
     Returns:
         ``{stock_name: {"acc": .., "acc_stderr": .., ["acc_norm": .., "acc_norm_stderr": ..,] "n": docs,
-        "per_doc": {metric: packed 0/1 rows}, "doc_ids": None | {leaf: indices}}}`` with every metric the
-        task defines (filter ``none``). For a group (mmlu) the metrics are the group aggregate and
-        ``n`` is the number of docs over all its subtasks. Uncomputable stderrs are None.
+        "per_doc": {metric: packed 0/1 rows}, "doc_ids": None | {leaf: indices}, "answers": {"chosen":
+        {metric: packed indices}, "gold": packed indices, "choices": packed counts, "labels": shared choice
+        texts | None, "floor": {chance, majority, ...}} | {"floor": ...} (LAMBADA) | None}}`` with every
+        metric the task defines (filter ``none``; LAMBADA adds ``perplexity``). For a group (mmlu) the
+        metrics are the group aggregate and ``n`` is the number of docs over all its subtasks.
+        Uncomputable stderrs are None. :func:`split_documents` separates the per-document keys.
     """
     runner = shared_runner(tasks, num_fewshot, local_task_dir, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters,
                            cache_dir=cache_dir, scoring=scoring, head_rows=head_rows,

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
-import pickle
 from array import array
 from collections import defaultdict
 from pathlib import Path
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SCORING_MODES = ("vectorised", "lm_eval")
 HEAD_ROWS = ("all", "read")
-TOKEN_CACHE_FORMAT = 1
+TOKEN_CACHE_FORMAT = 2  # 2: data-only npz with a sha256 (1 was a pickle, never read)
 
 
 # ----------------------------------------------------------------------------- token cache
@@ -77,36 +77,70 @@ def token_cache_file(cache_dir: Path, lm: Any) -> Path:
 
     parts = (TOKEN_CACHE_FORMAT, tokenizer_key(lm.tokenizer), getattr(lm, "add_bos_token", None), lm.prefix_token_id,
              tokenizers.__version__, transformers.__version__)
-    return Path(cache_dir) / f"tokens-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}.pkl"
+    return Path(cache_dir) / f"tokens-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}.npz"
+
+
+def _token_cache_digest(keys_json: bytes, flat: Any, ends: Any) -> str:
+    digest = hashlib.sha256(b"layerfold-token-cache")
+    for part in (keys_json, flat.tobytes(), ends.tobytes()):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def load_token_cache(path: Path, into: dict) -> int:
-    """Add the entries of a token cache written by :func:`save_token_cache` to ``into``; 0 if none."""
+    """Add the entries of a token cache written by :func:`save_token_cache` to ``into``; 0 if none.
+
+    The file is data only (``numpy.load(allow_pickle=False)``: integer arrays and the keys as JSON
+    bytes), so nothing in it can run. It is used only when its layout and its sha256 over keys and
+    tokens check out; anything else (a truncated write, a foreign or planted file) is ignored with a
+    warning that names it, and the tokens are computed again and written over it after this run.
+    """
+    import numpy as np
+
     try:
-        with open(path, "rb") as handle:
-            keys, flat, ends = pickle.load(handle)
+        with np.load(path, allow_pickle=False) as data:
+            fmt, digest = int(data["format"]), bytes(data["sha256"]).decode("ascii")
+            keys_json, flat, ends = bytes(data["keys"]), data["tokens"], data["ends"]
+        if fmt != TOKEN_CACHE_FORMAT:
+            raise ValueError(f"format {fmt}, expected {TOKEN_CACHE_FORMAT}")
+        if flat.dtype != np.int32 or ends.dtype != np.int64 or flat.ndim != 1 or ends.ndim != 1:
+            raise ValueError(f"arrays of {flat.dtype}/{ends.dtype}, expected int32 tokens and int64 ends")
+        if digest != _token_cache_digest(keys_json, flat, ends):
+            raise ValueError("content does not match its sha256 (damaged or edited)")
+        keys = [(str(text), None if special is None else bool(special)) for text, special in json.loads(keys_json)]
+        if len(keys) != len(ends) or (len(ends) and (ends[-1] != len(flat) or (np.diff(ends, prepend=0) < 0).any())):
+            raise ValueError("keys and token offsets disagree")
     except FileNotFoundError:
         return 0
-    except Exception as error:  # a truncated/foreign file: ignore it, it is rewritten after this run
-        log.warning("Ignoring unreadable token cache %s: %s", path, error)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is ignored the same way
+        log.warning("Ignoring token cache %s (%s); it is rebuilt and rewritten after this run.", path, error)
         return 0
     start = 0
-    for key, end in zip(keys, ends):
-        into.setdefault(key, flat[start:end])
+    for key, end in zip(keys, ends.tolist()):
+        into.setdefault(key, array("i", flat[start:end].tobytes()))
         start = end
     return len(keys)
 
 
 def save_token_cache(path: Path, cache: dict) -> None:
-    """Write ``{(string, add_special_tokens): array('i') ids}`` as one flat array (fast to pickle)."""
+    """Write ``{(string, add_special_tokens): array('i') ids}`` as data only: one flat int32 array of
+    tokens, the int64 end of each entry, the keys as JSON, and a sha256 over the three (checked on load)."""
+    import numpy as np
+
     keys = list(cache)
     flat, ends = array("i"), array("q")
     for key in keys:
         flat.extend(cache[key])
         ends.append(len(flat))
+    tokens = np.frombuffer(flat, dtype=np.int32) if len(flat) else np.zeros(0, dtype=np.int32)
+    offsets = np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, dtype=np.int64)
+    keys_json = json.dumps([[text, special] for text, special in keys], ensure_ascii=False).encode("utf-8")
+    digest = _token_cache_digest(keys_json, tokens, offsets)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
-        pickle.dump((keys, flat, ends), handle, protocol=pickle.HIGHEST_PROTOCOL)
+        np.savez(handle, format=np.array(TOKEN_CACHE_FORMAT), sha256=np.frombuffer(digest.encode("ascii"), dtype=np.uint8),
+                 keys=np.frombuffer(keys_json, dtype=np.uint8), tokens=tokens, ends=offsets)
     os.replace(tmp, path)
 
 

@@ -73,3 +73,71 @@ def mean_stderr(stderrs: list[float | None]) -> float | None:
     if not stderrs or any(_num(s) is None for s in stderrs):
         return None
     return math.sqrt(sum(s**2 for s in stderrs)) / len(stderrs)  # type: ignore[operator]
+
+
+def verdict(diff: dict[str, Any]) -> str | None:
+    """"ahead", "behind" or "within noise" for a difference from :func:`difference` / :func:`mean_difference`
+    (beyond ``Z`` standard errors or not); None without a standard error."""
+    if diff.get("diff") is None or diff.get("se") is None:
+        return None
+    if not diff.get("significant"):
+        return "within noise"
+    return "ahead" if diff["diff"] > 0 else "behind"
+
+
+def retained_interval(dense: float | None, diff: dict[str, Any]) -> dict[str, float | None]:
+    """Retained % of dense, ``100 (dense + Δ) / dense``, with its 95 % interval from the paired Δ:
+    ``100 (1 + (Δ ± Z se) / dense)``. The dense score is treated as fixed: the paired Δ carries the
+    comparison's noise (the documents both models saw), the dense score's own sampling noise would
+    move both ends by the same factor."""
+    out: dict[str, float | None] = {"retained_pct": None, "low": None, "high": None}
+    d, se = _num(diff.get("diff")), _num(diff.get("se"))
+    if dense is None or dense <= 0 or d is None:
+        return out
+    out["retained_pct"] = 100.0 * (1.0 + d / dense)
+    if se is not None:
+        out["low"], out["high"] = 100.0 * (1.0 + (d - Z * se) / dense), 100.0 * (1.0 + (d + Z * se) / dense)
+    return out
+
+
+def marginal_homogeneity(before: list[int], after: list[int]) -> dict[str, Any]:
+    """Stuart-Maxwell test that two paired answer distributions over the same documents are the same.
+
+    ``before[i]`` and ``after[i]`` are the classes two models chose on document ``i``. The statistic is
+    ``d' S⁻ d`` over the classes, with ``d`` the difference of the two models' class counts and ``S`` its
+    covariance under the null (``S_jj = n_j. + n_.j - 2 n_jj``, ``S_jk = -(n_jk + n_kj)``, ``n`` the paired
+    table); ``S⁻`` is a generalised inverse, so classes neither model moved to or from add nothing, and
+    the degrees of freedom are the rank of ``S``. With two classes it is McNemar's test (no continuity
+    correction). Returns ``{statistic, df, p, n}``; ``p`` is 1 when the two agree on every document.
+    """
+    import numpy as np
+    from scipy.stats import chi2
+
+    if len(before) != len(after):
+        raise ValueError(f"paired answers need the same documents ({len(before)} vs {len(after)})")
+    n = len(before)
+    k = max([*before, *after], default=-1) + 1
+    table = np.zeros((k, k))
+    for a, b in zip(before, after):
+        table[a, b] += 1
+    d = table.sum(axis=1) - table.sum(axis=0)
+    s = -(table + table.T)
+    np.fill_diagonal(s, table.sum(axis=1) + table.sum(axis=0) - 2 * np.diag(table))
+    rank = int(np.linalg.matrix_rank(s)) if k else 0
+    if rank == 0:
+        return {"statistic": 0.0, "df": 0, "p": 1.0, "n": n}
+    statistic = float(d @ np.linalg.pinv(s) @ d)
+    return {"statistic": statistic, "df": rank, "p": float(chi2.sf(statistic, rank)), "n": n}
+
+
+def rank_agreement(scores: list[float], perplexities: list[float]) -> dict[str, Any]:
+    """Spearman's rank correlation between a score (higher is better) and perplexity (lower is better),
+    signed so that +1 means the two rank every run the same way: ``rho = -spearman(score, perplexity)``."""
+    from scipy.stats import spearmanr
+
+    pairs = [(s, p) for s, p in zip(scores, perplexities) if _num(s) is not None and _num(p) is not None]
+    if len(pairs) < 3:
+        return {"rho": None, "n": len(pairs)}
+    result = spearmanr([s for s, _ in pairs], [p for _, p in pairs])
+    rho = _num(float(result.statistic))
+    return {"rho": None if rho is None else -rho, "n": len(pairs)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from layerfold.evaluation.efficiency import efficiency_speedups
+from layerfold.evaluation.harness import merge_documents
 from layerfold.io import atomic_dir, read_json, write_json
 from layerfold.report.noise import difference, mean_difference, mean_stderr
 
@@ -100,7 +101,7 @@ def average_accuracy(metrics: dict, tasks: list[str] | None = None) -> float | N
 # tables
 
 
-def comparison_table(dense: dict, compressed: dict) -> list[dict]:
+def comparison_table(dense: dict, compressed: dict, headline_tasks: list[str] | None = None) -> list[dict]:
     """Rows comparing two ``metrics/<name>.json`` dicts.
 
     Every row has ``section`` (accuracy | perplexity | parameters), ``name``, ``metric``, ``dense``,
@@ -110,7 +111,9 @@ def comparison_table(dense: dict, compressed: dict) -> list[dict]:
     difference compressed − dense with its standard error (``diff``, ``diff_se``, ``paired``,
     ``significant``: see :mod:`layerfold.report.noise`). The ``average`` row averages the headline
     metric over the tasks present in both; its retained % is the ratio of the two averages and its
-    difference the mean of the task differences. ``note`` flags comparisons whose settings differ.
+    difference the mean of the task differences. With ``headline_tasks`` (the informative tasks of
+    :func:`layerfold.report.protocol.informative_tasks`) that row is the ``headline`` over those tasks
+    instead. ``note`` flags comparisons whose settings differ.
     """
     rows: list[dict] = []
     d_eval, c_eval = dense.get("lm_eval") or {}, compressed.get("lm_eval") or {}
@@ -133,16 +136,20 @@ def comparison_table(dense: dict, compressed: dict) -> list[dict]:
             row[f"dense_{m}"], row[f"compressed_{m}"] = num(_get(d, m)), num(_get(c, m))
         row.update(_diff_fields(difference(d, c, metric) if metric else difference(None, None, "")))
         rows.append(row)
+    summary_name = "average"
+    if headline_tasks is not None:
+        common, summary_name = [t for t in common if t in headline_tasks], "headline"
     if common:
         d_avg = sum(r["dense"] for r in rows if r["name"] in common) / len(common)
         c_avg = sum(r["compressed"] for r in rows if r["name"] in common) / len(common)
         rows.append({
-            "section": "accuracy", "name": "average", "metric": "headline", "dense": d_avg, "compressed": c_avg,
+            "section": "accuracy", "name": summary_name, "metric": "headline", "dense": d_avg, "compressed": c_avg,
             "retained_pct": _retained(c_avg, d_avg), "ratio": None, "tasks": common,
             "dense_stderr": mean_stderr([r["dense_stderr"] for r in rows if r["name"] in common]),
             "compressed_stderr": mean_stderr([r["compressed_stderr"] for r in rows if r["name"] in common]),
             **_diff_fields(mean_difference([_undiff(r) for r in rows if r["name"] in common])),
-            "note": None if len(common) == len(set(d_eval) | set(c_eval)) else f"over the {len(common)} tasks present in both",
+            "note": (f"over the {len(common)} informative task(s)" if headline_tasks is not None
+                     else None if len(common) == len(set(d_eval) | set(c_eval)) else f"over the {len(common)} tasks present in both"),
         })
 
     d_ppl, c_ppl = dense.get("perplexity") or {}, compressed.get("perplexity") or {}
@@ -244,7 +251,7 @@ def common_tasks(runs: list[dict]) -> list[str]:
     return _sorted_tasks(set.intersection(*sets)) if sets else []
 
 
-def accuracy_points(runs: list[dict], params_key: str = "params_total") -> list[dict]:
+def accuracy_points(runs: list[dict], params_key: str = "params_total", tasks: list[str] | None = None) -> list[dict]:
     """Points ``{name, params, average_acc, se, dense, significant}`` for
     :func:`layerfold.report.plots.accuracy_vs_params`.
 
@@ -253,7 +260,7 @@ def accuracy_points(runs: list[dict], params_key: str = "params_total") -> list[
     model's average differs from its own dense model's by more than the noise (None for dense
     points). Identical dense models are plotted once.
     """
-    tasks = common_tasks(runs)
+    tasks = common_tasks(runs) if tasks is None else [t for t in common_tasks(runs) if t in tasks]
     points: list[dict] = []
     seen_dense: set[tuple] = set()
     for run in runs:
@@ -397,10 +404,19 @@ def markdown_report(
     plots: dict[str, str] | None = None,
     experiments: list[dict] | None = None,
     recovered: dict | None = None,
+    decision: dict | None = None,
+    drift: dict | None = None,
 ) -> str:
     """The report as Markdown. ``plots`` maps a caption to an image path relative to the report;
     ``experiments`` are :func:`experiments_table` rows; ``recovered`` (``metrics/recovered.json``,
-    when a recovery ran) adds recovered columns beside the compressed ones."""
+    when a recovery ran) adds recovered columns beside the compressed ones. ``decision``
+    (:func:`layerfold.report.protocol.informative_tasks`) makes the summary row the headline over the
+    informative tasks and prints the rule above the tables; ``drift`` (per model name, compressed /
+    recovered: :func:`layerfold.report.protocol.run_drift`) marks answer drift beside the scores."""
+    from layerfold.report.protocol import drift_mark, rule_lines
+
+    headline_tasks = None if decision is None else list(decision["tasks"])
+    drift = drift or {}
     method = (plan or {}).get("method") or {}
     method_name = method.get("name") or _get(compress, "method") or MISSING
     out = [f"# {model_name or 'model'}: {method_name}", ""]
@@ -425,7 +441,11 @@ def markdown_report(
         out.append("- **lm-eval**: not run (no tasks configured)")
     for dataset, p in (dense.get("perplexity") or {}).items():
         out.append(f"- **Perplexity {dataset}**: seq_len={fmt(p.get('seq_len'), '.0f')}, windows={fmt(p.get('windows'), '.0f')}, tokens scored={fmt(p.get('tokens_scored'), '.0f')}, add_bos={p.get('add_bos', MISSING)}")
-    out.append(f"- **Device**: dense {dense.get('device') or MISSING} ({dense.get('dtype') or MISSING}); compressed {compressed.get('device') or MISSING} ({compressed.get('dtype') or MISSING})")
+    if dense.get("device") or compressed.get("device"):
+        out.append(f"- **Device**: dense {dense.get('device') or MISSING} ({dense.get('dtype') or MISSING}); compressed {compressed.get('device') or MISSING} ({compressed.get('dtype') or MISSING})")
+    else:
+        out.append(f"- **Device**: in `reports/timings.md` with the timings (machine-local, not committed); dtype dense "
+                   f"{dense.get('dtype') or MISSING}, compressed {compressed.get('dtype') or MISSING}")
     out.append("")
 
     # plan ---------------------------------------------------------------------------------
@@ -438,10 +458,18 @@ def markdown_report(
         out += ["", *_table(["new layer", "original layer(s)", "note"], _mapping_rows(plan)), ""]
 
     # comparison ---------------------------------------------------------------------------
-    rows = comparison_table(dense, compressed)
-    rec_rows = {(r["section"], r["name"]): r for r in comparison_table(dense, recovered)} if recovered else {}
+    rows = comparison_table(dense, compressed, headline_tasks)
+    rec_rows = {(r["section"], r["name"]): r for r in comparison_table(dense, recovered, headline_tasks)} if recovered else {}
     out += ["## Dense vs compressed" + (" and recovered" if recovered else ""), ""]
     acc = [r for r in rows if r["section"] == "accuracy"]
+    if acc and decision is not None:
+        out += [*rule_lines(decision), ""]
+        marks = [f"{label}: {drift_mark(drift.get(label))}" for label in ("compressed", "recovered") if drift_mark(drift.get(label))]
+        tested = sorted({t for d in drift.values() if d for t in d.get("tested", [])})
+        out.append("**Answer drift** (each model's answer distribution vs dense's on the same documents; Stuart-Maxwell test, "
+                   "McNemar for two choices; Bonferroni over the tasks tested): "
+                   + ("; ".join(marks) if marks else f"none beyond noise ({len(tested)} task(s) tested)") + ".")
+        out.append("")
     if acc:
         out.append("Accuracies in %. The headline metric follows the usual per-task convention (acc_norm for "
                    "HellaSwag, ARC-c, OpenBookQA; acc otherwise); retained % = compressed / dense × 100; "
@@ -455,7 +483,7 @@ def markdown_report(
         out.append("")
         table = []
         for r in acc:
-            avg = r["name"] == "average"
+            avg = r["name"] in ("average", "headline")
             rec = rec_rows.get(("accuracy", r["name"]))
             cells = [
                 f"**{r['name']}**" if avg else r["name"],
@@ -472,7 +500,15 @@ def markdown_report(
                     MISSING if rec is None else diff_cell(rec.get("diff"), rec.get("diff_se")),
                     MISSING if rec is None else retained_cell(rec["retained_pct"], rec.get("significant")),
                 ]
-            table.append(cells + [r.get("note") or ""])
+            notes = [r.get("note") or ""]
+            for label in ("compressed", "recovered"):
+                task_drift = ((drift.get(label) or {}).get("tasks") or {}).get(r["name"])
+                if task_drift and any(d["task"] == r["name"] for d in (drift.get(label) or {}).get("drifted", [])):
+                    notes.append(f"{label}: drift → {task_drift['to']} ({100 * task_drift['shares_dense'][task_drift['to']]:.0f}→"
+                                 f"{100 * task_drift['shares'][task_drift['to']]:.0f} % of answers, p = {task_drift['p']:.1e})")
+            if headline_tasks is not None and not avg and r["name"] not in headline_tasks:
+                notes.append("not in the headline")
+            table.append(cells + ["; ".join(n for n in notes if n)])
         header = ["task", "metric", "n", "dense", "compressed", "Δ compressed", "retained %"]
         if recovered:
             header += ["recovered", "Δ recovered", "retained % (recovered)"]
@@ -492,32 +528,21 @@ def markdown_report(
     out += [*_table(["quantity", "dense", "compressed", *(["recovered"] if recovered else []), "compressed / dense", "retained %", "note"], other), ""]
 
     # efficiency ---------------------------------------------------------------------------
-    out += ["## Efficiency", ""]
-    d_eff, c_eff = dense.get("efficiency"), compressed.get("efficiency")
-    if d_eff or c_eff:
-        e = d_eff or c_eff
-        out.append(f"batch {fmt(e.get('batch_size'), '.0f')}, prompt {fmt(e.get('prompt_len'), '.0f')} tokens, {fmt(e.get('new_tokens'), '.0f')} new tokens; "
-                   f"device: dense {_get(d_eff, 'device') or MISSING}, compressed {_get(c_eff, 'device') or MISSING}; "
-                   f"peak memory is {e.get('peak_memory_kind') or MISSING}.")
-        out += ["", *_table(["quantity", "dense", "compressed", "compressed / dense"],
-                            [[f"{r['name']} ({r['better']} is better)", fmt(r["dense"], ".1f"), fmt(r["compressed"], ".1f"), fmt(r["ratio"], ".3f")] for r in efficiency_table(dense, compressed)])]
-        if d_eff and c_eff:
-            out += ["", *_speedup_section(dense, compressed)]
-    else:
-        out.append("Not measured (eval.efficiency.enabled is false).")
-    out.append("")
+    out += efficiency_section(dense, compressed)
 
     # compression ----------------------------------------------------------------------------
     out += ["## Compression run", ""]
     if compress:
-        out.append(f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers in "
-                   f"{fmt(compress.get('seconds'), '.2f')} s, peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB on {compress.get('device') or MISSING}.")
+        out.append(f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers"
+                   + (f" in {fmt(compress.get('seconds'), '.2f')} s, peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB on {compress.get('device') or MISSING}."
+                      if compress.get("seconds") is not None else "."))
     else:
         out.append("metrics/compress.json not available.")
     out.append("")
 
     if experiments:
-        out += ["## Experiments", "", "Average headline accuracy over the tasks every experiment ran, of the final model "
+        what = "the headline's informative tasks" if headline_tasks is not None else "the tasks every experiment ran"
+        out += ["## Experiments", "", f"Average headline accuracy over {what} (those every experiment ran), of the final model "
                 "(recovered where a recovery ran); Δ = final − dense ± its standard error.", ""]
         out += _table(["experiment", "model", "method", "layers", "parameters", "average % (dense → final)", "Δ", "retained %", "wikitext2 PPL", "c4 PPL"], [
             [r["experiment"], r.get("model") or MISSING, (r["method"] or MISSING) + (" + recovery" if r.get("recovered") else ""),
@@ -532,6 +557,26 @@ def markdown_report(
     return "\n".join(out)
 
 
+def efficiency_section(dense: dict, compressed: dict) -> list[str]:
+    """The efficiency measurement of the two ``evaluate`` stages as Markdown (``efficiency`` blocks)."""
+    out = ["## Efficiency", ""]
+    d_eff, c_eff = dense.get("efficiency"), compressed.get("efficiency")
+    if d_eff or c_eff:
+        e = d_eff or c_eff
+        out.append(f"batch {fmt(e.get('batch_size'), '.0f')}, prompt {fmt(e.get('prompt_len'), '.0f')} tokens, {fmt(e.get('new_tokens'), '.0f')} new tokens; "
+                   f"device: dense {_get(d_eff, 'device') or MISSING}, compressed {_get(c_eff, 'device') or MISSING}; "
+                   f"peak memory is {e.get('peak_memory_kind') or MISSING}.")
+        out += ["", *_table(["quantity", "dense", "compressed", "compressed / dense"],
+                            [[f"{r['name']} ({r['better']} is better)", fmt(r["dense"], ".1f"), fmt(r["compressed"], ".1f"), fmt(r["ratio"], ".3f")] for r in efficiency_table(dense, compressed)])]
+        if d_eff and c_eff:
+            out += ["", *_speedup_section(dense, compressed)]
+    else:
+        out.append("Not in these metrics: measured timings and the device are machine-local and go to `reports/timings.md` "
+                   "(not committed); eval.efficiency.enabled=false measures none.")
+    out.append("")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # runs and the experiment archive
 
@@ -542,7 +587,11 @@ RUN_FILES = {
     "plan": "artifacts/compressed/plan.json",
     "stats": "artifacts/capture/stats.json",
 }
-OPTIONAL_RUN_FILES = {"recovered": "metrics/recovered.json"}  # only when a recovery ran
+OPTIONAL_RUN_FILES = {"recovered": "metrics/recovered.json", "recover": "metrics/recover.json"}  # only when a recovery ran
+# The evaluate stages' per-document outputs (a plain output beside each metrics file), merged back into the
+# metrics dicts on load so paired differences and answer drift read them where the aggregates are.
+DOCUMENT_FILES = {"dense": "metrics/documents/dense.json", "compressed": "metrics/documents/compressed.json",
+                  "recovered": "metrics/documents/recovered.json"}
 ARCHIVED = {
     "dense": "metrics/dense.json", "compressed": "metrics/compressed.json", "recovered": "metrics/recovered.json",
     "compress": "metrics/compress.json", "plan": "plan.json", "meta": "meta.json",
@@ -551,11 +600,15 @@ ARCHIVED = {
 
 def load_run(root: str | Path = ".", name: str = "workspace") -> dict:
     """The stage outputs under a repository ``root``: ``{name, dense, compressed, compress, plan, stats,
-    recovered}`` (None for a file that does not exist)."""
+    recovered, recover}`` (None for a file that does not exist), each model's per-document results
+    (``metrics/documents/<name>.json``) merged into its metrics."""
     root = Path(root)
     run: dict[str, Any] = {"name": name}
     for key, rel in (RUN_FILES | OPTIONAL_RUN_FILES).items():
         run[key] = read_json(root / rel) if (root / rel).is_file() else None
+    for key, rel in DOCUMENT_FILES.items():
+        if run.get(key) is not None and (root / rel).is_file():
+            run[key] = merge_documents(run[key], read_json(root / rel))
     if run["recovered"] is not None and "same_model_as" in run["recovered"]:
         run["recovered"] = None  # recovery=none: the final model is the compressed one
     return run
