@@ -726,7 +726,7 @@ def released_mka(settings: Settings, blocks: torch.Tensor) -> Outcome:
 
         _, measurement = measure(run, model, blocks[:1], device)
         saved = next(Path(work).rglob("pytorch_model.bin"))
-        state = torch.load(saved, map_location="cpu")
+        state = torch.load(saved, map_location="cpu", weights_only=True)
     similarity = similarity_calls[0][2]
     record = {
         "pairs": [list(args[1][0]) for args, _, _ in ratio_calls],
@@ -1372,7 +1372,7 @@ def main() -> None:
         settings = Settings(**json.loads(args.settings.read_text(encoding="utf-8")))
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        write_outcome(run_side(args.method, args.side, settings, torch.load(args.blocks)), args.out)
+        write_outcome(run_side(args.method, args.side, settings, torch.load(args.blocks, weights_only=True)), args.out)
 
 
 if __name__ == "__main__":

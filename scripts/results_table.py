@@ -36,6 +36,10 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _points(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
 def quality_table(root: Path, headline_tasks: str | list[str] = "auto") -> list[str]:
     runs = runs_from_methods_dir(root)
     dense = merge_documents(read_json(root / "dense" / "metrics.json"),
@@ -47,14 +51,15 @@ def quality_table(root: Path, headline_tasks: str | list[str] = "auto") -> list[
     out = [*rule_lines(decision), "", _row(header), "|" + "---|" * len(header)]
     for run, row in zip([{"name": "dense", "compressed": dense}, *runs], rows):
         metrics = final_metrics(run)
-        diff = "—" if run["name"] == "dense" else f"{fmt(100 * row['diff'], '+.2f')} ± {fmt(100 * row['diff_se'], '.2f')}{'*' if row['significant'] else ''}"
+        diff = "—" if run["name"] == "dense" or row["diff"] is None else \
+            f"{fmt(100 * row['diff'], '+.2f')} ± {fmt(_points(row['diff_se']), '.2f')}{'*' if row['significant'] else ''}"
         out.append(_row([
             run["name"] + (" (recovered)" if run.get("recovered") else ""),
             fmt(row["layers"], ".0f"),
             fmt(row["wikitext2_ppl"], ".4g"),
             fmt(row["c4_ppl"], ".4g"),
             *[fmt(100 * metrics["lm_eval"][t][REPORTED_METRIC[t]], ".1f") for t in tasks],
-            f"{fmt(100 * row['average'], '.2f')} ± {fmt(100 * (row['average_stderr'] or 0), '.2f')}",
+            "—" if row["average"] is None else f"{fmt(100 * row['average'], '.2f')} ± {fmt(_points(row['average_stderr']), '.2f')}",
             diff,
         ]))
     return out

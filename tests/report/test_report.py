@@ -184,3 +184,28 @@ def test_notebook_runs(repo, monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     text = "".join(o.get("text", "") for o in outputs)
     assert "2 run(s): ['laco-4L', 'workspace']" in text  # the archived copy of the workspace run is deduplicated
+
+
+def test_report_counts_only_informative_tasks_and_says_why(tmp_path, monkeypatch):
+    """With the per-document outputs beside the metrics (each task's floor, each document's answers), the
+    report and metrics/summary.json count only the tasks dense answers above chance and the majority class."""
+    make_repo(tmp_path)
+    strong = {"piqa": {"acc": 0.60, "acc_stderr": 0.01, "n": 2000}, "boolq": {"acc": 0.50, "acc_stderr": 0.01, "n": 2000}}
+    weaker = {"piqa": {"acc": 0.55, "acc_stderr": 0.01, "n": 2000}, "boolq": {"acc": 0.62, "acc_stderr": 0.01, "n": 2000}}
+    _write(tmp_path / "metrics/dense.json", _metrics(5, strong, 20.0, 50.0))
+    _write(tmp_path / "metrics/compressed.json", _metrics(3, weaker, 300.0, 30.0))
+    floors = {"piqa": {"n": 2000, "chance": 0.5, "majority": 0.51, "majority_class": "B"},
+              "boolq": {"n": 2000, "chance": 0.5, "majority": 0.62, "majority_class": "yes"}}
+    for name in ("dense", "compressed"):
+        _write(tmp_path / f"metrics/documents/{name}.json", {"lm_eval": {t: {"answers": {"floor": f}} for t, f in floors.items()}})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    report_stage.main()
+    text = (tmp_path / "reports/report.md").read_text()
+    assert "- counted (1): piqa" in text
+    assert "- excluded: boolq: dense acc 50.00 % ± 1.00 % is not above its floor 62.00 % (majority class (yes);" in text
+    assert "| **headline** | headline |  | 60.00 ± 1.00 | 55.00 ± 1.00 |" in text and "| boolq |" in text  # every task stays in the table
+    summary = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert summary["tasks"] == ["piqa"] and summary["headline"] == 55.0 and summary["verdict"] == "behind"
+    assert summary["collapsed"] is True  # WikiText-2 perplexity 300 > 10 x 20

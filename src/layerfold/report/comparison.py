@@ -638,6 +638,15 @@ def _distinct(values: Iterable[Any], missing: str = "not recorded in the metrics
     return seen[0] if len(seen) == 1 else "; ".join(seen) + " (**differs between runs**)"
 
 
+def model_caveat(records: list[dict]) -> str:
+    """The model the records' numbers belong to, for prose: its name and, where its weights were quantised and
+    dequantised, that these are not the full-precision model's numbers."""
+    models = [m.get("model") or {} for r in records for k in ("dense", "compressed", "recovered") if (m := r["metrics"].get(k))]
+    name, quantization = _distinct(m.get("name") for m in models), _distinct((m.get("quantization") for m in models), "")
+    return name + (f", {quantization}: not the full-precision model" if "dequantised" in quantization
+                   else f", {quantization}" if quantization else "")
+
+
 def header_lines(records: list[dict], title: str) -> list[str]:
     """Where the numbers come from, all read from the records: model file and hash, quantisation, date,
     device, library versions, evaluation and calibration settings."""
@@ -857,7 +866,7 @@ def write_comparison(out: str | Path, run_list: RunList, records: list[dict], ti
         (tmp / "table.md").write_text(table_markdown(records, rows, tasks, title, result["missing"], decision, result["consistency"]))
         (tmp / "pairs.md").write_text(pairs_markdown(result["pairs"], result["compare_layers"], title, decision, tasks, rows,
                                                      result["pairs_all"]))
-        (tmp / "findings.md").write_text(findings_markdown(result, title))
+        (tmp / "findings.md").write_text(findings_markdown(result, title, model_caveat(records)))
         write_json(tmp / "depth.json", {"tasks": decision["tasks"], "rule": decision["rule"], "curves": result["curves"],
                                         "notes": "headline: mean reported accuracy over the informative tasks; se: its standard "
                                                  "error; diff/diff_se: vs dense, paired per document where available"})

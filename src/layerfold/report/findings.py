@@ -60,8 +60,9 @@ def _verdict_word(verdict: str | None) -> str:
     return {"ahead": "ahead of dense", "behind": "behind dense", "within noise": "within noise of dense"}.get(verdict or "", "no verdict")
 
 
-def findings_markdown(result: Mapping[str, Any], title: str) -> str:
-    """``findings.md`` from :func:`layerfold.report.comparison.compare_records`'s result."""
+def findings_markdown(result: Mapping[str, Any], title: str, model: str | None = None) -> str:
+    """``findings.md`` from :func:`layerfold.report.comparison.compare_records`'s result; ``model`` names the
+    weights the numbers belong to, as the records state them (:func:`layerfold.report.comparison.model_caveat`)."""
     decision, rows, pairs = result["decision"], result["rows"], result["pairs"]
     tasks, layers = result["tasks"], result["compare_layers"]
     dense, runs = rows[0], rows[1:]
@@ -71,15 +72,21 @@ def findings_markdown(result: Mapping[str, Any], title: str) -> str:
            "documents, and a run is ahead or behind only beyond 1.96 standard errors.", ""]
 
     # what counts -------------------------------------------------------------------------------------
+    floored = [t for t in decision["tasks"] if (decision["decisions"].get(t) or {}).get("floor") is not None]
+    unfloored = [t for t in decision["tasks"] if t not in floored]
     counted = [f"{t} (dense {_pct(decision['decisions'][t]['dense'])} vs floor {_pct(decision['decisions'][t]['floor'])})"
-               for t in decision["tasks"]]
+               for t in floored]
     out.append("## What the headline counts")
     out.append("")
     if decision["rule"] == "fixed":
         out.append(f"A fixed task list (eval.headline.tasks): {', '.join(decision['tasks'])}.")
     else:
-        out.append(f"The dense model is above its floor (max of chance and the majority class) by more than 1.96 se on "
-                   f"{len(decision['tasks'])} of {len(tasks)} tasks: {'; '.join(counted) or 'none'}.")
+        if floored or not unfloored:
+            out.append(f"The dense model is above its floor (max of chance and the majority class) by more than 1.96 se on "
+                       f"{len(floored)} of {len(tasks)} tasks: {'; '.join(counted) or 'none'}.")
+        if unfloored:  # no documents to compute a floor from: counted unjudged, and said so
+            out.append(f"No floor is known for {', '.join(unfloored)} (no per-document answers or task facts), so "
+                       f"{'it counts' if len(unfloored) == 1 else 'they count'} without being judged informative.")
     for entry in decision["excluded"]:
         d = decision["decisions"].get(entry["task"], {})
         if d.get("floor") is not None and d.get("dense") is not None:
@@ -111,7 +118,7 @@ def findings_markdown(result: Mapping[str, Any], title: str) -> str:
         if trained and free:
             out.append(f"- Best trained run {trained[0]['run']} vs best training-free run {free[0]['run']}: "
                        f"{_pair_text(_pair(pairs, trained[0]['run'], free[0]['run']))}.")
-        if len(free) >= 2:
+        if len(free) >= 2 and [r["run"] for r in free[:2]] != [r["run"] for r in working[:2]]:
             out.append(f"- Training-free, {_pair_text(_pair(pairs, free[0]['run'], free[1]['run']))}.")
         out.append("")
 
@@ -198,7 +205,7 @@ def findings_markdown(result: Mapping[str, Any], title: str) -> str:
         out.append("")
 
     if "lambada_openai" not in tasks:
-        out.append("LAMBADA and the answer drift of multiple-choice tasks are not in these runs: they come with the next GPU run.")
-    out.append("These are one small model's numbers (SmolLM2-135M-Instruct as a dequantised Q4_1 GGUF, not the full-precision "
-               "model) with the papers' settings scaled down: they say what holds here, not what the papers measured.")
+        out.append("LAMBADA (OpenAI) is not in these runs.")
+    out.append(f"These are one model's numbers ({model or 'model not recorded'}): they say what holds for it under this "
+               "comparison's settings, not what the papers measured.")
     return "\n".join(out) + "\n"

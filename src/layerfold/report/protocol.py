@@ -281,6 +281,11 @@ def perplexity_agreement(rows: Sequence[Mapping[str, Any]], metrics_by_run: Mapp
 # the summary metric
 
 
+# task names short enough for a `dvc exp show` cell (summary.json's drift)
+SHORT_NAMES = {"boolq_notitle": "boolq", "winogrande": "wino", "hellaswag": "hswag", "arc_easy": "arc_e", "arc_challenge": "arc_c",
+               "openbookqa": "obqa", "lambada_openai": "lambada"}
+
+
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -288,8 +293,12 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 def summary(dense: Mapping[str, Any], final: Mapping[str, Any] | None, decision: Mapping[str, Any],
             recover: Mapping[str, Any] | None = None, drift: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``metrics/summary.json``: one run's headline numbers, flat and short-keyed so that ``dvc exp show``
-    fits them in 120 columns. Accuracies and differences in percentage points; ``tasks`` is the counted
-    set (a list, which DVC's tables skip) and ``n_tasks`` its size; ``verdict`` ahead / behind / within noise."""
+    fits them in 120 columns. Accuracies and differences in percentage points: ``headline`` ± ``se``,
+    ``dense`` (its headline), ``delta`` ± ``delta_se``, ``verdict`` (ahead / behind / within noise),
+    ``retained`` [``retained_lo``, ``retained_hi``] in %; ``rule``, ``tasks`` (the counted set, a list,
+    which DVC's tables skip) and ``n_tasks``; WikiText-2 / C4 perplexity; ``lambada`` (acc, %) and
+    ``lambada_ppl``; ``layers``, ``params_m`` (millions), ``train_tokens``; ``collapsed``; ``drift``
+    (task→class of every drifted task, short names)."""
     final = final or {}
     tasks = decision["tasks"]
     mine, base = headline(final, tasks), headline(dense, tasks)
@@ -298,7 +307,7 @@ def summary(dense: Mapping[str, Any], final: Mapping[str, Any] | None, decision:
     lambada = _task(final, "lambada_openai") or {}
     pct = lambda v: None if v is None else _round(100 * v)  # noqa: E731
     out = {
-        "headline": pct(mine["value"]), "headline_se": pct(mine["se"]),
+        "headline": pct(mine["value"]), "se": pct(mine["se"]),
         "dense": pct(base["value"]),
         "delta": pct(diff["diff"]), "delta_se": pct(diff["se"]),
         "retained": _round(diff["retained_pct"], 1),
@@ -306,12 +315,12 @@ def summary(dense: Mapping[str, Any], final: Mapping[str, Any] | None, decision:
         "verdict": diff["verdict"],
         "rule": decision["rule"], "n_tasks": len(tasks), "tasks": list(tasks),
         "wiki2_ppl": _round(ppl), "c4_ppl": _round(num((((final.get("perplexity") or {}).get("c4")) or {}).get("perplexity"))),
-        "lambada_acc": pct(num(lambada.get("acc"))), "lambada_ppl": _round(num(lambada.get("perplexity"))),
+        "lambada": pct(num(lambada.get("acc"))), "lambada_ppl": _round(num(lambada.get("perplexity"))),
         "layers": num((final.get("model") or {}).get("num_layers")),
         "params_m": _round((num((final.get("model") or {}).get("params_total")) or 0) / 1e6, 1) if (final.get("model") or {}).get("params_total") else None,
         "train_tokens": num((recover or {}).get("train_tokens_processed")),
         "collapsed": collapsed(ppl, dense_ppl),
-        "drift": drift_mark(drift) or None,
+        "drift": ", ".join(f"{SHORT_NAMES.get(d['task'], d['task'])}→{d['to']}" for d in (drift or {}).get("drifted", [])) or None,
     }
     if out["layers"] is not None:
         out["layers"] = int(out["layers"])

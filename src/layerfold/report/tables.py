@@ -152,7 +152,11 @@ def comparison_table(dense: dict, compressed: dict, headline_tasks: list[str] | 
                      else None if len(common) == len(set(d_eval) | set(c_eval)) else f"over the {len(common)} tasks present in both"),
         })
 
-    d_ppl, c_ppl = dense.get("perplexity") or {}, compressed.get("perplexity") or {}
+    d_ppl, c_ppl = dict(dense.get("perplexity") or {}), dict(compressed.get("perplexity") or {})
+    for task in sorted(set(d_eval) | set(c_eval)):  # LAMBADA: the perplexity of the target words, beside the corpora's
+        if any(num(_get(m, task, "perplexity")) is not None for m in (d_eval, c_eval)):
+            d_ppl[f"{task} (targets)"] = {"perplexity": _get(d_eval, task, "perplexity")}
+            c_ppl[f"{task} (targets)"] = {"perplexity": _get(c_eval, task, "perplexity")}
     for dataset in sorted(set(d_ppl) | set(c_ppl)):
         d, c = d_ppl.get(dataset), c_ppl.get(dataset)
         dv, cv = num(_get(d, "perplexity")), num(_get(c, "perplexity"))
