@@ -106,7 +106,7 @@ class SafetensorsLayerLoader:
             )
         self.path = path
         self._config = AutoConfig.from_pretrained(path)
-        self.adapter = get_adapter(self._config.model_type)
+        self.adapter = get_adapter(self._config)
         self._layer_keys, self._outer_keys = self._index(self._weight_map(path))
 
     @property
@@ -190,7 +190,7 @@ class SeededLayerLoader:
         self.seed = seed
         self.dtype = dtype
         self.generator_device = None if generator_device is None else torch.device(generator_device)
-        self.adapter = get_adapter(config.model_type)
+        self.adapter = get_adapter(config)
         skeleton = meta_model(config)
         self.std = float(getattr(config, "initializer_range", 0.02))
         layers = self.adapter.get_layers(skeleton)
