@@ -116,8 +116,8 @@ PATTERNS = {
     "qwen2_moe": dict(decoder_sparse_step=2, mlp_only_layers=[3]),  # sparse: (i + 1) % 2 == 0 and not 3, i.e. layer 1 only
     "qwen3_moe": dict(decoder_sparse_step=2),
     "deepseek_v3": dict(first_k_dense_replace=2),
-    "llama4_text": dict(interleave_moe_layer_step=2, no_rope_layer_interval=3),
-    "smollm3": dict(no_rope_layer_interval=3),
+    "llama4_text": dict(interleave_moe_layer_step=2, moe_layers=None, no_rope_layer_interval=3, no_rope_layers=None, layer_types=None),
+    "smollm3": dict(no_rope_layer_interval=3, no_rope_layers=None),
     "gemma3_text": dict(layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]),
     "qwen2": dict(use_sliding_window=True, sliding_window=3, max_window_layers=2, layer_types=None),
 }
@@ -134,8 +134,8 @@ def test_every_removal_keeps_the_config_describing_the_layers(family: str) -> No
     config = _patterned(family)
     skeleton = meta_model(config)
     layers = list(get_adapter(skeleton).get_layers(skeleton))
-    kinds = {layer_config.layer_signature(layer) for layer in layers}
-    assert len(kinds) > 1, "the pattern should make the layers differ"
+    kinds = [layer_config.layer_signature(layer) for layer in layers]
+    assert len(set(kinds)) > 1, "the pattern should make the layers differ"
     for count in (1, 2, 3):
         for removed in itertools.combinations(range(4), count):
             keep = [i for i in range(4) if i not in removed]

@@ -272,7 +272,8 @@ def meta_model(config: Any) -> nn.Module:
             return AutoModelForCausalLM.from_config(copy.deepcopy(config))
     except ValueError as err:
         raise UnsupportedArchitectureError(
-            f"Architecture '{config.model_type}' is not supported: transformers has no causal-LM class for it ({err})."
+            f"Architecture '{config.model_type}' is not supported: transformers cannot build it as a causal LM "
+            f"({str(err).splitlines()[0][:200]})."
         ) from None
 
 

@@ -22,7 +22,7 @@ VOCAB = 128
 
 def _config(model_type: str, **values: Any) -> PretrainedConfig:
     base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                intermediate_size=64, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return AutoConfig.for_model(model_type, **{**base, **values})
 
 
@@ -39,7 +39,7 @@ TINY_FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
                               final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
     "gemma3_text": lambda: _config("gemma3_text", head_dim=8, query_pre_attn_scalar=8, sliding_window=4, layer_types=_SLIDING,
                                    final_logit_softcapping=5.0),
-    "phi3": lambda: _config("phi3", original_max_position_embeddings=64, sliding_window=None),
+    "phi3": lambda: _config("phi3", original_max_position_embeddings=2048, sliding_window=None),
     "olmo2": lambda: _config("olmo2"),
     "smollm3": lambda: _config("smollm3", no_rope_layer_interval=2),
     "granite": lambda: _config("granite", embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.25,
@@ -57,7 +57,7 @@ TINY_FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "llama4_text": lambda: _config("llama4_text", head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size=32,
                                    intermediate_size_mlp=64, attention_chunk_size=4, no_rope_layer_interval=2),
     # No curated adapter: found from the model (layers, final norm, embedding, norms, linears).
-    "gpt2": lambda: AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+    "gpt2": lambda: AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=2048,
                                          bos_token_id=1, eos_token_id=2),
     "cohere": lambda: _config("cohere", logit_scale=0.5),
 }
@@ -95,3 +95,14 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
             elif name.endswith("bias") and "correction" not in name:
                 tensor.copy_(0.05 * torch.randn(tensor.shape, generator=generator))
     return model
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer within the tiny vocabulary (<pad> 0, <s> 1, </s> 2, <unk> 3, printable ASCII 4-98),
+    for what needs a real tokenizer: LaCo's sentences, checkpoints saved with their tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{chr(c): 4 + c - 32 for c in range(32, 127)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")

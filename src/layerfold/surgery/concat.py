@@ -130,7 +130,7 @@ def concat_refusal(adapter: LayerAdapter, layers: Sequence[nn.Module] | None) ->
                 "which merge experts expert by expert.")
     if adapter.head_projections is None and not adapter.head_rows:
         return (f"CoMe's concatenation merge needs separate query/key/value projections (or a fused one whose rows are "
-                f"[query | key | value] blocks); '{family}' fuses them per head ({', '.join(adapter.attn_linears[:-1])}). "
+                f"query, key and value blocks in turn); '{family}' fuses them per head ({', '.join(adapter.attn_linears[:-1])}). "
                 "Supported: every family with an adapter that names its head rows (docs/architectures.md).")
     if not adapter.mlp_output or len(adapter.mlp_linears) < 2:
         return f"The '{family}' adapter names no MLP intermediate projection; CoMe merges FFN channels."

@@ -67,6 +67,7 @@ def family_of(model_type: str, config: Mapping[str, Any] | None) -> Family:
 @functools.lru_cache(maxsize=8)
 def _family_from_config(config_json: str) -> Family:
     config = as_config(json.loads(config_json))
+    get_adapter(config)  # an architecture that is not a causal LM is refused here, by name
     skeleton = meta_model(config)
     adapter = get_adapter(skeleton)
     return Family(config.model_type, adapter, config, tuple(adapter.get_layers(skeleton)))
@@ -177,7 +178,7 @@ def replacement_refusal(family: Family, replacement: str) -> str | None:
         gated = any("gate" in name for name in adapter.mlp_linears) or bool(adapter.channel_rows)
         act = _activation(family.config) if family.config is not None else "silu"
         if moe or not gated or act not in ("silu", "swish"):
-            what = ("a mixture of experts" if moe else f"a {act}-gated FFN" if gated else "an ungated FFN")
+            what = ("a mixture of experts" if moe else f"{act}-gated" if gated else "ungated")
             return (f"method.replacement=swiglu needs a SwiGLU FFN, which '{model_type}' does not have (its FFN is {what}); "
                     "use replacement=ffn for this architecture's own FFN.")
     if replacement == "mlp":
