@@ -285,6 +285,9 @@ def main() -> int:
         print(table)
         return 0
     text = DOC.read_text()
+    if not args.check and set(rows) != set(TINY_FAMILIES):  # some rows: update them in the committed table
+        rows = {f: rows[f] if f in rows else cells for f, cells in parse(text).items()}
+        table = render(rows)
     if args.check:
         committed = parse(text)
         stale = [f for f in rows if {k: comparable(v) for k, v in rows[f].items()} != committed.get(f)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +44,6 @@ class LayerAdapter:
     norms: tuple[str, ...]  # layer -> normalisation modules inside the layer (kept from the base layer by merges)
     attn_output: str  # layer -> projection whose input is the concatenated head outputs
     mlp_output: str  # layer -> projection whose input is the MLP intermediate activation ("" when there is none)
-    per_layer_config: tuple[str, ...] = field(default=("layer_types",))  # kept for callers; see layerfold.models.layer_config
     # layer -> separate query, key, value projections whose output rows are per-head blocks; None when fused
     # (GPT-NeoX's per-head interleaved query_key_value, Phi-3's qkv_proj: see ``head_rows``) or absent (MLA)
     head_projections: tuple[str, str, str] | None = None
