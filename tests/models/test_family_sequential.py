@@ -89,3 +89,16 @@ def test_checkpoint_layout_round_trips(family: str, checkpoints) -> None:
     for i in range(loader.num_layers):
         ours, theirs = loader.load_layer(i, "cpu", torch.float32), layers[i].state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), i
+
+
+def test_moe_benchmark_runs_the_tiny_shapes(tmp_path) -> None:
+    """benchmarks/moe_sequential.py on tiny MoE shapes (CPU): parity met, ShortGPT pruned each shape, finite perplexities."""
+    from conftest import load_benchmark
+
+    record = load_benchmark("moe_sequential").main(["--shape", "tiny-qwen3-moe", "tiny-deepseek-v3", "--calib", "4x16", "--windows", "2",
+                                                    "--seq-len", "16", "--out", str(tmp_path / "moe.json")])
+    assert record["rows"][0]["met"] and (tmp_path / "moe.json").exists()
+    for shape in record["shapes"]:
+        rows = {r["name"]: r for r in shape["rows"]}
+        assert rows["compress"]["layers_after"] == 3 and rows["perplexity pruned"]["layers"] == 3
+        assert all(map(lambda r: r["perplexity"] > 0, (rows["perplexity dense"], rows["perplexity pruned"])))
