@@ -163,6 +163,18 @@ def test_the_check_fails_when_an_entry_is_left_stale() -> None:
     assert layer_config.layer_mismatches([layers[i] for i in (0, 2, 3)], by_period)
 
 
+def test_unknown_per_layer_lists_are_trimmed_by_name() -> None:
+    """Lists with one entry per layer named after layers or heads (e.g. per-layer head counts) follow the kept layers;
+    other lists of that length (token ids) are left alone."""
+    config = tiny_config("llama")
+    config.num_kv_heads_per_layer = [1, 2, 4, 8]
+    config.sliding_window_layers = ["a", "b", "c", "d"]
+    config.suppress_tokens = [5, 6, 7, 8]
+    layer_config.trim(config, [1, 3])
+    assert config.num_kv_heads_per_layer == [2, 8] and config.sliding_window_layers == ["b", "d"]
+    assert config.suppress_tokens == [5, 6, 7, 8] and config.num_hidden_layers == 2
+
+
 def test_trim_rejects_unordered_selections() -> None:
     with pytest.raises(layer_config.LayerConfigError, match="ascending"):
         layer_config.trim(tiny_config("llama"), [2, 1])

@@ -8,7 +8,8 @@ built differently from the edited one. Three shapes occur, recognised by name fo
 
 - **one value per layer** (:data:`VALUE_LISTS`): ``layer_types`` (sliding / full / chunked attention),
   ``mlp_layer_types``, ``no_rope_layers`` (SmolLM3, Llama 4), per-layer rope thetas, ...: the kept
-  layers' entries, in order. Any other list named ``*layer*`` with one entry per layer is treated the same.
+  layers' entries, in order. Any other list named ``*layer*`` or ``*heads*`` (per-layer head counts)
+  with one entry per layer is treated the same.
 - **lists of layer indices** (:data:`INDEX_LISTS`): Qwen-MoE's dense ``mlp_only_layers``, Llama 4's
   ``moe_layers``: the kept layers' new indices.
 - **patterns** (:data:`DENSE_PREFIX`, :data:`SPARSE_STEPS`): DeepSeek/GLM's ``first_k_dense_replace`` (the
@@ -35,6 +36,8 @@ VALUE_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layer_rope_t
 INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 DENSE_PREFIX = ("first_k_dense_replace",)
 SPARSE_STEPS = (("decoder_sparse_step", "mlp_only_layers"),)  # (period, explicit list of dense layers)
+# Any other list with one entry per layer whose name says it is about layers or heads (per-layer head counts).
+GENERIC_WORDS = ("layer", "heads")
 
 
 class LayerConfigError(ValueError):
@@ -50,7 +53,7 @@ def value_list_keys(config: Any) -> list[str]:
     depth = _depth(config)
     keys = [k for k in VALUE_LISTS if isinstance(getattr(config, k, None), (list, tuple)) and len(getattr(config, k)) == depth]
     for key, value in vars(config).items():
-        if key in keys or key in INDEX_LISTS or key.startswith("_") or "layer" not in key:
+        if key in keys or key in INDEX_LISTS or key.startswith("_") or not any(word in key for word in GENERIC_WORDS):
             continue
         if isinstance(value, (list, tuple)) and len(value) == depth and depth > 1:
             keys.append(key)

@@ -45,9 +45,8 @@ NORM_MODES = ("mean", "weighted")
 
 
 # What a block of rows of a projection is made of: heads of the query or of the keys/values (``head_dim``
-# rows each), or FFN channels (one row each).
-HEAD_PARTS = {"query": "query", "key": "kv", "value": "kv"}
-CHANNEL_PARTS = ("gate", "up", "channel")
+# rows each); any other part ("gate", "up", "channel") is FFN channels (one row each).
+HEAD_PARTS = ("query", "key", "value")
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def concat_refusal(adapter: LayerAdapter, layers: Sequence[nn.Module] | None) ->
         return (f"CoMe's concatenation merge keeps whole attention heads of two layers side by side; '{family}' uses multi-head "
                 "latent attention, whose keys and values of all heads come from one shared latent projection "
                 "(kv_a_proj_with_mqa), so heads of two layers cannot share one layer's latent. Use a removal or weight-merge method.")
-    if adapter.experts and (layers is None or any(_has(layer, adapter.experts) for layer in layers)):
+    if adapter.experts and (layers is None or any(has_module(layer, adapter.experts) for layer in layers)):
         return (f"CoMe's concatenation merge concatenates the FFN channels of two layers into one FFN that reads the window's "
                 f"input; '{family}' routes its FFN through a mixture of experts, and one layer's router cannot route tokens to "
                 "the experts of two layers (expert e of one layer and expert e of another are unrelated), so channel sensitivity "
@@ -137,7 +136,8 @@ def concat_refusal(adapter: LayerAdapter, layers: Sequence[nn.Module] | None) ->
     return None
 
 
-def _has(layer: nn.Module, name: str) -> bool:
+def has_module(layer: nn.Module, name: str) -> bool:
+    """Whether ``layer`` has the submodule ``name`` (some layers of a stack lack some: dense vs MoE)."""
     try:
         layer.get_submodule(name)
         return True
@@ -164,7 +164,7 @@ def concat_layout(model: PreTrainedModel) -> ConcatLayout:
         q_name = k_name = v_name = adapter.head_rows[0][0]
         head_rows = ()
     head_rows = head_rows + tuple(adapter.head_rows)
-    mlp_inputs = tuple(n for n in adapter.mlp_linears if n != adapter.mlp_output and _has(layer, n))
+    mlp_inputs = tuple(n for n in adapter.mlp_linears if n != adapter.mlp_output and has_module(layer, n))
     fused_channels = dict(adapter.channel_rows)
     channel_rows = tuple((name, fused_channels.get(name, ("channel",))) for name in mlp_inputs)
     for name, _ in head_rows:

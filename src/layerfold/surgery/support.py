@@ -31,7 +31,7 @@ from torch import nn
 
 from layerfold.models import layer_config
 from layerfold.models.adapters import LayerAdapter, as_config, get_adapter, meta_model
-from layerfold.surgery.concat import concat_refusal
+from layerfold.surgery.concat import concat_refusal, has_module
 from layerfold.surgery.merge import layer_structure
 
 REMOVAL_METHODS = ("shortgpt", "gromov", "sleb", "drop_last")
@@ -173,7 +173,7 @@ def replacement_refusal(family: Family, replacement: str) -> str | None:
                 f"layerfold can only name for a family with a curated adapter; '{model_type}' has none (its layers were found "
                 "from the model). Use method.replacement=transformer_layer or none.")
     layers = family.layers or ()
-    moe = bool(adapter.experts) and (not layers or any(_has(layer, adapter.experts) for layer in layers))
+    moe = bool(adapter.experts) and (not layers or any(has_module(layer, adapter.experts) for layer in layers))
     if replacement == "swiglu":
         gated = any("gate" in name for name in adapter.mlp_linears) or bool(adapter.channel_rows)
         act = _activation(family.config) if family.config is not None else "silu"
@@ -190,14 +190,6 @@ def replacement_refusal(family: Family, replacement: str) -> str | None:
                     "unpacks its FFN's output as an (output, router scores) pair, which a plain MLP does not return; use "
                     "replacement=ffn or transformer_layer.")
     return None
-
-
-def _has(layer: nn.Module, name: str) -> bool:
-    try:
-        layer.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def method_refusal(family: Family, name: str, cfg: Mapping[str, Any]) -> str | None:
