@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from layerfold.config import ConfigError, Params, check_ranges
 from layerfold.methods import check_layer_major, get_method, token_cosine_distance
-from layerfold.models.adapters import get_adapter
 from layerfold.models.facts import ModelFacts
 from layerfold.recovery.layer_major import layer_major_blocker
+from layerfold.surgery.support import family_of, method_refusal, recovery_refusal
 
 
 def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yaml") -> None:
@@ -23,8 +23,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
 
     With ``facts=None`` only what needs no model is checked (the method's own schema and ranges).
     """
-    if facts is not None:
-        get_adapter(facts.model_type)
+    _check_family(params, facts)
     bounds = facts.bounds() if facts is not None else {}
     _check_capture_distance(params, *get_method(params.method, bounds))
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
@@ -36,6 +35,18 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     problems = list(_cross_field_problems(params, facts))
     if problems:
         raise ConfigError(f"{where}: " + " ".join(problems))
+
+
+def _check_family(params: DictConfig, facts: ModelFacts | None) -> None:
+    """The model's family (read from its config, never its weights) supports the method and recovery, or the run
+    stops here with the reason (:mod:`layerfold.surgery.support`); an unknown architecture raises UnsupportedArchitectureError."""
+    if facts is None:
+        return
+    family = family_of(facts.model_type, facts.config)
+    spec, method_cfg = get_method(params.method, facts.bounds())
+    why = method_refusal(family, spec.name, method_cfg) or recovery_refusal(family, params.get("recovery"))
+    if why is not None:
+        raise ConfigError(f"{why} [model family: {facts.model_type}]")
 
 
 def _check_capture_distance(params: DictConfig, spec, method_cfg) -> None:

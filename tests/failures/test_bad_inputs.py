@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_CONFIGS, models_dir, tiny_model
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, T5Config
 
 from layerfold.capture.stats import NonFiniteActivationError, capture_statistics
 from layerfold.data.calibration import CalibrationDataError, build_calibration
@@ -66,10 +66,10 @@ def run_base_stage(tmp_path, monkeypatch, model_dir) -> None:
 
 
 def test_unsupported_architecture_is_refused_before_loading_or_writing(tmp_path, monkeypatch):
-    gpt2 = tmp_path / "gpt2"
-    GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64).save_pretrained(gpt2)  # a config, no weights: never loaded
-    with pytest.raises(UnsupportedArchitectureError, match="Architecture 'gpt2' is not supported; supported: .*llama"):
-        run_base_stage(tmp_path, monkeypatch, gpt2)
+    t5 = tmp_path / "t5"  # an encoder-decoder: no causal LM, so no adapter can be found for it
+    T5Config(num_layers=2, d_model=32, num_heads=4, vocab_size=64).save_pretrained(t5)  # a config, no weights: never loaded
+    with pytest.raises(UnsupportedArchitectureError, match="Architecture 't5' is not supported: it is not a causal LM .*llama"):
+        run_base_stage(tmp_path, monkeypatch, t5)
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path, monkeypatch, stories_tokenizer):

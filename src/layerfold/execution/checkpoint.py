@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from layerfold.execution.loaders import LayerLoader, StateDict, layer_prefix
+from layerfold.execution.loaders import CheckpointLayout, LayerLoader, StateDict, layer_prefix
 from layerfold.io import atomic_dir, write_json
 from layerfold.models.adapters import get_adapter
 
@@ -86,14 +86,15 @@ def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be >= 1.")
-    adapter = get_adapter(loader.config.model_type)
+    adapter = get_adapter(loader.config)
+    layout = CheckpointLayout(loader.config)  # the files save_pretrained writes (e.g. experts one by one)
     with atomic_dir(path) as tmp:
         shards = _ShardWriter(tmp, max_shard_bytes)
-        shards.add(_stored(loader.load_outer("cpu", compute_dtype), storage_dtype))
+        shards.add(layout.to_checkpoint(_stored(loader.load_outer("cpu", compute_dtype), storage_dtype)))
         for index in range(loader.num_layers):
             prefix = layer_prefix(adapter, index)
             state = _stored(loader.load_layer(index, "cpu", compute_dtype), storage_dtype)
-            shards.add({prefix + key: tensor for key, tensor in state.items()})
+            shards.add(layout.to_checkpoint({prefix + key: tensor for key, tensor in state.items()}))
         shards.finish()
         config = loader.config
         stored_before = config.dtype

@@ -12,7 +12,8 @@ Per step::
     alpha = S_{l,l+1} (paper) | sigmoid(row-mean ratio) (released code)
     layer l <- alpha theta_l + (1 - alpha) theta_{l+1};  delete layer l+1   (apply_merge=False: only delete)
 
-repeated ``num_remove`` times. The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
+repeated ``num_remove`` times, over the adjacent pairs whose layers share one structure (every pair, but
+in a stack that mixes dense and mixture-of-experts layers). The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
 weight arithmetic in :func:`layerfold.surgery.weighted` (every linear weight and bias; norms stay
 layer ``l``'s). Departures from the released code, each fixing a defect of the released ``pipeline.py`` (SempraETY/Pruning-via-Merging):
 
@@ -315,6 +316,16 @@ def _draw_report(per_draw: np.ndarray, index: list[int]) -> dict:
     return report
 
 
+def _without(similarity: np.ndarray, index: list[int], allowed: np.ndarray) -> np.ndarray:
+    """``similarity`` with the adjacent pairs that may not merge set to NaN (never chosen)."""
+    if allowed.all():
+        return similarity
+    masked = np.array(similarity, dtype=np.float64, copy=True)
+    for t in np.flatnonzero(~allowed):
+        masked[index[t], index[t + 1]] = np.nan
+    return masked
+
+
 def _merge_or_drop(ctx: MethodContext, l: int, alpha: float, apply_merge: bool) -> None:
     if apply_merge:
         ctx.merge(l, [l + 1], weighted(alpha))
@@ -352,12 +363,14 @@ def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
         index = list(range(ctx.num_layers)) if cfg.recompute else [g[0] for g in ctx.plan.groups]
         adjacent = np.array([similarity[a, b] for a, b in zip(index[:-1], index[1:])])
         adjacent_se = np.array([stderr[a, b] for a, b in zip(index[:-1], index[1:])])
-        ties = near_ties(np.nan_to_num(adjacent, nan=-np.inf), adjacent_se, cfg.tie_margin)
+        # Only pairs of one structure merge (not a dense layer with a mixture-of-experts one); all pairs of most models.
+        allowed = np.array([not cfg.apply_merge or ctx.mergeable([t, t + 1]) for t in range(len(index) - 1)])
+        ties = near_ties(np.nan_to_num(np.where(allowed, adjacent, np.nan), nan=-np.inf), adjacent_se, cfg.tie_margin)
         if cfg.pair == "most_similar":
-            a, _ = most_similar_adjacent_pair(similarity, active=index)
+            a, _ = most_similar_adjacent_pair(_without(similarity, index, allowed), active=index)
             l = index.index(a)
         else:
-            l = len(index) - 2
+            l = int(np.flatnonzero(allowed)[-1])
         alphas = {t: merge_alpha(similarity, index[t], index[t + 1], mode=cfg.alpha) if cfg.apply_merge else float("nan") for t in set(ties) | {l}}
         losses = {}
         if cfg.tie_break == "loss" and cfg.pair == "most_similar" and len(ties) > 1:

@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ class ModelFacts:
     num_layers: int
     context_length: int | None  # max_position_embeddings; None when the config does not say
     vocab_size: int
+    # The decoder's config.json content, when the source has one (hub, local): what family checks read (MoE
+    # placement, attention kind, activation). Not part of the recorded facts, so validated.json stays the same.
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def bounds(self) -> dict[str, int]:
         """The facts config ranges may refer to (see ``layerfold.config.MODEL_FACTS``)."""
@@ -42,7 +45,8 @@ class ModelFacts:
         return facts
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"model_type": self.model_type, "num_layers": self.num_layers, "context_length": self.context_length,
+                "vocab_size": self.vocab_size}
 
 
 def package_file(package: str, file: str) -> Path:
@@ -109,11 +113,13 @@ def facts_from_config(config: Any) -> ModelFacts:
     if text is not None and get("num_hidden_layers") is None:
         return facts_from_config(text)
     context = get("max_position_embeddings") or get("n_positions") or get("max_sequence_length")
+    values = dict(config) if isinstance(config, dict) else config.to_dict()
     return ModelFacts(
         model_type=get("model_type") or "unknown",
         num_layers=int(get("num_hidden_layers") or get("n_layer") or 0),
         context_length=int(context) if context else None,
         vocab_size=int(get("vocab_size") or 0),
+        config=values,
     )
 
 
@@ -127,14 +133,17 @@ def gguf_facts(path: Path) -> ModelFacts:
     arch = _gguf_value(reader, "general.architecture")
     vocab = _gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     context = _gguf_value(reader, f"{arch}.context_length")
-    # transformers maps GGUF architecture names onto its model types (llama, qwen2, ...); they agree for
-    # the families layerfold supports.
+    # transformers maps GGUF architecture names onto its model types; most agree, these do not.
     return ModelFacts(
-        model_type=str(arch),
+        model_type=GGUF_MODEL_TYPES.get(str(arch), str(arch)),
         num_layers=int(_gguf_value(reader, f"{arch}.block_count")),
         context_length=int(context) if context else None,
         vocab_size=int(vocab),
     )
+
+
+# GGUF ``general.architecture`` -> transformers model type, where the two differ.
+GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}  # as transformers loads them
 
 
 def source_parameters(cfg: DictConfig) -> int | None:
