@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -72,15 +71,21 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokenizer-chars", type=int, default=20000, help="characters of the text both tokenizers encode for the check")
+    parser.add_argument("--table", help="print the markdown table of this results JSON and stop")
     parser.add_argument("entries", nargs="*", help="NAME=CHECKPOINT[:QUANTIZATION]")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.table:
+        print(results_table(json.loads(Path(args.table).read_text())), end="")
+        return
     run(args)
 
 
 def run(args: argparse.Namespace) -> None:
+    from importlib.metadata import version
+
     import numpy as np
     import torch
     from transformers import AutoTokenizer
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
     from layerfold.data.text import load_corpus
     from layerfold.evaluation.perplexity import perplexity_windows
     from layerfold.export import checkpoint_kind, export_gguf
-    from layerfold.export.verify import load_gguf
+    from layerfold.export.verify import compare_logits, load_gguf
     from layerfold.io import file_sha256, portable_path, write_json
     from layerfold.models import load_checkpoint
     from layerfold.models.devices import device_name, library_versions
@@ -132,8 +137,11 @@ def run(args: argparse.Namespace) -> None:
         source = Path(args.source_gguf)
         print(f"== source {source.name}", flush=True)
         gguf_model, _ = load_gguf(source)
-        results["source_gguf"] = {"file": source.name, "bytes": source.stat().st_size, "sha256": file_sha256(source),
-                                  "llama_cpp": llama_cpp(source), "transformers_gguf": transformers_ppl(gguf_model)}
+        scored = llama_cpp(source)
+        results["source_gguf"] = {"file": source.name, "bytes": source.stat().st_size, "sha256": file_sha256(source), "llama_cpp": scored,
+                                  "transformers_gguf": transformers_ppl(gguf_model),
+                                  "layers": {"transformers_gguf": gguf_model.config.num_hidden_layers,
+                                             "llama_cpp": int(scored["metadata"]["llama.block_count"])}}
         del gguf_model
     for name, checkpoint, quantization in entries:
         print(f"== {name}: {checkpoint} -> {quantization}", flush=True)
@@ -152,6 +160,7 @@ def run(args: argparse.Namespace) -> None:
             "llama_cpp": llama_cpp(path),
             "transformers_gguf": transformers_ppl(gguf_model),
             "transformers_checkpoint": transformers_ppl(model),
+            "logits_first_window": compare_logits(model, gguf_model, windows[:1]),
         }
         entry["layers"]["llama_cpp"] = int(entry["llama_cpp"]["metadata"]["llama.block_count"])
         entry["load_checks"] = {
@@ -174,12 +183,47 @@ def run(args: argparse.Namespace) -> None:
         "settings": {"text": f"WikiText-2 test ({corpus.origin}, rows joined by blank lines)", "seq_len": args.seq_len, "windows": int(windows.shape[0]),
                      "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)), "tokens_in_text": text_tokens, "add_bos": False,
                      "tokenizer_check_chars": len(excerpt), "transformers_compute": "float32, CPU"},
-        "versions": {**library_versions()},
+        "cpu": cpu_model(),
+        "versions": {**library_versions(), "gguf": version("gguf"),
+                     "llama_cpp_python": next((e["llama_cpp"]["llama_cpp_python"] for e in results.values()), None)},
         "results": results,
     }
     if args.out:
         write_json(args.out, payload)
     print(json.dumps({k: summary(v) for k, v in results.items()}, indent=1))
+
+
+def results_table(payload: dict) -> str:
+    """The markdown table docs/export.md shows, generated from a results JSON (a test keeps the two equal)."""
+    rows = ["| file | layers (checkpoint / transformers / llama.cpp) | types | GGUF MB | checkpoint MB | PPL llama.cpp | "
+            "PPL transformers, GGUF | PPL transformers, checkpoint | llama.cpp tokenizer = HF | first-window logits max abs diff |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in payload["results"].items():
+        if name == "source_gguf":
+            layers = entry["layers"]
+            rows.append(f"| source `{entry['file']}` | - / {layers['transformers_gguf']} / {layers['llama_cpp']} | as shipped | {entry['bytes'] / 1e6:.1f} | | "
+                        f"{entry['llama_cpp']['perplexity']:.3f} | {entry['transformers_gguf']['perplexity']:.3f} | | "
+                        f"{'yes' if entry['llama_cpp']['tokenizer_agrees'] else 'no'} | |")
+            continue
+        layers, export = entry["layers"], entry["export"]
+        types = ", ".join(f"{k} {v}" for k, v in export["tensor_types"].items())
+        rows.append(
+            f"| `{name}` ({export['quantization']}) | {layers['checkpoint']} / {layers['transformers_gguf']} / {layers['llama_cpp']} | {types} | "
+            f"{export['bytes'] / 1e6:.1f} | {entry['checkpoint_bytes'] / 1e6:.1f} | {entry['llama_cpp']['perplexity']:.3f} | "
+            f"{entry['transformers_gguf']['perplexity']:.3f} | {entry['transformers_checkpoint']['perplexity']:.3f} | "
+            f"{'yes' if entry['llama_cpp']['tokenizer_agrees'] else 'no'} | {entry['logits_first_window']['max_abs_logit_diff']:.3g} |")
+    return "\n".join(rows) + "\n"
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), recorded beside the timings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def summary(entry: dict) -> dict:

@@ -7,7 +7,7 @@
 #
 # The binding is built into its own virtual environment ($LAYERFOLD_LLAMACPP_VENV, default
 # /tmp/layerfold-llamacpp), never into the project's: it compiles llama.cpp (C/C++, CPU backend, gcc + cmake),
-# which takes about 15-25 minutes on 2 cores, so it is not part of CI. The transformers side runs in the
+# which takes tens of minutes on 2 shared cores (docs/export.md), so it is not part of CI. The transformers side runs in the
 # project's environment; the two processes share the token windows through a file, so both score exactly
 # the same tokens (see scripts/verify_gguf_llamacpp.py).
 set -euo pipefail
@@ -23,8 +23,9 @@ build() {
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
   # --no-binary: build from the sdist (PyPI ships no CPU wheel for Linux); the CPU backend is the default.
-  # GGML_NATIVE=OFF keeps the build portable across x86-64 machines of this kind (AVX2 and the like stay on).
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF}" \
+  # GGML_NATIVE=OFF keeps the build portable across x86-64 machines of this kind (AVX2 and the like stay on);
+  # LLAVA_BUILD=OFF skips the multimodal library (51 of the 178 objects), which perplexity does not use.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF}" \
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
     nice -n 10 "$VENV/bin/pip" install --no-binary llama-cpp-python "llama-cpp-python==$LLAMACPP_VERSION"
   "$VENV/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
