@@ -4,7 +4,7 @@ Run through scripts/verify_gguf_llamacpp.sh, which builds llama.cpp's Python bin
 source package) in its own virtual environment and passes its interpreter here:
 
     bash scripts/verify_gguf_llamacpp.sh results/export/smollm2_cpu.json \\
-        --source-gguf <the model's GGUF> dense=artifacts/base shortgpt=<ckpt> laco=<ckpt>:f16 ...
+        --source-gguf <the model's GGUF> --score-source dense=artifacts/base shortgpt=<ckpt> laco_f16=<ckpt>:f16 ...
 
 Each entry ``NAME=CHECKPOINT[:QUANTIZATION]`` (default ``source``) is exported with layerfold.export and scored
 three ways on the same windows: llama.cpp on the GGUF file, transformers on the GGUF file (``gguf_file=``), and
@@ -13,7 +13,7 @@ WikiText-2 test text (``"\\n\\n".join`` of the rows, as the evaluate stage reads
 checkpoint's tokenizer, cut into non-overlapping ``--seq-len`` windows without BOS (layerfold's perplexity
 protocol); llama.cpp is handed the token ids, so both runtimes score exactly the same tokens. llama.cpp's own
 tokenization of the text is compared with the HF tokenizer's too. ``--source-gguf`` also scores the source file
-itself and compares the dense export tensor by tensor with it (``--round-trip NAME``).
+itself (``--score-source``) and compares the dense export tensor by tensor with it (``--round-trip NAME``).
 
 This file runs twice: in the project's environment (everything above) and, with ``--worker``, in the
 llama-cpp-python environment, where only numpy and llama_cpp are imported.
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--llamacpp-python", help="interpreter of the llama-cpp-python environment")
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--source-gguf", help="the GGUF the checkpoints descend from (tokenizer, types, round trip)")
+    parser.add_argument("--score-source", action="store_true", help="score the --source-gguf file itself too")
     parser.add_argument("--round-trip", default="dense", help="entry compared tensor by tensor with --source-gguf")
     parser.add_argument("--gguf-dir", help="where the exported files go (default: a temporary folder)")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -133,7 +134,10 @@ def run(args: argparse.Namespace) -> None:
         return {"perplexity": float(np.exp(nll / count)), "tokens": count, "seconds": time.perf_counter() - started}
 
     results: dict = {}
-    if args.source_gguf:
+    names = [name for name, _, _ in entries]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"entry names must be unique: {names}")
+    if args.source_gguf and args.score_source:
         source = Path(args.source_gguf)
         print(f"== source {source.name}", flush=True)
         gguf_model, _ = load_gguf(source)

@@ -173,3 +173,24 @@ def test_config_choices_match_the_writer():
 
     choices = next(f.metadata["choices"] for f in ExportConfig.__dataclass_fields__.values() if f.name == "quantization")
     assert tuple(choices) == QUANTIZATIONS
+
+
+# The committed llama.cpp / transformers results and docs/export.md's tables generated from them ---------------
+
+
+def test_docs_tables_are_generated_from_the_committed_results():
+    """Every results/export/*.json has its table in docs/export.md, exactly as the verification script prints it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verify_gguf_llamacpp", REPO / "scripts" / "verify_gguf_llamacpp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docs = DOCS.read_text(encoding="utf-8")
+    results = sorted((REPO / "results" / "export").glob("*.json"))
+    assert results, "no committed results/export/*.json"
+    for file in results:
+        payload = json.loads(file.read_text())
+        assert module.results_table(payload) in docs, f"docs/export.md lacks the table of {file.name} (scripts/verify_gguf_llamacpp.py --table {file})"
+        for name, entry in payload["results"].items():
+            if name != "source_gguf":
+                assert all(entry["load_checks"].values()), (file.name, name, entry["load_checks"])

@@ -297,7 +297,12 @@ def export_gguf(checkpoint: str | Path, output: str | Path, quantization: str = 
     fallbacks: dict[str, str] = {}
     errors: dict[str, list[float]] = {}  # type -> [sum of squared errors, sum of squares, tensors]
     entries = []
-    for hf_name, tensor in tqdm(list(_tensors(plan.weight_files)), desc="GGUF tensors", unit="tensor", disable=not progress):
+    count = 0
+    for file in plan.weight_files:
+        with safe_open(str(file), "pt") as handle:
+            count += len(handle.keys())
+    # One checkpoint tensor in memory at a time (plus what is already encoded for the file).
+    for hf_name, tensor in tqdm(_tensors(plan.weight_files), total=count, desc="GGUF tensors", unit="tensor", disable=not progress):
         if hf_name == "lm_head.weight" and plan.tied:
             continue
         module, _, suffix = hf_name.rpartition(".")
