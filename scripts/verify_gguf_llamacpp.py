@@ -200,21 +200,27 @@ def run(args: argparse.Namespace) -> None:
 def results_table(payload: dict) -> str:
     """The markdown table docs/export.md shows, generated from a results JSON (a test keeps the two equal)."""
     rows = ["| file | layers (checkpoint / transformers / llama.cpp) | types | GGUF MB | checkpoint MB | PPL llama.cpp | "
-            "PPL transformers, GGUF | PPL transformers, checkpoint | llama.cpp tokenizer = HF | first-window logits max abs diff |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "PPL transformers, GGUF | PPL transformers, checkpoint | llama.cpp / transformers, same file | GGUF / checkpoint, transformers | "
+            "llama.cpp tokenizer = HF | first-window logits max abs diff |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{100 * (a / b - 1):+.2f} %"
+
     for name, entry in payload["results"].items():
         if name == "source_gguf":
             layers = entry["layers"]
+            cpp, hf = entry["llama_cpp"]["perplexity"], entry["transformers_gguf"]["perplexity"]
             rows.append(f"| source `{entry['file']}` | - / {layers['transformers_gguf']} / {layers['llama_cpp']} | as shipped | {entry['bytes'] / 1e6:.1f} | | "
-                        f"{entry['llama_cpp']['perplexity']:.3f} | {entry['transformers_gguf']['perplexity']:.3f} | | "
-                        f"{'yes' if entry['llama_cpp']['tokenizer_agrees'] else 'no'} | |")
+                        f"{cpp:.3f} | {hf:.3f} | | {ratio(cpp, hf)} | | {'yes' if entry['llama_cpp']['tokenizer_agrees'] else 'no'} | |")
             continue
         layers, export = entry["layers"], entry["export"]
+        cpp, hf, ckpt = (entry[k]["perplexity"] for k in ("llama_cpp", "transformers_gguf", "transformers_checkpoint"))
         types = ", ".join(f"{k} {v}" for k, v in export["tensor_types"].items())
         rows.append(
             f"| `{name}` ({export['quantization']}) | {layers['checkpoint']} / {layers['transformers_gguf']} / {layers['llama_cpp']} | {types} | "
-            f"{export['bytes'] / 1e6:.1f} | {entry['checkpoint_bytes'] / 1e6:.1f} | {entry['llama_cpp']['perplexity']:.3f} | "
-            f"{entry['transformers_gguf']['perplexity']:.3f} | {entry['transformers_checkpoint']['perplexity']:.3f} | "
+            f"{export['bytes'] / 1e6:.1f} | {entry['checkpoint_bytes'] / 1e6:.1f} | {cpp:.3f} | {hf:.3f} | {ckpt:.3f} | "
+            f"{ratio(cpp, hf)} | {ratio(hf, ckpt)} | "
             f"{'yes' if entry['llama_cpp']['tokenizer_agrees'] else 'no'} | {entry['logits_first_window']['max_abs_logit_diff']:.3g} |")
     return "\n".join(rows) + "\n"
 
