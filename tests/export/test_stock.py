@@ -195,8 +195,10 @@ def test_docs_tables_are_generated_from_the_committed_results():
             if name == "source_gguf":
                 continue
             assert all(entry["load_checks"].values()), (file.name, name, entry["load_checks"])
-            # docs/export.md: llama.cpp and transformers agree to 0.01 % on F16 files and within 1 % on quantised ones
+            # docs/export.md: llama.cpp and transformers agree to 0.01 % on F16 files, within 1 % on quantised files of
+            # models that are not collapsed (perplexity < 1000), within 1.5 % on the collapsed ones
             gap = abs(entry["llama_cpp"]["perplexity"] / entry["transformers_gguf"]["perplexity"] - 1)
-            assert gap < (1e-4 if entry["export"]["file_type"] == "MOSTLY_F16" else 0.01), (file.name, name, gap)
+            collapsed = entry["transformers_checkpoint"]["perplexity"] >= 1000
+            assert gap < (1e-4 if entry["export"]["file_type"] == "MOSTLY_F16" else 0.015 if collapsed else 0.01), (file.name, name, gap)
             if "round_trip" in entry:  # "all 272 tensors come back byte-identical"
                 assert entry["round_trip"]["byte_identical"] == entry["round_trip"]["tensors"] == 272 and not entry["round_trip"]["differing"]
