@@ -266,6 +266,18 @@ class HardwareConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The optional ``export`` stage: the final checkpoint as a GGUF file (``layerfold.export``)."""
+
+    enabled: bool = False  # off: the stage records that nothing was exported
+    format: str = field(default="gguf", metadata={"choices": ["gguf"]})
+    # source = each tensor's type in the source GGUF (a Q4_1 model comes back Q4_1); the others for every 2-D tensor
+    quantization: str = field(default="source", metadata={"choices": ["source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]})
+    checkpoint: str = field(default="recovered", metadata={"choices": ["recovered", "compressed", "base"]})
+    verify: bool = True  # load the file with transformers' GGUF reader and compare its logits with the checkpoint's
+
+
+@dataclass
 class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -278,6 +290,7 @@ class Params:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     protocol: Optional[ProtocolConfig] = None  # set by paper presets (conf/experiment/*_llama*.yaml)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from layerfold.config import ConfigError, Params, check_ranges
+from layerfold.export.checks import export_problems
 from layerfold.methods import check_layer_major, get_method, token_cosine_distance
 from layerfold.models.facts import ModelFacts
 from layerfold.recovery.layer_major import layer_major_blocker
@@ -32,7 +33,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     if facts is None:
         return
     check_ranges(params, Params, where, facts=bounds)
-    problems = list(_cross_field_problems(params, facts))
+    problems = list(_cross_field_problems(params, facts)) + export_problems(params, facts)
     if problems:
         raise ConfigError(f"{where}: " + " ".join(problems))
 
