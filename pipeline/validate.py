@@ -14,7 +14,7 @@ from layerfold.config import load_params
 from layerfold.io import write_json
 from layerfold.models import probe
 from layerfold.stage import VALIDATED, expand
-from layerfold.validation import check
+from layerfold.validation import check, check_runtime
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     model.path, model.tokenizer = expand(model.path), expand(model.tokenizer)
     facts = probe(model)
     check(params, facts)
+    check_runtime(params)  # the device must exist here, where the stages will run
     # Facts only (no paths, no times): the same model writes the same bytes, so `base` does not re-run.
     write_json(VALIDATED, {"model": facts.to_json()})
     logging.info("params.yaml fits %s: %d layers, context %s", params.model.name, facts.num_layers, facts.context_length)
