@@ -203,6 +203,8 @@ def _data_problems(params: DictConfig) -> list[str]:
     if not local:
         return problems  # no tasks, or the stock tasks with hub data: lm-eval's own index decides
     known = local_task_names()
+    if not known:
+        return problems  # lm-eval is not installed here: the evaluate stage will say so itself
     for index, task in enumerate(tasks):
         benchmark = known.get(task)
         if benchmark is None:

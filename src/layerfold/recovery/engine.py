@@ -619,7 +619,7 @@ class RecoveryEngine:
             "global_batch_sequences": self.cfg.batch_size * self.cfg.grad_accum,
             "val_lm_loss_before": lm_before,
             "val_lm_loss_after": self.validation_lm_loss(self.student),  # LoRA not yet merged: the same function
-            "trained_parameters": trained_parameters,  # LoRA: the adapters' parameters
+            "trained_parameters": trained_parameters,  # LoRA: the adapters' parameters and those of layers trained in full
         }
         model = self._final_model()
         if model is not None:  # the main process: the final weights against the ones training started from
