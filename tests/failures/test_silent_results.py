@@ -25,7 +25,7 @@ from layerfold.config import ConfigError, RecoveryConfig, compose, derived_model
 from layerfold.methods import MethodContext, compress
 from layerfold.models import load_checkpoint, save_checkpoint
 from layerfold.models.facts import ModelFacts
-from layerfold.models.fingerprint import PlanFingerprintError, check_plan, checkpoint_fingerprint, seal_plan
+from layerfold.models.fingerprint import PlanFingerprintError, check_plan, checkpoint_fingerprint
 from layerfold.recovery import RecoveryEngine
 from layerfold.recovery.engine import UntrainedLayersError
 from layerfold.surgery import LayerPlan, remove_layers
