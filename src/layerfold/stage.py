@@ -17,7 +17,7 @@ from layerfold.data.fingerprint import DATA_FILES  # noqa: F401  (a stage output
 from layerfold.io import remove_stale_temps
 from layerfold.models.facts import checkpoint_facts
 from layerfold.models.sources import resolve_device, resolve_dtype
-from layerfold.validation import check
+from layerfold.validation import check, check_runtime
 
 # Fixed artifact locations: stable paths keep `dvc exp show` columns aligned across experiments.
 BASE = Path("artifacts/base")
@@ -54,6 +54,7 @@ def start(name: str, params_path: str | Path = "params.yaml") -> Stage:
     # Stages after `base` check the params against the model they will read. (DVC has already deleted
     # this stage's outputs; the `validate` stage ran the same check before any stage started.)
     check(params, checkpoint_facts(BASE) if name != "base" and (BASE / "config.json").exists() else None, str(params_path))
+    check_runtime(params)
     seed = params.runtime.seed
     random.seed(seed)
     np.random.seed(seed)

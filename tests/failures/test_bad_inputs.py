@@ -53,7 +53,7 @@ def run_base_stage(tmp_path, monkeypatch, model_dir) -> None:
     from layerfold.config import compose
     from pipeline.base import main
 
-    params = compose(REPO / "conf", ["model.source=local", f"model.path={model_dir}", "model.storage_dtype=float32", "method.num_remove=1"])
+    params = compose(REPO / "conf", ["model.source=local", f"model.path={model_dir}", "model.name=null", "model.storage_dtype=float32", "method.num_remove=1"])
     work = tmp_path / "work"
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(params))

@@ -20,6 +20,7 @@ TINY = [
     "data.calibration.num_blocks=4",
     "data.calibration.seq_len=64",
     "data.benchmarks=[]",
+    "eval.lm_eval.tasks=[]",  # nothing prepared, nothing to score (validate checks the two agree)
     "method.num_remove=2",
     "eval.perplexity.seq_len=128",
 ]

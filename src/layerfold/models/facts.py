@@ -8,6 +8,7 @@ takes a second; loading the weights can take minutes or run out of memory, so bo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -99,7 +100,7 @@ def hub_error(what: str, err: Exception) -> ModelSourceError:
     hint = (
         f" Offline mode is on ({var}=1, set e.g. by scripts/env.sh), so only models already in the local "
         f"hub cache load: unset {var} on a machine with network access, or use a local source "
-        "(model=smollm2_135m, or model.source=local with model.path)."
+        "(model=smollm2_135m, or model.source=local with model.path and model.name)."
         if var
         else " Check the model id and your network access, or use a local source (model.source=local)."
     )
@@ -218,8 +219,10 @@ def probe(cfg: DictConfig) -> ModelFacts:
 def identity(cfg: DictConfig, storage_dtype: str) -> dict[str, Any]:
     """Which weights these are: ``file`` (as configured, never a machine's absolute path), ``quantization``, ``sha256``.
 
-    For hub models ``file`` is ``<id>@<revision>`` and the sha256 is that of the first weights file the hub
-    cache holds (``None`` when the model was not downloaded as safetensors).
+    ``sha256`` is that of the weights file, or for weights in several shards the sha256 of the shards'
+    ``<name> <sha256>`` lines (each shard streamed once, as loading reads it anyway). For hub models ``file`` is
+    ``<id>@<revision>`` and the hashes are those of the safetensors files the hub cache holds (``None`` when
+    the model was not downloaded as safetensors).
     """
     source = cfg.source
     if source == "hub":
@@ -235,8 +238,18 @@ def identity(cfg: DictConfig, storage_dtype: str) -> dict[str, Any]:
     return {
         "file": ", ".join(w.name for w in weights),
         "quantization": f"none, stored as {storage_dtype}",
-        "sha256": file_sha256(weights[0]) if len(weights) == 1 else None,
+        "sha256": files_sha256(weights),
     }
+
+
+def files_sha256(paths: list[Path]) -> str | None:
+    """sha256 of one file, or of the ``<name> <sha256>`` lines of several (sorted by name); None for none."""
+    if not paths:
+        return None
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    lines = "".join(f"{p.name} {file_sha256(p)}\n" for p in sorted(paths, key=lambda p: p.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _hub_sha256(cfg: DictConfig) -> str | None:
@@ -244,6 +257,13 @@ def _hub_sha256(cfg: DictConfig) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(cfg.id, "model.safetensors", revision=cfg.revision)
-        return file_sha256(Path(cached)) if isinstance(cached, str) else None
+        if isinstance(cached, str):
+            return file_sha256(Path(cached))
+        index = try_to_load_from_cache(cfg.id, "model.safetensors.index.json", revision=cfg.revision)
+        if not isinstance(index, str):
+            return None
+        shards = [try_to_load_from_cache(cfg.id, name, revision=cfg.revision)
+                  for name in sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))]
+        return files_sha256([Path(s) for s in shards]) if all(isinstance(s, str) for s in shards) else None
     except Exception:  # identity is informative; a cache layout we cannot read must not fail the stage
         return None

@@ -14,13 +14,15 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from layerfold.io import atomic_dir
+from layerfold.io import atomic_dir, write_json
 
 # ModelSourceError and package_file moved to facts (read without loading weights); importable here as before.
 from layerfold.models.facts import ModelSourceError, hub_error, package_file, source_path  # noqa: F401
+from layerfold.models.fingerprint import seal_plan
 from layerfold.models.replacement import attach_side_layers, detached_side_layers, save_side_layers
 
 SOURCES = ("hub", "local", "gguf", "package", "llama2c")
+PLAN_FILE = "plan.json"  # a compressed (or recovered) checkpoint's plan, written with it
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -103,8 +105,14 @@ def check_compatible(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
         )
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write safetensors + config + tokenizer atomically (a killed run leaves no half checkpoint)."""
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, dtype: torch.dtype | None = None,
+                    plan: dict | None = None) -> None:
+    """Write safetensors + config + tokenizer atomically (a killed run leaves no half checkpoint).
+
+    ``plan`` (a compression plan) is written as ``plan.json`` inside the same atomic rename, sealed to the
+    weights just written (:func:`layerfold.models.fingerprint.seal_plan`): the checkpoint never appears without
+    its plan, and a plan never describes weights it was not written with.
+    """
     with atomic_dir(path) as tmp, detached_side_layers(model) as side:
         # Replacement layers no stock class can express go to a side file (layerfold.models.replacement).
         if side is not None:
@@ -122,6 +130,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         if dtype is not None:
             record_stored_dtype(tmp / "config.json", dtype)
         tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            write_json(tmp / PLAN_FILE, seal_plan(plan, tmp))
 
 
 def record_stored_dtype(config_file: Path, dtype: torch.dtype) -> None:
