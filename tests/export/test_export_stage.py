@@ -11,7 +11,7 @@ from conftest import REPO, data_dir, models_dir
 from layerfold.config import ConfigError, compose
 from layerfold.stage import METRICS
 
-TINY = ["model=stories260k", "data.calibration.num_blocks=4", "data.calibration.seq_len=64", "data.benchmarks=[]",
+TINY = ["model=stories260k", "data.calibration.num_blocks=4", "data.calibration.seq_len=64", "data.benchmarks=[]", "eval.lm_eval.tasks=[]",
         "method.num_remove=2", "eval.perplexity.seq_len=128"]
 
 

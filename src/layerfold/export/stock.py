@@ -21,6 +21,7 @@ from typing import Any
 from safetensors import safe_open
 
 from layerfold.models.adapters import ADAPTERS
+from layerfold.models.layer_config import VALUE_LISTS
 from layerfold.models.replacement import SIDE_FILE
 from layerfold.models.sources import resolve_pointer
 
@@ -68,7 +69,8 @@ def tensor_shapes(checkpoint_dir: str | Path) -> dict[str, tuple[int, ...]]:
 def serving_config_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
     """What a loader that builds the model from ``config`` would trip over (empty when nothing).
 
-    - every per-layer list (the family's ``per_layer_config`` keys, e.g. ``layer_types``) has one entry per layer;
+    - every known per-layer list (:data:`layerfold.models.layer_config.VALUE_LISTS`, e.g. ``layer_types``) has one
+      entry per layer;
     - head counts and FFN width are one number for all layers, or a list with one entry per layer ("declared");
     - the query heads are a multiple of the key-value heads;
     - with ``shapes`` (:func:`tensor_shapes`): the weights hold exactly the layers ``0 .. num_hidden_layers - 1``,
@@ -79,7 +81,7 @@ def serving_config_problems(config: Mapping[str, Any], shapes: Mapping[str, tupl
         return [f"config.json's num_hidden_layers={layers!r} is not a positive integer"]
     adapter = ADAPTERS.get(config.get("model_type", ""))
     problems = []
-    for key in adapter.per_layer_config if adapter else ("layer_types",):
+    for key in VALUE_LISTS:
         value = config.get(key)
         if isinstance(value, list) and len(value) != layers:
             problems.append(f"config.json's {key} has {len(value)} entries for {layers} layers (num_hidden_layers)")
