@@ -9,8 +9,9 @@ layer at a time from the plan over the base checkpoint's shards (:func:`layerfol
 the same files with the same tensors (LLM-Streamline's replacements included: the plan states their
 re-initialisation, drawn from ``runtime.seed``). A method that cannot run layer-major stops before anything loads.
 
-Wall time, peak memory and the device go to metrics/compress_time.json, which no stage depends on: a
-re-run that writes the same model and plan leaves the report and everything else up to date.
+Wall time, peak memory and the device go to metrics/compress_time.json: git ignores it and DVC lists it
+as a top-level metric, not an output, so no hash in dvc.lock depends on the machine or the clock, and a
+re-run that writes the same model and plan leaves dvc.lock, the report and everything else as they were.
 """
 
 import logging

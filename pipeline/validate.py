@@ -11,7 +11,7 @@ with every earlier output intact. The model's facts come from its config or file
 import logging
 
 from layerfold.config import load_params
-from layerfold.io import write_json
+from layerfold.io import install_error_hook, write_json
 from layerfold.models import probe
 from layerfold.stage import VALIDATED, expand
 from layerfold.validation import check
@@ -19,6 +19,7 @@ from layerfold.validation import check
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [validate] %(message)s", datefmt="%H:%M:%S")
+    install_error_hook("validate")
     params = load_params()
     model = params.model.copy()
     model.path, model.tokenizer = expand(model.path), expand(model.tokenizer)

@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from layerfold.capture.stats import NonFiniteActivationError, capture_statistics
-from layerfold.data.calibration import CalibrationDataError, build_calibration
+from layerfold.data.calibration import build_calibration
 from layerfold.data.fingerprint import fingerprint, required_files
 from layerfold.data.text import LOCAL_FILES
+from layerfold.io import DamagedFileError
 from layerfold.models import ModelSourceError, UnsupportedArchitectureError, load_checkpoint, probe
 from layerfold.models.llama2c import load_llama2c_tokenizer
 from layerfold.models.resources import InsufficientMemoryError, guard
@@ -159,7 +160,8 @@ def test_empty_calibration_text_is_refused(tmp_path, stories_tokenizer):
     path.parent.mkdir(parents=True)
     path.write_text("\n\n  \n\n")
     cfg = data_cfg(tmp_path)
-    with pytest.raises(CalibrationDataError, match="'wikitext2_train' .* holds no text"):
+    # the reader refuses it, naming the file (tests/failures/test_damaged_inputs.py has the other damaged files)
+    with pytest.raises(DamagedFileError, match=f"Data file {LOCAL_FILES['wikitext2_train']} .* is empty; expected UTF-8 text"):
         build_calibration(cfg.calibration, stories_tokenizer, cfg.local_dir)
 
 

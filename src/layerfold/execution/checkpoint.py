@@ -26,6 +26,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from layerfold.execution.loaders import LayerLoader, StateDict, layer_prefix
 from layerfold.io import atomic_dir, write_json
 from layerfold.models.adapters import get_adapter
+from layerfold.models.sources import drop_unportable_keys
 
 SHARD_BYTES = 5 * 2**30
 
@@ -105,6 +106,7 @@ def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        drop_unportable_keys(tmp)  # as the resident save: no library versions in the files
         for name, content in (extra_json or {}).items():
             write_json(tmp / name, content)
 
