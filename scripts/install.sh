@@ -20,6 +20,12 @@ case "$variant" in
 esac
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
+# the lock's pip first (its own entry, hashes included): older pips refuse a hash-pinned lock whose packages
+# ask for extras of pinned packages (e.g. typepy[datetime]) in --require-hashes mode
+pip_entry=$(mktemp)
+trap 'rm -f "$pip_entry"' EXIT
+awk '/^pip==/ {keep=1; print; next} keep && /^    --hash/ {print; next} {keep=0}' "requirements/$variant.txt" > "$pip_entry"
+python -m pip install -q --require-hashes --no-deps -r "$pip_entry"
 # --require-hashes: a package whose file does not match its lock hash, or one the lock does not name, stops the install
 python -m pip install -q --require-hashes -r "requirements/$variant.txt"
 # layerfold itself: its dependencies are the lock's (--no-deps), built by the locked setuptools (--no-build-isolation)

@@ -106,16 +106,19 @@ def atomic_dir(path: str | Path, expected_bytes: int | None = None) -> Iterator[
     should the machine refuse a write; without it the message gives what was written before the failure.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     except OSError as err:
-        raise _creation_refused(err, path, expected_bytes) from err
+        failure = _creation_refused(err, path, expected_bytes)
+        if failure is None:
+            raise
+        raise failure from err
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs should look like any other directory
     try:
         yield tmp
     except BaseException as err:
-        failure = _refused(err, path, tmp, expected_bytes)
+        failure = _explained(err, path, tmp, expected_bytes)
         shutil.rmtree(tmp, ignore_errors=True)
         if failure is not None:
             raise failure from err
@@ -132,22 +135,33 @@ def atomic_file(path: str | Path, mode: str = "w", expected_bytes: int | None = 
     ``expected_bytes``: as for :func:`atomic_dir`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     except OSError as err:
-        raise _creation_refused(err, path, expected_bytes) from err
+        failure = _creation_refused(err, path, expected_bytes)
+        if failure is None:
+            raise
+        raise failure from err
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
     except BaseException as err:
-        failure = _refused(err, path, Path(tmp), expected_bytes)
+        failure = _explained(err, path, Path(tmp), expected_bytes)
         Path(tmp).unlink(missing_ok=True)
         if failure is not None:
             raise failure from err
         raise
     os.replace(tmp, path)
+
+
+def _explained(err: BaseException, path: Path, tmp: Path | None, expected: int | None) -> OutputWriteError | None:
+    """:func:`_refused`, never raising itself: explaining a failure must not hide it."""
+    try:
+        return _refused(err, path, tmp, expected)
+    except Exception:
+        return None
 
 
 def _write_errno(err: BaseException) -> int | None:
@@ -251,15 +265,15 @@ def _refused(err: BaseException, path: Path, tmp: Path | None, expected: int | N
     return failure
 
 
-def _creation_refused(err: OSError, path: Path, expected: int | None) -> OSError:
-    """The temp next to ``path`` could not be created: a refused write, or ``err`` itself."""
+def _creation_refused(err: OSError, path: Path, expected: int | None) -> OutputWriteError | None:
+    """The temp next to ``path`` could not be created: the refused write explained, or None for another failure."""
     if err.errno in (errno.EACCES, errno.EPERM):
         failure = OutputWriteError(err.errno, f"Could not write {shown_path(path)}: {os.strerror(err.errno)}. Make "
                                    f"{shown_path(path.parent)} writable for this user (or run from a writable clone). "
                                    "Nothing at that path looks finished.")
         failure.needed = expected
         return failure
-    return _refused(err, path, None, expected) or err
+    return _explained(err, path, None, expected)
 
 
 def _free_bytes(path: Path) -> int:
