@@ -1,6 +1,7 @@
 """The hostile-input suite's counts in docs/reliability.md, generated from a run of tests/failures/.
 
     python scripts/reliability_table.py           # run tests/failures/, rewrite the tables and docs/reliability_cases.json
+    python scripts/reliability_table.py -m 'not slow'  # the same, the slow cases recorded as not run
     python scripts/reliability_table.py --check   # collect only: exit 1 when the cases differ from the recorded ones
 
 Every test in ``tests/failures/`` is a case. Its class comes from ``@pytest.mark.hostile(input=..., stage=...,
@@ -35,7 +36,7 @@ EXPECTS = {
     "same-hashes": "the same inputs give byte-identical outputs",
     "traceback-for-bugs": "an unexpected error keeps its traceback",
 }
-VERDICTS = ("passed", "failed", "skipped", "xfailed", "xpassed")
+VERDICTS = ("passed", "failed", "skipped", "xfailed", "xpassed", "not run")
 
 
 class Collector:
@@ -44,21 +45,20 @@ class Collector:
     def __init__(self) -> None:
         self.cases: dict[str, dict] = {}
 
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        for item in items:
-            fields: dict = {}
-            for marker in item.iter_markers("hostile"):  # closest first
-                for key, value in marker.kwargs.items():
-                    fields.setdefault(key, value)
-            if fields.get("counted", True) is False:  # the suite's own bookkeeping, not a hostile input
-                continue
-            expect = fields.get("expect", ())
-            self.cases[item.nodeid] = {
-                "input": fields.get("input", "unmarked"),
-                "stage": fields.get("stage", "-"),
-                "expect": [expect] if isinstance(expect, str) else list(expect),
-                "verdict": None,
-            }
+    def pytest_itemcollected(self, item: pytest.Item) -> None:  # every case, also those `-m` deselects later
+        fields: dict = {}
+        for marker in item.iter_markers("hostile"):  # closest first
+            for key, value in marker.kwargs.items():
+                fields.setdefault(key, value)
+        if fields.get("counted", True) is False:  # the suite's own bookkeeping, not a hostile input
+            return
+        expect = fields.get("expect", ())
+        self.cases[item.nodeid] = {
+            "input": fields.get("input", "unmarked"),
+            "stage": fields.get("stage", "-"),
+            "expect": [expect] if isinstance(expect, str) else list(expect),
+            "verdict": "not run",
+        }
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         case = self.cases.get(report.nodeid)
@@ -74,16 +74,16 @@ class Collector:
             verdict = "passed"
         else:
             return
-        if case["verdict"] in (None, "passed"):  # a failed teardown after a passed call still fails the case
+        if case["verdict"] in ("not run", "passed"):  # a failed teardown after a passed call still fails the case
             case["verdict"] = verdict
 
 
-def collect(run: bool) -> dict[str, dict]:
+def collect(run: bool, marks: str | None = None) -> dict[str, dict]:
     collector = Collector()
     os.chdir(REPO)
-    args = [SUITE, "-qq", "-p", "no:cacheprovider"] + ([] if run else ["--collect-only"])
+    args = [SUITE, "-qq", "-p", "no:cacheprovider"] + ([] if run else ["--collect-only"]) + (["-m", marks] if marks else [])
     code = pytest.main(args, plugins=[collector])
-    if code not in (0, 1):  # 1: some case failed, which the table reports
+    if code not in (0, 1, 5):  # 1: some case failed, which the table reports; 5: none selected  # 1: some case failed, which the table reports
         raise SystemExit(f"pytest exited {code} on {SUITE}")
     return collector.cases
 
@@ -154,11 +154,13 @@ def check() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="collect only and compare with the recorded cases")
+    parser.add_argument("-m", dest="marks", default=None, help="run only the cases this pytest mark expression selects "
+                        "(the others count as 'not run'), e.g. 'not slow'")
     parser.add_argument("--when", default=None, help="what to say the run was (default: today's date and this machine's cores)")
     args = parser.parse_args()
     if args.check:
         return check()
-    cases = collect(run=True)
+    cases = collect(run=True, marks=args.marks)
     write(cases, args.when or f"{date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} CPU cores")
     print(f"wrote {DOC.relative_to(REPO)} and {CASES.relative_to(REPO)}: {len(cases)} cases")
     return 0
