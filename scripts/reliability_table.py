@@ -119,7 +119,7 @@ def tables(cases: dict[str, dict], when: str) -> str:
     lines += ["", "Every case (parametrised cases counted under their test):", "",
               _row(["test", "input", "stage", "expect", "cases", "verdicts"]), _row(["---"] * 6)]
     by_test: dict[str, list[dict]] = {}
-    for nodeid, case in cases.items():
+    for nodeid, case in sorted(cases.items()):  # the order of the recorded file, whatever the run's
         by_test.setdefault(nodeid.split("[")[0], []).append(case)
     for test, group in by_test.items():
         counts = Counter(c["verdict"] for c in group)
