@@ -12,8 +12,9 @@ the same files with the same tensors (LLM-Streamline's replacements included: th
 re-initialisation, drawn from ``runtime.seed``). A method that cannot run layer-major stops before anything loads.
 
 Wall time (the method's and any a method reports under ``details["timings"]``), peak memory and the
-device go to metrics/compress_time.json, which no stage depends on: plan.json holds no times, so a re-run
-that writes the same model and plan leaves the report and everything else up to date.
+device go to metrics/compress_time.json: git ignores it and DVC lists it as a top-level metric, not an output,
+and plan.json holds no times, so no hash in dvc.lock depends on the machine or the clock, and a re-run that
+writes the same model and plan leaves dvc.lock, the report and everything else as they were.
 """
 
 import logging

@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from layerfold.config import ConfigError, load_params
-from layerfold.io import write_json
+from layerfold.io import install_error_hook, write_json
 from layerfold.models import ModelSourceError, UnsupportedArchitectureError, probe
 from layerfold.stage import VALIDATED, expand
 from layerfold.validation import check, check_runtime
@@ -22,6 +22,7 @@ from layerfold.validation import check, check_runtime
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [validate] %(message)s", datefmt="%H:%M:%S")
+    install_error_hook("validate")
     try:
         params = load_params()
     except ConfigError as err:

@@ -149,6 +149,7 @@ def main() -> None:
         if recovery != "none":
             copy_if(METRICS / "recovered.json", dest / "recovered.json")
             copy_if(METRICS / "recover.json", dest / "recover.json")
+            copy_if(METRICS / "recover_time.json", dest / "recover_time.json")
         save()
 
     print("== evaluation wall time per model: " + ", ".join(f"{k} {v:.1f}s" for k, v in per_model.items()), flush=True)

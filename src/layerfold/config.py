@@ -439,7 +439,28 @@ def load_params(path: str | Path = "params.yaml", facts: Mapping[str, int] | Non
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found. Run from the repository root, or compose it with `dvc exp run`.")
-    return parse_params(OmegaConf.load(path), str(path), facts)
+    return parse_params(_read_yaml(path), str(path), facts)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """``path`` as a mapping; a file that is not YAML (or not a mapping) is named with the line and the fix."""
+    import yaml
+
+    again = "write the file again with `python scripts/compose_params.py` (or `dvc exp run`)"
+    fix = f"Fix that line, or {again}."
+    try:
+        raw = OmegaConf.load(path)  # OmegaConf's YAML loader: 1e-4 is a float, as Hydra composed it
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); {again}.") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}). {fix}") from None
+    if not isinstance(raw, DictConfig) or not raw:
+        raise ConfigError(f"{path} holds {'a list' if raw else 'nothing'}, expected a mapping of settings "
+                          f"(model:, data:, method:, ...); {again}.")
+    return raw
 
 
 def parse_params(raw: DictConfig | dict, where: str = "params.yaml", facts: Mapping[str, int] | None = None) -> DictConfig:

@@ -17,6 +17,8 @@ from layerfold.validation import check
 
 SMOLLM2 = ModelFacts(model_type="llama", num_layers=30, context_length=8192, vocab_size=49152)
 
+pytestmark = pytest.mark.hostile(input="config", stage="validate", expect=("message", "intact"))
+
 
 def composed(*overrides: str) -> dict:
     return compose(REPO / "conf", list(overrides))

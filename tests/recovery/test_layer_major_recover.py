@@ -350,7 +350,7 @@ def test_recover_stage_under_sequential_matches_resident(base, compressed, tmp_p
         Path("params.yaml").write_text(yaml.safe_dump(compose(REPO / "conf", overrides), sort_keys=False))
         recover.main()
         shutil.copytree(RECOVERED, tmp_path / hardware)
-        runs[hardware] = json.loads((METRICS / "recover.json").read_text())
+        runs[hardware] = {**json.loads((METRICS / "recover.json").read_text()), **json.loads((METRICS / "recover_time.json").read_text())}
         curves[hardware] = [float(r["loss"]) for r in csv.DictReader(open(METRICS / "recover_curve.csv"))]
         assert not RECOVERY_STATE.exists()
     theirs, ours = runs["resident"], runs["sequential"]

@@ -28,6 +28,7 @@ from layerfold.io import atomic_dir, write_json
 from layerfold.models.adapters import get_adapter
 from layerfold.models.fingerprint import seal_plan
 from layerfold.models.sources import PLAN_FILE
+from layerfold.models.sources import drop_unportable_keys
 
 SHARD_BYTES = 5 * 2**30
 
@@ -109,6 +110,7 @@ def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        drop_unportable_keys(tmp)  # as the resident save: no library versions in the files
         for name, content in (extra_json or {}).items():
             write_json(tmp / name, content)
         if plan is not None:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from layerfold.capture.hooks import hidden_from, hidden_into
-from layerfold.io import atomic_file
+from layerfold.io import DamagedFileError, atomic_file, payload_bytes
 from layerfold.models.adapters import get_adapter
 from layerfold.models.devices import peak_flops  # re-exported by layerfold.recovery
 from layerfold.recovery.batches import IndexedRows, MicroBatches
@@ -569,7 +569,7 @@ class RecoveryEngine:
             "validation": self.validation,
             "results": [r.__dict__ for r in results],
         }
-        with atomic_file(path, "wb") as handle:
+        with atomic_file(path, "wb", expected_bytes=payload_bytes(state)) as handle:
             torch.save(state, handle)
 
     def _load_state(self) -> dict | None:
@@ -577,8 +577,14 @@ class RecoveryEngine:
         path = self._state_path()
         if path is None or not path.exists():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated zip, a bad pickle: torch raises several kinds
+            raise DamagedFileError(
+                f"The resumable recovery state {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                f"Delete {path.parent} to start the recovery from its first step."
+            ) from None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             log.warning("ignoring %s: it was written for other settings or data", path)
             return None
         params = dict(self.student.named_parameters())

@@ -45,7 +45,7 @@ from layerfold.validation import check
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a git ref component and a file name
 RUN_KEYS = {"overrides", "remove", "curve"}
 LIST_KEYS = {"experiment_prefix", "common", "compare_at", "runs"}
-METRIC_FILES = ("dense", "compressed", "recovered", "compress", "compress_time", "recover")
+METRIC_FILES = ("dense", "compressed", "recovered", "compress", "compress_time", "recover", "recover_time")
 PARAM_SECTIONS = ("model", "data", "method", "recovery", "eval", "runtime", "hardware")
 
 
@@ -208,7 +208,8 @@ def git_reader(root: str | Path = ".") -> FileReader:
 
 
 def _timings(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    compress_time, recover = metrics.get("compress_time") or {}, metrics.get("recover") or {}
+    # recover_time.json holds the recover stage's times; older runs kept them in recover.json
+    compress_time, recover = metrics.get("compress_time") or {}, {**(metrics.get("recover") or {}), **(metrics.get("recover_time") or {})}
     return {
         "compress_s": num(compress_time.get("seconds")),
         "compress_peak_mib": num(compress_time.get("peak_memory_mib")),
