@@ -142,7 +142,7 @@ def main() -> None:
         run.log({f"recover/{k}": v for k, v in {**metrics, **timing}.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.finish()
         logging.info("recovered: val LM loss %.4f -> %.4f, %s tokens/s", summary["val_lm_loss_before"] or float("nan"),
-                     summary["val_lm_loss_after"] or float("nan"), metrics["tokens_per_s"])
+                     summary["val_lm_loss_after"] or float("nan"), timing["tokens_per_s"])
     end_processes()
 
 

@@ -10,7 +10,6 @@ A refusal is printed as its message (every problem found, with the key, the valu
 """
 
 import logging
-import sys
 from typing import NoReturn
 
 from layerfold.config import ConfigError, load_params
@@ -23,10 +22,7 @@ from layerfold.validation import check, check_runtime
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [validate] %(message)s", datefmt="%H:%M:%S")
     install_error_hook("validate")
-    try:
-        params = load_params()
-    except ConfigError as err:
-        refuse([str(err)])
+    params = load_params()  # a ConfigError here is printed by the hook, one line
     problems = []
     try:
         model = params.model.copy()
@@ -47,8 +43,8 @@ def main() -> None:
 
 
 def refuse(problems: list[str]) -> NoReturn:
-    print("error: " + "\n".join(problems) + "\nNo later stage ran; fix params.yaml (or the -S overrides) and run again.", file=sys.stderr)
-    sys.exit(1)
+    """Every problem found, printed by the error hook as ``[validate] ConfigError: ...`` (no traceback)."""
+    raise ConfigError("\n".join(problems))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,10 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     With ``facts=None`` only what needs no model is checked (the method's own schema and ranges, recovery's
     settings, the benchmark and task names).
     """
-    _check_family(params, facts)
+    refused = _family_problems(params, facts)
+    if refused:  # the later checks assume a family that supports the method: report what else is wrong, then stop
+        problems = [*refused, *_recovery_problems(params), *_data_problems(params), *_model_name_problems(params)]
+        raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
     bounds = facts.bounds() if facts is not None else {}
     spec, method_cfg = get_method(params.method, bounds)
     _check_capture_distance(params, spec, method_cfg)
@@ -79,16 +82,15 @@ def check_runtime(params: DictConfig) -> None:
         raise ConfigError(f"runtime.device=mps, but this machine has no MPS device. {fix}")
 
 
-def _check_family(params: DictConfig, facts: ModelFacts | None) -> None:
-    """The model's family (read from its config, never its weights) supports the method and recovery, or the run
-    stops here with the reason (:mod:`layerfold.surgery.support`); an unknown architecture raises UnsupportedArchitectureError."""
+def _family_problems(params: DictConfig, facts: ModelFacts | None) -> list[str]:
+    """The model's family (read from its config, never its weights) supports the method and recovery, or the reason
+    it does not (:mod:`layerfold.surgery.support`); an unknown architecture raises UnsupportedArchitectureError."""
     if facts is None:
-        return
+        return []
     family = family_of(facts.model_type, facts.config)
     spec, method_cfg = get_method(params.method, facts.bounds())
     why = method_refusal(family, spec.name, method_cfg) or recovery_refusal(family, params.get("recovery"))
-    if why is not None:
-        raise ConfigError(f"{why} [model family: {facts.model_type}]")
+    return [] if why is None else [f"{why} [model family: {facts.model_type}]"]
 
 
 def _check_capture_distance(params: DictConfig, spec, method_cfg) -> None:
@@ -141,7 +143,7 @@ def _method_problems(name: str, cfg: Any, params: DictConfig, facts: ModelFacts)
         if name in ("come", "come_p"):
             from layerfold.methods.come import check_config
 
-            # which families can be concatenated at all is decided by _check_family (layerfold.surgery.support)
+            # which families can be concatenated at all is decided by _family_problems (layerfold.surgery.support)
             check_config(cfg, layers)
         elif name == "mka":
             from layerfold.methods.mka import check_samples

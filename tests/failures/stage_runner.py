@@ -21,6 +21,7 @@ TINY = [
     "data.calibration.num_blocks=8",
     "data.calibration.seq_len=64",
     "data.benchmarks=[arc_easy]",
+    "eval.lm_eval.tasks=[arc_easy]",  # the tasks must read prepared benchmarks (validate checks it)
     "method.num_remove=2",
     "eval.perplexity.seq_len=128",
 ]

@@ -39,7 +39,7 @@ TRAINING = ["recovery.data.seq_len=64", "recovery.data.train_tokens=1024", "reco
 # (overrides, model facts, what the refusal says): each used to fail inside a stage, after DVC deleted its outputs.
 CASES = {
     "come target unreachable": (["method=come", "method.num_remove=3"], STORIES, "method.wo_repeat=true cannot reach 2 layers from 5"),
-    "come on fused heads": (["method=come", "method.num_remove=1"], NEOX, "which the 'gpt_neox' architecture fuses"),
+    "come on fused heads": (["method=come", "method.num_remove=1"], NEOX, "CoMe's concatenation merge needs separate query/key/value projections"),
     "mka removes every layer": (["method=mka", "method.num_remove=5"], STORIES, "method.num_remove=5 is not allowed: it must be < num_layers = 5"),
     "mka draws beyond the samples": (["method=mka", "method.draws=2"], STORIES, "data.calibration.num_blocks=8 is too few for method.draws=2"),
     "mka k beyond the samples": (["method=mka", "method.n_neighbors=10", "method.k_entropy=4"], STORIES,
