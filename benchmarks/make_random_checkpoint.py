@@ -5,7 +5,7 @@
 
 The result is an ordinary Hugging Face directory (``config.json``, ``model-0000k-of-0000n.safetensors``
 shards with ``model.safetensors.index.json``, tokenizer files) that layerfold loads as
-``model.source=local model.path=DIR`` and ``layerfold.execution.SafetensorsLayerLoader`` reads layer
+``model.source=local model.path=DIR model.name=null`` (named after DIR) and ``layerfold.execution.SafetensorsLayerLoader`` reads layer
 by layer: real time, memory and disk traffic of a 7B model without downloading one (its numbers mean
 nothing). The weights are exactly ``SeededLayerLoader(config, seed, dtype, generator_device=--device)``'s,
 drawn one layer at a time; host memory holds one shard at most (``--shard-gb``), never the model.

@@ -2,15 +2,19 @@
 
     dvc repro compress    # params: method, hardware  ->  artifacts/compressed/ (checkpoint + plan.json), metrics/compress.json
 
-``hardware=resident`` loads the whole model, lets the method edit it in place and saves it.
+``hardware=resident`` loads the whole model, lets the method edit it in place and saves it. Either way the
+checkpoint and its ``plan.json`` are one atomic output, the plan sealed to the weights it describes
+(:mod:`layerfold.models.fingerprint`; the recover stage checks the seal before training).
 ``hardware=sequential`` never holds the model: the method's trials run layer by layer
 (:class:`layerfold.methods.MethodContext.layer_major`), and the compressed checkpoint is written one
 layer at a time from the plan over the base checkpoint's shards (:func:`layerfold.execution.save_layerwise`),
 the same files with the same tensors (LLM-Streamline's replacements included: the plan states their
 re-initialisation, drawn from ``runtime.seed``). A method that cannot run layer-major stops before anything loads.
 
-Wall time, peak memory and the device go to metrics/compress_time.json, which no stage depends on: a
-re-run that writes the same model and plan leaves the report and everything else up to date.
+Wall time (the method's and any a method reports under ``details["timings"]``), peak memory and the
+device go to metrics/compress_time.json: git ignores it and DVC lists it as a top-level metric, not an output,
+and plan.json holds no times, so no hash in dvc.lock depends on the machine or the clock, and a re-run that
+writes the same model and plan leaves dvc.lock, the report and everything else as they were.
 """
 
 import logging
@@ -26,52 +30,55 @@ from layerfold import execution
 from layerfold.capture import BoundaryStatistics
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.execution.checkpoint import save_layerwise
-from layerfold.io import write_json
+from layerfold.io import read_json, write_json
 from layerfold.methods import MethodContext, check_layer_major, compress
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.resources import guard
-from layerfold.models.sources import resolve_dtype
+from layerfold.models.sources import PLAN_FILE, resolve_dtype
 from layerfold.stage import BASE, CALIBRATION, COMPRESSED, CAPTURE, METRICS, start
 from layerfold.tracking import init_run
 
 
-def _timed_compress(ctx: MethodContext, method: Any, device: torch.device) -> tuple[dict, float]:
+def _timed_compress(ctx: MethodContext, method: Any, device: torch.device) -> tuple[dict, dict]:
+    """The plan, and the wall times: the whole method's ``seconds`` and any a method reports under
+    ``details["timings"]``, taken out of the plan (plan.json holds no times, so the same edits write the same bytes)."""
     reset_peak_memory(device)
     began = time.perf_counter()
     plan = compress(ctx, method)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return plan, time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    return plan, {"seconds": round(seconds, 3), **plan.get("details", {}).pop("timings", {})}
 
 
 def compress_resident(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, batch_size: int,
-                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, float]:
-    """The whole model on ``device``, edited in place and saved: ``(plan, describe(model), seconds)``.
+                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, dict]:
+    """The whole model on ``device``, edited in place and saved with its plan (one atomic output):
+    ``(plan, describe(model), timings)``.
 
     ``seed`` (``runtime.seed``) seeds the weights a method draws fresh (LLM-Streamline's swiglu replacement).
     """
     model, tokenizer = load_checkpoint(base, device, dtype)
     ctx = MethodContext(model, tokenizer, blocks, stats, batch_size=batch_size, seed=seed)
-    plan, seconds = _timed_compress(ctx, method, device)
-    save_checkpoint(model, tokenizer, out, dtype=storage)
-    write_json(out / "plan.json", plan)
-    return plan, describe(model), seconds
+    plan, timings = _timed_compress(ctx, method, device)
+    save_checkpoint(model, tokenizer, out, dtype=storage, plan=plan)
+    return read_json(out / PLAN_FILE), describe(model), timings  # the plan as written: sealed to the checkpoint
 
 
 def compress_layer_major(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, hardware: Any, batch_size: int,
-                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, float]:
-    """Trials layer by layer, the checkpoint written layer by layer: ``(plan, describe(skeleton), seconds)``."""
+                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, dict]:
+    """Trials layer by layer, the checkpoint written layer by layer with its plan: ``(plan, describe(skeleton), timings)``."""
     check_layer_major(method)  # before any weight is read
     loader = execution.SafetensorsLayerLoader(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ctx = MethodContext.layer_major(loader, tokenizer, blocks, hardware, device, dtype, stats, batch_size=batch_size, seed=seed)
-    plan, seconds = _timed_compress(ctx, method, device)
+    plan, timings = _timed_compress(ctx, method, device)
     generation = GenerationConfig.from_pretrained(base) if (base / "generation_config.json").exists() else None
     save_layerwise(execution.PlannedLayerLoader(loader, ctx.plan), tokenizer, out, dtype, storage,
-                   generation_config=generation, extra_json={"plan.json": plan})
+                   generation_config=generation, plan=plan)
     logging.info("compress (sequential): %s", ctx.stack.report.as_dict())
-    return plan, describe(ctx.model), seconds
+    return read_json(out / PLAN_FILE), describe(ctx.model), timings
 
 
 def main() -> None:
@@ -82,12 +89,12 @@ def main() -> None:
     storage = resolve_dtype(stage.params.model.storage_dtype)
     batch_size, hardware, seed = stage.params.capture.batch_size, stage.params.hardware, stage.params.runtime.seed
     if hardware.mode == "sequential":
-        plan, facts, seconds = compress_layer_major(BASE, blocks, stats, stage.params.method, hardware, batch_size,
+        plan, facts, timings = compress_layer_major(BASE, blocks, stats, stage.params.method, hardware, batch_size,
                                                     stage.device, stage.dtype, storage, COMPRESSED, seed=seed)
     else:
         # Iterative methods re-capture statistics of the current model, so the capture estimate applies.
         guard(BASE, stage.device, stage.dtype, batch_size, blocks.shape[1], "capture.batch_size", all_boundaries=True)
-        plan, facts, seconds = compress_resident(BASE, blocks, stats, stage.params.method, batch_size, stage.device, stage.dtype, storage,
+        plan, facts, timings = compress_resident(BASE, blocks, stats, stage.params.method, batch_size, stage.device, stage.dtype, storage,
                                                  COMPRESSED, seed=seed)
 
     summary = {
@@ -98,13 +105,13 @@ def main() -> None:
         "merged": plan["merged"],
         **{k: v for k, v in facts.items() if k.startswith("params_") and k != "params_per_layer"},
     }
-    timing = {"seconds": round(seconds, 3), "peak_memory_mib": round(peak_memory_mib(stage.device), 1), "device": device_name(stage.device),
+    timing = {**timings, "peak_memory_mib": round(peak_memory_mib(stage.device), 1), "device": device_name(stage.device),
               "hardware": hardware.mode, "peak_host_mib": round(host_peak_rss_mib(), 1)}
     write_json(METRICS / "compress.json", summary)
     write_json(METRICS / "compress_time.json", timing)
     run.log({f"compress/{k}": v for k, v in {**summary, **timing}.items() if isinstance(v, (int, float))})
     run.finish()
-    logging.info("%s: %d -> %d layers in %.1fs; plan: %s", summary["method"], summary["layers_before"], summary["layers_after"], seconds, plan["layers"])
+    logging.info("%s: %d -> %d layers in %.1fs; plan: %s", summary["method"], summary["layers_before"], summary["layers_after"], timings["seconds"], plan["layers"])
 
 
 if __name__ == "__main__":

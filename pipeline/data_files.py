@@ -12,11 +12,12 @@ import logging
 from omegaconf import OmegaConf
 
 from layerfold.data.fingerprint import DATA_FILES, fingerprint
-from layerfold.io import write_json
+from layerfold.io import install_error_hook, write_json
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [data_files] %(message)s", datefmt="%H:%M:%S")
+    install_error_hook("data_files")
     # Only the data section is read, without importing torch: this stage runs on every repro.
     data = OmegaConf.load("params.yaml").data
     facts = fingerprint(data)

@@ -1,19 +1,22 @@
 """Stage `recover`: heal the compressed model with the recovery engine, or pass it through.
 
     dvc repro recover     # params: recovery  ->  artifacts/recovered/, metrics/recover.json, metrics/recover_curve.csv
+                          #                       (times, memory, device: metrics/recover_time.json, not tracked)
 
     accelerate launch --num_processes 2 -m pipeline.recover      # the same stage on 2 GPUs of one host
     torchrun --standalone --nproc_per_node 2 -m pipeline.recover  # the same, launched by torchrun
 
 With ``recovery=none`` the output is a pointer to ``artifacts/compressed`` (no weights copied);
 ``layerfold.models.load_checkpoint`` follows it. Otherwise the dense base model is the teacher, the
-compressed model the student, and ``plan.json`` says which original layers each new layer stands for.
+compressed model the student, and ``plan.json`` says which original layers each new layer stands for;
+it is checked against the checkpoint it was sealed to (:func:`layerfold.models.fingerprint.check_plan`)
+before anything trains, so an edited plan or swapped weights stop here.
 
 ``hardware=resident`` loads both models whole. ``hardware=sequential`` (layer-local recovery only,
 :mod:`layerfold.recovery.layer_major`) never does: the teacher's span boundaries are computed once,
 layer by layer, from the base checkpoint's shards; only the trained layers of the student are
 materialised; the recovered checkpoint is written layer by layer from the compressed one. The same
-engine loop trains both ways; ``metrics/recover.json`` records what the layer-major passes cost
+engine loop trains both ways; ``metrics/recover_time.json`` records what the layer-major passes cost
 under ``execution``.
 
 Under a launcher every process loads both models onto its own GPU and builds the same training data;
@@ -35,7 +38,8 @@ from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_
 from layerfold.io import atomic_dir, atomic_file, read_json, write_json
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
-from layerfold.models.sources import resolve_dtype, write_pointer
+from layerfold.models.fingerprint import SEAL_KEY, check_plan
+from layerfold.models.sources import PLAN_FILE, resolve_dtype, write_pointer
 from layerfold.recovery import RecoveryEngine
 from layerfold.recovery.layer_major import check_layer_major, execution_report, layer_major_engine, save_recovered
 from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, process_device
@@ -43,6 +47,7 @@ from layerfold.stage import BASE, COMPRESSED, METRICS, RECOVERED, RECOVERY_STATE
 from layerfold.tracking import init_run
 
 CURVE = METRICS / "recover_curve.csv"
+RECOVER_TIME = METRICS / "recover_time.json"  # machine facts: git-ignored, a top-level metric of dvc.yaml
 
 
 def main() -> None:
@@ -55,7 +60,8 @@ def main() -> None:
         logging.getLogger().setLevel(logging.WARNING)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    plan = read_json(COMPRESSED / "plan.json")
+    plan = read_json(COMPRESSED / PLAN_FILE)
+    check_plan(plan, COMPRESSED)  # the plan compress wrote for these weights, unchanged, or nothing trains
     if cfg.name == "none":
         if main_process:
             _pass_through(plan)
@@ -95,37 +101,48 @@ def main() -> None:
     host_peaks = engine.per_process(round(host_peak_rss_mib(), 1))
     if main_process:
         storage = resolve_dtype(stage.params.model.storage_dtype)
-        recovered_plan = {**plan, "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}}
+        # The compressed plan plus what recovery did, sealed to the recovered weights in the same atomic output.
+        recovered_plan = {**{k: v for k, v in plan.items() if k != SEAL_KEY}, "compressed_checkpoint": plan[SEAL_KEY],
+                          "recovery": {"name": cfg.name, "layers_trained": summary["layers_trained"], "data": data_meta}}
         if layer_major:
             generation = GenerationConfig.from_pretrained(COMPRESSED) if (COMPRESSED / "generation_config.json").exists() else None
             save_recovered(model, summary["layers_trained"], COMPRESSED, tokenizer, RECOVERED, storage, generation_config=generation,
-                           extra_json={"plan.json": recovered_plan})
+                           plan=recovered_plan)
         else:
-            save_checkpoint(model, tokenizer, RECOVERED, dtype=storage)
-            write_json(RECOVERED / "plan.json", recovered_plan)
+            save_checkpoint(model, tokenizer, RECOVERED, dtype=storage, plan=recovered_plan)
+        run_cost = engine.summary_metrics(summary, device_name(device))
+        # What the run made (deterministic for a given device) goes to recover.json, a DVC output; what it cost
+        # on this machine (times, memory, device) to recover_time.json, which git ignores and DVC does not hash.
         metrics = {
             "recovery": cfg.name,
             "trained": True,
-            **engine.summary_metrics(summary, device_name(device)),
+            "train_tokens_processed": run_cost["train_tokens_processed"],
+            **summary,
+            "phases": [{k: v for k, v in phase.items() if k != "seconds"} for phase in summary["phases"]],
+            "data": data_meta,
+            "validation": engine.validation,
+            **{k: v for k, v in describe(model).items() if k.startswith("params_") and k != "params_per_layer"},
+        }
+        timing = {
+            "recovery": cfg.name,
+            **{k: v for k, v in run_cost.items() if k != "train_tokens_processed"},
             "wall_seconds": round(wall, 3),
             "peak_gpu_memory_mib": max(peaks) if device.type == "cuda" else None,  # the largest of the processes'
             "peak_host_rss_mib": round(host_peak_rss_mib(), 1),
             "device": device_name(device),
-            **summary,
-            "data": data_meta,
-            "validation": engine.validation,
+            "phase_seconds": {phase["name"]: phase["seconds"] for phase in summary["phases"]},
             "execution": execution_report(engine),
-            **{k: v for k, v in describe(model).items() if k.startswith("params_") and k != "params_per_layer"},
         }
         if processes > 1:
-            metrics.update(peak_gpu_memory_mib_per_process=peaks, peak_host_rss_mib_per_process=host_peaks)
+            timing.update(peak_gpu_memory_mib_per_process=peaks, peak_host_rss_mib_per_process=host_peaks)
         write_json(METRICS / "recover.json", metrics)
+        write_json(RECOVER_TIME, timing)
         _write_curve(engine.curve)
         shutil.rmtree(RECOVERY_STATE, ignore_errors=True)
-        run.log({f"recover/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log({f"recover/{k}": v for k, v in {**metrics, **timing}.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.finish()
         logging.info("recovered: val LM loss %.4f -> %.4f, %s tokens/s", summary["val_lm_loss_before"] or float("nan"),
-                     summary["val_lm_loss_after"] or float("nan"), metrics["tokens_per_s"])
+                     summary["val_lm_loss_after"] or float("nan"), timing["tokens_per_s"])
     end_processes()
 
 
@@ -136,8 +153,9 @@ def _pass_through(plan: dict) -> None:
                         "(use recovery=distill or recovery=lm to train it)", plan["method"]["name"])
     with atomic_dir(RECOVERED) as tmp:
         write_pointer(tmp, COMPRESSED)
-        shutil.copy(COMPRESSED / "plan.json", tmp / "plan.json")
+        shutil.copy(COMPRESSED / PLAN_FILE, tmp / PLAN_FILE)  # sealed to the checkpoint the pointer names
     write_json(METRICS / "recover.json", {"recovery": "none", "trained": False})
+    write_json(RECOVER_TIME, {"recovery": "none"})  # replaces a trained run's times
     _write_curve([])
     logging.info("recovery=none: %s points at %s", RECOVERED, COMPRESSED)
 

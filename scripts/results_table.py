@@ -70,7 +70,9 @@ def cost_table(root: Path) -> list[str]:
     out = [_row(header), "|" + "---|" * len(header)]
     for folder in sorted(p for p in root.iterdir() if (p / "compress.json").is_file()):
         timing = read_json(folder / "compress_time.json") if (folder / "compress_time.json").exists() else {}
-        rec = read_json(folder / "recover.json") if (folder / "recover.json").exists() else {}
+        # recover_time.json holds the times and memory; older folders kept them in recover.json
+        rec = {key: value for name in ("recover.json", "recover_time.json") if (folder / name).exists()
+               for key, value in read_json(folder / name).items()}
         out.append(_row([
             folder.name,
             fmt(timing.get("seconds"), ".1f"),

@@ -7,6 +7,11 @@ so lm-eval's task set, prompt templates, request cache and tokenized requests ar
 shared by every model. Per-entry metrics, plans and timings go to ``--out/<name>/``; per-model wall
 times to ``--out/timings.json`` and the console.
 
+Everything is written under ``--out``: the stages run with ``--out/workspace/`` as their working
+directory (its ``params.yaml``, ``artifacts/``, ``data/prepared/``, ``metrics/`` and lm-eval's request
+cache), so the DVC workspace's own ``params.yaml``, ``metrics/`` and ``artifacts/`` are never touched.
+``--skip-shared`` reuses the base, data and capture of an earlier call with the same ``--out``.
+
     python scripts/run_methods.py --out results/run -o eval=gpu -m shortgpt laco mka gromov sleb drop_last
     python scripts/run_methods.py --out results/run -o eval=gpu -m streamline@method.replacement=ffn shortgpt@recovery=lora
 
@@ -18,22 +23,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the pipeline/ package beside scripts/
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline/ package beside scripts/
 
 import yaml
+from omegaconf import OmegaConf
 
 from layerfold.config import compose
 from layerfold.io import atomic_file
 from layerfold.stage import BASE, CAPTURE, COMPRESSED, METRICS, RECOVERED
 
+# Settings that may name a file or folder: given relative, they are relative to where the script was started,
+# not to the workspace the stages run in.
+PATH_SETTINGS = ("model.path", "model.tokenizer", "data.local_dir", "tracking.dir")
 
-def write_params(overrides: list[str]) -> dict:
-    params = compose("conf", overrides)
+
+def write_params(overrides: list[str], launched_from: Path) -> dict:
+    """Compose ``params.yaml`` in the current directory (the workspace) as ``dvc exp run`` would, from the repository's ``conf/``."""
+    params = compose(REPO / "conf", overrides)
+    for key in PATH_SETTINGS:
+        value = OmegaConf.select(OmegaConf.create(params), key)
+        if isinstance(value, str) and value and not value.startswith(("$", "~", "/")):
+            section, leaf = key.split(".")
+            params[section][leaf] = str(launched_from / value)
     with atomic_file("params.yaml") as handle:
         yaml.safe_dump(params, handle, sort_keys=False)
     return params
@@ -77,7 +95,12 @@ def main() -> None:
     names = [name for _, _, name in entries]
     if len(set(names)) != len(names):
         sys.exit(f"two entries would write the same folder: {names}; add an override that tells them apart")
-    args.out.mkdir(parents=True, exist_ok=True)
+    launched_from = Path.cwd()
+    args.out = args.out.resolve()
+    workspace = args.out / "workspace"
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / ".gitignore").write_text("# checkpoints and intermediate data of scripts/run_methods.py: never committed\n*\n")
+    os.chdir(workspace)  # every stage path (params.yaml, artifacts/, data/, metrics/) now lies under --out
     timings: dict[str, float] = {}
     per_model: dict[str, float] = {}
 
@@ -88,7 +111,7 @@ def main() -> None:
     # with the first entry so a method setting that only fits this model (e.g. num_remove on a tiny
     # model) is not checked against the default method's.
     first = [entries[0][0], *entries[0][1]] if entries else []
-    write_params([*args.override, *first])
+    write_params([*args.override, *first], launched_from)
     if not args.skip_shared:
         timings["base"] = timed("base", base.main)
         timings["data"] = timed("data", data.main)
@@ -103,7 +126,7 @@ def main() -> None:
         save()
 
     for selector, extra, name in entries:
-        params = write_params([*args.override, selector, *extra])
+        params = write_params([*args.override, selector, *extra], launched_from)
         timings[f"compress@{name}"] = timed(f"compress {name}", compress.main)
         recovery = (params.get("recovery") or {}).get("name", "none")
         if recovery != "none":
@@ -129,6 +152,7 @@ def main() -> None:
             copy_if(METRICS / "recovered.json", dest / "recovered.json")
             copy_if(METRICS / "documents" / "recovered.json", dest / "recovered_documents.json")
             copy_if(METRICS / "recover.json", dest / "recover.json")
+            copy_if(METRICS / "recover_time.json", dest / "recover_time.json")
         save()
 
     print("== evaluation wall time per model: " + ", ".join(f"{k} {v:.1f}s" for k, v in per_model.items()), flush=True)

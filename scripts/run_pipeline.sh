@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-. .venv/bin/activate
+. "${VENV:-.venv}/bin/activate"
 . scripts/env.sh
 time dvc repro "$@"
 dvc metrics show

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-. .venv/bin/activate
+. "${VENV:-.venv}/bin/activate"
 . scripts/env.sh
 python -m pytest -q "$@"

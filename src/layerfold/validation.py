@@ -5,38 +5,93 @@ sequence lengths within its context, a target depth below its depth, an architec
 an adapter for — is checked here once the model's facts are known: from the source's config or
 file header (``validate`` stage, ``scripts/compose_params.py``, the ``base`` stage), or from the
 written ``artifacts/base/config.json`` (every later stage).
+
+DVC deletes a stage's outputs just before running it, and ``cache: false`` metrics cannot be checked
+out again, so every check whose inputs are params and the model's config belongs here, not in the
+stage that would otherwise find the problem: a method's own settings against the depth, the
+architecture and the calibration samples (CoMe's reachable target, MKA's samples per draw,
+LLM-Streamline's replacement), recovery's settings, the lm-eval task names against the benchmarks the
+data stage prepares, and whether ``model.name`` names the weights ``model`` reads. Stages keep their own
+checks as a second line. :func:`check_runtime` (is the configured device there?) runs in the
+``validate`` stage and at every stage start, not in :func:`check`, which also judges params composed
+on one machine for another (``scripts/compose_params.py``, the comparison queue).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
 from omegaconf import DictConfig, ListConfig
 
-from layerfold.config import ConfigError, Params, check_ranges
+from layerfold.config import MODEL_SOURCE_KEYS, ConfigError, Params, check_ranges, derived_model_name
+from layerfold.export.checks import export_problems
 from layerfold.methods import check_layer_major, get_method, token_cosine_distance
-from layerfold.models.adapters import get_adapter
 from layerfold.models.facts import ModelFacts
 from layerfold.recovery.layer_major import layer_major_blocker
+from layerfold.surgery.support import family_of, method_refusal, recovery_refusal
+
+# The model presets (conf/model/*.yaml): a preset's name names that preset's weights.
+MODEL_PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yaml") -> None:
     """Raise :class:`ConfigError` (or ``UnsupportedArchitectureError``) for anything the model rules out.
 
-    With ``facts=None`` only what needs no model is checked (the method's own schema and ranges).
+    With ``facts=None`` only what needs no model is checked (the method's own schema and ranges, recovery's
+    settings, the benchmark and task names).
     """
-    if facts is not None:
-        get_adapter(facts.model_type)
+    refused = _family_problems(params, facts)
+    if refused:  # the later checks assume a family that supports the method: report what else is wrong, then stop
+        problems = [*refused, *_recovery_problems(params), *_data_problems(params), *_model_name_problems(params)]
+        raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
     bounds = facts.bounds() if facts is not None else {}
-    _check_capture_distance(params, *get_method(params.method, bounds))
+    spec, method_cfg = get_method(params.method, bounds)
+    _check_capture_distance(params, spec, method_cfg)
     _check_headline(params)
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
         check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
         _check_recovery_layer_major(params)  # and so does a recovery that needs the whole student
-    if facts is None:
-        return
-    check_ranges(params, Params, where, facts=bounds)
-    problems = list(_cross_field_problems(params, facts))
+    problems = [*_recovery_problems(params), *_data_problems(params)]
+    if facts is not None:
+        check_ranges(params, Params, where, facts=bounds)
+        problems += [*_cross_field_problems(params, facts), *_method_problems(spec.name, method_cfg, params, facts),
+                     *_model_name_problems(params), *export_problems(params, facts)]
     if problems:
-        raise ConfigError(f"{where}: " + " ".join(problems))
+        raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
+
+
+def check_runtime(params: DictConfig) -> None:
+    """Refuse a ``runtime.device`` this machine does not have (torch would fail later with a bare AssertionError)."""
+    device = str(params.runtime.device)
+    fix = "Use runtime.device=auto (the GPU when there is one, else the CPU) or cpu (`-S runtime.device=auto`)."
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else f"no CUDA device is visible (torch {torch.__version__}, CUDA {torch.version.cuda})")
+            raise ConfigError(f"runtime.device={device}, but {why}. {fix}")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device={device}, but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1}). {fix}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"runtime.device=mps, but this machine has no MPS device. {fix}")
+
+
+def _family_problems(params: DictConfig, facts: ModelFacts | None) -> list[str]:
+    """The model's family (read from its config, never its weights) supports the method and recovery, or the reason
+    it does not (:mod:`layerfold.surgery.support`); an unknown architecture raises UnsupportedArchitectureError."""
+    if facts is None:
+        return []
+    family = family_of(facts.model_type, facts.config)
+    spec, method_cfg = get_method(params.method, facts.bounds())
+    why = method_refusal(family, spec.name, method_cfg) or recovery_refusal(family, params.get("recovery"))
+    return [] if why is None else [f"{why} [model family: {facts.model_type}]"]
 
 
 def _check_capture_distance(params: DictConfig, spec, method_cfg) -> None:
@@ -96,3 +151,170 @@ def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:
                 problems.append(f"model.architecture.{key}={want} (declared for {params.model.name}) but the model read has {got}; "
                                 "model.path points at another model: use the checkpoint the preset names.")
     return problems
+
+
+# -- the method's settings against the model and the calibration data ----------------------------------------
+def _method_problems(name: str, cfg: Any, params: DictConfig, facts: ModelFacts) -> list[str]:
+    """What the method's own checks would refuse at the start of compress (after DVC deleted its outputs)."""
+    layers, problems = facts.num_layers, []
+    try:
+        if name in ("come", "come_p"):
+            from layerfold.methods.come import check_config
+
+            # which families can be concatenated at all is decided by _family_problems (layerfold.surgery.support)
+            check_config(cfg, layers)
+        elif name == "mka":
+            from layerfold.methods.mka import check_samples
+
+            check_samples(cfg, int(params.data.calibration.num_blocks))
+        elif name == "laco" and cfg.highest_layer is not None and cfg.lowest_layer > cfg.highest_layer:
+            problems.append(f"method.lowest_layer={cfg.lowest_layer} lies above method.highest_layer={cfg.highest_layer}: LaCo tries base "
+                            "layers from highest_layer down to lowest_layer; lower lowest_layer or raise highest_layer.")
+        elif name == "sleb":
+            free = layers - min(cfg.protect_first, layers) - min(cfg.protect_last, max(layers - cfg.protect_first, 0))
+            if free < cfg.num_remove:
+                problems.append(f"method.num_remove={cfg.num_remove} but only {max(free, 0)} of the model's {layers} layers are not protected "
+                                f"(method.protect_first={cfg.protect_first}, method.protect_last={cfg.protect_last}); lower one of them.")
+    except ValueError as err:  # ConfigError and LayerSurgeryError: the method's own message, key and fix included
+        problems.append(str(err))
+    return problems
+
+
+# -- recovery -----------------------------------------------------------------------------------------------
+def _recovery_problems(params: DictConfig) -> list[str]:
+    """Recovery's settings against each other (learning rates, phases, masked positions, training sources)."""
+    recovery = params.get("recovery")
+    if recovery is None or recovery.get("name", "none") == "none":
+        return []
+    from layerfold.data.training import LOCAL_SOURCES
+    from layerfold.recovery.engine import RecoveryEngine
+
+    problems = []
+    try:
+        RecoveryEngine.check(recovery, processes=1)  # the launch itself is checked when the stage starts its processes
+    except ValueError as err:
+        problems.append(str(err))
+    data = recovery.data
+    sources, weights = list(data.sources), list(data.weights)
+    if not sources:
+        problems.append("recovery.data.sources is empty; name at least one source, e.g. [c4, wikitext2_train].")
+    if len(weights) != len(sources) or sum(weights) <= 0:
+        problems.append(f"recovery.data.weights={weights} must give one non-negative share per source ({len(sources)}: {sources}), "
+                        "not all zero.")
+    for source in sources:
+        if source not in LOCAL_SOURCES and not source.startswith("hub:"):
+            problems.append(f"recovery.data.sources has '{source}', which is no training source; use {', '.join(LOCAL_SOURCES)} or "
+                            "hub:<dataset>[:<config>] (evaluation text is not offered).")
+        elif source.startswith("hub:") and data.train_tokens is None:
+            problems.append(f"recovery.data.sources has the hub corpus '{source}': set recovery.data.train_tokens to bound the download.")
+    return problems
+
+
+# -- data and evaluation -----------------------------------------------------------------------------------
+def _data_problems(params: DictConfig) -> list[str]:
+    """Benchmark names the data stage prepares, and lm-eval task names the evaluate stage can run on them."""
+    from layerfold.data.benchmarks import BENCHMARKS
+    from layerfold.data.text import data_dir
+
+    problems = []
+    benchmarks = list(params.data.benchmarks)
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        problems.append(f"data.benchmarks has {unknown}, which layerfold cannot prepare; choose from {list(BENCHMARKS)}.")
+    tasks = list(params.eval.lm_eval.tasks)
+    try:
+        local = tasks and data_dir(params.data.get("local_dir")) is not None
+    except FileNotFoundError:
+        local = False  # a missing data directory is the data_files stage's to report, with its own fix
+    if not local:
+        return problems  # no tasks, or the stock tasks with hub data: lm-eval's own index decides
+    known = local_task_names()
+    if not known:
+        return problems  # lm-eval is not installed here: the evaluate stage will say so itself
+    for index, task in enumerate(tasks):
+        benchmark = known.get(task)
+        if benchmark is None:
+            listed = sorted(n for n in known if not n.startswith(("mmlu_", "mmlu_local_")))
+            problems.append(f"eval.lm_eval.tasks[{index}]='{task}' is no lm-eval task layerfold runs on local data; tasks: "
+                            f"{', '.join(listed)} (and mmlu_<subject>). Fix the name (`-S 'eval.lm_eval.tasks=[...]'`).")
+        elif benchmark not in benchmarks:
+            problems.append(f"eval.lm_eval.tasks[{index}]='{task}' reads the benchmark '{benchmark}', but data.benchmarks={benchmarks} "
+                            f"does not prepare it: add it (`-S 'data.benchmarks=[{', '.join([*benchmarks, benchmark])}]'`) or drop the task.")
+    return problems
+
+
+class _TaggedLoader(yaml.SafeLoader):
+    """Reads lm-eval's task YAMLs without importing lm-eval: ``!function`` tags become plain strings."""
+
+
+_TaggedLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+@lru_cache(maxsize=1)
+def local_task_names() -> dict[str, str]:
+    """``{task or group name: benchmark}`` for every name the evaluate stage accepts with local data: the stock names of
+    each local task spec's configs (``piqa``, ``mmlu``, ``mmlu_anatomy``) and their local names (``piqa_local``,
+    ``boolq_notitle``), as :func:`layerfold.evaluation.harness.lm_eval_tasks` maps them."""
+    from layerfold.evaluation.harness import load_specs
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    root = Path(next(iter(spec.submodule_search_locations))) / "tasks"
+    names: dict[str, str] = {}
+    for stock_name, entry in load_specs().items():
+        old, new = entry["rename"]
+        stock = root / entry["stock"]
+        for path in [stock] if stock.is_file() else sorted(stock.glob("*.yaml")):
+            config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaggedLoader) or {}
+            name = config.get("task") if isinstance(config.get("task"), str) else config.get("group")
+            if not isinstance(name, str):
+                continue
+            names[name] = entry["prepared"]
+            if name == old or name.startswith(old + "_"):
+                names[new + name[len(old):]] = entry["prepared"]
+    return names
+
+
+# -- model identity ----------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _model_presets() -> dict[str, tuple[str, dict]]:
+    """``{name: (preset file, its model section)}`` of ``conf/model/*.yaml`` (empty without a conf folder)."""
+    presets = {}
+    for path in sorted(MODEL_PRESETS.glob("*.yaml")) if MODEL_PRESETS.is_dir() else []:
+        section = yaml.safe_load(path.read_text()) or {}
+        if isinstance(section.get("name"), str):
+            presets[section["name"]] = (f"conf/model/{path.name}", section)
+    return presets
+
+
+def _same_source_value(key: str, preset: Any, ours: Any) -> bool:
+    if preset == ours:
+        return True
+    if key == "path" and preset is not None and ours is not None:  # the same file written another way
+        expand = lambda p: Path(os.path.expanduser(os.path.expandvars(str(p)))).resolve()  # noqa: E731
+        return expand(preset) == expand(ours)
+    return False
+
+
+def _model_name_problems(params: DictConfig) -> list[str]:
+    """``model.name`` is the name of a preset (``conf/model/*.yaml``) while ``model`` reads other weights.
+
+    Results carry the name, so a preset's name over another source (``-S model.path=...`` without
+    ``model.name``) would file one model's numbers under another's. A preset that declares its
+    architecture (the paper presets' hub models) may read a local copy instead: validate checks that
+    copy's config against the declared facts.
+    """
+    model = params.model
+    preset = _model_presets().get(model.name)
+    if preset is None:
+        return []  # a name of the user's own: it names what they point at
+    file, section = preset
+    differs = [key for key in MODEL_SOURCE_KEYS if not _same_source_value(key, section.get(key), model.get(key))]
+    if not differs or (section.get("architecture") and model.get("architecture")):
+        return []
+    settings = ", ".join(f"model.{key}={model.get(key)}" for key in differs)
+    wanted = ", ".join(f"{key}={section.get(key)}" for key in differs)
+    return [f"model.name='{model.name}' names the weights of {file} ({wanted}), but {settings} reads other weights, and every "
+            f"result would carry that name. Name this model (`-S model.name=<name>`), or set model.name=null to name it after "
+            f"its source ('{derived_model_name(model)}')."]

@@ -9,18 +9,21 @@ import pytest
 import torch
 from conftest import REPO, TINY_CONFIGS, models_dir, tiny_model
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, T5Config
 
 from layerfold.capture.stats import NonFiniteActivationError, capture_statistics
-from layerfold.data.calibration import CalibrationDataError, build_calibration
+from layerfold.data.calibration import build_calibration
 from layerfold.data.fingerprint import fingerprint, required_files
 from layerfold.data.text import LOCAL_FILES
+from layerfold.io import DamagedFileError
 from layerfold.models import ModelSourceError, UnsupportedArchitectureError, load_checkpoint, probe
 from layerfold.models.llama2c import load_llama2c_tokenizer
 from layerfold.models.resources import InsufficientMemoryError, guard
 from layerfold.models.sources import save_checkpoint
 
 STORIES = models_dir() / "stories260K"
+
+pytestmark = pytest.mark.hostile(input="model", stage="base", expect=("message", "no-partial"))
 
 
 def model_cfg(**values) -> OmegaConf:
@@ -53,7 +56,7 @@ def run_base_stage(tmp_path, monkeypatch, model_dir) -> None:
     from layerfold.config import compose
     from pipeline.base import main
 
-    params = compose(REPO / "conf", ["model.source=local", f"model.path={model_dir}", "model.storage_dtype=float32", "method.num_remove=1"])
+    params = compose(REPO / "conf", ["model.source=local", f"model.path={model_dir}", "model.name=null", "model.storage_dtype=float32", "method.num_remove=1"])
     work = tmp_path / "work"
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -66,10 +69,10 @@ def run_base_stage(tmp_path, monkeypatch, model_dir) -> None:
 
 
 def test_unsupported_architecture_is_refused_before_loading_or_writing(tmp_path, monkeypatch):
-    gpt2 = tmp_path / "gpt2"
-    GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64).save_pretrained(gpt2)  # a config, no weights: never loaded
-    with pytest.raises(UnsupportedArchitectureError, match="Architecture 'gpt2' is not supported; supported: .*llama"):
-        run_base_stage(tmp_path, monkeypatch, gpt2)
+    t5 = tmp_path / "t5"  # an encoder-decoder: no causal LM, so no adapter can be found for it
+    T5Config(num_layers=2, d_model=32, num_heads=4, vocab_size=64).save_pretrained(t5)  # a config, no weights: never loaded
+    with pytest.raises(UnsupportedArchitectureError, match="Architecture 't5' is not supported: it is not a causal LM .*llama"):
+        run_base_stage(tmp_path, monkeypatch, t5)
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path, monkeypatch, stories_tokenizer):
@@ -79,6 +82,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path, monkeypatch, s
         run_base_stage(tmp_path, monkeypatch, mismatched)
 
 
+@pytest.mark.hostile(input="checkpoint", stage="any")
 def test_truncated_safetensors_names_the_file_and_the_fix(tiny_checkpoint):
     weights = tiny_checkpoint / "model.safetensors"
     data = weights.read_bytes()
@@ -90,6 +94,7 @@ def test_truncated_safetensors_names_the_file_and_the_fix(tiny_checkpoint):
     assert f"dvc checkout --force {tiny_checkpoint}" in message and "dvc repro" in message
 
 
+@pytest.mark.hostile(input="checkpoint", stage="any")
 def test_corrupt_safetensors_header_names_the_file(tiny_checkpoint):
     weights = tiny_checkpoint / "model.safetensors"
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
@@ -97,12 +102,14 @@ def test_corrupt_safetensors_header_names_the_file(tiny_checkpoint):
         load_checkpoint(tiny_checkpoint)
 
 
+@pytest.mark.hostile(input="environment")
 def test_hub_failure_under_offline_mode_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match=r"Offline mode is on \(HF_HUB_OFFLINE=1"):
         probe(model_cfg(source="hub", id="layerfold-tests/not-a-cached-model"))
 
 
+@pytest.mark.hostile(input="checkpoint", stage="any")
 def test_pickled_weights_are_not_executed(tmp_path, tiny_checkpoint):
     """Safe loading: a pickle that would run code when unpickled is rejected, and the code never runs."""
     marker = tmp_path / "pwned"
@@ -120,6 +127,7 @@ def test_pickled_weights_are_not_executed(tmp_path, tiny_checkpoint):
     assert not marker.exists()
 
 
+@pytest.mark.hostile(input="checkpoint", stage="any")
 def test_remote_code_is_never_trusted(tmp_path, tiny_checkpoint):
     remote = tmp_path / "remote"
     shutil.copytree(tiny_checkpoint, remote)
@@ -133,6 +141,7 @@ def test_remote_code_is_never_trusted(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.hostile(stage="capture")
 def test_nan_activations_name_the_layer():
     model = tiny_model("llama")
     with torch.no_grad():
@@ -141,6 +150,7 @@ def test_nan_activations_name_the_layer():
         capture_statistics(model, torch.randint(0, 128, (2, 8)), batch_size=2, desc=None)
 
 
+@pytest.mark.hostile(stage="capture")
 def test_inf_embeddings_are_caught_too():
     model = tiny_model("llama")
     with torch.no_grad():
@@ -154,15 +164,18 @@ def data_cfg(root, **calibration) -> OmegaConf:
     return OmegaConf.create({"local_dir": str(root), "calibration": {**cal, **calibration}, "benchmarks": ["arc_easy"]})
 
 
+@pytest.mark.hostile(input="data", stage="data")
 def test_empty_calibration_text_is_refused(tmp_path, stories_tokenizer):
     path = tmp_path / LOCAL_FILES["wikitext2_train"]
     path.parent.mkdir(parents=True)
     path.write_text("\n\n  \n\n")
     cfg = data_cfg(tmp_path)
-    with pytest.raises(CalibrationDataError, match="'wikitext2_train' .* holds no text"):
+    # the reader refuses it, naming the file (tests/failures/test_damaged_inputs.py has the other damaged files)
+    with pytest.raises(DamagedFileError, match=f"Data file {LOCAL_FILES['wikitext2_train']} .* is empty; expected UTF-8 text"):
         build_calibration(cfg.calibration, stories_tokenizer, cfg.local_dir)
 
 
+@pytest.mark.hostile(input="data", stage="data_files", expect=("message", "intact"))
 def test_missing_local_dataset_file_is_named_before_the_data_stage(tmp_path):
     cfg = data_cfg(tmp_path)
     for rel in required_files(cfg)[1:]:  # all but the first
@@ -173,6 +186,7 @@ def test_missing_local_dataset_file_is_named_before_the_data_stage(tmp_path):
         fingerprint(cfg)
 
 
+@pytest.mark.hostile(input="data", stage="data_files", expect=("same-hashes",))
 def test_data_fingerprint_follows_content_not_location(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     cfg = data_cfg(first)
@@ -186,6 +200,7 @@ def test_data_fingerprint_follows_content_not_location(tmp_path):
     assert str(tmp_path) not in str(fingerprint(cfg))
 
 
+@pytest.mark.hostile(input="environment", stage="capture")
 def test_memory_guard_refuses_before_loading_and_suggests_a_batch(tiny_checkpoint):
     with pytest.raises(InsufficientMemoryError, match=r"exceeds cpu .*set capture.batch_size=\d+ or lower"):
         guard(tiny_checkpoint, torch.device("cpu"), torch.float32, batch_size=10**9, seq_len=64, setting="capture.batch_size")

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import tiny_model
 
 from layerfold.io import atomic_dir, remove_stale_temps
 from layerfold.methods import MethodContext, compress
+
+pytestmark = pytest.mark.hostile(input="environment", stage="any", expect=("no-partial",))
 
 
 def dead_pid() -> int:
@@ -80,6 +83,7 @@ def test_a_failed_block_leaves_the_previous_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old").read_text() == "kept"
 
 
+@pytest.mark.hostile(stage="compress", expect=("same-hashes",))
 def test_sleb_twice_gives_the_same_plan_and_weights():
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     results = []

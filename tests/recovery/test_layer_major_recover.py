@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from layerfold.config import RecoveryConfig, compose
 from layerfold.execution import SafetensorsLayerLoader
 from layerfold.models import get_adapter, load_checkpoint, save_checkpoint
+from layerfold.models.fingerprint import seal_plan
 from layerfold.recovery import RecoveryConfigError, RecoveryEngine, Span, plan_spans
 from layerfold.recovery.layer_major import (
     LayerMajorLMLoss,
@@ -342,14 +343,14 @@ def test_recover_stage_under_sequential_matches_resident(base, compressed, tmp_p
     monkeypatch.setenv("LAYERFOLD_MODELS_DIR", str(models_dir()))
     shutil.copytree(base[0], BASE)
     shutil.copytree(path, COMPRESSED)
-    (COMPRESSED / "plan.json").write_text(json.dumps(plan))
+    (COMPRESSED / "plan.json").write_text(json.dumps(seal_plan(plan, COMPRESSED)))  # as compress writes it
     runs, curves = {}, {}
     for hardware in ("resident", "sequential"):
         overrides = [*STAGE_PARAMS, f"hardware={hardware}"] + (["hardware.activations=host"] if hardware == "sequential" else [])
         Path("params.yaml").write_text(yaml.safe_dump(compose(REPO / "conf", overrides), sort_keys=False))
         recover.main()
         shutil.copytree(RECOVERED, tmp_path / hardware)
-        runs[hardware] = json.loads((METRICS / "recover.json").read_text())
+        runs[hardware] = {**json.loads((METRICS / "recover.json").read_text()), **json.loads((METRICS / "recover_time.json").read_text())}
         curves[hardware] = [float(r["loss"]) for r in csv.DictReader(open(METRICS / "recover_curve.csv"))]
         assert not RECOVERY_STATE.exists()
     theirs, ours = runs["resident"], runs["sequential"]

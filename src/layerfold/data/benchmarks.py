@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerfold.io import atomic_file, file_sha256, read_json, write_json
+from layerfold.data.text import DATA_FIX
+from layerfold.io import atomic_file, file_sha256, read_json, read_jsonl, write_json
 
 ENV_VAR = "LAYERFOLD_DATA_DIR"
 MANIFEST = "manifest.json"
@@ -95,8 +96,8 @@ class _Spec:
 
 
 def _read_jsonl(path: Path) -> list[Row]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """A source file's rows; a damaged line is named with its file, line number and the fix."""
+    return read_jsonl(path, fix=DATA_FIX)
 
 
 def _write_jsonl(path: Path, rows: Iterable[Row]) -> int:

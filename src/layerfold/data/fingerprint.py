@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from layerfold.data.benchmarks import BENCHMARKS, source_files
 from layerfold.data.text import CALIBRATION_SOURCES, ENV_VAR, LOCAL_FILES, data_dir
-from layerfold.io import file_sha256
+from layerfold.io import MissingFileError, file_sha256
 
 DATA_FILES = Path("data/local_files.json")  # written by the data_files stage, a dependency of data
 
@@ -47,7 +47,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     for rel in required_files(cfg):
         path = root / rel
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Local dataset file {rel} is missing from the data directory {root}. Copy it there, point "
                 f"data.local_dir or ${ENV_VAR} at a folder that has it, or drop the benchmark that needs it "
                 "from data.benchmarks."

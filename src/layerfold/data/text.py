@@ -8,13 +8,21 @@ and a train excerpt, 2k C4 validation documents, benchmark files). Its location 
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from layerfold.io import file_sha256
+from layerfold.io import DamagedFileError, MissingFileError, file_sha256
 
 ENV_VAR = "LAYERFOLD_DATA_DIR"
+# The fix for a damaged file in the data directory, in every reader's message.
+DATA_FIX = (f"Copy an intact file there from its public source (README, Data), or point ${ENV_VAR} (or data.local_dir) "
+            "at a folder that has one.")
+# Characters no natural-language text is made of: controls (other than tab and line ends), private-use,
+# surrogate and unassigned code points. More than this share of them means the file is not text.
+NOT_TEXT = ("Cc", "Co", "Cs", "Cn")
+MAX_NOT_TEXT_SHARE = 0.01
 
 # corpus name -> (path inside the local data dir, hub fallback)
 LOCAL_FILES: dict[str, str] = {
@@ -48,7 +56,7 @@ def data_dir(configured: str | None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Local data directory {path} does not exist. Point data.local_dir or ${ENV_VAR} at the folder of "
             "public dataset files (see README, Data), or unset both to download from the hub."
         )
@@ -59,11 +67,48 @@ def data_dir(configured: str | None) -> Path | None:
 def _local_file(root: Path, name: str) -> Path:
     path = root / LOCAL_FILES[name]
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Corpus '{name}' needs {path}, which is missing. Copy that file into the data directory "
             f"({root}) or point ${ENV_VAR} at a directory that has it."
         )
     return path
+
+
+def read_text(path: Path, rel: str) -> str:
+    """A data file's UTF-8 text; an empty, undecodable or non-text file raises :class:`DamagedFileError`
+    naming the file (``rel``: its path inside the data directory), the line and the fix."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DamagedFileError(f"Data file {rel} ({path}) is empty; expected UTF-8 text. {DATA_FIX}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DamagedFileError(f"Data file {rel}, line {line}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                               f"expected UTF-8 text. {DATA_FIX}") from None
+    check_text(text, f"Data file {rel}")
+    return text
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise :class:`DamagedFileError` when ``text`` is empty or more than 1 % control, private-use or
+    unassigned characters (or U+FFFD, what a lossy decode leaves): a file of noise, not of language."""
+    if not text.strip():
+        raise DamagedFileError(f"{what} holds no text. {DATA_FIX}")
+    bad, first = 0, None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.replace("\t", " ").replace("\r", "").isprintable():  # the fast path: almost every line of real text
+            continue
+        for char in line:
+            if char == "\ufffd" or (char not in "\t\r" and unicodedata.category(char) in NOT_TEXT):
+                bad += 1
+                first = first or (number, char)
+    if bad > MAX_NOT_TEXT_SHARE * len(text):
+        line, char = first
+        raise DamagedFileError(
+            f"{what} is not text: {bad / len(text):.0%} of its {len(text):,} characters are control, unassigned or "
+            f"replacement characters (the first, U+{ord(char):04X}, on line {line}); expected natural-language text. {DATA_FIX}"
+        )
 
 
 def _wikitext_rows(text: str) -> list[str]:
@@ -80,11 +125,9 @@ def load_corpus(name: str, local_dir: str | None) -> Corpus:
     if root is not None:
         path = _local_file(root, base)
         if base == "c4":
-            import pandas as pd
-
-            docs = pd.read_parquet(path, columns=["text"])["text"].tolist()
+            docs = _parquet_texts(path, LOCAL_FILES[base])
         else:
-            docs = _wikitext_rows(path.read_text(encoding="utf-8"))
+            docs = _wikitext_rows(read_text(path, LOCAL_FILES[base]))
         # Relative to the data directory: outputs must not depend on where a machine keeps its files.
         origin, sha = f"local:{LOCAL_FILES[base]}", file_sha256(path)
     else:
@@ -92,6 +135,23 @@ def load_corpus(name: str, local_dir: str | None) -> Corpus:
     if base == "c4":
         docs = docs[:C4_EVAL_DOCS] if name == "c4" else docs[C4_EVAL_DOCS:]
     return Corpus(name=name, documents=docs, origin=origin, sha256=sha)
+
+
+def _parquet_texts(path: Path, rel: str) -> list[str]:
+    """The ``text`` column of a parquet file, checked: readable, present, strings, and text (:func:`check_text`)."""
+    import pandas as pd
+
+    try:
+        column = pd.read_parquet(path, columns=["text"])["text"]
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError or KeyError for a damaged file or a missing column
+        raise DamagedFileError(f"Data file {rel} is not a readable parquet file with a 'text' column "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). {DATA_FIX}") from None
+    docs = column.tolist()
+    for row, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            raise DamagedFileError(f"Data file {rel}, row {row}: 'text' is {type(doc).__name__}, expected a string. {DATA_FIX}")
+    check_text("\n\n".join(docs), f"Data file {rel}")
+    return docs
 
 
 def _hub_documents(name: str) -> list[str]:
@@ -106,7 +166,7 @@ def _hub_documents(name: str) -> list[str]:
         rows = load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")
         return list(rows["text"][: 2 * C4_EVAL_DOCS])
     except Exception as err:  # the datasets library raises many kinds of connection errors
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Could not load '{name}' from the hub ({type(err).__name__}: {err}). Offline, set ${ENV_VAR} "
             "(or data.local_dir) to the local folder of dataset files."
         ) from err

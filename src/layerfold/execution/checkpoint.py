@@ -9,7 +9,7 @@ default: a 70B bf16 model becomes 29 shards, never 140 GB in RAM).
 The files are those ``save_pretrained`` writes: ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors``
 plus ``model.safetensors.index.json`` when there is more than one shard), ``config.json`` (the
 loader's config, ``dtype`` set to the stored dtype), ``generation_config.json`` when given, and the
-tokenizer. Tensors pass through the compute dtype first, then the storage dtype, as a resident model
+tokenizer, and ``plan.json`` when a plan is given (sealed to the shards just written). Tensors pass through the compute dtype first, then the storage dtype, as a resident model
 loaded in the compute dtype and saved in the storage dtype does, so the tensors are identical to the
 resident path's. The directory appears only when complete (:func:`layerfold.io.atomic_dir`).
 """
@@ -23,9 +23,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from layerfold.execution.loaders import LayerLoader, StateDict, layer_prefix
+from layerfold.execution.loaders import CheckpointLayout, LayerLoader, StateDict, layer_prefix
 from layerfold.io import atomic_dir, write_json
 from layerfold.models.adapters import get_adapter
+from layerfold.models.fingerprint import seal_plan
+from layerfold.models.sources import PLAN_FILE
+from layerfold.models.sources import drop_unportable_keys
 
 SHARD_BYTES = 5 * 2**30
 
@@ -77,23 +80,25 @@ class _ShardWriter:
 
 @torch.no_grad()
 def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path: str | Path, compute_dtype: torch.dtype,
-                   storage_dtype: torch.dtype, *, generation_config: GenerationConfig | None = None,
+                   storage_dtype: torch.dtype, *, generation_config: GenerationConfig | None = None, plan: dict | None = None,
                    extra_json: dict[str, dict] | None = None, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write ``loader``'s model to ``path`` as a Hugging Face checkpoint, one decoder layer in host memory at a time.
 
-    ``extra_json``: more files for the same directory (e.g. ``{"plan.json": plan}``), written inside
-    the same atomic rename.
+    ``plan``: written as ``plan.json`` with the fingerprint of the files just written
+    (:func:`layerfold.models.fingerprint.seal_plan`); ``extra_json``: more files for the same directory.
+    Both inside the same atomic rename: the checkpoint never appears without them.
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be >= 1.")
-    adapter = get_adapter(loader.config.model_type)
+    adapter = get_adapter(loader.config)
+    layout = CheckpointLayout(loader.config)  # the files save_pretrained writes (e.g. experts one by one)
     with atomic_dir(path) as tmp:
         shards = _ShardWriter(tmp, max_shard_bytes)
-        shards.add(_stored(loader.load_outer("cpu", compute_dtype), storage_dtype))
+        shards.add(layout.to_checkpoint(_stored(loader.load_outer("cpu", compute_dtype), storage_dtype)))
         for index in range(loader.num_layers):
             prefix = layer_prefix(adapter, index)
             state = _stored(loader.load_layer(index, "cpu", compute_dtype), storage_dtype)
-            shards.add({prefix + key: tensor for key, tensor in state.items()})
+            shards.add(layout.to_checkpoint({prefix + key: tensor for key, tensor in state.items()}))
         shards.finish()
         config = loader.config
         stored_before = config.dtype
@@ -105,6 +110,9 @@ def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        drop_unportable_keys(tmp)  # as the resident save: no library versions in the files
         for name, content in (extra_json or {}).items():
             write_json(tmp / name, content)
+        if plan is not None:
+            write_json(tmp / PLAN_FILE, seal_plan(plan, tmp))
 

@@ -10,8 +10,8 @@ otherwise.
 The arguments a decoder layer receives (causal mask, rotary ``position_embeddings``, ``position_ids``,
 ...) are not rebuilt here: the model's own forward computes them, with the decoder-layer list swapped
 for probes that record what each layer would have been called with and stop the forward after the
-last one. So any family with an adapter (Llama, Mistral, Qwen2, Qwen3, OPT, GPT-NeoX) runs unchanged,
-per-layer masks (sliding-window layer types) included.
+last one. So any family with an adapter (curated or discovered) runs unchanged, per-layer masks
+(sliding-window and chunked layer types) and per-layer rotary tables (Gemma 3) included.
 
 Consumers see the residual stream through one callback, ``on_boundary(boundary, batch_id, hidden)``:
 boundary ``i`` enters layer ``i``, boundary ``L`` leaves the last one (pre-norm), as in
@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from layerfold.capture.hooks import hidden_from
 from layerfold.execution.loaders import LayerLoader, StateDict
-from layerfold.models.adapters import get_adapter
+from layerfold.models.adapters import get_adapter, logits_head
 from layerfold.models.devices import host_peak_rss_mib
 
 OnBoundary = Callable[[int, int, torch.Tensor], None]
@@ -381,7 +381,8 @@ class LayerMajorRunner:
         return self.model.get_submodule(self.adapter.final_norm)
 
     def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        """The LM head with the family's logit scaling or soft-capping (what the model's own forward applies)."""
+        return logits_head(self.model)
 
     @torch.no_grad()
     def embed(self, blocks: torch.Tensor) -> Activations:

@@ -16,6 +16,15 @@ model) once. Three sources share that interface:
 
 Every loader knows the ``config`` of the stack it describes and which adapter (model family) it
 follows; the decoder layers are found through that adapter, never by hard-coded names.
+
+**Checkpoint layout.** A checkpoint on disk need not name its tensors as the model does: transformers
+stores mixture-of-experts weights one expert at a time (Mixtral's ``block_sparse_moe.experts.3.w1``,
+Qwen-MoE's and DeepSeek's ``mlp.experts.3.gate_proj``) and fuses them into 3-D ``experts.gate_up_proj``
+/ ``down_proj`` parameters when it loads them, by its per-family conversion mapping.
+:class:`CheckpointLayout` applies that mapping to one layer at a time (and its reverse when a layer is
+written, :func:`~layerfold.execution.checkpoint.save_layerwise`), so a layer read from the shards is
+the layer ``from_pretrained`` would build, and a layer-by-layer checkpoint has the files
+``save_pretrained`` writes.
 """
 
 from __future__ import annotations
@@ -38,6 +47,58 @@ from layerfold.models.replacement import SIDE_FILE
 from layerfold.models.sources import POINTER_FILE, resolve_pointer
 
 StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointLayout:
+    """transformers' key conversion between a family's checkpoint layout and its model, applied per layer.
+
+    Keys are full names (``model.layers.3.mlp.experts.0.gate_proj.weight``); tensors keep their values, only
+    names and stacking change (experts stacked into one 3-D tensor, expert first, in checkpoint order).
+    Families without a conversion mapping pass through unchanged.
+    """
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.model = meta_model(config)
+        self.mapping = get_model_conversion_mapping(self.model)
+        self.keys = self.model.state_dict()  # meta tensors: names (and shapes) only
+
+    def to_model(self, state: StateDict) -> StateDict:
+        """Checkpoint keys (as stored) -> the model's own state-dict keys (as ``from_pretrained`` loads them)."""
+        if not self.mapping:
+            return state
+        from copy import deepcopy
+
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+        targets: dict[str, WeightRenaming | WeightConverter] = {}
+        for key, tensor in sorted(state.items(), key=lambda item: dot_natural_key(item[0])):
+            renamed, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, self.keys)
+            if renamed not in self.keys and key in self.keys:
+                renamed, pattern = key, None  # already in the model's layout (e.g. written by save_layerwise of an older layerfold)
+            if pattern is not None:
+                transform = targets.setdefault(renamed, deepcopy(by_pattern[pattern]))
+            else:
+                transform = targets.setdefault(renamed, WeightRenaming(key, renamed))
+                pattern = key
+            transform.add_tensor(renamed, key, pattern, tensor)
+        converted: StateDict = {}
+        for first, transform in targets.items():
+            for target, value in transform.convert(first, model=self.model, config=self.model.config).items():
+                converted[target] = value[0] if isinstance(value, list) else value
+        return converted
+
+    def to_checkpoint(self, state: StateDict) -> StateDict:
+        """The model's state-dict keys -> the checkpoint layout ``save_pretrained`` writes."""
+        if not self.mapping:
+            return state
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.model, state)
 
 
 @runtime_checkable
@@ -106,7 +167,8 @@ class SafetensorsLayerLoader:
             )
         self.path = path
         self._config = AutoConfig.from_pretrained(path)
-        self.adapter = get_adapter(self._config.model_type)
+        self.adapter = get_adapter(self._config)
+        self.layout = CheckpointLayout(self._config)
         self._layer_keys, self._outer_keys = self._index(self._weight_map(path))
 
     @property
@@ -149,12 +211,12 @@ class SafetensorsLayerLoader:
         return layers, outer
 
     def _read(self, shards: dict[str, list[str]], strip: str, device: torch.device | str, dtype: torch.dtype) -> StateDict:
-        state = {}
+        stored = {}
         for shard, keys in shards.items():
             with safe_open(str(self.path / shard), framework="pt") as handle:
                 for key in keys:
-                    state[key[len(strip):]] = cast(handle.get_tensor(key), device, dtype)
-        return state
+                    stored[key] = cast(handle.get_tensor(key), device, dtype)
+        return {key[len(strip):]: tensor for key, tensor in self.layout.to_model(stored).items()}
 
     def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
         check_index(index, self.num_layers)
@@ -190,7 +252,7 @@ class SeededLayerLoader:
         self.seed = seed
         self.dtype = dtype
         self.generator_device = None if generator_device is None else torch.device(generator_device)
-        self.adapter = get_adapter(config.model_type)
+        self.adapter = get_adapter(config)
         skeleton = meta_model(config)
         self.std = float(getattr(config, "initializer_range", 0.02))
         layers = self.adapter.get_layers(skeleton)

@@ -23,7 +23,6 @@ build new tensors out of reach of a plan; they need the compressed checkpoint it
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -32,6 +31,7 @@ import torch
 from transformers import PretrainedConfig
 
 from layerfold.execution.loaders import LayerLoader, StateDict, check_index
+from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 from layerfold.models.replacement import TensorInit
 from layerfold.surgery.merge import Combine
@@ -213,22 +213,15 @@ class PlannedLayerLoader:
             plan = recipes_from_plan(plan)
         self.base = base
         self.recipes = list(plan)
-        self.adapter = get_adapter(base.config.model_type)
+        self.adapter = get_adapter(base.config)
         for k, recipe in enumerate(self.recipes):
             if not all(0 <= i < base.num_layers for i in recipe.stands_for):
                 raise PlanError(f"plan layer {k} stands for {list(recipe.stands_for)}, outside the model's layers 0..{base.num_layers - 1}.")
         self._config = self._planned_config(base.config)
-        self._linear_keys = {f"{name}.{attr}" for name in self.adapter.linears for attr in ("weight", "bias")}
 
     def _planned_config(self, original: PretrainedConfig) -> PretrainedConfig:
-        """The original config with the new depth and per-layer lists following each layer's base (as ``remove_layers`` keeps them)."""
-        config = copy.deepcopy(original)
-        for key in self.adapter.per_layer_config:
-            values = getattr(config, key, None)
-            if isinstance(values, (list, tuple)) and len(values) == original.num_hidden_layers:
-                setattr(config, key, [values[r.base] for r in self.recipes])
-        config.num_hidden_layers = len(self.recipes)
-        return config
+        """The original config with the new depth and its layer entries following each layer's base (as ``remove_layers`` keeps them)."""
+        return layer_config.trimmed(original, [r.base for r in self.recipes])
 
     @property
     def config(self) -> PretrainedConfig:
@@ -253,9 +246,10 @@ class PlannedLayerLoader:
             return self._replay(self.builds[index], device, dtype)
         parts = {i: self.base.load_layer(i, device, dtype) for i, c in zip(recipe.stands_for, recipe.coefficients) if c != 0.0 or i == recipe.base}
         state = dict(parts[recipe.base])
+        merged = set(self.adapter.merged_keys(state))
         for key in state:
-            if key not in self._linear_keys:
-                continue  # norms and anything else stay the base layer's
+            if key not in merged:
+                continue  # norms stay the base layer's
             total = None
             for i, c in zip(recipe.stands_for, recipe.coefficients):
                 if i in parts:  # tensor by tensor: one float32 temporary at a time, never a float32 copy of the layer
@@ -267,17 +261,16 @@ class PlannedLayerLoader:
     def _replay(self, build: Build, device: torch.device | str, dtype: torch.dtype) -> StateDict:
         """The layer ``build`` describes, merged as :func:`~layerfold.surgery.merge_weights` merges in place.
 
-        Linear weights and biases: ``combine(base.float(), [other.float(), ...]).to(dtype)``; every other
-        tensor is the base's.
+        Every tensor outside the norms (:meth:`LayerAdapter.merged_keys`): ``combine(base.float(), [other.float(), ...]).to(dtype)``;
+        the norms are the base's.
         """
         if isinstance(build, int):
             return self.base.load_layer(build, device, dtype)
         combine, base, others = build
         state = dict(self._replay(base, device, dtype))
         parts = [self._replay(other, device, dtype) for other in others]
-        for key in state:
-            if key in self._linear_keys:
-                state[key] = combine(state[key].float(), [part[key].float() for part in parts]).to(dtype)
+        for key in self.adapter.merged_keys(state):
+            state[key] = combine(state[key].float(), [part[key].float() for part in parts]).to(dtype)
         return state
 
     def load_outer(self, device: torch.device | str, dtype: torch.dtype) -> StateDict:

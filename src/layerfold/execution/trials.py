@@ -42,6 +42,7 @@ from layerfold.execution.layer_major import Activations, ExecutionReport, LayerM
 from layerfold.execution.loaders import LayerLoader
 from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import PlannedLayerLoader, WeightedLayerPlan
+from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 from layerfold.models.replacement import TensorInit
 from layerfold.scoring.loss import calibration_nll, final_representations, removal_nll, removal_order
@@ -170,10 +171,7 @@ class LayerMajorStack:
         edited = StackSnapshot(self.model)
         adapter = get_adapter(self.model)
         adapter.set_layers(self.model, nn.ModuleList(self.runner.templates))
-        for key in adapter.per_layer_config:
-            values = getattr(self.loader.config, key, None)
-            if isinstance(values, (list, tuple)):
-                setattr(self.model.config, key, list(values))
+        layer_config.restore(self.model.config, layer_config.snapshot(self.loader.config))
         reindex_layers(self.model)
         try:
             yield

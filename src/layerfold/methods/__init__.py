@@ -27,7 +27,7 @@ from layerfold.execution.plan import PlanError, WeightedLayerPlan
 from layerfold.execution.trials import LayerMajorStack, ResidentStack, Stack
 from layerfold.models.adapters import LayerAdapter, get_adapter
 from layerfold.models.replacement import TensorInit
-from layerfold.surgery import LayerSurgeryError, StackSnapshot, remove_layers
+from layerfold.surgery import LayerSurgeryError, StackSnapshot, mergeable, remove_layers
 from layerfold.surgery.merge import Combine
 
 MethodFn = Callable[["MethodContext", Any], dict]
@@ -124,6 +124,11 @@ class MethodContext:
     def remove(self, positions: list[int]) -> None:
         self.stack.remove(positions)
         self.plan.remove(positions)
+
+    def mergeable(self, positions: list[int]) -> bool:
+        """Whether the layers at ``positions`` share one structure, so that :meth:`merge` can combine them weight by
+        weight (a dense layer and a mixture-of-experts layer cannot be merged); resident or layer-major alike."""
+        return mergeable(self.model, positions)
 
     def merge(self, base: int, others: list[int], combine: Combine) -> None:
         """Fold layers ``others`` into layer ``base`` with ``combine`` and delete them."""

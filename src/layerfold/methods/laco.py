@@ -18,7 +18,8 @@ Additions to the notebook: ``target_layers`` clamps ``K`` so the stack never dro
 and ends the loop as soon as the target is reached (``target_layers=None`` runs the notebook's loop
 exactly: preset ``laco_code_parity``; ``laco_code_22`` is the code merge with the target stop);
 trials run in place through :meth:`MethodContext.trial` (only layer ``l`` is cloned; the notebook
-deep-copies the model twice per trial). With ``hardware=sequential`` the context runs each trial layer
+deep-copies the model twice per trial); a window whose layers differ in structure (dense and
+mixture-of-experts layers) is not tried (``details.skipped_windows``). With ``hardware=sequential`` the context runs each trial layer
 by layer from the dense model's boundary at ``l`` (the layers below a trial's base are the dense ones),
 the merged layer built lazily from the plan.
 
@@ -123,6 +124,7 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
     reference = ctx.final_representations(inputs)  # the dense model M, computed once
 
     trials: list[dict] = []
+    skipped: list[dict] = []  # windows whose layers differ in structure
     base = highest - C
     while base >= cfg.lowest_layer and (target is None or ctx.num_layers > target):
         k = min(C - 1, ctx.num_layers - base - 1)
@@ -133,6 +135,10 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
             continue
         window = list(range(base, base + k + 1))
         stands_for = sorted(o for i in window for o in ctx.plan.groups[i])
+        if not ctx.mergeable(window):  # e.g. a dense layer beside a mixture-of-experts one: not a trial LaCo can make
+            skipped.append({"base": base, "folded": k, "original_layers": stands_for})
+            base -= 1
+            continue
         with ctx.trial(changed=[base]) as trial:
             ctx.merge(base, window[1:], combine)
             sim = representation_similarity(reference, ctx.final_representations(inputs))
@@ -164,6 +170,8 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
         "final_layers": final,
         "target_reached": reached,
     }
+    if skipped:
+        details["skipped_windows"] = skipped
     if reached is False:
         note = (
             f"LaCo stopped at {final} layers, above target_layers={target}: no further merge passed "

@@ -12,7 +12,8 @@ Per step::
     alpha = S_{l,l+1} (paper) | sigmoid(row-mean ratio) (released code)
     layer l <- alpha theta_l + (1 - alpha) theta_{l+1};  delete layer l+1   (apply_merge=False: only delete)
 
-repeated ``num_remove`` times. The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
+repeated ``num_remove`` times, over the adjacent pairs whose layers share one structure (every pair, but
+in a stack that mixes dense and mixture-of-experts layers). The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
 weight arithmetic in :func:`layerfold.surgery.weighted` (every linear weight and bias; norms stay
 layer ``l``'s). Departures from the released code, each fixing a defect of the released ``pipeline.py`` (SempraETY/Pruning-via-Merging):
 
@@ -129,7 +130,7 @@ MIN_SAMPLES = 8  # per draw: below this the kNN statistics have next to no neigh
 @dataclass
 class MKAConfig:
     name: str = "mka"
-    num_remove: int = field(default=8, metadata={"ge": 1})  # merges, one layer fewer per merge
+    num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})  # merges, one layer fewer per merge
     # most_similar (paper) | last (released code: always the last two layers)
     pair: str = field(default="most_similar", metadata={"choices": list(PAIRS)})
     # paper: alpha = S_lm | code: sigmoid of the row-mean ratio (~0.62)
@@ -246,6 +247,12 @@ def near_ties(scores: np.ndarray, stderr: np.ndarray, margin: float) -> list[int
 
 def _check(ctx: MethodContext, cfg: MKAConfig) -> None:
     check_target(ctx, cfg.num_remove)
+    check_samples(cfg, int(ctx.calibration.shape[0]))
+
+
+def check_samples(cfg: MKAConfig, n: int) -> None:
+    """The settings against each other and against ``n`` calibration samples (``data.calibration.num_blocks``);
+    the ``validate`` stage runs this before anything is deleted, compress again on the data it reads."""
     for key, value, allowed in (
         ("pair", cfg.pair, PAIRS),
         ("alpha", cfg.alpha, ALPHA_MODES),
@@ -260,7 +267,6 @@ def _check(ctx: MethodContext, cfg: MKAConfig) -> None:
     for key in ("manifold_dim", "n_neighbors", "k_entropy", "draws"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"method.{key} must be at least 1, got {getattr(cfg, key)}.")
-    n = int(ctx.calibration.shape[0])
     per_draw = n // cfg.draws
     if per_draw < max(MIN_SAMPLES, cfg.manifold_dim + 2):
         raise ConfigError(
@@ -315,6 +321,16 @@ def _draw_report(per_draw: np.ndarray, index: list[int]) -> dict:
     return report
 
 
+def _without(similarity: np.ndarray, index: list[int], allowed: np.ndarray) -> np.ndarray:
+    """``similarity`` with the adjacent pairs that may not merge set to NaN (never chosen)."""
+    if allowed.all():
+        return similarity
+    masked = np.array(similarity, dtype=np.float64, copy=True)
+    for t in np.flatnonzero(~allowed):
+        masked[index[t], index[t + 1]] = np.nan
+    return masked
+
+
 def _merge_or_drop(ctx: MethodContext, l: int, alpha: float, apply_merge: bool) -> None:
     if apply_merge:
         ctx.merge(l, [l + 1], weighted(alpha))
@@ -335,10 +351,9 @@ def _break_tie(ctx: MethodContext, cfg: MKAConfig, candidates: list[int], alphas
 @register("mka", MKAConfig)
 def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
     _check(ctx, cfg)
-    start = time.perf_counter()
     steps: list[dict] = []
     first: dict = {}
-    scoring_seconds = 0.0
+    scoring_seconds = 0.0  # under details["timings"], which the compress stage moves to metrics/compress_time.json
     for step in range(cfg.num_remove):
         if cfg.recompute or step == 0:
             features = _features(ctx, step)
@@ -352,12 +367,14 @@ def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
         index = list(range(ctx.num_layers)) if cfg.recompute else [g[0] for g in ctx.plan.groups]
         adjacent = np.array([similarity[a, b] for a, b in zip(index[:-1], index[1:])])
         adjacent_se = np.array([stderr[a, b] for a, b in zip(index[:-1], index[1:])])
-        ties = near_ties(np.nan_to_num(adjacent, nan=-np.inf), adjacent_se, cfg.tie_margin)
+        # Only pairs of one structure merge (not a dense layer with a mixture-of-experts one); all pairs of most models.
+        allowed = np.array([not cfg.apply_merge or ctx.mergeable([t, t + 1]) for t in range(len(index) - 1)])
+        ties = near_ties(np.nan_to_num(np.where(allowed, adjacent, np.nan), nan=-np.inf), adjacent_se, cfg.tie_margin)
         if cfg.pair == "most_similar":
-            a, _ = most_similar_adjacent_pair(similarity, active=index)
+            a, _ = most_similar_adjacent_pair(_without(similarity, index, allowed), active=index)
             l = index.index(a)
         else:
-            l = len(index) - 2
+            l = int(np.flatnonzero(allowed)[-1])
         alphas = {t: merge_alpha(similarity, index[t], index[t + 1], mode=cfg.alpha) if cfg.apply_merge else float("nan") for t in set(ties) | {l}}
         losses = {}
         if cfg.tie_break == "loss" and cfg.pair == "most_similar" and len(ties) > 1:
@@ -399,9 +416,10 @@ def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
         "similarity_step0": _rounded(first["similarity"]),
         "similarity_stderr_step0": _rounded(first["stderr"]),
         "raw_similarity_step0": _rounded(first["raw"]),
-        "scoring_seconds": round(scoring_seconds, 3),
-        "seconds": round(time.perf_counter() - start, 3),
     }
     if "self" in first:
         details["self_similarity_step0"] = [_round(v) for v in first["self"]]
+    # Wall time is no property of the plan: plan.json never holds it (the same merges must write the same
+    # bytes, or every compress would re-run everything after it); the compress stage takes it out.
+    details["timings"] = {"scoring_seconds": round(scoring_seconds, 3)}
     return details

@@ -25,7 +25,7 @@ MSE path, ``recovery=lm`` its LLM-loss path):
 - ``swiglu``: like ``ffn`` but the gated SwiGLU FFN and its pre-norm are freshly initialised (the paper's
   lightweight network trained from scratch): weights ``normal(0, initializer_range)``, norm 1, drawn
   from a CPU generator seeded with ``runtime.seed`` (:attr:`MethodContext.seed`), never the global RNG;
-  only for families whose FFN is SwiGLU (Llama, Mistral, Qwen2, Qwen3). On those families it has
+  only for families whose FFN is a dense SwiGLU (``docs/architectures.md``). On those families it has
   exactly the shape of ``ffn``; the two differ in initialisation.
 - ``mlp``: the released example's ``d -> 4d`` ReLU ``4d -> d`` MLP, freshly initialised. No stock
   class has that shape: it is kept as a zero-attention decoder layer whose MLP is the ReLU MLP, so it
@@ -50,9 +50,9 @@ from layerfold.methods import MethodContext, check_target, register
 from layerfold.models.adapters import LayerAdapter
 from layerfold.models.replacement import TensorInit, mlp_replacement_layer
 from layerfold.surgery import LayerSurgeryError
+from layerfold.surgery.support import family_of_model, replacement_refusal
 
 REPLACEMENTS = ("transformer_layer", "ffn", "swiglu", "mlp", "none")
-SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -71,26 +71,20 @@ def window_scores(cosine: torch.Tensor, width: int) -> torch.Tensor:
     return 0.5 + 0.5 * torch.diagonal(cosine, offset=width)
 
 
-def check_replacement(model_type: str, replacement: str) -> None:
-    """Fail before any edit when the architecture cannot express ``replacement``."""
+def check_replacement(model: torch.nn.Module, replacement: str) -> None:
+    """Fail before any edit when the architecture cannot express ``replacement`` (the family rules, which
+    ``validate`` applies from the config: :func:`layerfold.surgery.support.replacement_refusal`)."""
     if replacement not in REPLACEMENTS:
         raise LayerSurgeryError(f"method.replacement='{replacement}' is unknown; choose one of {', '.join(REPLACEMENTS)}.")
-    if replacement == "swiglu" and model_type not in SWIGLU_FAMILIES:
-        raise LayerSurgeryError(
-            f"method.replacement=swiglu needs a SwiGLU FFN, which '{model_type}' does not have "
-            f"(supported: {', '.join(SWIGLU_FAMILIES)}); use replacement=ffn for this architecture's own FFN."
-        )
-    if replacement == "mlp" and model_type in ("opt",):
-        raise LayerSurgeryError(
-            f"method.replacement=mlp needs the MLP to be a submodule of the decoder layer, which '{model_type}' "
-            "does not have; use replacement=ffn (its own FFN is already a ReLU MLP)."
-        )
+    why = replacement_refusal(family_of_model(model), replacement)
+    if why is not None:
+        raise LayerSurgeryError(why)
 
 
 @register("streamline", StreamlineConfig)
 def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> dict:
     check_target(ctx, cfg.num_remove)
-    check_replacement(ctx.model.config.model_type, cfg.replacement)
+    check_replacement(ctx.model, cfg.replacement)
     width = cfg.num_remove if cfg.replacement == "none" else cfg.num_remove + 1
     cosine = ctx.dense_stats().cosine
     if cosine.shape[0] != ctx.num_layers + 1:
@@ -125,7 +119,7 @@ def replacement_init(replacement: str, adapter: LayerAdapter, initializer_range:
     if replacement == "ffn":
         return TensorInit(zero=(adapter.attn_output,))
     if replacement == "swiglu":
-        return TensorInit(zero=(adapter.attn_output,), normal=adapter.mlp_linears, ones=(adapter.norms[1],),
+        return TensorInit(zero=(adapter.attn_output,), normal=adapter.mlp_linears, ones=adapter.ffn_branch_norms,
                           std=initializer_range, seed=seed)
     raise LayerSurgeryError(f"method.replacement={replacement} is not a re-initialised stock layer; choose one of transformer_layer, ffn, swiglu.")
 

@@ -8,11 +8,12 @@ takes a second; loading the weights can take minutes or run out of memory, so bo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ class ModelFacts:
     num_layers: int
     context_length: int | None  # max_position_embeddings; None when the config does not say
     vocab_size: int
+    # The decoder's config.json content, when the source has one (hub, local): what family checks read (MoE
+    # placement, attention kind, activation). Not part of the recorded facts, so validated.json stays the same.
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def bounds(self) -> dict[str, int]:
         """The facts config ranges may refer to (see ``layerfold.config.MODEL_FACTS``)."""
@@ -42,7 +46,8 @@ class ModelFacts:
         return facts
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"model_type": self.model_type, "num_layers": self.num_layers, "context_length": self.context_length,
+                "vocab_size": self.vocab_size}
 
 
 def package_file(package: str, file: str) -> Path:
@@ -95,7 +100,7 @@ def hub_error(what: str, err: Exception) -> ModelSourceError:
     hint = (
         f" Offline mode is on ({var}=1, set e.g. by scripts/env.sh), so only models already in the local "
         f"hub cache load: unset {var} on a machine with network access, or use a local source "
-        "(model=smollm2_135m, or model.source=local with model.path)."
+        "(model=smollm2_135m, or model.source=local with model.path and model.name)."
         if var
         else " Check the model id and your network access, or use a local source (model.source=local)."
     )
@@ -109,11 +114,13 @@ def facts_from_config(config: Any) -> ModelFacts:
     if text is not None and get("num_hidden_layers") is None:
         return facts_from_config(text)
     context = get("max_position_embeddings") or get("n_positions") or get("max_sequence_length")
+    values = dict(config) if isinstance(config, dict) else config.to_dict()
     return ModelFacts(
         model_type=get("model_type") or "unknown",
         num_layers=int(get("num_hidden_layers") or get("n_layer") or 0),
         context_length=int(context) if context else None,
         vocab_size=int(get("vocab_size") or 0),
+        config=values,
     )
 
 
@@ -127,14 +134,17 @@ def gguf_facts(path: Path) -> ModelFacts:
     arch = _gguf_value(reader, "general.architecture")
     vocab = _gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     context = _gguf_value(reader, f"{arch}.context_length")
-    # transformers maps GGUF architecture names onto its model types (llama, qwen2, ...); they agree for
-    # the families layerfold supports.
+    # transformers maps GGUF architecture names onto its model types; most agree, these do not.
     return ModelFacts(
-        model_type=str(arch),
+        model_type=GGUF_MODEL_TYPES.get(str(arch), str(arch)),
         num_layers=int(_gguf_value(reader, f"{arch}.block_count")),
         context_length=int(context) if context else None,
         vocab_size=int(vocab),
     )
+
+
+# GGUF ``general.architecture`` -> transformers model type, where the two differ.
+GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}  # as transformers loads them
 
 
 def source_parameters(cfg: DictConfig) -> int | None:
@@ -209,8 +219,10 @@ def probe(cfg: DictConfig) -> ModelFacts:
 def identity(cfg: DictConfig, storage_dtype: str) -> dict[str, Any]:
     """Which weights these are: ``file`` (as configured, never a machine's absolute path), ``quantization``, ``sha256``.
 
-    For hub models ``file`` is ``<id>@<revision>`` and the sha256 is that of the first weights file the hub
-    cache holds (``None`` when the model was not downloaded as safetensors).
+    ``sha256`` is that of the weights file, or for weights in several shards the sha256 of the shards'
+    ``<name> <sha256>`` lines (each shard streamed once, as loading reads it anyway). For hub models ``file`` is
+    ``<id>@<revision>`` and the hashes are those of the safetensors files the hub cache holds (``None`` when
+    the model was not downloaded as safetensors).
     """
     source = cfg.source
     if source == "hub":
@@ -226,8 +238,18 @@ def identity(cfg: DictConfig, storage_dtype: str) -> dict[str, Any]:
     return {
         "file": ", ".join(w.name for w in weights),
         "quantization": f"none, stored as {storage_dtype}",
-        "sha256": file_sha256(weights[0]) if len(weights) == 1 else None,
+        "sha256": files_sha256(weights),
     }
+
+
+def files_sha256(paths: list[Path]) -> str | None:
+    """sha256 of one file, or of the ``<name> <sha256>`` lines of several (sorted by name); None for none."""
+    if not paths:
+        return None
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    lines = "".join(f"{p.name} {file_sha256(p)}\n" for p in sorted(paths, key=lambda p: p.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _hub_sha256(cfg: DictConfig) -> str | None:
@@ -235,6 +257,13 @@ def _hub_sha256(cfg: DictConfig) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(cfg.id, "model.safetensors", revision=cfg.revision)
-        return file_sha256(Path(cached)) if isinstance(cached, str) else None
+        if isinstance(cached, str):
+            return file_sha256(Path(cached))
+        index = try_to_load_from_cache(cfg.id, "model.safetensors.index.json", revision=cfg.revision)
+        if not isinstance(index, str):
+            return None
+        shards = [try_to_load_from_cache(cfg.id, name, revision=cfg.revision)
+                  for name in sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))]
+        return files_sha256([Path(s) for s in shards]) if all(isinstance(s, str) for s in shards) else None
     except Exception:  # identity is informative; a cache layout we cannot read must not fail the stage
         return None

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 
 SIDE_FILE = "layerfold_replacements.safetensors"
@@ -129,16 +130,18 @@ def mlp_replacement_layer(model: PreTrainedModel, position: int, width: int) -> 
     return layer.to(device=reference.device, dtype=reference.dtype)
 
 
-def _set_stack(model: PreTrainedModel, layers: list[nn.Module], layer_types: list | None) -> None:
+def _set_stack(model: PreTrainedModel, layers: list[nn.Module], entries: dict | None) -> None:
+    """Install ``layers`` as the decoder stack, renumber ``layer_idx`` and set the config's layer entries (``entries``,
+    a :func:`layer_config.snapshot`)."""
     adapter = get_adapter(model)
     adapter.set_layers(model, nn.ModuleList(layers))
     for idx, layer in enumerate(layers):
-        for module in (layer, layer.get_submodule(adapter.attention)):
-            if hasattr(module, "layer_idx"):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = idx
     model.config.num_hidden_layers = len(layers)
-    if layer_types is not None:
-        model.config.layer_types = layer_types
+    if entries is not None:
+        layer_config.restore(model.config, entries)
 
 
 def _side_positions(model: PreTrainedModel) -> list[int]:
@@ -150,23 +153,28 @@ def _side_positions(model: PreTrainedModel) -> list[int]:
 
 @contextmanager
 def detached_side_layers(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor] | None]:
-    """Take replacement layers out of the stack while the stock part is saved; yield their tensors (or None)."""
+    """Take replacement layers out of the stack while the stock part is saved; yield their tensors (or None).
+
+    The config saved with the stock part describes the stock layers only (its layer entries trimmed, see
+    :mod:`layerfold.models.layer_config`); the side file keeps the whole stack's entries to put back.
+    """
     positions = _side_positions(model)
     if not positions:
         yield None
         return
     adapter = get_adapter(model)
     layers = list(adapter.get_layers(model))
-    types = getattr(model.config, "layer_types", None)
-    types = list(types) if isinstance(types, (list, tuple)) and len(types) == len(layers) else None
+    whole = layer_config.snapshot(model.config)
+    stock = layer_config.snapshot(layer_config.trimmed(model.config, [i for i in range(len(layers)) if i not in positions]))
     tensors = {f"{pos}.{name}": t.detach().contiguous().cpu() for pos in positions for name, t in layers[pos].state_dict().items()}
     widths = {str(pos): layers[pos].get_submodule(adapter.mlp).fc1.out_features for pos in positions}
-    tensors["__meta__"] = torch.tensor(list(json.dumps({"positions": positions, "widths": widths}).encode()), dtype=torch.uint8)
+    meta = {"positions": positions, "widths": widths, "layer_config": whole}
+    tensors["__meta__"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     try:
-        _set_stack(model, [l for i, l in enumerate(layers) if i not in positions], [t for i, t in enumerate(types) if i not in positions] if types else None)
+        _set_stack(model, [l for i, l in enumerate(layers) if i not in positions], stock)
         yield tensors
     finally:
-        _set_stack(model, layers, types)
+        _set_stack(model, layers, whole)
 
 
 def save_side_layers(tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
@@ -183,13 +191,20 @@ def attach_side_layers(model: PreTrainedModel, directory: str | Path) -> PreTrai
     meta = json.loads(bytes(tensors.pop("__meta__").tolist()).decode())
     adapter = get_adapter(model)
     layers = list(adapter.get_layers(model))
-    types = getattr(model.config, "layer_types", None)
-    types = list(types) if isinstance(types, (list, tuple)) and len(types) == len(layers) else None
-    for pos in sorted(meta["positions"]):
+    positions = sorted(meta["positions"])
+    entries = meta.get("layer_config")
+    if entries is None:  # a side file written before the whole stack's entries were recorded: layer_types only
+        entries = {"num_hidden_layers": len(layers) + len(positions)}
+        types = getattr(model.config, "layer_types", None)
+        if isinstance(types, (list, tuple)) and len(types) == len(layers):
+            types = list(types)
+            for pos in positions:
+                types.insert(pos, types[min(pos, len(types) - 1)])
+            entries["layer_types"] = types
+    layer_config.restore(model.config, entries)  # the replacement layers are built for their own positions
+    for pos in positions:
         layer = mlp_replacement_layer(model, pos, meta["widths"][str(pos)])
         layer.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(pos)})
         layers.insert(pos, layer)
-        if types is not None:
-            types.insert(pos, types[min(pos, len(types) - 1)])
-    _set_stack(model, layers, types)
+    _set_stack(model, layers, entries)
     return model

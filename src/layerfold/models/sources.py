@@ -14,13 +14,22 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from layerfold.io import atomic_dir
+from layerfold.io import atomic_dir, write_json
 
 # ModelSourceError and package_file moved to facts (read without loading weights); importable here as before.
 from layerfold.models.facts import ModelSourceError, hub_error, package_file, source_path  # noqa: F401
+from layerfold.models.fingerprint import seal_plan
 from layerfold.models.replacement import attach_side_layers, detached_side_layers, save_side_layers
 
 SOURCES = ("hub", "local", "gguf", "package", "llama2c")
+PLAN_FILE = "plan.json"  # a compressed (or recovered) checkpoint's plan, written with it
+# Keys ``save_pretrained`` writes that describe the install or how the files were opened, not the model:
+# with them the same weights hash differently under another transformers release or another load path.
+UNPORTABLE_KEYS = {
+    "config.json": ("transformers_version",),
+    "generation_config.json": ("transformers_version",),
+    "tokenizer_config.json": ("is_local", "local_files_only"),
+}
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -103,9 +112,15 @@ def check_compatible(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
         )
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write safetensors + config + tokenizer atomically (a killed run leaves no half checkpoint)."""
-    with atomic_dir(path) as tmp, detached_side_layers(model) as side:
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, dtype: torch.dtype | None = None,
+                    plan: dict | None = None) -> None:
+    """Write safetensors + config + tokenizer atomically (a killed run leaves no half checkpoint).
+
+    ``plan`` (a compression plan) is written as ``plan.json`` inside the same atomic rename, sealed to the
+    weights just written (:func:`layerfold.models.fingerprint.seal_plan`): the checkpoint never appears without
+    its plan, and a plan never describes weights it was not written with.
+    """
+    with atomic_dir(path, expected_bytes=state_bytes(model, dtype)) as tmp, detached_side_layers(model) as side:
         # Replacement layers no stock class can express go to a side file (layerfold.models.replacement).
         if side is not None:
             save_side_layers({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in side.items()}, tmp)
@@ -122,6 +137,31 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         if dtype is not None:
             record_stored_dtype(tmp / "config.json", dtype)
         tokenizer.save_pretrained(tmp)
+        drop_unportable_keys(tmp)  # before the seal: it hashes config.json
+        if plan is not None:
+            write_json(tmp / PLAN_FILE, seal_plan(plan, tmp))
+
+
+def state_bytes(model: PreTrainedModel, dtype: torch.dtype | None = None) -> int:
+    """Bytes the model's tensors take stored in ``dtype`` (tied tensors once): what a checkpoint needs on disk."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        size = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+        seen.setdefault(t.data_ptr(), t.numel() * size)
+    return sum(seen.values())
+
+
+def drop_unportable_keys(folder: Path) -> None:
+    """Remove :data:`UNPORTABLE_KEYS` from a saved checkpoint's JSON files, so equal models write equal bytes."""
+    for name, keys in UNPORTABLE_KEYS.items():
+        file = Path(folder) / name
+        if not file.exists():
+            continue
+        content = json.loads(file.read_text(encoding="utf-8"))
+        if any(key in content for key in keys):
+            for key in keys:
+                content.pop(key, None)
+            file.write_text(json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def record_stored_dtype(config_file: Path, dtype: torch.dtype) -> None:

@@ -20,7 +20,13 @@ and looks a batch's rows up. The loop, the data order and the losses are the sam
 ``hardware=sequential`` the student is *partial*: its skeleton lives on the meta device and only the
 trained decoder layers are materialised, so the whole-student parts of a run go through ``lm_loss``
 (the validation LM loss, computed layer by layer) and end-to-end phases are refused.
-LoRA (peft) adapters, when enabled, wrap the trained layers' linears and are merged back at the end.
+LoRA (peft) adapters, when enabled, wrap the trained layers' linears and are merged back at the end;
+a trained layer whose weights are new rather than pretrained (a replacement: a layer of a class the stock
+architecture lacks, such as LLM-Streamline's ReLU MLP, or tensors the plan draws fresh, such as its SwiGLU
+FFN) is trained in full instead, because a low-rank update of random weights cannot learn the layer and
+the replacement is meant to be trained from scratch. ``layers_trained`` in the summary lists the layers
+whose weights changed, compared tensor by tensor before and after training, not the configured selection;
+a selected layer left unchanged (or an unselected one changed) is an error.
 Checkpoints (trained tensors, optimiser, scheduler, position) are written atomically every
 ``checkpoint_every`` steps; a killed run resumes from the last one and ends with the same weights.
 
@@ -53,13 +59,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from layerfold.capture.hooks import hidden_from, hidden_into
-from layerfold.io import atomic_file
+from layerfold.io import DamagedFileError, atomic_file, payload_bytes
 from layerfold.models.adapters import get_adapter
 from layerfold.models.devices import peak_flops  # re-exported by layerfold.recovery
 from layerfold.recovery.batches import IndexedRows, MicroBatches
 from layerfold.recovery.distributed import (
     check_launch,
     full_tensor,
+    is_main_process,
     launched_processes,
     make_accelerator,
     materialise,
@@ -216,6 +223,29 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class UntrainedLayersError(RuntimeError):
+    """The layers whose weights changed in training are not the layers the recovery mode selected."""
+
+
+@torch.no_grad()
+def layer_digests(model: nn.Module) -> dict[int, dict[str, str]]:
+    """``{layer: {tensor name: sha256 of its bytes}}`` for every decoder layer that holds weights (meta layers skipped).
+
+    LoRA adapters are folded into the weights they adapt first (``W + delta``, what ``merge_and_unload``
+    writes), so a wrapped student and its merged model compare equal. One tensor is on the host at a time.
+    """
+    from layerfold.recovery.layer_major import layer_weights
+
+    digests = {}
+    for k, layer in enumerate(get_adapter(model).get_layers(model)):
+        weights = layer_weights(layer)
+        if any(t.is_meta for t in weights.values()):
+            continue
+        digests[k] = {name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                      for name, t in sorted(weights.items())}
+    return digests
+
+
 @dataclass
 class RecoveryEngine:
     """Train ``student`` towards ``teacher`` on ``train`` blocks as ``cfg`` (``params.recovery``) says.
@@ -258,6 +288,10 @@ class RecoveryEngine:
         self.phases = self._phases()
         self.partial = is_partial(self.student)
         self._check_partial()
+        # Under LoRA, the selected layers whose weights are new train in full (see the module docstring).
+        self.full_layers = self._replacement_layers() if cfg.lora.enabled else []
+        # What each decoder layer holds before training (main process: it alone receives the final model).
+        self._digests_before = layer_digests(self.student) if is_main_process() else None
         if self.targets is None and self.teacher is not None:
             self.targets = LiveTeacher(self.teacher)
         if any(p.kind == "local" for p in self.phases) and self.targets is None:
@@ -347,13 +381,14 @@ class RecoveryEngine:
 
     def _param_names(self, phase: Phase) -> list[str]:
         prefixes = tuple(f"{self.adapter.layers}.{k}." for k in phase.layers)
+        full = tuple(f"{self.adapter.layers}.{k}." for k in phase.layers if k in self.full_layers)
         frozen = tuple(f"{self.adapter.layers}.{k}.{self.adapter.attention}." for k in self.attention_free)
         names = []
         for name, _ in self.student.named_parameters():
             if name.startswith(frozen):
                 continue  # attention of an FFN-only replacement stays exactly zero
             if self.cfg.lora.enabled:
-                if "lora_" in name and name.startswith(prefixes):
+                if ("lora_" in name and name.startswith(prefixes)) or (full and name.startswith(full)):
                     names.append(name)
             elif name.startswith(prefixes) or (self.cfg.trainable == "all" and phase.kind == "end_to_end"):
                 names.append(name)
@@ -364,15 +399,31 @@ class RecoveryEngine:
         params = dict(self.student.named_parameters())
         return sum(params[n].numel() for n in self.tracked) / sum(p.numel() for p in params.values())
 
+    def _replacement_layers(self) -> list[int]:
+        """Selected layers whose weights are new rather than pretrained: a linear LoRA's targets (the adapter's stock
+        projections) cannot name (a layer of a class the architecture lacks), or weights the plan draws fresh."""
+        decoder = self.adapter.get_layers(self.student)
+        stock = set(self.adapter.linears)
+        new = []
+        for k in self.layers_trained:
+            drawn = (self.plan["layers"][k].get("init") or {}).get("normal")
+            foreign = any(isinstance(module, nn.Linear) and name not in stock for name, module in decoder[k].named_modules())
+            if drawn or foreign:
+                new.append(k)
+        return new
+
     def _wrap_lora(self):
         from peft import LoraConfig, get_peft_model
 
         targets = [
             f"{self.adapter.layers}.{k}.{linear}"
             for k in self.layers_trained
+            if k not in self.full_layers
             for linear in self.adapter.linears
             if not (k in self.attention_free and linear.startswith(self.adapter.attention + "."))
         ]
+        if not targets:  # every selected layer trains in full: nothing for an adapter to wrap
+            return None
         lora = self.cfg.lora
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none")
         # peft injects the adapters into self.student's own modules; the wrapper is kept only to merge them later.
@@ -518,7 +569,7 @@ class RecoveryEngine:
             "validation": self.validation,
             "results": [r.__dict__ for r in results],
         }
-        with atomic_file(path, "wb") as handle:
+        with atomic_file(path, "wb", expected_bytes=payload_bytes(state)) as handle:
             torch.save(state, handle)
 
     def _load_state(self) -> dict | None:
@@ -526,8 +577,14 @@ class RecoveryEngine:
         path = self._state_path()
         if path is None or not path.exists():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated zip, a bad pickle: torch raises several kinds
+            raise DamagedFileError(
+                f"The resumable recovery state {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                f"Delete {path.parent} to start the recovery from its first step."
+            ) from None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             log.warning("ignoring %s: it was written for other settings or data", path)
             return None
         params = dict(self.student.named_parameters())
@@ -560,20 +617,39 @@ class RecoveryEngine:
         trained_parameters = sum(params[n].numel() for n in self.tracked)
         summary = {
             "phases": [r.__dict__ for r in results],
-            "layers_trained": self.layers_trained,
-            "spans": {s.layer: [s.start, s.end] for s in self.spans if s.layer in self.layers_trained},
+            "layers_selected": self.layers_trained,  # what recovery.trainable picks; layers_trained (below) is what changed
+            "layers_fully_trained": self.full_layers if self.cfg.lora.enabled else self.layers_trained,
             "precision": self.precision,
             "distributed": self.strategy,
             "processes": self.processes,
             "global_batch_sequences": self.cfg.batch_size * self.cfg.grad_accum,
             "val_lm_loss_before": lm_before,
             "val_lm_loss_after": self.validation_lm_loss(self.student),  # LoRA not yet merged: the same function
-            "trained_parameters": trained_parameters,  # LoRA: the adapters' parameters
+            "trained_parameters": trained_parameters,  # LoRA: the adapters' parameters and those of layers trained in full
         }
         model = self._final_model()
+        if model is not None:  # the main process: the final weights against the ones training started from
+            summary["layers_trained"] = self._changed_layers(model)
+            summary["spans"] = {s.layer: [s.start, s.end] for s in self.spans if s.layer in summary["layers_trained"]}
         if self.accelerator.is_main_process and self.state_dir is not None and self._state_path().exists():
             self._state_path().unlink()
         return model, summary
+
+    def _changed_layers(self, model: nn.Module) -> list[int]:
+        """Decoder layers whose tensors differ from before training; raises unless they are exactly the selected ones."""
+        after = layer_digests(model)
+        changed = sorted(k for k in after if after[k] != self._digests_before.get(k))
+        if changed != sorted(self.layers_trained):
+            untouched = sorted(set(self.layers_trained) - set(changed))
+            stray = sorted(set(changed) - set(self.layers_trained))
+            raise UntrainedLayersError(
+                f"recovery={self.cfg.name} selected layers {self.layers_trained} to train, but "
+                + (f"layers {untouched} hold exactly the weights they started with" if untouched else "")
+                + (" and " if untouched and stray else "")
+                + (f"layers {stray} changed although they were frozen" if stray else "")
+                + ". Nothing is written: the recovered model would not be what recover.json says it is."
+            )
+        return changed
 
     def _final_model(self) -> PreTrainedModel | None:
         """The trained student as one plain model on the main process, LoRA merged once; None on the others."""

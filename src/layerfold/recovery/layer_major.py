@@ -295,11 +295,12 @@ def execution_report(engine: RecoveryEngine) -> dict[str, Any]:
 
 
 def save_recovered(model: nn.Module, layers: list[int], compressed: Source, tokenizer: PreTrainedTokenizerBase, path: str | Path,
-                   storage_dtype: torch.dtype, *, generation_config: GenerationConfig | None = None,
+                   storage_dtype: torch.dtype, *, generation_config: GenerationConfig | None = None, plan: dict | None = None,
                    extra_json: dict[str, dict] | None = None) -> None:
     """Write the recovered checkpoint layer by layer: ``model``'s trained ``layers`` (LoRA folded in) replace the
-    compressed checkpoint's, every other tensor streams from it; float32 through ``storage_dtype`` as the resident save."""
+    compressed checkpoint's, every other tensor streams from it; float32 through ``storage_dtype`` as the resident save.
+    ``plan`` is written as ``plan.json``, sealed to the written files, in the same atomic rename."""
     decoder = get_adapter(model).get_layers(model)
     trained = {k: {name: t.cpu() for name, t in layer_weights(decoder[k]).items()} for k in layers}
     save_layerwise(OverriddenLayerLoader(layer_loader(compressed), trained), tokenizer, path, torch.float32, storage_dtype,
-                   generation_config=generation_config, extra_json=extra_json)
+                   generation_config=generation_config, plan=plan, extra_json=extra_json)

@@ -48,6 +48,7 @@ def runs_from_methods_dir(out: str | Path) -> list[dict]:
             "compress": _optional_json(folder / "compress.json"),
             "compress_time": _optional_json(folder / "compress_time.json"),
             "recover": _optional_json(folder / "recover.json"),
+            "recover_time": _optional_json(folder / "recover_time.json"),
             "params": params,
             "meta": {"model": (params.get("model") or {}).get("name")},
         })
@@ -117,6 +118,7 @@ def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
                 "recovered": None if recovered and "same_model_as" in recovered else recovered,
                 "compress": metrics.get("compress"),
                 "compress_time": metrics.get("compress_time"), "recover": metrics.get("recover"),
+                "recover_time": metrics.get("recover_time"),
                 "params": params, "metric_files": {Path(path).stem: path for path in files},
                 "plan": {"method": {"name": (params.get("method") or {}).get("name")}},
                 "meta": {"model": (params.get("model") or {}).get("name")},

@@ -51,7 +51,7 @@ from layerfold.validation import check
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a git ref component and a file name
 RUN_KEYS = {"overrides", "remove", "curve"}
 LIST_KEYS = {"experiment_prefix", "common", "compare_at", "runs"}
-METRIC_FILES = ("dense", "compressed", "recovered", "compress", "compress_time", "recover")
+METRIC_FILES = ("dense", "compressed", "recovered", "compress", "compress_time", "recover", "recover_time")
 PARAM_SECTIONS = ("model", "data", "method", "recovery", "eval", "runtime", "hardware")
 
 
@@ -230,7 +230,8 @@ def documents_path(metrics_path: str) -> str:
 
 
 def _timings(metrics: Mapping[str, Any], machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    compress_time, recover = metrics.get("compress_time") or {}, metrics.get("recover") or {}
+    # recover_time.json holds the recover stage's times; older runs kept them in recover.json
+    compress_time, recover = metrics.get("compress_time") or {}, {**(metrics.get("recover") or {}), **(metrics.get("recover_time") or {})}
     machine = machine or {}
     return {
         "compress_s": num(compress_time.get("seconds")),

@@ -188,7 +188,9 @@ def removal_nll(
 def final_representations(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Final-norm hidden states ``[seq, hidden]`` per input (what HF's ``hidden_states[-1]`` holds)."""
     device = next(model.parameters()).device
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    # The module holding the decoder layers returns them after the final norm (get_decoder() is the causal LM
+    # itself for some families, e.g. Llama 4 text).
+    base = model.get_submodule(get_adapter(model).layers.rpartition(".")[0])
     return [base(input_ids=ids.view(1, -1).to(device), use_cache=False).last_hidden_state[0].float() for ids in inputs]
 
 

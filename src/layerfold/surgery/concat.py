@@ -5,11 +5,18 @@ For a window of layers ``k = 1..m`` with shares ``r_k`` (summing to 1), the new 
 ``r``), chosen by sensitivity, and concatenates them, so it has exactly an original layer's shapes:
 
 - query rows of the kept key-value heads' query heads, key and value rows of the kept heads (Qwen2 and
-  OPT q/k/v biases follow their rows), the matching ``o_proj`` columns;
-- FFN input rows (``gate``/``up`` or ``fc1`` and its bias) and ``down``/``fc2`` columns of the kept channels;
+  OPT q/k/v biases follow their rows; Phi-3's fused ``qkv_proj`` keeps them block by block, and OLMo 2's
+  whole-projection ``q_norm``/``k_norm`` weights follow the same rows), the matching ``o_proj`` columns;
+- FFN input rows (``gate``/``up``, Phi-3's fused ``gate_up_proj`` block by block, or ``fc1`` and its bias)
+  and ``down``/``fc2`` columns of the kept channels;
 - output biases (``o_proj``/``out_proj``, ``down``/``fc2``) as ``sum_k r_k b_k``;
 - layer norms as the plain mean of the window's (``norms="mean"``, the released code) or as
-  ``sum_k r_k w_k`` (``norms="weighted"``); Qwen3's per-head ``q_norm``/``k_norm`` always ratio-weighted, as the code.
+  ``sum_k r_k w_k`` (``norms="weighted"``), Gemma's four sandwich norms alike (a post-norm then normalises
+  the window's branch outputs together); Qwen3's and Gemma 3's per-head ``q_norm``/``k_norm`` always
+  ratio-weighted, as the code.
+
+Mixture-of-experts layers, multi-head latent attention and families without a curated adapter are refused
+(:func:`concat_refusal`: why, in the message), from the structure alone, so ``validate`` refuses them too.
 
 Every head and channel of layer ``k`` then reads the *window's input* instead of its own layer's: the
 new layer runs the window's pieces in parallel, not in sequence.
@@ -37,9 +44,20 @@ HEAD_MODES = ("grouped", "tiled")
 NORM_MODES = ("mean", "weighted")
 
 
+# What a block of rows of a projection is made of: heads of the query or of the keys/values (``head_dim``
+# rows each); any other part ("gate", "up", "channel") is FFN channels (one row each).
+HEAD_PARTS = ("query", "key", "value")
+
+
 @dataclass(frozen=True)
 class ConcatLayout:
-    """Where a decoder layer keeps what the concatenation merge splits, and its head/channel counts."""
+    """Where a decoder layer keeps what the concatenation merge splits, and its head/channel counts.
+
+    ``rows`` lists every module whose output rows are blocks of heads or channels, with its blocks in row
+    order: ``("self_attn.q_proj", ("query",))`` for a separate projection, ``("self_attn.qkv_proj", ("query",
+    "key", "value"))`` for Phi-3's fused one, ``("mlp.gate_up_proj", ("gate", "up"))``, and OLMo 2's
+    ``q_norm``/``k_norm``, whose weights run over the whole projection and so follow the heads' rows too.
+    """
 
     query: str
     key: str
@@ -53,15 +71,24 @@ class ConcatLayout:
     num_heads: int
     num_kv_heads: int
     intermediate: int
+    rows: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def n_rep(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def block_rows(self, part: str) -> int:
+        """Rows of one block of ``part`` in a projection."""
+        if part == "query":
+            return self.num_heads * self.head_dim
+        if part in HEAD_PARTS:
+            return self.num_kv_heads * self.head_dim
+        return self.intermediate
+
     def parameter_names(self, layer: nn.Module) -> set[str]:
         """Every ``state_dict`` entry the merge writes for ``layer``."""
         names = set()
-        modules = (self.query, self.key, self.value, self.attn_output, *self.mlp_inputs, self.mlp_output, *self.norms, *self.head_norms)
+        modules = (*(m for m, _ in self.rows), self.attn_output, self.mlp_output, *self.norms, *self.head_norms)
         for module in modules:
             for attr in ("weight", "bias"):
                 if getattr(layer.get_submodule(module), attr, None) is not None:
@@ -80,45 +107,96 @@ def _submodule(layer: nn.Module, name: str, role: str, family: str) -> nn.Module
         ) from None
 
 
+def concat_refusal(adapter: LayerAdapter, layers: Sequence[nn.Module] | None) -> str | None:
+    """Why the layers of this family cannot be concatenation-merged at all, or None (decided from the structure only).
+
+    ``layers`` None (not known, e.g. from a GGUF header): a family with routed experts is taken to use them.
+    """
+    family = adapter.family
+    if adapter.generic:
+        return (f"CoMe's concatenation merge needs to know which rows of which projections are attention heads and FFN channels; "
+                f"'{family}' has no curated adapter (layerfold found its layers from the model), so it cannot split them. "
+                "Add a LayerAdapter entry in layerfold/models/adapters.py, or use a removal or weight-merge method.")
+    if adapter.latent_attention:
+        return (f"CoMe's concatenation merge keeps whole attention heads of two layers side by side; '{family}' uses multi-head "
+                "latent attention, whose keys and values of all heads come from one shared latent projection "
+                "(kv_a_proj_with_mqa), so heads of two layers cannot share one layer's latent. Use a removal or weight-merge method.")
+    if adapter.experts and (layers is None or any(has_module(layer, adapter.experts) for layer in layers)):
+        return (f"CoMe's concatenation merge concatenates the FFN channels of two layers into one FFN that reads the window's "
+                f"input; '{family}' routes its FFN through a mixture of experts, and one layer's router cannot route tokens to "
+                "the experts of two layers (expert e of one layer and expert e of another are unrelated), so channel sensitivity "
+                "and concatenation are not defined for routed experts. Use a removal method or a weight merge (LaCo, MKA), "
+                "which merge experts expert by expert.")
+    if adapter.head_projections is None and not adapter.head_rows:
+        return (f"CoMe's concatenation merge needs separate query/key/value projections (or a fused one whose rows are "
+                f"query, key and value blocks in turn); '{family}' fuses them per head ({', '.join(adapter.attn_linears[:-1])}). "
+                "Supported: every family with an adapter that names its head rows (docs/architectures.md).")
+    if not adapter.mlp_output or len(adapter.mlp_linears) < 2:
+        return f"The '{family}' adapter names no MLP intermediate projection; CoMe merges FFN channels."
+    return None
+
+
+def has_module(layer: nn.Module, name: str) -> bool:
+    """Whether ``layer`` has the submodule ``name`` (some layers of a stack lack some: dense vs MoE)."""
+    try:
+        layer.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def concat_layout(model: PreTrainedModel) -> ConcatLayout:
-    """Check that the model's layers can be concatenation-merged and describe them; raises before any work."""
+    """Check that the model's layers can be concatenation-merged and describe them; raises before any work.
+
+    Works on a model whose tensors are on the meta device (shapes only), so ``validate`` can ask it of a config.
+    """
     adapter: LayerAdapter = get_adapter(model)
     family = adapter.family
-    if adapter.head_projections is None:
-        raise UnsupportedArchitectureError(
-            f"CoMe's concatenation merge needs separate query/key/value projections; '{family}' fuses them "
-            f"({', '.join(adapter.attn_linears[:-1])}). Supported: llama, mistral, qwen2, qwen3, opt."
-        )
-    if not adapter.mlp_output or len(adapter.mlp_linears) < 2:
-        raise UnsupportedArchitectureError(f"The '{family}' adapter names no MLP intermediate projection; CoMe merges FFN channels.")
-    layer = adapter.get_layers(model)[0]
-    q_name, k_name, v_name = adapter.head_projections
-    q, k = (_submodule(layer, n, "the query/key projection", family) for n in (q_name, k_name))
-    _submodule(layer, v_name, "the value projection", family)
+    layers = adapter.get_layers(model)
+    why = concat_refusal(adapter, layers)
+    if why is not None:
+        raise UnsupportedArchitectureError(why)
+    layer = layers[0]
+    if adapter.head_projections is not None:
+        q_name, k_name, v_name = adapter.head_projections
+        head_rows = tuple((name, (part,)) for name, part in zip(adapter.head_projections, ("query", "key", "value")))
+    else:
+        q_name = k_name = v_name = adapter.head_rows[0][0]
+        head_rows = ()
+    head_rows = head_rows + tuple(adapter.head_rows)
+    mlp_inputs = tuple(n for n in adapter.mlp_linears if n != adapter.mlp_output and has_module(layer, n))
+    fused_channels = dict(adapter.channel_rows)
+    channel_rows = tuple((name, fused_channels.get(name, ("channel",))) for name in mlp_inputs)
+    for name, _ in head_rows:
+        _submodule(layer, name, "the query/key/value projection", family)
     _submodule(layer, adapter.attn_output, "the attention output projection", family)
     down = _submodule(layer, adapter.mlp_output, "an MLP intermediate (output) projection", family)
-    mlp_inputs = tuple(n for n in adapter.mlp_linears if n != adapter.mlp_output)
     for name in mlp_inputs:
         _submodule(layer, name, "the MLP input projection", family)
     for name in adapter.norms:
         _submodule(layer, name, "the normalisation", family)
 
+    config = model.config
     attention = layer.get_submodule(adapter.attention)
-    head_dim = getattr(attention, "head_dim", None) or getattr(model.config, "head_dim", None)
-    if not head_dim:
-        head_dim = model.config.hidden_size // model.config.num_attention_heads
-    num_heads, num_kv = q.out_features // head_dim, k.out_features // head_dim
-    if num_heads * head_dim != q.out_features or num_kv * head_dim != k.out_features or num_heads % num_kv:
-        raise UnsupportedArchitectureError(
-            f"Cannot split the attention of this {family} model into heads: q {q.out_features}, k {k.out_features} "
-            f"rows with head_dim {head_dim}."
-        )
+    num_heads = int(config.num_attention_heads)
+    num_kv = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // num_heads
     layout = ConcatLayout(
         query=q_name, key=k_name, value=v_name, attn_output=adapter.attn_output,
         mlp_inputs=mlp_inputs, mlp_output=adapter.mlp_output,
-        norms=tuple(n for n in adapter.norms if n not in adapter.head_norms), head_norms=adapter.head_norms,
-        head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv, intermediate=down.in_features,
+        norms=tuple(n for n in adapter.norms if n not in adapter.head_norms and n not in dict(head_rows)),
+        head_norms=adapter.head_norms, head_dim=int(head_dim), num_heads=num_heads, num_kv_heads=num_kv,
+        intermediate=down.in_features, rows=head_rows + channel_rows,
     )
+    for name, parts in layout.rows:
+        rows = layer.get_submodule(name).weight.shape[0]
+        if rows != sum(layout.block_rows(p) for p in parts) or num_heads % num_kv:
+            raise UnsupportedArchitectureError(
+                f"Cannot split '{name}' of this {family} model into {'/'.join(parts)} blocks: {rows} rows, {num_heads} query and "
+                f"{num_kv} key-value heads of head_dim {head_dim}, intermediate {layout.intermediate}."
+            )
+    if layer.get_submodule(adapter.attn_output).weight.shape[1] != layout.block_rows("query"):
+        raise UnsupportedArchitectureError(f"The attention output projection of this {family} model does not read {num_heads} heads of {head_dim}.")
     unhandled = set(layer.state_dict()) - layout.parameter_names(layer)
     if unhandled:
         raise UnsupportedArchitectureError(
@@ -194,21 +272,24 @@ def concat_merge_state(
             total += w * param(layer, module, attr).float()
         state[f"{module}.{attr}"] = total.to(first.dtype)
 
-    device = param(layers[0], layout.query, "weight").device
+    device = param(layers[0], layout.attn_output, "weight").device
     q_rows = [_rows(h, layout.head_dim, device) for h in choice.query_heads]
     kv_rows = [_rows(h, layout.head_dim, device) for h in choice.kv_heads]
     channels = [torch.tensor(c, dtype=torch.long, device=device) for c in choice.channels]
     plain = [1.0 / len(layers)] * len(layers)
+    selected = {"query": q_rows, "key": kv_rows, "value": kv_rows}
 
-    for module, rows in ((layout.query, q_rows), (layout.key, kv_rows), (layout.value, kv_rows)):
-        concat(module, "weight", rows, 0)
-        if param(layers[0], module, "bias") is not None:
-            concat(module, "bias", rows, 0)
+    for module, parts in layout.rows:
+        for attr in ("weight", "bias"):
+            if param(layers[0], module, attr) is None:
+                continue
+            blocks, offset = [], 0
+            for part in parts:  # each block of the fused rows takes its kept rows from every layer of the window
+                index = [offset + idx for idx in selected.get(part, channels)]
+                blocks += [param(layer, module, attr).index_select(0, idx) for layer, idx in zip(layers, index)]
+                offset += layout.block_rows(part)
+            state[f"{module}.{attr}"] = torch.cat(blocks, dim=0)
     concat(layout.attn_output, "weight", q_rows, 1)
-    for module in layout.mlp_inputs:
-        concat(module, "weight", channels, 0)
-        if param(layers[0], module, "bias") is not None:
-            concat(module, "bias", channels, 0)
     concat(layout.mlp_output, "weight", channels, 1)
     for module in (layout.attn_output, layout.mlp_output):
         if param(layers[0], module, "bias") is not None:

@@ -1,9 +1,11 @@
 """Remove decoder layers in place and keep the model self-consistent.
 
 Three things go stale when layers disappear, and each breaks something different:
-``config.num_hidden_layers`` (a reload silently re-adds randomly initialised layers), the attention
-modules' ``layer_idx`` (the KV cache indexes by it) and per-layer config lists such as ``layer_types``
-(attention-type dispatch). :func:`remove_layers` fixes all three; nothing is deep-copied.
+``config.num_hidden_layers`` (a reload silently re-adds randomly initialised layers), the modules'
+``layer_idx`` (the KV cache indexes by it) and the config's entries about individual layers
+(``layer_types`` for attention-type dispatch, ``no_rope_layers``, MoE placement such as
+``mlp_only_layers`` or ``first_k_dense_replace``; see :mod:`layerfold.models.layer_config`).
+:func:`remove_layers` fixes all three; nothing is deep-copied.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable
 from torch import nn
 from transformers import PreTrainedModel
 
+from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 
 
@@ -25,8 +28,8 @@ def reindex_layers(model: PreTrainedModel) -> None:
     adapter = get_adapter(model)
     layers = adapter.get_layers(model)
     for new_idx, layer in enumerate(layers):
-        for module in (layer, layer.get_submodule(adapter.attention)):
-            if hasattr(module, "layer_idx"):
+        for module in layer.modules():  # the layer, its attention, and any other module that keeps its index
+            if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
     model.config.num_hidden_layers = len(layers)
 
@@ -44,10 +47,10 @@ def remove_layers(model: PreTrainedModel, indices: Iterable[int]) -> PreTrainedM
             f"Cannot remove {len(drop)} of {n} layers: at least one layer must remain. Lower method.num_remove."
         )
     keep = [i for i in range(n) if i not in drop]
+    if model.config.num_hidden_layers != n:
+        raise LayerSurgeryError(f"config.num_hidden_layers={model.config.num_hidden_layers} but the stack has {n} layers; "
+                                "the config no longer describes the model.")
     adapter.set_layers(model, nn.ModuleList([layers[i] for i in keep]))
-    for key in adapter.per_layer_config:
-        values = getattr(model.config, key, None)
-        if isinstance(values, (list, tuple)) and len(values) == n:
-            setattr(model.config, key, [values[i] for i in keep])
+    layer_config.trim(model.config, keep)
     reindex_layers(model)
     return model

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 from layerfold.surgery.remove import reindex_layers
 
@@ -22,11 +23,7 @@ class StackSnapshot:
         self.model = model
         self.adapter = get_adapter(model)
         self.layers = list(self.adapter.get_layers(model))
-        self.config_lists = {
-            key: list(getattr(model.config, key))
-            for key in self.adapter.per_layer_config
-            if isinstance(getattr(model.config, key, None), (list, tuple))
-        }
+        self.config_entries = layer_config.snapshot(model.config)
         self.saved = {i: {k: v.detach().clone() for k, v in self.layers[i].state_dict().items()} for i in changed}
 
     @torch.no_grad()
@@ -34,6 +31,5 @@ class StackSnapshot:
         for i, state in self.saved.items():
             self.layers[i].load_state_dict(state)
         self.adapter.set_layers(self.model, nn.ModuleList(self.layers))
-        for key, values in self.config_lists.items():
-            setattr(self.model.config, key, list(values))
+        layer_config.restore(self.model.config, self.config_entries)
         reindex_layers(self.model)
