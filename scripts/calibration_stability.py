@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import sys
 from pathlib import Path
 
@@ -29,9 +28,11 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from layerfold.config import ConfigError, compose, parse_params  # noqa: E402
-from layerfold.io import read_json  # noqa: E402
+from layerfold.io import atomic_file, read_json  # noqa: E402
 from layerfold.report.comparison import load_run_list, model_facts  # noqa: E402
-from layerfold.report.stability import MethodEntry, StabilityRunner, Stages, method_result, parse_entry, spread, write_results  # noqa: E402
+from layerfold.report.stability import (  # noqa: E402
+    MethodEntry, StabilityRunner, Stages, method_result, parse_entry, replace_generated, report_markdown, run_context, write_results,
+)
 from layerfold.validation import check  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,7 @@ def main() -> int:
     parser.add_argument("--held-out", nargs="*", default=list(HELD_OUT), help="overrides that make a draw the common held-out set")
     parser.add_argument("--conf", type=Path, default=REPO / "conf")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the results from finished draws")
+    parser.add_argument("--doc", type=Path, default=None, help="also put the table into this Markdown file, between its markers")
     args = parser.parse_args()
 
     if args.draws < 1:
@@ -90,11 +92,13 @@ def main() -> int:
             if name not in names or not k.isdigit() or not 1 <= int(k) <= args.draws:
                 raise ConfigError(f"--draws-for {item!r}: NAME=K with NAME one of {names} and 1 <= K <= --draws ({args.draws})")
             draws_for[name] = int(k)
+        if args.doc is not None:
+            replace_generated(args.doc.read_text(), "")  # the markers are there, before hours of work
         compose_checked = composer(args.conf.resolve())
         for entry in entries:  # every entry composes and validates before anything runs
             compose_checked([*args.override, *entry.overrides, "data.calibration.seed=0"])
             compose_checked([*args.override, *entry.overrides, *args.held_out])
-    except ConfigError as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -115,18 +119,13 @@ def main() -> int:
         results = [method_result(e.name, e.overrides, records[e.name], draws_for.get(e.name, args.draws)) for e in done]
         first = records[done[0].name][0]
         params = compose_checked([*args.override, *done[0].overrides, f"data.calibration.seed={first['seed']}"])
-        base_dir = runner.base(params)
-        dense_losses = {r["seed"]: r["dense_loss"] for rs in records.values() for r in rs}
-        held = compose_checked([*args.override, *done[0].overrides, *args.held_out])["data"]["calibration"]
-        context = {
-            "model": params["model"]["name"], "quantization": read_json(base_dir / "source.json").get("quantization"),
-            "seeds": list(range(args.draws)), "calibration": params["data"]["calibration"], "held_out": held,
-            "held_out_overrides": list(args.held_out), "perplexity": params["eval"]["perplexity"],
-            "dense_perplexity": first["dense_perplexity"], "dense_loss": spread(dense_losses.values()),
-            "dense_held_out_loss": first["dense_held_out_loss"], "device": first["device"], "dtype": first["measure"]["dtype"],
-            "date": datetime.date.today().isoformat(), "common_overrides": list(args.override),
-        }
+        held_out = compose_checked([*args.override, *done[0].overrides, *args.held_out])
+        context = run_context(params, held_out, read_json(runner.base(params) / "source.json"), [r for e in done for r in records[e.name]],
+                              list(range(args.draws)), args.override, args.held_out)
         write_results(args.out, results, context)
+        if args.doc is not None:
+            with atomic_file(args.doc) as handle:
+                handle.write(replace_generated(args.doc.read_text(), report_markdown(results, context, title=False)))
 
     # Every method's first draw first (a timing of each, in --only's order: put the slow ones last), then the
     # other draws method by method, so the cheap methods finish while the slow ones still run.

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from conftest import REPO, data_dir, models_dir
 from layerfold.config import ConfigError
 from layerfold.report.stability import (
+    DOC_BEGIN,
+    DOC_END,
     chance_jaccard,
     chosen_layers,
     draw_key,
@@ -31,7 +33,9 @@ from layerfold.report.stability import (
     pairwise_jaccard,
     parse_entry,
     plan_groups,
+    replace_generated,
     report_markdown,
+    run_context,
     spread,
     stability_table,
     summarise,
@@ -191,6 +195,23 @@ def test_report_states_the_dequantisation_only_when_it_applies():
     assert "| m | 2 | 9 |" in plain
 
 
+def test_run_context_lists_every_device_and_the_dense_spread():
+    records = [{**record(s, {1}, 3.0, 2.0 + s, 4.0, 20.0), "device": dev, "dense_perplexity": {"wikitext2": 9.0}, "dense_held_out_loss": 4.0,
+                "measure": {"dtype": "float32"}} for s, dev in ((1, "cpu (2 threads)"), (0, "cpu (16 threads)"))]
+    params = {"model": {"name": "m"}, "data": {"calibration": {"seed": 0}}, "eval": {"perplexity": {"seq_len": 64}}}
+    context = run_context(params, {"data": {"calibration": {"source": "c4"}}}, {"quantization": "q"}, records, [0, 1], [], [], date="2026-12-05")
+    assert context["device"] == "cpu (16 threads); cpu (2 threads)"
+    assert context["dense_loss"]["mean"] == pytest.approx(2.5) and context["held_out"] == {"source": "c4"}
+
+
+def test_replace_generated_keeps_the_prose_around_the_table():
+    doc = "intro\n<!-- a -->\nold table\n<!-- b -->\noutro\n"
+    assert replace_generated(doc, "| new |\n", "<!-- a -->", "<!-- b -->") == "intro\n<!-- a -->\n| new |\n<!-- b -->\noutro\n"
+    for bad in ("no markers", "<!-- b -->\n<!-- a -->", "<!-- a -->\n<!-- a -->\n<!-- b -->"):
+        with pytest.raises(ValueError, match="add them"):
+            replace_generated(bad, "x", "<!-- a -->", "<!-- b -->")
+
+
 def test_method_result_refuses_draws_of_different_models():
     with pytest.raises(ValueError, match="different depths"):
         method_result("m", [], [record(0, {1}, 3.0, 2.0, 4.0, 20.0), record(1, {1}, 3.0, 2.0, 4.0, 20.0, original=12)], planned=2)
@@ -241,10 +262,15 @@ def tiny_env(monkeypatch, one_thread):
 def test_runner_end_to_end_on_stories260k(tmp_path, monkeypatch, tiny_env):
     script = _script()
     out = tmp_path / "stability"
-    assert _run(script, monkeypatch, out) == 0
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Stability\n\nprose\n{DOC_BEGIN}\n{DOC_END}\nmore prose\n")
+    assert _run(script, monkeypatch, out, "--doc", str(doc)) == 0
 
     table = (out / "table.md").read_text()
     assert "| shortgpt | 2 | 3 |" in table and "| sleb | 2 | 3 |" in table
+    written = doc.read_text()
+    assert written.startswith("# Stability\n\nprose\n") and written.endswith(f"{DOC_END}\nmore prose\n")
+    assert table.split("\n", 2)[2].strip() in written  # the same table, without its title
     assert (out / ".gitignore").read_text() == "/work/\n"
     work = out / "work"
     held_out = None
