@@ -28,6 +28,7 @@ from layerfold.report.stability import (
     majority_layers,
     mean_chance_jaccard,
     mean_pairwise_jaccard,
+    merged_layers,
     method_result,
     notes,
     pairwise_jaccard,
@@ -70,6 +71,14 @@ def test_two_disjoint_pair_merges_choose_four_layers():
 
 def test_dense_plan_chooses_nothing():
     assert chosen_layers(plan([[i] for i in range(10)])) == []
+
+
+def test_merged_layers_keep_their_coefficients():
+    merged = plan([[0], [1, 2], [3]], original=4)
+    merged["layers"][1]["coefficients"] = [0.6123456789, 0.3876543211]
+    assert merged_layers(merged) == [{"stands_for": [1, 2], "coefficients": [0.612346, 0.387654]}]
+    assert merged_layers(plan([[0, 1], [2]], original=3)) == [{"stands_for": [0, 1], "coefficients": None}]
+    assert merged_layers(plan(keep_except({1}))) == []
 
 
 @pytest.mark.parametrize("bad", [

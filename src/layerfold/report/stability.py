@@ -30,7 +30,6 @@ import datetime
 import hashlib
 import itertools
 import json
-import logging
 import math
 import os
 import random
@@ -48,8 +47,6 @@ import yaml
 from layerfold.config import ConfigError
 from layerfold.io import atomic_file, file_sha256, read_json, write_json
 from layerfold.report.tables import MISSING, _ranges, _table
-
-log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------
 # pure: what a plan chose, how draws agree, how losses spread
@@ -73,6 +70,19 @@ def chosen_layers(plan: Mapping[str, Any]) -> list[int]:
     groups = plan_groups(plan)
     alone = {g[0] for g in groups if len(g) == 1}
     return [i for i in range(int(plan["original_layers"])) if i not in alone]
+
+
+def merged_layers(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every merged layer of a plan: the original layers it stands for and, where the plan records them, the
+    weight of each in its linear weights (``coefficients``: MKA's ``alpha`` and LaCo's RDSC show here)."""
+    plan_groups(plan)  # the same checks
+    merged = []
+    for layer in plan["layers"]:
+        if len(layer["stands_for"]) > 1:
+            coefficients = layer.get("coefficients")
+            merged.append({"stands_for": [int(i) for i in layer["stands_for"]],
+                           "coefficients": None if coefficients is None else [round(float(c), 6) for c in coefficients]})
+    return merged
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
@@ -202,7 +212,7 @@ def method_result(name: str, overrides: Sequence[str], records: Sequence[Mapping
     num_layers = {int(r["original_layers"]) for r in records}
     if len(num_layers) != 1:
         raise ValueError(f"{name}: the draws' plans start from different depths {sorted(num_layers)}; they are not one model")
-    keep = ("seed", "groups", "chosen", "loss", "dense_loss", "held_out_loss", "dense_held_out_loss", "perplexity",
+    keep = ("seed", "groups", "chosen", "merges", "loss", "dense_loss", "held_out_loss", "dense_held_out_loss", "perplexity",
             "dense_perplexity", "compress_seconds", "measure_seconds")
     return {
         "name": name, "overrides": list(overrides), "draws_planned": planned, "original_layers": num_layers.pop(),
@@ -431,6 +441,7 @@ class StabilityRunner:
         result = folder / "result.json"
         if result.exists():
             record = read_json(result)
+            record.setdefault("merges", merged_layers(read_json(folder / "plan.json")))  # records written before merges were kept
             if record["params_digest"] != _digest(params):
                 raise ConfigError(
                     f"{result} was made with other settings than {entry.name} composes now ({list(entry.overrides)}, "
@@ -458,7 +469,7 @@ class StabilityRunner:
         record = {
             "entry": entry.name, "overrides": list(entry.overrides), "seed": seed, "params_digest": _digest(params),
             "original_layers": plan["original_layers"], "groups": plan_groups(plan), "chosen": chosen_layers(plan),
-            "removed": plan.get("removed"), "merged": plan.get("merged"),
+            "removed": plan.get("removed"), "merges": merged_layers(plan),
             "loss": measured["loss"], "dense_loss": dense["loss"], "held_out_loss": measured["held_out_loss"],
             "dense_held_out_loss": dense["held_out_loss"], "perplexity": measured["perplexity"],
             "dense_perplexity": dense["perplexity"], "compress_seconds": timing["seconds"], "measure_seconds": measure_seconds, "device": timing["device"],
