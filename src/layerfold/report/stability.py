@@ -37,7 +37,7 @@ import shutil
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,9 +401,10 @@ class StabilityRunner:
         """The base checkpoint of ``params.model`` (built on first use)."""
         folder = self.work / "base" / _digest(params["model"])
         checkpoint = folder / "artifacts" / "base"
-        if not (checkpoint / "config.json").exists():
-            self.progress(f"base checkpoint of {params['model'].get('name')}")
-            self._in(folder, params, self.stages.base)
+        with _locked(folder):
+            if not (checkpoint / "config.json").exists():
+                self.progress(f"base checkpoint of {params['model'].get('name')}")
+                self._in(folder, params, self.stages.base)
         return checkpoint
 
     def draw(self, params: Mapping[str, Any], with_capture: bool = True) -> Path:
@@ -411,22 +412,24 @@ class StabilityRunner:
         folder = self.work / "draws" / draw_key(params)
         base = self.base(params)
         draw_params = {**params, "data": {**params["data"], "benchmarks": []}}  # no benchmark files: nothing is evaluated here
-        if not (folder / "data" / "prepared" / "calibration" / "blocks.safetensors").exists():
-            self.progress(f"calibration draw {params['data']['calibration']}")
-            self._link(folder / "artifacts" / "base", base)
-            self._in(folder, draw_params, self.stages.data)
-        if with_capture and not (folder / "artifacts" / "capture" / "stats.safetensors").exists():
-            self.progress(f"dense statistics of draw {params['data']['calibration']['seed']}")
-            self._in(folder, draw_params, self.stages.capture)
+        with _locked(folder):
+            if not (folder / "data" / "prepared" / "calibration" / "blocks.safetensors").exists():
+                self.progress(f"calibration draw {params['data']['calibration']}")
+                self._link(folder / "artifacts" / "base", base)
+                self._in(folder, draw_params, self.stages.data)
+            if with_capture and not (folder / "artifacts" / "capture" / "stats.safetensors").exists():
+                self.progress(f"dense statistics of draw {params['data']['calibration']['seed']}")
+                self._in(folder, draw_params, self.stages.capture)
         return folder
 
     def dense(self, params: Mapping[str, Any], held_out: Path) -> dict:
         """The dense model's loss on the draw of ``params``, on the held-out set and its perplexity (measured once)."""
         draw = self.draw(params)
         path = draw / f"dense-{_digest([held_out.name, params['eval']['perplexity']])}.json"  # per held-out set and perplexity settings
-        if not path.exists():
-            self.progress(f"dense losses of draw {params['data']['calibration']['seed']}")
-            write_json(path, measure(self.base(params), draw, held_out, params, self._windows, self.work / "measures"))
+        with _locked(path):
+            if not path.exists():
+                self.progress(f"dense losses of draw {params['data']['calibration']['seed']}")
+                write_json(path, measure(self.base(params), draw, held_out, params, self._windows, self.work / "measures"))
         return read_json(path)
 
     def held_out_draw(self, entry: MethodEntry) -> Path:
@@ -438,6 +441,10 @@ class StabilityRunner:
         """Compress with ``entry`` on draw ``seed`` and measure; returns (and stores) the draw's record."""
         params = self.params(entry, seed)
         folder = self.work / "runs" / entry.name / f"seed-{seed}"
+        with _locked(folder):
+            return self._run_draw(entry, seed, params, folder)
+
+    def _run_draw(self, entry: MethodEntry, seed: int, params: dict, folder: Path) -> dict:
         result = folder / "result.json"
         if result.exists():
             record = read_json(result)
@@ -506,6 +513,22 @@ def checkpoint_digest(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (created beside it): two runs over one working folder make each
+    shared output once, the second waits and then finds it made."""
+    import fcntl
+
+    lock = path.parent / f"{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def measure(checkpoint: Path, draw: Path, held_out: Path, params: Mapping[str, Any], windows: dict | None = None,
             cache: Path | None = None) -> dict:
     """Mean next-token NLL of ``checkpoint`` on the draw's calibration blocks and on the held-out blocks, and
@@ -570,7 +593,8 @@ def measure(checkpoint: Path, draw: Path, held_out: Path, params: Mapping[str, A
     else:
         key = _digest([checkpoint_digest(checkpoint), held_out.name, settings, params["hardware"], params["capture"]["batch_size"]])
         path = cache / f"{key}.json"
-        if not path.exists():
-            write_json(path, shared())
+        with _locked(path):
+            if not path.exists():
+                write_json(path, shared())
         model_level = read_json(path)
     return {"loss": calibration_loss(draw), **model_level, "settings": settings}
