@@ -5,6 +5,7 @@
     python scripts/calibration_stability.py --out <dir> --entry replaceme:method=replaceme   # any method, by overrides
     python scripts/calibration_stability.py --out <dir> --only sleb --draws-for sleb=3        # fewer draws for one method
     python scripts/calibration_stability.py --out <dir> --report-only                          # table from finished draws
+    python scripts/calibration_stability.py --out <dir> --only shortgpt --plans-only            # chosen layers only, no losses
 
 Methods come from the run list (``--runs``, its entries' overrides; the list's ``common`` is not applied:
 ``-o`` sets overrides for every run, e.g. ``-o eval=gpu``) and from ``--entry NAME:OVERRIDE,...``. Draw
@@ -72,6 +73,9 @@ def main() -> int:
     parser.add_argument("--held-out", nargs="*", default=list(HELD_OUT), help="overrides that make a draw the common held-out set")
     parser.add_argument("--conf", type=Path, default=REPO / "conf")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the results from finished draws")
+    parser.add_argument("--plans-only", action="store_true",
+                        help="compress and keep the plans of the draws not yet run, measure nothing (the chosen layers at the cost of "
+                             "the compress stage alone); a later run without it measures them")
     parser.add_argument("--doc", type=Path, default=None, help="also put the table into this Markdown file, between its markers")
     args = parser.parse_args()
 
@@ -109,7 +113,8 @@ def main() -> int:
     (args.out / ".gitignore").write_text("/work/\n")
     bar = tqdm(total=sum(draws_for.get(e.name, args.draws) for e in entries), unit="run", desc="method x draw", dynamic_ncols=True)
     runner = StabilityRunner(work, Stages(base.main, data.main, capture.main, compress.main), compose_checked, tuple(args.override),
-                             tuple(args.held_out), progress=lambda message: (bar.set_postfix_str(message[:60]), tqdm.write(f"== {message}")))
+                             tuple(args.held_out), progress=lambda message: (bar.set_postfix_str(message[:60]), tqdm.write(f"== {message}")),
+                             measure_draws=not (args.plans_only or args.report_only))
     records: dict[str, list[dict]] = {e.name: [] for e in entries}
 
     def report() -> None:

@@ -340,3 +340,71 @@ def test_runner_refuses_bad_entries_before_running(tmp_path, monkeypatch, tiny_e
     assert _run(script, monkeypatch, tmp_path / "y", "--entry", "big:method=shortgpt,method.num_remove=9") == 2  # 9 of 5 layers
     assert "num_remove" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+# --- the committed results and their page --------------------------------------------------------------
+
+COMMITTED = REPO / "results" / "calibration_stability" / "smollm2-135m-q4_1_cpu"
+DOC = REPO / "docs" / "calibration_stability.md"
+
+
+def test_doc_table_is_the_committed_results():
+    """docs/calibration_stability.md shows exactly what the committed JSON files say: the block between the markers is
+    regenerated from them (every number, every setting line, the notes and the wall times), in the page's method order."""
+    results = {path.stem: json.loads(path.read_text()) for path in sorted(COMMITTED.glob("*.json"))}
+    assert results, f"no results in {COMMITTED}"
+    contexts = [r.pop("context") for r in results.values()]
+    assert all(c == contexts[0] for c in contexts), "the methods' results were written by different runs"
+    for name, result in results.items():
+        assert result["name"] == name
+        assert summarise(result["per_draw"], result["original_layers"]) == result["summary"]  # the summary is the per-draw records'
+    text = DOC.read_text()
+    block = text.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0]
+    order = []
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in results and cells[0] not in order:
+            order.append(cells[0])
+    assert sorted(order) == sorted(results), f"the page's table has {order}, the results folder {sorted(results)}"
+    expected = report_markdown([results[name] for name in order], contexts[0], title=False)
+    assert block.strip() == expected.strip()
+    assert (COMMITTED / "table.md").read_text() == report_markdown([results[name] for name in order], contexts[0])
+
+
+def test_plan_only_draws_count_for_agreement_and_not_for_losses():
+    measured = [record(s, {4, 5}, 3.0 + s / 10, 2.0, 4.0, 20.0 + s) for s in range(2)]
+    plan_only = {**record(2, {4, 6}, 0.0, 0.0, 0.0, 0.0), "loss": None, "dense_loss": None, "held_out_loss": None, "perplexity": None}
+    result = method_result("m", ["method=a"], [*measured, plan_only], planned=3)
+    s = result["summary"]
+    assert s["draws"] == 3 and s["distinct_sets"] == 2 and s["mean_jaccard"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert s["loss"]["n"] == s["loss_minus_dense"]["n"] == s["held_out_loss"]["n"] == s["perplexity"]["wikitext2"]["n"] == 2
+    row = stability_table([{"name": "m", "summary": s}]).splitlines()[2].split(" | ")
+    assert row[6] == "3.050 ± 0.071 [3.000, 3.100] (2 of 3 draws)"
+    assert format_spread(spread([3.0]), of=3) == "3.000 (1 of 3 draws)" and format_spread(spread([3.0]), of=1) == "3.000 (1 draw)"
+    assert notes([result])[0].startswith("Plan only, losses and perplexity not measured (`--plans-only`): m (draws 2)")
+
+
+def test_runner_plans_only_then_measured(tmp_path, monkeypatch, tiny_env):
+    """--plans-only writes each draw's plan and chosen layers and measures nothing; a later run measures those draws."""
+    script = _script()
+    out = tmp_path / "stability"
+    argv = ["calibration_stability.py", "--out", str(out), "--draws", "2", *[a for o in TINY for a in ("-o", o)],
+            "--entry", "shortgpt:method=shortgpt,method.num_remove=2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--plans-only"])
+    assert script.main() == 0
+    plans = json.loads((out / "shortgpt.json").read_text())
+    assert [d["seed"] for d in plans["per_draw"]] == [0, 1]
+    assert all(len(d["chosen"]) == 2 and d["loss"] is None and d["perplexity"] is None for d in plans["per_draw"])
+    assert plans["summary"]["mean_jaccard"] is not None and plans["summary"]["loss"] is None
+    assert "Plan only" in (out / "table.md").read_text()
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--report-only"])  # reporting measures nothing either
+    assert script.main() == 0
+    assert json.loads((out / "shortgpt.json").read_text())["per_draw"] == plans["per_draw"]
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert script.main() == 0
+    measured = json.loads((out / "shortgpt.json").read_text())
+    assert [d["chosen"] for d in measured["per_draw"]] == [d["chosen"] for d in plans["per_draw"]]  # the same plans, now measured
+    assert all(d["loss"] > d["dense_loss"] > 0 and d["perplexity"]["wikitext2"] > 0 for d in measured["per_draw"])
+    assert measured["summary"]["loss"]["n"] == 2 and "Plan only" not in (out / "table.md").read_text()

@@ -168,20 +168,23 @@ def summarise(draws: Sequence[Mapping[str, Any]], num_layers: int) -> dict[str, 
         "majority_layers": majority_layers(sets),
         "layer_counts": {str(i): c for i, c in layer_counts(sets).items()},
         "loss": spread(d["loss"] for d in draws),
-        "loss_minus_dense": spread(d["loss"] - d["dense_loss"] for d in draws),
+        "loss_minus_dense": spread(None if d["loss"] is None else d["loss"] - d["dense_loss"] for d in draws),
         "held_out_loss": spread(d.get("held_out_loss") for d in draws),
         "perplexity": {name: spread((d.get("perplexity") or {}).get(name) for d in draws) for name in datasets},
     }
 
 
-def format_spread(s: Mapping[str, Any] | None, spec: str = ".3f", sd_spec: str | None = None) -> str:
-    """``mean ± sd [min, max]``; ``mean`` alone for one draw; "—" for none."""
+def format_spread(s: Mapping[str, Any] | None, spec: str = ".3f", sd_spec: str | None = None, of: int | None = None) -> str:
+    """``mean ± sd [min, max]``; ``mean`` alone for one draw; "—" for none. With ``of`` (the method's draws), a spread
+    over fewer draws than that (draws whose plan was made but not measured) says over how many."""
     if not s:
         return MISSING
     sd_spec = sd_spec or spec
+    fewer = of is not None and s["n"] < of
     if s["sd"] is None:
-        return f"{s['mean']:{spec}} (1 draw)"
-    return f"{s['mean']:{spec}} ± {s['sd']:{sd_spec}} [{s['min']:{spec}}, {s['max']:{spec}}]"
+        return f"{s['mean']:{spec}} (1 {'of ' + str(of) + ' draws' if fewer else 'draw'})"
+    text = f"{s['mean']:{spec}} ± {s['sd']:{sd_spec}} [{s['min']:{spec}}, {s['max']:{spec}}]"
+    return f"{text} ({s['n']} of {of} draws)" if fewer else text
 
 
 def _ppl_spec(s: Mapping[str, Any] | None) -> str:
@@ -201,8 +204,8 @@ def stability_table(rows: Sequence[Mapping[str, Any]], held_out: str = "held-out
         name = row["name"] + (f" ({row['note']})" if row.get("note") else "")
         body.append([
             name, str(s["draws"]), "/".join(map(str, s["layers_after"])), agreement, f"{s['distinct_sets']} of {s['draws']}",
-            _ranges(s["majority_layers"]), format_spread(s["loss"]), format_spread(s["loss_minus_dense"]),
-            format_spread(s["held_out_loss"]), format_spread(ppl, _ppl_spec(ppl)),
+            _ranges(s["majority_layers"]), format_spread(s["loss"], of=s["draws"]), format_spread(s["loss_minus_dense"], of=s["draws"]),
+            format_spread(s["held_out_loss"], of=s["draws"]), format_spread(ppl, _ppl_spec(ppl), of=s["draws"]),
         ])
     return "\n".join(_table(header, body)) + "\n"
 
@@ -230,6 +233,11 @@ def notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
     same = [r["name"] for r in results if r["summary"]["draws"] > 1 and r["summary"]["distinct_plans"] == 1]
     if same:
         lines.append(f"The same plan (every new layer standing for the same original layers) in every draw: {', '.join(same)}.")
+    unmeasured = [f"{r['name']} (draws {', '.join(str(d['seed']) for d in r['per_draw'] if d.get('loss') is None)})"
+                  for r in results if any(d.get("loss") is None for d in r["per_draw"])]
+    if unmeasured:
+        lines.append(f"Plan only, losses and perplexity not measured (`--plans-only`): {', '.join(unmeasured)}; "
+                     "their chosen layers count in the agreement columns, the loss columns say over how many draws they are.")
     depths = [f"{r['name']} ({'/'.join(map(str, r['summary']['layers_after']))})" for r in results if len(r["summary"]["layers_after"]) > 1]
     if depths:
         lines.append(f"Depth after compression differs between draws: {', '.join(depths)}.")
@@ -240,20 +248,23 @@ def run_context(params: Mapping[str, Any], held_out_params: Mapping[str, Any], s
                 records: Sequence[Mapping[str, Any]], seeds: Sequence[int], common: Sequence[str], held_out: Sequence[str],
                 date: str | None = None) -> dict[str, Any]:
     """The settings every method's results share (stored with each and printed above the table)."""
-    first = min(records, key=lambda r: r["seed"])
-    dense = {r["seed"]: r["dense_loss"] for r in records}
+    measured = [r for r in records if r.get("measure")] or list(records)  # plan-only draws measured nothing
+    first = min(measured, key=lambda r: r["seed"])
+    dense = {r["seed"]: r["dense_loss"] for r in measured}
     return {
         "model": params["model"]["name"], "quantization": source.get("quantization"), "seeds": list(seeds),
         "calibration": params["data"]["calibration"], "held_out": held_out_params["data"]["calibration"],
         "held_out_overrides": list(held_out), "common_overrides": list(common), "perplexity": params["eval"]["perplexity"],
         "dense_perplexity": first["dense_perplexity"], "dense_loss": spread(dense.values()),
         "dense_held_out_loss": first["dense_held_out_loss"],
-        "device": "; ".join(sorted({r["device"] for r in records})), "dtype": "; ".join(sorted({r["measure"]["dtype"] for r in records})),
+        "device": "; ".join(sorted({r["device"] for r in records})), "dtype": "; ".join(sorted({r["measure"]["dtype"] for r in measured if r.get("measure")})) or "not measured",
         "date": date or datetime.date.today().isoformat(),
     }
 
 
-def _ppl_text(values: Mapping[str, float]) -> str:
+def _ppl_text(values: Mapping[str, float] | None) -> str:
+    if not values:
+        return "not measured"
     return ", ".join(f"{name} {value:.2f}" for name, value in values.items())
 
 
@@ -276,7 +287,8 @@ def report_markdown(results: Sequence[Mapping[str, Any]], context: Mapping[str, 
         f"chunking `{held['chunking']}`, seed {held['seed']}: no draw reads it). Spreads are mean ± sd [min, max] over draws.",
         f"- Perplexity: WikiText-2 test, {ppl['seq_len']}-token windows, at most {ppl['max_windows']} windows, BOS "
         f"{'on' if ppl['add_bos'] else 'off'} (`eval.perplexity`); dense: {_ppl_text(context['dense_perplexity'])}.",
-        f"- Dense loss on the draws: {format_spread(context['dense_loss'])}; on the held-out set: {context['dense_held_out_loss']:.4f}.",
+        f"- Dense loss on the draws: {format_spread(context['dense_loss'])}; on the held-out set: "
+        f"{'not measured' if context['dense_held_out_loss'] is None else format(context['dense_held_out_loss'], '.4f')}.",
         f"- Device: {context['device']}, {context['dtype']}; measured {context['date']}.",
         "",
         stability_table([{"name": r["name"], "summary": r["summary"]} for r in results], held_out=held["source"]).rstrip("\n"),
@@ -388,6 +400,9 @@ class StabilityRunner:
     common: tuple[str, ...] = ()
     held_out: tuple[str, ...] = ()  # overrides turning a draw's calibration into the held-out set
     progress: Callable[[str], None] = field(default=lambda message: None)
+    # False: compress and keep the plan, measure nothing (the chosen layers for the agreement at the cost of the
+    # compress stage alone); a later run with True measures those draws again from a fresh compress.
+    measure_draws: bool = True
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -454,9 +469,9 @@ class StabilityRunner:
                     f"{result} was made with other settings than {entry.name} composes now ({list(entry.overrides)}, "
                     f"data.calibration.seed={seed}). Delete {folder} to recompute it, or use another --out."
                 )
-            return record
-        held_out = self.held_out_draw(entry)
-        dense = self.dense(params, held_out)
+            if record.get("loss") is not None or not self.measure_draws:
+                return record
+            result.unlink()  # a plan-only draw, now to be measured: compressed again (the checkpoint was not kept)
         draw = self.draw(params)
         base = self.base(params)
         for link, target in ((folder / "artifacts" / "base", base),
@@ -468,11 +483,18 @@ class StabilityRunner:
         self._in(folder, params, self.stages.compress)
         plan = read_json(compressed / "plan.json")
         write_json(folder / "plan.json", plan)
-        self.progress(f"{entry.name} on draw {seed}: measure")
-        began = time.perf_counter()
-        measured = measure(compressed, draw, held_out, params, self._windows, self.work / "measures")
-        measure_seconds = round(time.perf_counter() - began, 3)
         timing = read_json(folder / "metrics" / "compress_time.json")
+        if self.measure_draws:
+            held_out = self.held_out_draw(entry)
+            dense = self.dense(params, held_out)
+            self.progress(f"{entry.name} on draw {seed}: measure")
+            began = time.perf_counter()
+            measured = measure(compressed, draw, held_out, params, self._windows, self.work / "measures")
+            measure_seconds = round(time.perf_counter() - began, 3)
+        else:
+            dense = {"loss": None, "held_out_loss": None, "perplexity": None}
+            measured = {"loss": None, "held_out_loss": None, "perplexity": None, "settings": None}
+            measure_seconds = None
         record = {
             "entry": entry.name, "overrides": list(entry.overrides), "seed": seed, "params_digest": _digest(params),
             "original_layers": plan["original_layers"], "groups": plan_groups(plan), "chosen": chosen_layers(plan),
