@@ -20,6 +20,7 @@ from layerfold.report.stability import (
     DOC_BEGIN,
     DOC_END,
     chance_jaccard,
+    coefficient_ranges,
     chosen_layers,
     draw_key,
     format_spread,
@@ -408,3 +409,12 @@ def test_runner_plans_only_then_measured(tmp_path, monkeypatch, tiny_env):
     assert [d["chosen"] for d in measured["per_draw"]] == [d["chosen"] for d in plans["per_draw"]]  # the same plans, now measured
     assert all(d["loss"] > d["dense_loss"] > 0 and d["perplexity"]["wikitext2"] > 0 for d in measured["per_draw"])
     assert measured["summary"]["loss"]["n"] == 2 and "Plan only" not in (out / "table.md").read_text()
+
+
+def test_merge_coefficients_across_draws_are_reported():
+    draws = [{"seed": s, "merges": [{"stands_for": [3, 4], "coefficients": [c, 1 - c]}]} for s, c in ((0, 0.6), (1, 0.7), (2, 0.65))]
+    assert coefficient_ranges(draws) == "[3–4]: 0.6–0.7, 0.3–0.4 (3 draws)"
+    assert coefficient_ranges(draws[:1]) == "" and coefficient_ranges([{"seed": 0, "merges": []}]) == ""
+    result = {"name": "m", "summary": {"draws": 3, "draws_planned": 3, "distinct_plans": 1, "layers_after": [9]}, "draws_planned": 3,
+              "per_draw": [{**d, "loss": 1.0} for d in draws]}
+    assert notes([result])[-1] == "Merge coefficients of the same group across draws (each coefficient's min–max): m [3–4]: 0.6–0.7, 0.3–0.4 (3 draws)."

@@ -238,10 +238,30 @@ def notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
     if unmeasured:
         lines.append(f"Plan only, losses and perplexity not measured (`--plans-only`): {', '.join(unmeasured)}; "
                      "their chosen layers count in the agreement columns, the loss columns say over how many draws they are.")
+    moved = [text for r in results if (text := coefficient_ranges(r["per_draw"]))]
+    if moved:
+        lines.append("Merge coefficients of the same group across draws (each coefficient's min–max): " + "; ".join(
+            f"{r['name']} {text}" for r, text in ((r, coefficient_ranges(r["per_draw"])) for r in results) if text) + ".")
     depths = [f"{r['name']} ({'/'.join(map(str, r['summary']['layers_after']))})" for r in results if len(r["summary"]["layers_after"]) > 1]
     if depths:
         lines.append(f"Depth after compression differs between draws: {', '.join(depths)}.")
     return lines
+
+
+def coefficient_ranges(per_draw: Sequence[Mapping[str, Any]]) -> str:
+    """Every merged group that occurs with coefficients in at least two draws: each coefficient's min–max over them
+    (a merge's weights move with the draw even when its layers do not); "" when there is none."""
+    by_group: dict[tuple[int, ...], list[list[float]]] = {}
+    for draw in per_draw:
+        for merge in draw.get("merges") or []:
+            if merge.get("coefficients") is not None:
+                by_group.setdefault(tuple(merge["stands_for"]), []).append(merge["coefficients"])
+    parts = []
+    for group, values in sorted(by_group.items()):
+        if len(values) > 1:
+            ranges = ", ".join(f"{min(c):.3g}–{max(c):.3g}" for c in zip(*values))
+            parts.append(f"[{_ranges(list(group))}]: {ranges} ({len(values)} draws)")
+    return "; ".join(parts)
 
 
 def run_context(params: Mapping[str, Any], held_out_params: Mapping[str, Any], source: Mapping[str, Any],
@@ -306,8 +326,8 @@ def cost_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for r in results:
         draws = r["per_draw"]
-        rows.append([r["name"], str(len(draws)), format_spread(spread(d.get("compress_seconds") for d in draws), ".0f"),
-                     format_spread(spread(d.get("measure_seconds") for d in draws), ".0f")])
+        rows.append([r["name"], str(len(draws)), format_spread(spread(d.get("compress_seconds") for d in draws), ".0f", of=len(draws)),
+                     format_spread(spread(d.get("measure_seconds") for d in draws), ".0f", of=len(draws))])
     return _table(["method", "K", "compress s", "measure s"], rows)
 
 
