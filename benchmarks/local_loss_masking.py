@@ -4,6 +4,7 @@
     python benchmarks/local_loss_masking.py run --work /tmp/localloss --data /tmp/localloss/data.pt \
         --device cuda --out results/recovery_loss_masking/h200_smollm2_q4_1.json                          # the grid, resumable
     python benchmarks/local_loss_masking.py table --out results/recovery_loss_masking/h200_smollm2_q4_1.json
+    python benchmarks/local_loss_masking.py decide results/recovery_loss_masking/h200_smollm2_q4_1.json      # docs/recovery.md's table
 
 ``data`` needs the local data files (``$LAYERFOLD_DATA_DIR``) and writes every token the runs read;
 ``run`` needs that file and the model (``conf/model``'s GGUF, or ``--gguf``), so it can run where the
@@ -362,22 +363,66 @@ def summarise(record: dict) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def best_settings(summary: dict) -> dict[str, dict[str, Any]]:
-    """Per task and metric: the setting with the lowest mean, and the settings whose mean lies within the
-    noise of it (difference of means below 1.96 x its standard error, seeds treated as independent)."""
+    """Per task and metric: the setting with the lowest mean, and the settings within the noise of it. Settings
+    are compared paired by seed (the same seed trains on the same block order): a setting ties with the best
+    when the mean of its per-seed differences to the best is at most 1.96 standard errors of that mean."""
     out = {}
     for task, cells in summary.items():
         out[task] = {}
         for m in next(iter(cells.values())):
             ranked = sorted(cells, key=lambda s: cells[s][m]["mean"])
-            top = cells[ranked[0]][m]
+            top = cells[ranked[0]][m]["by_seed"]
             tied = []
             for s in ranked[1:]:
-                c = cells[s][m]
-                se = math.sqrt(top["sd"] ** 2 / top["n"] + c["sd"] ** 2 / c["n"]) if top["n"] > 1 and c["n"] > 1 else float("nan")
-                if not c["mean"] - top["mean"] > 1.96 * se:
+                seeds = sorted(set(top) & set(cells[s][m]["by_seed"]))
+                diffs = [cells[s][m]["by_seed"][k] - top[k] for k in seeds]
+                se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+                if not statistics.fmean(diffs) > 1.96 * se:  # NaN (one seed): no evidence of a difference
                     tied.append(s)
             out[task][m] = {"best": ranked[0], "within_noise": tied}
     return out
+
+
+def decision_runs(records: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The runs the decision reads, and the runs it leaves out. Per task, the settings that share at least 2 seeds (a
+    noise estimate) with the old default ``all`` enter, each on the seeds common to all of them, so every setting of a
+    task is compared on the same seeds; a task enters when ``all`` and at least one other setting do."""
+    runs, left_out = [], {}
+    for record in records:
+        by_task: dict[str, dict[str, set]] = {}
+        for r in record["runs"]:
+            by_task.setdefault(r["task"], {}).setdefault(r["setting"], set()).add(r["seed"])
+        for task in record["untrained"]:
+            settings = by_task.get(task, {})
+            entering = [k for k, v in settings.items() if len(v & settings.get("all", set())) > 1]
+            seeds = set.intersection(*(settings[k] for k in entering)) if entering else set()
+            if len(entering) < 2 or len(seeds) < 2:
+                entering, seeds = [], set()
+            short = {k: sorted(v - seeds if k in entering else v) for k, v in settings.items() if k not in entering or v - seeds}
+            if short or not settings:
+                left_out[task] = ", ".join(f"{k} seeds {v}" for k, v in short.items()) or "no runs"
+            runs += [r for r in record["runs"] if r["task"] == task and r["setting"] in entering and r["seed"] in seeds]
+    return runs, left_out
+
+
+def decide(records: list[dict]) -> dict[str, Any]:
+    """The default the measurements choose, by a rule fixed before the runs: the setting that is best or within
+    the noise of the best in the most (task, metric) cells; ties go to the lower mean rank of validation LM
+    loss over the tasks, then to the order of :data:`SETTINGS` (which lists the plain MSE's variants first).
+    Only tasks with a multi-seed grid enter (:func:`decision_runs`), on the settings every one of them ran."""
+    runs, left_out = decision_runs(records)
+    if not runs:
+        raise ValueError(f"no task has the old default `all` and another setting on the same 2 or more seeds; runs: {left_out}")
+    summary = summarise({"runs": runs})
+    settings = [k for k in SETTINGS if all(k in summary[t] for t in summary)]
+    summary = {t: {k: cells[k] for k in settings} for t, cells in summary.items()}
+    cells = best_settings(summary)
+    wins = {k: sum(1 for t in cells for m in cells[t] if k == cells[t][m]["best"] or k in cells[t][m]["within_noise"]) for k in settings}
+    ranks = {k: statistics.fmean(sorted(summary[t], key=lambda x: summary[t][x]["val_lm_loss"]["mean"]).index(k) for t in summary)
+             for k in settings}
+    chosen = min(settings, key=lambda k: (-wins[k], ranks[k], settings.index(k)))
+    return {"chosen": chosen, "local": SETTINGS[chosen], "cells_won": wins, "val_lm_loss_mean_rank": ranks, "cells": cells,
+            "summary": summary, "runs": runs, "left_out": left_out}
 
 
 def write_table(record: dict, source: Path) -> None:
@@ -417,9 +462,9 @@ def write_table(record: dict, source: Path) -> None:
                          f"{c['wikitext2_ppl']['mean']:.2f} ± {c['wikitext2_ppl']['sd']:.2f} |"
                          + (f" {c['wikitext2_ppl_full']['mean']:.2f} ± {c['wikitext2_ppl_full']['sd']:.2f} |" if full else "")
                          + f" {c['val_lm_loss']['n']} |")
-    lines += ["", "## Best setting per task (lowest mean; others within 1.96 standard errors of it listed as ties)", "",
+    lines += ["", "## Best setting per task (lowest mean; ties: paired by seed, mean difference within 1.96 of its standard errors)", "",
               "| task | metric | best | within noise of best |", "|---|---|---|---|"]
-    for task, metrics in best_settings(summary).items():
+    for task, metrics in best_settings({t: c for t, c in summary.items() if len(c) > 1}).items():
         for m, b in metrics.items():
             lines.append(f"| {task} | {m} | {b['best']} | {', '.join(b['within_noise']) or '-'} |")
     lines += ["", "## Every run", "",
@@ -443,6 +488,79 @@ def write_table(record: dict, source: Path) -> None:
         lines += [f"| {p['boundary']} | {p['position0_norm_over_median']:.1f} | {p['other_positions_max_norm_over_median']:.2f} |"
                   for p in record["norm_profile"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+DOCS = REPO / "docs" / "recovery.md"
+# The results the configured default is decided from (`decide` without arguments; checked by tests/recovery).
+DECISION_SOURCES = [OUT.with_name("cpu_smollm2_q4_1_come.json"), OUT.with_name("cpu_smollm2_q4_1_streamline.json")]
+BLOCK_BEGIN = "<!-- generated by benchmarks/local_loss_masking.py decide: begin -->"
+BLOCK_END = "<!-- generated by benchmarks/local_loss_masking.py decide: end -->"
+METRIC_NAMES = {"val_lm_loss": "val LM loss", "wikitext2_ppl": "WikiText-2 PPL", "wikitext2_ppl_full": "WikiText-2 PPL (full)"}
+
+
+def decision_markdown(records: list[dict], sources: list[Path]) -> str:
+    """The measured table (task x setting x seed x metric, mean +- sd, paired differences to the old default), the
+    rule and the chosen setting, as the block of :data:`DOCS` between :data:`BLOCK_BEGIN` and :data:`BLOCK_END`."""
+    d = decide(records)
+    metrics = list(next(iter(next(iter(d["summary"].values())).values())))
+    untrained = {t: u for record in records for t, u in record["untrained"].items()}
+    setup = {t: record for record in records for t in record["untrained"]}
+    lines = [BLOCK_BEGIN, "",
+             f"From {', '.join(f'`results/recovery_loss_masking/{p.name}`' for p in sources)} (tables of every run and "
+             "profile: the `.md` beside each). SmolLM2-135M-Instruct from the Q4_1 GGUF, dequantised: not the "
+             "full-precision model. Compression 30 -> 22 layers; lower is better.", ""]
+    for task in d["summary"]:
+        s, env = setup[task]["settings"], setup[task]["environment"]
+        lines += [f"**{task}** ({s['max_steps']} optimiser steps of {s['batch_size']} x {s['seq_len']}-token blocks, "
+                  f"validation LM loss on {s['val_blocks']} held-out blocks, WikiText-2 perplexity on "
+                  f"{s['ppl']['cpu']['windows']} x {s['ppl']['cpu']['seq_len']}-token windows; {env['device']}, torch "
+                  f"{env.get('torch')}, {', '.join(env['dates'])}). Untrained: "
+                  + ", ".join(f"{METRIC_NAMES[m]} {untrained[task][m]:{'.2f' if 'ppl' in m else '.4f'}}" for m in metrics if m in untrained[task]) + ".", "",
+                  "| setting | metric | " + " | ".join(f"seed {k}" for k in d["summary"][task]["all"][metrics[0]]["by_seed"])
+                  + " | mean ± sd | minus `all`: mean ± se (paired) |",
+                  "|---|---|" + "---|" * len(d["summary"][task]["all"][metrics[0]]["by_seed"]) + "---|---|"]
+        for setting, cell in d["summary"][task].items():
+            for m in metrics:
+                f = ".2f" if "ppl" in m else ".4f"
+                c, base = cell[m], d["summary"][task]["all"][m]
+                diffs = [c["by_seed"][k] - base["by_seed"][k] for k in c["by_seed"]]
+                se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+                delta = "-" if setting == "all" else f"{statistics.fmean(diffs):+{f}} ± {se:{f}}"
+                lines.append(f"| {setting} | {METRIC_NAMES[m]} | " + " | ".join(f"{v:{f}}" for v in c["by_seed"].values())
+                             + f" | {c['mean']:{f}} ± {c['sd']:{f}} | {delta} |")
+        against = {k: [v < untrained[task][m] for m in metrics for v in cell[m]["by_seed"].values()] for k, cell in d["summary"][task].items()}
+        lines += ["", f"Against the untrained model, on every seed and metric: better: "
+                  f"{', '.join(k for k, b in against.items() if all(b)) or 'none'}; worse: "
+                  f"{', '.join(k for k, b in against.items() if not any(b)) or 'none'}.", ""]
+    if d["left_out"]:
+        lines += ["Runs not in the decision (a setting enters on the seeds it shares with `all` and the other entering settings, at least 2): "
+                  + "; ".join(f"{t} ({why})" for t, why in d["left_out"].items()) + ".", ""]
+    lines += ["Rule (fixed before the runs): per task and metric, the setting with the lowest mean is best, and another "
+              "setting ties with it when the mean of its per-seed differences to the best is at most 1.96 standard errors "
+              "of that mean; the setting best or tied in the most cells wins, ties going to the lower mean rank of "
+              "validation LM loss, then to the first of `all, ignore_first, norm_ratio, nmse, cosine`.", "",
+              "| task | metric | best | within noise of best |", "|---|---|---|---|"]
+    for task, ms in d["cells"].items():
+        for m, b in ms.items():
+            lines.append(f"| {task} | {METRIC_NAMES[m]} | {b['best']} | {', '.join(b['within_noise']) or '-'} |")
+    lines += ["", "| setting | cells best or tied | mean rank of val LM loss (0 = best) |", "|---|---|---|"]
+    lines += [f"| {k} | {d['cells_won'][k]} of {sum(len(v) for v in d['cells'].values())} | {d['val_lm_loss_mean_rank'][k]:.2f} |"
+              for k in d["cells_won"]]
+    local = ", ".join(f"`{k}: {'null' if v is None else v}`" for k, v in d["local"].items())
+    lines += ["", f"Chosen: setting `{d['chosen']}` ({local} in `recovery.local`).", "", BLOCK_END]
+    return "\n".join(lines)
+
+
+def write_decision(records: list[dict], sources: list[Path], docs: Path = DOCS) -> None:
+    """Replace the generated block of ``docs`` with :func:`decision_markdown`."""
+    text = docs.read_text(encoding="utf-8")
+    if BLOCK_BEGIN not in text or BLOCK_END not in text:
+        raise SystemExit(f"{docs} has no generated block; add the lines {BLOCK_BEGIN!r} and {BLOCK_END!r} where it goes.")
+    head, rest = text.split(BLOCK_BEGIN, 1)
+    tail = rest.split(BLOCK_END, 1)[1]
+    block = decision_markdown(records, sources)
+    docs.write_text(head + block + tail, encoding="utf-8")
+    print(block)
 
 
 def main() -> None:
@@ -478,11 +596,16 @@ def main() -> None:
     r.add_argument("--restart", action="store_true", help="discard runs recorded under other settings")
     t = sub.add_parser("table", help="rewrite the table (<out>.md) from the results JSON")
     t.add_argument("--out", type=Path, default=OUT)
+    c = sub.add_parser("decide", help="the default the results choose, with their table, into docs/recovery.md's generated block")
+    c.add_argument("results", type=Path, nargs="*", default=DECISION_SOURCES,
+                   help="results JSON files (default: the ones the configured default was decided from)")
     args = parser.parse_args()
     if args.command == "data":
         prepare_data(args)
     elif args.command == "run":
         run(args)
+    elif args.command == "decide":
+        write_decision([read_json(p) for p in args.results], args.results)
     else:
         write_table(read_json(args.out), args.out)
 
