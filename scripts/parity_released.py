@@ -20,9 +20,13 @@ GPU memory, peak host RSS; each implementation in its own process, so the high-w
 | shortgpt | icip-cas/ShortGPT ``shortgpt/shortgpt.py``           | ``method=shortgpt``                          |
 | mka      | SempraETY/Pruning-via-Merging ``pipeline.py`` main() | ``+experiment=mka_code_released`` (its output) and ``mka_code_parity`` (its intent) |
 | come     | WangFei-2019/CoMe ``methods/concat_merge.py`` main_func | ``+experiment=come_code_parity``          |
+| come_p   | WangFei-2019/CoMe ``methods/concat_merge_P.py`` main_func | ``+experiment=come_p_code_parity``      |
+| streamline | RUCKBReasoning/LLM-Streamline ``get_cosine.py`` + ``train_mseloss.replace_lightweight_network`` | ``+experiment=streamline_code_parity`` |
 
-LLM-Streamline and SLEB are not checked here: Streamline's released selection (``get_cosine.py``) is
-part of its training pipeline, whose output is a trained layer rather than a deterministic edit.
+LLM-Streamline is checked up to training: its window selection (``get_cosine_similarity``) and the
+pruned model it writes around the (untrained) replacement layer initialised from the window's first
+layer, against ``method=streamline`` with ``replacement=transformer_layer``; its training is the
+recovery engine's (departures in ``docs/recovery.md``). SLEB is not checked here.
 
 **Adapting the released code, never editing it.** Only input/output is changed, by monkeypatching or a
 thin driver, and every adaptation is recorded in the result JSON (``adaptations``):
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as dt
 import gc
 import importlib.util
@@ -83,7 +88,7 @@ from layerfold.io import atomic_dir, atomic_file, read_json  # noqa: E402
 from layerfold.models.devices import host_peak_rss_mib  # noqa: E402
 
 DEFAULT_RELEASED_DIR = Path("~/.cache/layerfold/released")
-METHODS = ("laco", "shortgpt", "mka", "come")
+METHODS = ("laco", "shortgpt", "mka", "come", "come_p", "streamline")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +114,10 @@ RELEASED = {
     "shortgpt": ReleasedRepo("icip-cas/ShortGPT", "9a2ee8dfe9e28d0bee430e83c140b787c02ddd6c", ("shortgpt", "README.md")),
     "mka": ReleasedRepo("SempraETY/Pruning-via-Merging", "3b60b002a0963266e2f4ca78f133b4e091bc607a", ("pipeline.py", "README.md")),
     "come": ReleasedRepo("WangFei-2019/CoMe", "7bb695adba4b69df45020e281348e99739824c39", ("methods", "utils", "models_unit/llama", "LICENSE")),
+    "streamline": ReleasedRepo("RUCKBReasoning/LLM-Streamline", "adf50baa83a1fabb644a2bd165fb9636838ff00b",
+                               ("LLM_Streamline", "args.py", "mseloss_entry.py", "README.md")),
 }
+RELEASED["come_p"] = RELEASED["come"]  # the same repository: concat_merge_P.py
 PROVENANCE = "PROVENANCE.json"
 
 
@@ -851,6 +859,25 @@ def compare_mka(out: dict[str, Outcome], tolerance: float) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 COME_PRESET = ["+experiment=come_code_parity"]
+COME_P_PRESET = ["+experiment=come_p_code_parity"]
+COME_RELEASED = {"come": ("concat_merge", COME_PRESET), "come_p": ("concat_merge_P", COME_P_PRESET)}
+# concat_merge_P.main_func records the step's ratio before its search assigns it: on the first step this line
+# raises UnboundLocalError (so the released CoMe-P never completes a step), later it would record the previous
+# step's ratio. It is the one line taken out before the module runs; the ratio is read from the trials instead.
+COME_P_UNBOUND = '        concat_merge_info[phase_name]["merge_ratio"] = ratio\n'
+
+
+def released_module_without(path: Path, name: str, line: str) -> types.ModuleType:
+    """Import the released file ``path`` as module ``name`` with the one source line ``line`` left out (checked
+    to occur exactly once); everything else runs as written."""
+    source = path.read_text(encoding="utf-8")
+    if source.count(line) != 1:
+        raise RuntimeError(f"{path}: expected the line {line.strip()!r} exactly once; the released file changed.")
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module
+    exec(compile(source.replace(line, ""), str(path), "exec"), module.__dict__)
+    return module
 
 
 class ScoredModel:
@@ -862,10 +889,18 @@ class ScoredModel:
         self.__dict__.update(model=model, l1_correlation=l1_correlation)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("model", "l1_correlation"):  # not set yet (copy/pickle probing a fresh instance)
+            raise AttributeError(name)
         return getattr(self.model, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.model, name, value)
+
+    def __deepcopy__(self, memo: dict) -> ScoredModel:
+        """A copy around a deep copy of the model (concat_merge_P deep-copies its model handler for every trial)."""
+        import copy
+
+        return ScoredModel(copy.deepcopy(self.model, memo), self.l1_correlation)
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=False, output_mlp_embed=False,
                  output_heads_embed=False, **kwargs):
@@ -891,12 +926,13 @@ class ScoredModel:
                                      heads_embed=tuple(heads) or None, mlp_embed=tuple(mlp) or None)
 
 
-def released_come(settings: Settings, blocks: torch.Tensor) -> Outcome:
+def released_come(settings: Settings, blocks: torch.Tensor, method: str = "come") -> Outcome:
     """main.py's sequence (get_args, set_seed, model handler, main_func) with the handler built on the
     stock model and the calibration loader returning the blocks; its flags (``--merge-item``, ``--psu``,
-    ``--min-max``, ``--wo-repeat`` as the README runs it) follow layerfold's preset."""
-    root = released_path(Path(settings.released_dir), "come")
-    cfg = settings.method_config(COME_PRESET + [f"method.num_remove={settings.num_remove}"] + settings.overrides.get("come", []))
+    ``--min-max``, ``--wo-repeat`` as the README runs it; ``--granularity`` for CoMe-P) follow layerfold's preset."""
+    root = released_path(Path(settings.released_dir), method)
+    module_name, preset = COME_RELEASED[method]
+    cfg = settings.method_config(preset + [f"method.num_remove={settings.num_remove}"] + settings.overrides.get(method, []))
     device = torch.device(settings.device)
     model, tokenizer = load_model(settings)
     import transformers
@@ -904,14 +940,16 @@ def released_come(settings: Settings, blocks: torch.Tensor) -> Outcome:
     with released_imports(root, ["utils", "methods", "models_unit"]), contextlib.redirect_stdout(_io.StringIO()):
         util = importlib.import_module("utils.util")
         model_utils = importlib.import_module("utils.model_utils")
-        concat_merge = importlib.import_module("methods.concat_merge")
+        concat_merge = (released_module_without(root / "methods" / f"{module_name}.py", f"methods.{module_name}", COME_P_UNBOUND)
+                        if method == "come_p" else importlib.import_module(f"methods.{module_name}"))
         arguments = importlib.import_module("utils.arguments_utils")
         modeling = importlib.import_module("models_unit.llama.modeling_llama")
     with tempfile.TemporaryDirectory() as work:
         target = model.config.num_hidden_layers - settings.num_remove
-        argv = ["main.py", "--method", "concat_merge", "--model-name", settings.checkpoint, "--target-layers", str(target),
-                "--save-path", work, "--merge-item", str(cfg["merge_layers"]), "--psu", str(int(cfg["psu"])),
-                "--min-max", str(cfg["min_max"])] + (["--wo-repeat"] if cfg["wo_repeat"] else [])
+        argv = ["main.py", "--method", module_name, "--model-name", settings.checkpoint, "--target-layers", str(target),
+                "--save-path", work, "--merge-item", str(cfg["merge_layers"])] + (["--wo-repeat"] if cfg["wo_repeat"] else [])
+        argv += (["--granularity", str(cfg["granularity"])] if method == "come_p"
+                 else ["--psu", str(int(cfg["psu"])), "--min-max", str(cfg["min_max"])])
         with patched(sys, argv=argv):
             args = arguments.get_args()
         util.set_seed(args.seed)
@@ -923,18 +961,29 @@ def released_come(settings: Settings, blocks: torch.Tensor) -> Outcome:
         handler.save = lambda path: None  # a full checkpoint write; layerfold's side writes none either
         loader = types.SimpleNamespace(input_ids=blocks.reshape(1, -1), attention_mask=torch.ones(1, blocks.numel(), dtype=torch.long))
 
+        trials: list = []  # CoMe-P: (args, kwargs, summed loss) of every trial merge, in the order of its grid
+
         def run() -> None:
-            with patched(concat_merge, get_trainloaders=lambda *a, **k: loader):
+            with patched(concat_merge, get_trainloaders=lambda *a, **k: loader, get_loss=_spy(concat_merge.get_loss, trials)):
                 concat_merge.main_func(args, handler)
 
         _, measurement = measure(run, model, blocks[:1], device)
         info = read_json(next(Path(work).glob("*_info.json")))
     phases = [v for k, v in info.items() if isinstance(v, dict) and "merge_list" in v]
+    if method == "come_p":  # the ratio each step merged with: the first minimum of its trial losses (min over the grid)
+        grid = np.arange(0, 1 + 1 / cfg["granularity"], 1 / cfg["granularity"])
+        losses = [loss / blocks.numel() for _, _, loss in trials]  # get_loss sums batch means x block tokens
+        for k, phase in enumerate(phases):
+            step = losses[k * len(grid) : (k + 1) * len(grid)]
+            r = float(grid[step.index(min(step))])
+            phase.update(merge_ratio=[r, 1 - r], trial_losses=step)
     record = {
         "steps": [{"merge_list": p["merge_list"], "ratio": p["merge_ratio"], "layer_importance": p["layer_importance"],
-                   "layer_importance_skip": [None if not math.isfinite(v) else v for v in p["layer_importance_skip"]]}
+                   "layer_importance_skip": [None if not math.isfinite(v) else v for v in p["layer_importance_skip"]],
+                   **({"trial_losses": p["trial_losses"]} if "trial_losses" in p else {})}
                   for p in phases],
         "merge_info": info["merge_info"][-1], "tokens": int(blocks.numel()), "sequences": int(blocks.shape[0]),
+        "skip_tokens": cfg["skip_tokens"],
     }
     return Outcome(record, state_of(model), measurement)
 
@@ -944,17 +993,19 @@ def _flat(item: Any) -> list[int]:
 
 
 def compare_come(out: dict[str, Outcome], tolerance: float) -> list[dict]:
-    rel, details = out["released"].record, out["layerfold"].record["plan"]["details"]
+    rel, plan = out["released"].record, out["layerfold"].record["plan"]
+    details, method = plan["details"], plan["method"]
     steps = details["steps"]
     scores: dict[str, list[float]] = {k: [] for k in ("bi", "bi_lf", "bi_top", "bi_top_lf", "skip", "skip_lf", "skip_top", "skip_top_lf")}
     admissible: dict[str, list[list[int]]] = {"released": [], "layerfold": []}
+    skip_count = rel["tokens"] if rel.get("skip_tokens") == "all" else rel["sequences"]  # CoMe-P: every token; CoMe: the last
     for theirs, ours in zip(rel["steps"], steps):
-        # Released: sums / number of entries; layerfold: sums / tokens (BI) and / sequences (skip). The top
-        # boundary (output of the last layer) is HF's post-norm hidden state there and the pre-norm residual
-        # stream here, so the last layer's BI and the last window's skip score are compared apart.
+        # Released: sums / number of entries; layerfold: sums / tokens (BI) and / sequences or tokens (skip). The top
+        # boundary (output of the last layer) is HF's post-norm hidden state there and, unless top_boundary=final_norm,
+        # the pre-norm residual stream here, so the last layer's BI and the last window's skip score are compared apart.
         layers, windows = len(theirs["layer_importance"]), len(theirs["layer_importance_skip"])
         bi = [v * layers / rel["tokens"] for v in theirs["layer_importance"]]
-        skip = [None if v is None else v * windows / rel["sequences"] for v in theirs["layer_importance_skip"]]
+        skip = [None if v is None else v * windows / skip_count for v in theirs["layer_importance_skip"]]
         scores["bi"] += bi[:-1]
         scores["bi_lf"] += ours["block_influence"][:-1]
         scores["bi_top"] += bi[-1:]
@@ -963,28 +1014,94 @@ def compare_come(out: dict[str, Outcome], tolerance: float) -> list[dict]:
         admissible["layerfold"].append([i for i, v in enumerate(ours["skip_score"]) if v is not None])
         for i, (a, b) in enumerate(zip(skip, ours["skip_score"])):
             if a is not None and b is not None:  # scored on both sides (wo_repeat excludes windows with inf)
-                key = "skip_top" if i == windows - 1 else "skip"
+                key = "skip_top" if i == layers - 2 else "skip"  # the window of 2 layers ending at the last layer
                 scores[key].append(a)
                 scores[f"{key}_lf"].append(b)
-    top_note = ("the top boundary: HF's post-norm hidden_states[-1] in the released code, the pre-norm residual stream in "
-                "layerfold (documented departure in methods/come.py)")
+    final_norm = method.get("top_boundary") == "final_norm"
+    top_note = ("the top boundary: HF's post-norm hidden_states[-1] in the released code; in layerfold "
+                + ("the same (top_boundary=final_norm)" if final_norm else
+                   "the pre-norm residual stream (top_boundary=pre_norm: documented departure in methods/come.py)"))
+    released_rule = method.get("wo_repeat_rule") == "released" or not method.get("wo_repeat", True)
     return [
         same_sequence("merge_windows", "layers concatenated at every step (positions)",
                       [s["merge_list"] for s in rel["steps"]], [s["positions"] for s in steps]),
-        value_differences("ratios", "Block-Influence shares of every step", [r for s in rel["steps"] for r in s["ratio"]],
-                          [r for s in steps for r in s["ratio"]], 1e-6),
+        value_differences("ratios", "shares of every step (Block Influence for CoMe, calibration-loss search for CoMe-P)",
+                          [r for s in rel["steps"] for r in s["ratio"]], [r for s in steps for r in s["ratio"]], 1e-6),
         value_differences("block_influence", "clamped BI per layer at every step, last layer excluded", scores["bi"], scores["bi_lf"], 1e-4),
         value_differences("block_influence_last_layer", f"clamped BI of the last layer at every step; {top_note}",
-                          scores["bi_top"], scores["bi_top_lf"], 1e-4, gate=False),
-        same_sequence("admissible_windows", "windows wo_repeat leaves open at every step (layerfold also closes windows after "
-                      "which the target can no longer be reached: documented departure)",
-                      admissible["released"], admissible["layerfold"], gate=False),
-        value_differences("skip_score", "last-token angular skip score of every admissible window, last window excluded",
-                          scores["skip"], scores["skip_lf"], 1e-4),
-        value_differences("skip_score_last_window", f"skip score of the last window at every step; {top_note}",
-                          scores["skip_top"], scores["skip_top_lf"], 1e-4, gate=False),
+                          scores["bi_top"], scores["bi_top_lf"], 1e-4, gate=final_norm),
+        same_sequence("admissible_windows", "windows wo_repeat leaves open at every step ("
+                      + ("wo_repeat_rule=released: the released rule" if released_rule else
+                         "layerfold also closes windows after which the target can no longer be reached: documented departure") + ")",
+                      admissible["released"], admissible["layerfold"], gate=released_rule),
+        value_differences("skip_score", "angular skip score of every admissible window (last token for CoMe, every token for "
+                          "CoMe-P), the window ending at the last layer excluded", scores["skip"], scores["skip_lf"], 1e-4),
+        value_differences("skip_score_last_window", f"skip score of the window ending at the last layer at every step; {top_note}",
+                          scores["skip_top"], scores["skip_top_lf"], 1e-4, gate=final_norm),
         same_sequence("merge_info", "original layers behind every final layer",
                       [_flat(g) for g in rel["merge_info"]], details["merge_info"]),
+        tensor_differences(out["released"].state, out["layerfold"].state, tolerance),
+    ] + ([value_differences("posterior_losses", "CoMe-P: mean calibration loss of every trial ratio at every step (plan.json keeps "
+                            "6 decimals)", [v for s in rel["steps"] for v in s["trial_losses"]],
+                            [t["loss"] for s in steps for t in s.get("trials", [])], 1e-5)]
+         if any("trial_losses" in s for s in rel["steps"]) else [])
+
+
+# --------------------------------------------------------------------------------------------
+# LLM-Streamline: get_cosine.py's window and train_mseloss.py's pruned model (before training)
+# --------------------------------------------------------------------------------------------
+
+STREAMLINE_PRESET = ["+experiment=streamline_code_parity", "method.replacement=transformer_layer"]
+
+
+def released_streamline(settings: Settings, blocks: torch.Tensor) -> Outcome:
+    """``get_cosine_similarity`` on the blocks (window of ``num_remove + 1`` layers, as
+    ``lightweight_model_train`` calls it), then ``replace_lightweight_network`` with the layer
+    ``init_layer`` builds from the chosen window's first layer, untrained: the pruned model the MSE
+    path would write had training left the layer as it started."""
+    root = released_path(Path(settings.released_dir), "streamline")
+    device = torch.device(settings.device)
+    model, _ = load_model(settings)
+    import transformers
+
+    width, layers = settings.num_remove + 1, model.config.num_hidden_layers
+    with released_imports(root, ["LLM_Streamline", "args"]), contextlib.redirect_stdout(_io.StringIO()):
+        get_cosine = importlib.import_module("LLM_Streamline.get_cosine")
+        lightweight = importlib.import_module("LLM_Streamline.train_lightweightnetwork")
+        entry = importlib.import_module("LLM_Streamline.train_mseloss")  # what mseloss_entry.py runs
+    similarities: list = []
+    dataset = [{"input_ids": block.tolist()} for block in blocks] + [{"input_ids": []}]  # the code asserts len > num_data
+
+    def run() -> tuple[int, Any]:
+        with patched(get_cosine, generate_unique_index=lambda start, end, length: list(range(length)),
+                     average_similarity=_spy(get_cosine.average_similarity, similarities)), \
+                contextlib.redirect_stdout(_io.StringIO()):
+            best = get_cosine.get_cosine_similarity(model, dataset, blocks.shape[0], device, width, layers)
+            model.to(device)  # the code moves the model to the CPU when it is done
+            config = copy.deepcopy(model.config)
+            layer = lightweight.init_layer("llama_layer", config, device, model, best, width)
+            config.num_hidden_layers = layers - settings.num_remove
+            pruned = transformers.AutoModelForCausalLM.from_config(config).to(device)
+            name = "llama-" + Path(settings.checkpoint).name  # the code picks the architecture by name
+            return best, entry.replace_lightweight_network(model, layer, pruned, best, width, name, layers)
+
+    (best, pruned), measurement = measure(run, model, blocks[:1], device)
+    record = {"window_start": best, "window_scores": [result for _, _, result in similarities], "width": width}
+    return Outcome(record, state_of(pruned), measurement)
+
+
+def compare_streamline(out: dict[str, Outcome], tolerance: float) -> list[dict]:
+    rel, plan = out["released"].record, out["layerfold"].record["plan"]
+    details, method = plan["details"], plan["method"]
+    final_norm = method.get("top_boundary") == "final_norm"
+    ours = details["window_scores"]
+    note = ("the window ending at the last layer, against HF's post-norm hidden_states[-1] in the released code; in layerfold "
+            + ("the same (top_boundary=final_norm)" if final_norm else "the pre-norm residual stream (top_boundary=pre_norm)"))
+    return [
+        same_sequence("window", "first layer of the chosen window", [rel["window_start"]], [details["window"][0]]),
+        value_differences("window_scores", "0.5 + 0.5 mean token cosine across every window but the last (plan.json keeps 6 decimals)",
+                          rel["window_scores"][:-1], ours[:-1], 1e-5),
+        value_differences("window_score_last", f"score of {note}", rel["window_scores"][-1:], ours[-1:], 1e-5, gate=final_norm),
         tensor_differences(out["released"].state, out["layerfold"].state, tolerance),
     ]
 
@@ -1016,6 +1133,19 @@ COMMON_ADAPTATIONS = (
     "model: loaded once from the local checkpoint with layerfold's loader, in the run's dtype and device, and handed to the "
     "released code where it calls from_pretrained (same weights on both sides)",
     "hard-coded .cuda() / .to('cuda') calls go to the run device when it is not CUDA",
+)
+
+COME_ADAPTATIONS = COMMON_ADAPTATIONS + (
+    "main.py's sequence: get_args (--method concat_merge --target-layers L-k; --merge-item, --psu, --min-max and "
+    "--wo-repeat from the preset; defaults otherwise), "
+    "set_seed, ModelHandler, main_func; ModelHandler is built with merge_method=False on the stock model because "
+    "models_unit/llama/modeling_llama.py (transformers ~4.45) does not build under this transformers",
+    "the patched file's extra outputs come from hooks: heads_embed = L1_Correlation(o_proj input, o_proj.weight) "
+    "viewed (b, s, kv_heads, groups, head_dim), mlp_embed = L1_Correlation(down_proj input, down_proj.weight), "
+    "with the file's own L1_Correlation",
+    "calibration: get_trainloaders returns the pipeline's blocks flattened to one row (model.seqlen = block length), "
+    "instead of 256 shuffled WikiText-2 rows from the hub",
+    "ModelHandler.save (a full checkpoint write) is skipped; the importance tensors and the info JSON are still written",
 )
 
 PARITY: dict[str, Parity] = {
@@ -1070,17 +1200,36 @@ PARITY: dict[str, Parity] = {
                "layerfold": layerfold_side("come", COME_PRESET)},
         timed={"released": "released concat_merge main_func", "layerfold": "layerfold come_code_parity"},
         compare=compare_come,
+        adaptations=COME_ADAPTATIONS,
+    ),
+    "come_p": Parity(
+        sides={"released": lambda settings, blocks: released_come(settings, blocks, "come_p"),
+               "layerfold": layerfold_side("come_p", COME_P_PRESET)},
+        timed={"released": "released concat_merge_P main_func", "layerfold": "layerfold come_p_code_parity"},
+        compare=compare_come,
+        adaptations=COME_ADAPTATIONS + (
+            "--method concat_merge_P with --granularity from the preset (no --psu / --min-max: CoMe-P has none); the model "
+            "handler's deep copy per trial copies the stock model inside the hook wrapper",
+            "one line of concat_merge_P.py is left out when it is imported (the file itself is untouched): "
+            "concat_merge_info[phase_name]['merge_ratio'] = ratio, which reads ratio before the ratio search assigns it and "
+            "raises UnboundLocalError on the first step; each step's ratio is read from its trial losses instead (get_loss "
+            "wrapped, behaviour unchanged: the first minimum over np.arange(0, 1 + 1/g, 1/g), as the code's min() picks)",
+        ),
+    ),
+    "streamline": Parity(
+        sides={"released": released_streamline,
+               "layerfold": layerfold_side("streamline", STREAMLINE_PRESET)},
+        timed={"released": "released get_cosine_similarity + replace_lightweight_network",
+               "layerfold": "layerfold streamline_code_parity (transformer_layer)"},
+        compare=compare_streamline,
         adaptations=COMMON_ADAPTATIONS + (
-            "main.py's sequence: get_args (--method concat_merge --target-layers L-k; --merge-item, --psu, --min-max and "
-            "--wo-repeat from the preset; defaults otherwise), "
-            "set_seed, ModelHandler, main_func; ModelHandler is built with merge_method=False on the stock model because "
-            "models_unit/llama/modeling_llama.py (transformers ~4.45) does not build under this transformers",
-            "the patched file's extra outputs come from hooks: heads_embed = L1_Correlation(o_proj input, o_proj.weight) "
-            "viewed (b, s, kv_heads, groups, head_dim), mlp_embed = L1_Correlation(down_proj input, down_proj.weight), "
-            "with the file's own L1_Correlation",
-            "calibration: get_trainloaders returns the pipeline's blocks flattened to one row (model.seqlen = block length), "
-            "instead of 256 shuffled WikiText-2 rows from the hub",
-            "ModelHandler.save (a full checkpoint write) is skipped; the importance tensors and the info JSON are still written",
+            "get_cosine_similarity reads every calibration block once, in order (generate_unique_index returns 0..n-1; the code "
+            "draws cosine_num_data=50 random rows of SlimPajama), each block one 'dataset' row; one empty row is appended "
+            "because the code asserts more rows than it reads",
+            "its per-window similarities are read by wrapping average_similarity (behaviour unchanged)",
+            "the pruned model: init_layer('llama_layer') from the chosen window's first layer, untrained, written by "
+            "replace_lightweight_network into AutoModelForCausalLM.from_config(config with L - num_remove layers); the "
+            "model name passed is 'llama-<checkpoint>' (the code dispatches on the name)",
         ),
     ),
 }

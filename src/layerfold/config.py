@@ -207,11 +207,14 @@ class LocalDistillConfig:
     """Layer-local distillation: each trainable new layer maps the teacher's span input to its span output."""
 
     enabled: bool = False
-    loss: str = field(default="mse", metadata={"choices": ["mse", "cosine", "kl"]})
+    loss: str = field(default="mse", metadata={"choices": ["mse", "nmse", "cosine", "kl"]})
     temperature: float = field(default=1.0, metadata={"gt": 0.0})  # kl only: softmax(h / temperature)
     order: str = field(default="joint", metadata={"choices": ["joint", "sequential"]})
     # Leading positions left out of the loss: the BOS / attention-sink token carries outlier norms that can dominate an MSE.
-    ignore_first: int = field(default=0, metadata={"ge": 0})
+    # 1 (BOS out) is the measured choice (docs/recovery.md, Default chosen); 0 reads every position.
+    ignore_first: int = field(default=1, metadata={"ge": 0})
+    # Positions whose target norm exceeds this many times their sequence's median left out of the loss; None keeps all.
+    max_norm_ratio: Optional[float] = field(default=None, metadata={"gt": 1.0})
 
 
 @dataclass

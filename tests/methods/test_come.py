@@ -250,6 +250,103 @@ def test_come_p_end_to_end_uses_all_tokens() -> None:
     assert len(step["trials"]) == 3 and model.config.num_hidden_layers == 3
 
 
+# Parity options: top boundary, skip-score window, wo_repeat rule ------------------------------------
+
+
+def test_final_norm_top_boundary_changes_only_the_scores_that_read_it() -> None:
+    """top_boundary=final_norm reads the final-norm output as the state leaving the last layer (HF's
+    hidden_states[-1]): the last layer's BI and the last window's skip score change, nothing else does."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.linspace(0.2, 3.0, model.config.hidden_size))  # not a constant
+    ids = blocks()
+    pre = capture_channel_statistics(model, ids, batch_size=2, window=2, skip_tokens="last", desc=None)
+    post = capture_channel_statistics(model, ids, batch_size=2, window=2, skip_tokens="last", desc=None, top_boundary="final_norm")
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # the last entry is the final-norm output
+
+    def cos(a, b):
+        return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(0, 1)
+
+    torch.testing.assert_close(post.block_influence[-1].float(), (1 - cos(hidden[-2], hidden[-1])).mean(), rtol=1e-5, atol=1e-6)
+    skip_last = (torch.arccos(cos(hidden[-3][:, -1], hidden[-1][:, -1])) / torch.pi).mean()
+    torch.testing.assert_close(post.skip_score[-1].float(), skip_last, rtol=1e-4, atol=1e-5)
+    assert abs(float(post.block_influence[-1] - pre.block_influence[-1])) > 1e-4
+    torch.testing.assert_close(post.block_influence[:-1], pre.block_influence[:-1], rtol=0, atol=0)
+    torch.testing.assert_close(post.skip_score[:-1], pre.skip_score[:-1], rtol=0, atol=0)
+    for a, b in zip(post.ffn_abs_sum + post.attn_abs_sum, pre.ffn_abs_sum + pre.attn_abs_sum):
+        assert torch.equal(a, b)
+
+
+def test_released_skip_window_spans_two_layers_for_any_window_size(monkeypatch) -> None:
+    windows = []
+    real = come_module.capture_channel_statistics
+
+    def spy(model, *args, **kwargs):
+        windows.append(kwargs["window"])
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(come_module, "capture_channel_statistics", spy)
+    for skip_layers, expected in ((None, [3, 3]), (2, [2, 2])):
+        windows.clear()
+        plan = compress(context(deep_llama(6)), {"name": "come", "num_remove": 4, "merge_layers": 3, "skip_layers": skip_layers,
+                                                 "wo_repeat": False})
+        assert windows == expected
+        first = plan["details"]["steps"][0]
+        # released: the first L - merge_item + 1 windows are candidates (4 of the 5 two-layer windows at 6 layers)
+        assert len(first["skip_score"]) == 4
+        assert len(first["positions"]) == 3
+
+
+def test_released_wo_repeat_rule_closes_windows_near_merged_layers() -> None:
+    groups = [[0], [1, 2], [3], [4], [5, 6], [7]]
+    assert come_module.released_exclusions(groups, 2, 5) == [0, 1, 3, 4]
+    assert come_module.released_exclusions(groups, 3, 4) == [0, 1, 2, 3]  # starts idx - 2 .. idx + 1 of each merged layer
+    assert come_module.released_exclusions([[0], [1], [2, 3]], 2, 2) == [1]  # start 2 does not exist (the code: IndexError)
+
+
+def test_released_wo_repeat_rule_merges_window_0_once_every_window_is_closed(caplog) -> None:
+    """4 -> 1 layers: the reachable rule refuses the target; the released rule runs on and, once every window touches a
+    merged layer, merges window 0 as the code's index(min) of all-inf scores does, with a warning."""
+    with pytest.raises(ConfigError, match="cannot reach 1 layers from 4"):
+        compress(context(deep_llama(4)), {"name": "come", "target_layers": 1, "num_remove": None})
+    ctx = context(deep_llama(4))
+    with caplog.at_level("WARNING", logger="layerfold.methods.come"):
+        plan = compress(ctx, {"name": "come", "target_layers": 1, "num_remove": None, "wo_repeat_rule": "released"})
+    assert ctx.plan.groups == [[0, 1, 2, 3]]
+    assert any("closes every window" in r.message for r in caplog.records)
+    assert plan["details"]["steps"][-1]["positions"] == [0, 1]
+
+
+def test_wo_repeat_warns_where_it_fixes_the_windows(monkeypatch, caplog) -> None:
+    """At half the depth wo_repeat fixes the pairs before any score (warned up front); when the lowest-scoring
+    window would strand the target, the rule's choice is logged and recorded in the step."""
+    assert come_module.windows_fixed(32, 16, 2) and come_module.windows_fixed(30, 15, 2)
+    assert not come_module.windows_fixed(30, 16, 2) and not come_module.windows_fixed(32, 17, 2)
+    assert come_module.fixed_windows(6, 3, 2) == [[0, 1], [2, 3], [4, 5]]
+    real = come_module.capture_channel_statistics
+
+    def lowest_at_one(model, *args, **kwargs):  # window 1 (layers 1, 2) scores lowest at every step
+        stats = real(model, *args, **kwargs)
+        stats.skip_sum = torch.full_like(stats.skip_sum, 5.0)
+        stats.skip_sum[1] = 0.0
+        return stats
+
+    monkeypatch.setattr(come_module, "capture_channel_statistics", lowest_at_one)
+    ctx = context(deep_llama(6))
+    with caplog.at_level("WARNING", logger="layerfold.methods.come"):
+        plan = compress(ctx, {"name": "come", "target_layers": 3, "num_remove": None})
+    messages = [r.message for r in caplog.records]
+    assert any("wo_repeat alone fixes the windows" in m for m in messages)
+    assert sorted(ctx.plan.groups) == [[0, 1], [2, 3], [4, 5]]
+    first = plan["details"]["steps"][0]
+    assert first["wo_repeat_decided"] == {"lowest_score": 1, "chosen": 0}
+    assert any("not the scores, chose window 0" in m for m in messages)
+    # The released rule follows the scores there: (1, 2) first.
+    plan = compress(context(deep_llama(6)), {"name": "come", "target_layers": 4, "num_remove": None, "wo_repeat_rule": "released"})
+    assert plan["details"]["steps"][0]["positions"] == [1, 2] and "wo_repeat_decided" not in plan["details"]["steps"][0]
+
+
 # Bad input: errors before any scoring ---------------------------------------------------------------
 
 
@@ -296,7 +393,11 @@ def test_unsupported_architectures_fail_before_scoring(no_scoring) -> None:
     [
         (["method=come"], {"name": "come", "ratio": "bi", "skip_tokens": "last", "heads": "grouped"}),
         (["method=come_p"], {"name": "come_p", "ratio": "posterior", "skip_tokens": "all", "granularity": 20}),
-        (["+experiment=come_code_parity"], {"name": "come", "heads": "tiled"}),
+        (["+experiment=come_code_parity"], {"name": "come", "heads": "tiled", "top_boundary": "final_norm", "skip_layers": 2,
+                                             "wo_repeat_rule": "released"}),
+        (["+experiment=come_p_code_parity"], {"name": "come_p", "heads": "tiled", "top_boundary": "final_norm", "skip_layers": 2,
+                                               "wo_repeat_rule": "released", "ratio": "posterior"}),
+        (["method=come"], {"top_boundary": "pre_norm", "skip_layers": None, "wo_repeat_rule": "reachable"}),
         (["+experiment=come_distill"], {"name": "come", "heads": "grouped"}),
     ],
 )

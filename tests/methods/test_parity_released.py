@@ -2,8 +2,8 @@
 
 The comparison functions must fail on a perturbed, missing or NaN tensor and pass on identical ones.
 With the released code in the released directory (``scripts/parity_released.py fetch``; skipped
-otherwise), layerfold's parity presets must reproduce it on stories260K: same choices, same scores
-within tolerance, and bit-identical weights.
+otherwise), layerfold's parity presets must reproduce it on stories260K with its own (non-constant)
+final norm: same choices, same scores within tolerance, and bit-identical weights.
 """
 
 from __future__ import annotations
@@ -91,22 +91,30 @@ def test_decisions_scores_and_verdict() -> None:
 RELEASED_DIR = Path(os.environ.get("LAYERFOLD_RELEASED_DIR", parity.DEFAULT_RELEASED_DIR)).expanduser()
 
 # Per method: overrides that make the tiny model exercise the method (LaCo accepts merges over several
-# trials) and, for CoMe, wo_repeat off: with --wo-repeat the released code marks window L-1 as excluded
-# after merging the last two layers and fails with IndexError on its next step (5 -> 3 layers here).
+# trials) and, for CoMe and CoMe-P, wo_repeat off: with --wo-repeat the released code marks window L-1 as
+# excluded after merging the last two layers and fails with IndexError on its next step (5 -> 3 layers
+# here; the released rule itself is checked against repeat_skip_importance_deal below).
 OVERRIDES = {
     "laco": ["method.merge_layers=2", "method.interval=1", "method.threshold=0.3"],
     "come": ["method.wo_repeat=false"],
+    "come_p": ["method.wo_repeat=false"],
+}
+# The comparisons of the top boundary: they gate with top_boundary=final_norm (the parity presets) and
+# must fail with pre_norm, which shows that this checkpoint's final norm is seen.
+TOP_BOUNDARY = {
+    "come": ["block_influence_last_layer", "skip_score_last_window"],
+    "come_p": ["block_influence_last_layer", "skip_score_last_window"],
+    "streamline": ["window_score_last"],
 }
 
 
 @pytest.fixture(scope="module")
 def stories_checkpoint(tmp_path_factory) -> Path:
-    """stories260K as a checkpoint, with the final norm's weight set to ones.
+    """stories260K as a checkpoint, with its own final norm (a weight that varies across channels).
 
-    The released code reads HF ``hidden_states``, whose last entry is the final-norm output; layerfold
-    reads the pre-norm residual stream (a documented departure). With a constant norm weight the two
-    differ by a positive scale per token, which no cosine or angle sees, so every score must agree
-    exactly and any difference left is a parity bug.
+    The released code reads HF ``hidden_states``, whose last entry is the final-norm output; the parity
+    presets read the same (``top_boundary=final_norm``). A constant norm weight would scale each token by a
+    positive factor, which no cosine or angle sees, and would hide a wrong top boundary.
     """
     if not STORIES.is_dir():
         pytest.skip("stories260K not present (set LAYERFOLD_MODELS_DIR)")
@@ -114,8 +122,8 @@ def stories_checkpoint(tmp_path_factory) -> Path:
     from layerfold.models.sources import save_checkpoint
 
     model, tokenizer = load_llama2c(STORIES / "stories260K.bin", STORIES / "tok512.bin")
-    with torch.no_grad():
-        model.model.norm.weight.fill_(1.0)
+    weight = model.model.norm.weight
+    assert float(weight.std() / weight.mean()) > 0.1  # far from a constant: the top boundary changes the scores
     path = tmp_path_factory.mktemp("parity") / "stories"
     save_checkpoint(model, tokenizer, path)
     return path
@@ -149,16 +157,26 @@ def blocks() -> torch.Tensor:
     return ids
 
 
-def run_method(method: str, checkpoint: Path, blocks: torch.Tensor) -> tuple[dict, list[dict]]:
+def parity_settings(method: str, checkpoint: Path, blocks: torch.Tensor, extra: list[str] = ()) -> object:
     if parity.released_provenance(RELEASED_DIR, method) is None:
         pytest.skip(f"released {parity.RELEASED[method].repo} not in {RELEASED_DIR}; run `python scripts/parity_released.py fetch`")
     if method == "mka" and not (data_dir() / "mmlu" / "test").is_dir():
         pytest.skip(f"MMLU test files not in {data_dir()} (set LAYERFOLD_DATA_DIR): pipeline.py calibrates on them")
-    settings = parity.Settings(
+    return parity.Settings(
         checkpoint=str(checkpoint), num_remove=2, blocks=blocks.shape[0], seq_len=blocks.shape[1], batch_size=4,
-        released_dir=str(RELEASED_DIR), data_dir=str(data_dir()), overrides={method: OVERRIDES.get(method, [])},
+        released_dir=str(RELEASED_DIR), data_dir=str(data_dir()), overrides={method: OVERRIDES.get(method, []) + list(extra)},
     )
+
+
+def run_method(method: str, checkpoint: Path, blocks: torch.Tensor) -> tuple[dict, list[dict]]:
+    settings = parity_settings(method, checkpoint, blocks)
     outcomes = {side: parity.run_side(method, side, settings, blocks) for side in parity.PARITY[method].sides}
+    if method in TOP_BOUNDARY:  # the same run with layerfold's own top boundary must differ there
+        pre_norm = parity_settings(method, checkpoint, blocks, ["method.top_boundary=pre_norm"])
+        other = {**outcomes, "layerfold": parity.run_side(method, "layerfold", pre_norm, blocks)}
+        by_name = {c["name"]: c for c in parity.PARITY[method].compare(other, 1e-6)}
+        for name in TOP_BOUNDARY[method]:
+            assert not by_name[name]["gate"] and not by_name[name]["passed"], by_name[name]
     return outcomes, parity.PARITY[method].compare(outcomes, 1e-6)
 
 
@@ -167,20 +185,45 @@ def failed(comparisons: list[dict]) -> list[str]:
             for c in comparisons if c.get("gate", True) and not c["passed"]]
 
 
-@pytest.mark.parametrize("method", ["laco", "shortgpt", "come"])
+@pytest.mark.parametrize("method", ["laco", "shortgpt", "come", "come_p", "streamline"])
 def test_parity_modes_reproduce_the_released_code(method: str, stories_checkpoint: Path, blocks, quiet_process) -> None:
     outcomes, comparisons = run_method(method, stories_checkpoint, blocks)
     assert not failed(comparisons), failed(comparisons)
     assert parity.verdict(comparisons)
+    gating = {c["name"] for c in comparisons if c.get("gate", True)}
+    assert set(TOP_BOUNDARY.get(method, [])) <= gating  # the top boundary is compared, not excused
     dense = parity.state_of(parity.load_model(parity.Settings(checkpoint=str(stories_checkpoint)))[0])
     # The check compared real edits: the result is shallower than the dense model.
     assert len(outcomes["layerfold"].state) < len(dense)
     if method == "laco":
         trials = outcomes["released"].record["trials"]
         assert len(trials) >= 2 and any(t["accepted"] for t in trials)
-    if method == "come":
+    if method in ("come", "come_p"):
         merged = outcomes["layerfold"].state["model.layers.1.mlp.down_proj.weight"]
         assert not torch.equal(merged, dense["model.layers.1.mlp.down_proj.weight"])  # a concatenation, not a copy
+
+
+def test_released_wo_repeat_rule_is_the_released_function() -> None:
+    """``wo_repeat_rule=released`` closes exactly the windows ``repeat_skip_importance_deal`` returns, for
+    window sizes 2 and 3 and every way of merging a small stack (the code's IndexError cases left out)."""
+    if parity.released_provenance(RELEASED_DIR, "come") is None:
+        pytest.skip(f"released {parity.RELEASED['come'].repo} not in {RELEASED_DIR}; run `python scripts/parity_released.py fetch`")
+    from layerfold.methods.come import released_exclusions
+
+    with parity.released_imports(parity.released_path(RELEASED_DIR, "come"), ["utils", "methods", "models_unit"]):
+        released = importlib.import_module("methods.concat_merge").repeat_skip_importance_deal
+    checked = 0
+    for merge_item in (2, 3):
+        for mask in range(1, 2**7):  # which of 7 layers are merged (stand for two original layers)
+            groups = [[i, 100 + i] if mask >> i & 1 else [i] for i in range(7)]
+            windows = len(groups) - merge_item + 1
+            info = [list(g) if len(g) > 1 else g[0] for g in groups]  # the code's layer_info: a list for a merged layer
+            expected = released(info, merge_item=merge_item)
+            if any(i >= windows for i in expected):
+                continue  # the code indexes past its list there (IndexError)
+            assert released_exclusions(groups, merge_item, windows) == sorted(expected), (groups, merge_item)
+            checked += 1
+    assert checked > 50
 
 
 def test_mka_parity_presets_reproduce_pipeline_py(stories_checkpoint: Path, blocks, quiet_process) -> None:

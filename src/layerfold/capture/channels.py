@@ -15,8 +15,10 @@ Layer scores, as the released ``compute_bi`` (cosine clamped to ``[0, 1]``, NaN 
   (CoMe, after Gromov et al.) or over every token (``skip_tokens="all"``, CoMe-P), ``n = window``.
 
 ``h_i`` is the residual stream entering layer ``i`` and ``h_L`` the one leaving the last layer, pre-norm
-(see :mod:`layerfold.capture.hooks`). The released code read HF ``hidden_states``, whose last entry
-is the final-norm output; that only changes the scores that involve the top boundary.
+(see :mod:`layerfold.capture.hooks`), with ``top_boundary="pre_norm"``. The released code read HF
+``hidden_states``, whose last entry is the final-norm output; ``top_boundary="final_norm"`` reads that
+(``h_L`` = the model's final norm applied to the last layer's output), which changes the last layer's
+BI and the skip scores of the windows ending at the last layer, and nothing else.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from layerfold.capture.hooks import hidden_from, hidden_into, iterate_batches
 from layerfold.models.adapters import get_adapter
 
 SKIP_TOKENS = ("last", "all")
+TOP_BOUNDARIES = ("pre_norm", "final_norm")
 
 
 @dataclass
@@ -67,11 +70,13 @@ def _clamped_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Accumulator:
     """Hooks that add one forward pass's statistics into a :class:`ChannelStatistics`."""
 
-    def __init__(self, model: nn.Module, stats: ChannelStatistics) -> None:
+    def __init__(self, model: nn.Module, stats: ChannelStatistics, top_boundary: str = "pre_norm") -> None:
         adapter = get_adapter(model)
         self.layers = adapter.get_layers(model)
         self.adapter = adapter
         self.stats = stats
+        # The hidden state leaving the last layer as the scores read it: pre-norm, or through the final norm.
+        self.top = model.get_submodule(adapter.final_norm) if top_boundary == "final_norm" else None
         self.recent: dict[int, torch.Tensor] = {}  # boundary index -> states kept for the skip score
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -115,9 +120,13 @@ class _Accumulator:
     def _boundary(self, index: int):
         n = self.stats.window
 
+        last = len(self.layers) - 1
+
         def hook(module, args, kwargs, output):
             entering = hidden_into(args, kwargs)
             leaving = hidden_from(output)
+            if index == last and self.top is not None:
+                leaving = self.top(leaving)
             if index == 0:
                 self._keep(0, entering)
             self.bi[index] += (1.0 - _clamped_cos(entering, leaving)).sum().double()
@@ -139,15 +148,19 @@ def capture_channel_statistics(
     window: int = 2,
     skip_tokens: str = "last",
     desc: str | None = "come scores",
+    top_boundary: str = "pre_norm",
 ) -> ChannelStatistics:
-    """One pass over ``blocks`` ``[n, seq]`` accumulating :class:`ChannelStatistics` for the model's current layers."""
+    """One pass over ``blocks`` ``[n, seq]`` accumulating :class:`ChannelStatistics` for the model's current layers
+    (``top_boundary``: the state leaving the last layer pre-norm, or after the final norm as HF's ``hidden_states[-1]``)."""
     if skip_tokens not in SKIP_TOKENS:
         raise ValueError(f"skip_tokens must be one of {SKIP_TOKENS}, got {skip_tokens!r}.")
+    if top_boundary not in TOP_BOUNDARIES:
+        raise ValueError(f"top_boundary must be one of {TOP_BOUNDARIES}, got {top_boundary!r}.")
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}.")
     device = next(model.parameters()).device
     stats = ChannelStatistics(window=window, skip_tokens=skip_tokens)
-    with _Accumulator(model, stats):
+    with _Accumulator(model, stats, top_boundary):
         for batch in iterate_batches(blocks, batch_size, device, desc):
             model(input_ids=batch, use_cache=False)
             stats.tokens += batch.numel()

@@ -14,18 +14,44 @@ Progressive: until the model has the target depth, per step::
 stack never goes below the target. ``ctx.plan`` records the original layers behind every merged
 layer (the released ``merge_info``), which is what hierarchical distillation reads.
 
-Departures from the released code (WangFei-2019/CoMe, ``methods/concat_merge*.py``):
+**wo_repeat** (never merge a merged layer again). ``wo_repeat_rule="reachable"`` (default) refuses a
+target it cannot reach before scoring, closes the windows touching a merged layer and also the windows
+after which the remaining merges could no longer find enough adjacent never-merged layers. With
+``merge_layers=2`` from ``L`` layers to ``T``, the merges may leave ``T - ceil(L / 2)`` pairs' worth of
+layers unmerged (the *slack*); a window at an odd offset inside an even run of never-merged layers
+spends one unit of it. While slack is left, the scores choose freely; once it is spent, the rule closes
+the windows that would spend more, and where that overrides the lowest score it logs a warning and
+records ``wo_repeat_decided`` in the step. At ``T = L / 2`` (``L`` even, e.g. 32 -> 16, the released
+README's example) there is no slack from the start: the pairs are ``(0, 1), (2, 3), ...`` whatever the
+scores (which only order the merges), and a warning says so before scoring. ``wo_repeat_rule="released"``
+is the released code's rule (parity): it closes only the windows within ``merge_layers - 1`` of a merged
+layer (``repeat_skip_importance_deal``), and when it closes every window it merges window 0 (``index(min)``
+of all-``inf`` scores), re-merging a merged layer; layerfold logs a warning there. Where the released
+code would close a window past the end of its list it fails with ``IndexError`` (after merging the last
+two layers); this mode skips that non-existent window.
+
+**Skip-score window** (``skip_layers``): by default the skip score of a window of ``n`` layers is
+the angular distance across those ``n`` layers (the paper's SBI over the layers merged). The released
+code always measures it across 2 layers (``compute_bi(..., n_prune_layers=2)``) and scores the first
+``L - merge_item + 1`` windows, whatever the window size; ``skip_layers=2`` does that (it differs only for
+``merge_layers > 2``).
+
+**Top boundary** (``top_boundary``): layerfold reads the residual stream leaving the last layer before
+the final norm (``pre_norm``, default, like every other boundary); the released code reads HF's
+``hidden_states[-1]``, the final-norm output (``final_norm``, parity). Only the last layer's BI and the
+skip score of the last window change, and with them the ratio of a merge that includes the last layer.
+
+Departures from the released code (WangFei-2019/CoMe, ``methods/concat_merge*.py``) that remain with
+the parity settings (``+experiment=come_code_parity``: ``heads=tiled``, ``top_boundary=final_norm``,
+``wo_repeat_rule=released``, ``skip_layers=2``):
 
 - **Scores from hooks** on the stock model, summed per channel as the pass runs; the code patches
   each modeling file and keeps every layer's ``[batch, seq, intermediate]`` activations.
-- **Grouped-query heads** kept with their own query heads (``heads="grouped"``); ``heads="tiled"`` is
-  the code's selection (see :mod:`layerfold.surgery.concat`).
 - **CoMe-P trials in place** through :meth:`MethodContext.trial` (one layer cloned per trial); the
   code deep-copies the whole model for each of the ``g + 1`` trials.
-- **wo_repeat** refuses a target it cannot reach, before scoring, and also excludes windows after
-  which the remaining merges would run out of adjacent never-merged layers; the code would silently
-  re-merge a merged layer once every window is excluded (``index(min)`` of all-``inf`` scores).
-- **Boundaries** are pre-norm throughout (the code's last hidden state is the final-norm output).
+- Defaults that depart from it: **grouped-query heads** kept with their own query heads
+  (``heads="grouped"``; ``tiled`` is the code's selection, see :mod:`layerfold.surgery.concat`), the
+  pre-norm top boundary, the reachable ``wo_repeat`` rule and the skip score over the merged window, above.
 
 ``norms="mean"`` (default) averages layer norms plainly, as the code does, even for a layer given no
 share; ``norms="weighted"`` weights them by the ratio, so that ratio ``(1, 0)`` is exactly "drop the
@@ -41,7 +67,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from layerfold.capture.channels import SKIP_TOKENS, ChannelStatistics, capture_channel_statistics
+from layerfold.capture.channels import SKIP_TOKENS, TOP_BOUNDARIES, ChannelStatistics, capture_channel_statistics
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, register
 from layerfold.scoring.channels import (
@@ -59,6 +85,7 @@ from layerfold.surgery.concat import HEAD_MODES, NORM_MODES, ConcatLayout, conca
 log = logging.getLogger(__name__)
 
 RATIOS = ("bi", "posterior")
+WO_REPEAT_RULES = ("reachable", "released")
 
 
 @dataclass
@@ -73,8 +100,14 @@ class CoMeConfig:
     granularity: int = field(default=20, metadata={"ge": 1})  # CoMe-P grid 0, 1/g, ..., 1 (--granularity)
     skip_tokens: str = field(default="last", metadata={"choices": list(SKIP_TOKENS)})  # skip score on the last token | all tokens (CoMe-P)
     wo_repeat: bool = True  # never merge an already merged layer again (--wo-repeat)
+    # reachable: also close windows that would leave the target unreachable | released: the code's rule (parity)
+    wo_repeat_rule: str = field(default="reachable", metadata={"choices": list(WO_REPEAT_RULES)})
     heads: str = field(default="grouped", metadata={"choices": list(HEAD_MODES)})  # grouped (GQA-correct) | tiled (released code)
     norms: str = field(default="mean", metadata={"choices": list(NORM_MODES)})  # mean (released code) | weighted by the ratio
+    # the state leaving the last layer: pre_norm (layerfold) | final_norm (HF hidden_states[-1], released code)
+    top_boundary: str = field(default="pre_norm", metadata={"choices": list(TOP_BOUNDARIES)})
+    # layers the skip score spans from a window's start: None = the window's own size | 2 = released code
+    skip_layers: Optional[int] = field(default=None, metadata={"ge": 1, "lt": "num_layers"})
 
 
 @dataclass
@@ -148,14 +181,34 @@ def check_config(cfg: CoMeConfig, layers: int) -> int:
         raise ConfigError(
             f"method.ratio=posterior searches shares [r, 1 - r] of two layers; set method.merge_layers=2 (got {cfg.merge_layers})."
         )
-    if cfg.wo_repeat and not can_finish([layers], merge_steps(layers, target, cfg.merge_layers)):
+    reachable = cfg.wo_repeat and cfg.wo_repeat_rule == "reachable"
+    if reachable and not can_finish([layers], merge_steps(layers, target, cfg.merge_layers)):
         needed = sum(merge_steps(layers, target, cfg.merge_layers))
         hint = f" (with merge_layers=2, at least {math.ceil(layers / 2)})" if cfg.merge_layers == 2 else ""
         raise ConfigError(
             f"method.wo_repeat=true cannot reach {target} layers from {layers}: the merges need {needed} distinct "
             f"original layers. Raise the target{hint}, raise method.merge_layers, or set method.wo_repeat=false."
         )
+    if reachable and windows_fixed(layers, target, cfg.merge_layers):
+        log.warning(
+            "%s: %d -> %d layers with wo_repeat merges every original layer, so wo_repeat alone fixes the windows "
+            "(%s); the scores only order the merges. Raise the target, or set method.wo_repeat=false, for the scores to choose.",
+            cfg.name, layers, target, fixed_windows(layers, target, cfg.merge_layers),
+        )
     return target
+
+
+def windows_fixed(layers: int, target: int, merge_layers: int) -> bool:
+    """Whether wo_repeat's reachability rule alone decides which original layers are merged together:
+    the merges need every original layer and can tile the stack in one way only (equal window sizes)."""
+    steps = merge_steps(layers, target, merge_layers)
+    return sum(steps) == layers and len(set(steps)) == 1
+
+
+def fixed_windows(layers: int, target: int, merge_layers: int) -> list[list[int]]:
+    """The windows of original layers that :func:`windows_fixed` leaves (consecutive, from layer 0)."""
+    n = merge_steps(layers, target, merge_layers)[0]
+    return [list(range(start, start + n)) for start in range(0, layers, n)]
 
 
 def layer_scores(stats: ChannelStatistics, ctx: MethodContext, layout: ConcatLayout) -> tuple[list, list]:
@@ -169,26 +222,44 @@ def layer_scores(stats: ChannelStatistics, ctx: MethodContext, layout: ConcatLay
     return heads, channels
 
 
-def admissible_skip(stats: ChannelStatistics, ctx: MethodContext, wo_repeat: bool, target: int, merge_layers: int) -> list[float]:
-    """Skip score per window start, ``inf`` where ``wo_repeat`` excludes the window.
+def released_exclusions(groups: list[list[int]], merge_layers: int, windows: int) -> list[int]:
+    """The window starts the released ``--wo-repeat`` closes (``repeat_skip_importance_deal``): those within
+    ``merge_layers - 1`` before or ``merge_layers - 2`` after a merged layer, among the ``windows`` there are."""
+    merged = [index for index, group in enumerate(groups) if len(group) > 1]
+    closed = {i for index in merged for i in range(index - (merge_layers - 1), index + merge_layers - 1) if i >= 0}
+    return sorted(i for i in closed if i < windows)  # the code raises IndexError on a start past its list
 
-    Excluded: windows touching a merged layer (the released ``--wo-repeat``) and windows after which
-    the remaining merges could no longer find enough adjacent never-merged layers; the released code
-    would have ended up re-merging a merged layer there.
+
+def admissible_skip(stats: ChannelStatistics, ctx: MethodContext, cfg: CoMeConfig, target: int, n: int) -> tuple[list[float], list[float]]:
+    """Skip score per start of a window of ``n`` layers, ``inf`` where ``wo_repeat`` closes the window; and the
+    scores with only the windows touching a merged layer closed (what the scores alone would choose from).
+
+    ``reachable`` also closes windows after which the remaining merges could no longer find enough
+    adjacent never-merged layers; the released code would have ended up re-merging a merged layer there.
+    ``released`` closes what the released code closes (:func:`released_exclusions`).
     """
-    n = stats.window
-    scores = [float(s) for s in stats.skip_score]
-    if not wo_repeat:
-        return scores
     groups = ctx.plan.groups
-    remaining = merge_steps(len(groups) - (n - 1), target, merge_layers)
+    scores = [float(s) for s in stats.skip_score]
+    if cfg.skip_layers is not None:  # released: the list holds the first L - merge_item + 1 windows
+        scores = scores[: len(groups) - cfg.merge_layers + 1]
+    scores = scores[: len(groups) - n + 1]  # a window of n layers must fit
+    if not cfg.wo_repeat:
+        return scores, list(scores)
+    if cfg.wo_repeat_rule == "released":
+        for start in released_exclusions(groups, cfg.merge_layers, len(scores)):
+            scores[start] = math.inf
+        return scores, list(scores)
+    untouched = list(scores)
+    remaining = merge_steps(len(groups) - (n - 1), target, cfg.merge_layers)
     for start in range(len(scores)):
         window = groups[start : start + n]
-        merged_here = any(len(g) > 1 for g in window)
+        if any(len(g) > 1 for g in window):
+            scores[start] = untouched[start] = math.inf
+            continue
         after = groups[:start] + [sum(window, [])] + groups[start + n :]
-        if merged_here or not can_finish(fresh_runs(after), remaining):
+        if not can_finish(fresh_runs(after), remaining):
             scores[start] = math.inf
-    return scores
+    return scores, untouched
 
 
 def posterior_ratio(
@@ -217,12 +288,21 @@ def come(ctx: MethodContext, cfg: CoMeConfig) -> dict:
         before = ctx.num_layers
         n = min(cfg.merge_layers, before - target + 1)
         stats = capture_channel_statistics(
-            ctx.model, ctx.calibration, ctx.batch_size, window=n, skip_tokens=cfg.skip_tokens, desc=f"{cfg.name} scores ({before} layers)"
+            ctx.model, ctx.calibration, ctx.batch_size, window=cfg.skip_layers or n, skip_tokens=cfg.skip_tokens,
+            desc=f"{cfg.name} scores ({before} layers)", top_boundary=cfg.top_boundary,
         )
-        skip = admissible_skip(stats, ctx, cfg.wo_repeat, target, cfg.merge_layers)
-        if all(math.isinf(v) for v in skip):  # unreachable after check_config; kept as a guard
-            raise LayerSurgeryError(f"{cfg.name}: no admissible window of {n} layers at {before} layers (wo_repeat=true).")
-        start = skip.index(min(skip))
+        skip, by_score = admissible_skip(stats, ctx, cfg, target, n)
+        decided = None
+        if all(math.isinf(v) for v in skip):
+            if cfg.wo_repeat_rule != "released":  # unreachable after check_config; kept as a guard
+                raise LayerSurgeryError(f"{cfg.name}: no admissible window of {n} layers at {before} layers (wo_repeat=true).")
+            log.warning("%s: wo_repeat_rule=released closes every window at %d layers; as the released code, window 0 is "
+                        "merged, although it holds a merged layer", cfg.name, before)
+        start = skip.index(min(skip))  # the first on ties; window 0 when every window is closed (released code)
+        if not all(math.isinf(v) for v in by_score) and by_score.index(min(by_score)) != start:
+            decided = {"lowest_score": by_score.index(min(by_score)), "chosen": start}
+            log.warning("%s: at %d layers wo_repeat, not the scores, chose window %d: the lowest-scoring window %d would leave "
+                        "too few adjacent never-merged layers to reach %d layers", cfg.name, before, start, decided["lowest_score"], target)
         positions = list(range(start, start + n))
         bi = [float(stats.block_influence[p]) for p in positions]
         heads, channels = layer_scores(stats, ctx, layout)
@@ -247,6 +327,8 @@ def come(ctx: MethodContext, cfg: CoMeConfig) -> dict:
         }
         if trials is not None:
             step["trials"] = trials
+        if decided is not None:
+            step["wo_repeat_decided"] = decided
         steps.append(step)
         log.info("%s: merged %s (original %s) with ratio %s", cfg.name, positions, stands_for, [round(r, 3) for r in ratio])
         progress.update(n - 1)

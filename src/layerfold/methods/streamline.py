@@ -10,9 +10,11 @@ with a replacement, the window holds ``w = num_remove + 1`` layers and one new l
 (the released code's ``layer_intervals`` convention); with ``replacement: none`` the window holds
 ``w = num_remove`` layers and nothing is inserted (the paper's "Ours (None)").
 
-Boundaries are the pre-norm residual stream at every layer (capture hooks). The released code reads
-``output_hidden_states``, whose last entry is the final-norm output, so its window ending at the last
-layer compares a different space; layerfold compares pre-norm states throughout.
+**Top boundary** (``top_boundary``). Boundaries are the pre-norm residual stream at every layer (capture
+hooks; ``pre_norm``, default). The released code reads ``output_hidden_states``, whose last entry is the
+final-norm output, so its window ending at the last layer compares the window's input with the
+final-norm output; ``top_boundary=final_norm`` (parity, ``+experiment=streamline_code_parity``) scores
+that one window so, with one extra calibration pass (resident only). Every other window is the same.
 
 **Replacements** (``replacement``), all placed at position ``j`` and recorded in ``plan.json`` as
 standing for the whole window; the recover stage trains them (``recovery=distill`` is the paper's
@@ -38,6 +40,18 @@ MSE path, ``recovery=lm`` its LLM-loss path):
 method states them as a :class:`~layerfold.models.replacement.TensorInit` and lets the context apply
 it (:meth:`MethodContext.stand_in`), so ``hardware=sequential`` builds the same replacement from the
 original shards, tensor for tensor. ``mlp`` changes the layer's class and stays resident-only.
+
+**Training departures** (the recover stage trains the replacement; released ``train_mseloss.py`` /
+``train_llmloss.py``, see ``docs/recovery.md``): layerfold's AdamW puts no weight decay on norms and
+biases (the released code decays every parameter; no setting); it clips gradients at
+``recovery.max_grad_norm`` (1.0) on both paths (released: 5 on the MSE path, none on the LM path: set
+``max_grad_norm=5`` / ``0``); warmup is ``recovery.warmup_ratio`` (0.03) of the optimiser steps
+(released: 0.5 % of the micro-batches on the MSE path, 1 % on the LM path, stepped per optimiser step,
+and a cosine horizon of half the run); it keeps the last state, not the best by validation loss
+(released: best of the epoch-end validations; with ``epochs: 1`` the same unless training made it
+worse); it trains with the model's causal mask and rotary positions (the released MSE path calls the
+layer without a mask: bidirectional attention); the layer-local loss reads the positions
+``recovery.local`` keeps (released: every position).
 """
 
 from __future__ import annotations
@@ -46,13 +60,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.methods import LayerMajorUnsupported, MethodContext, check_target, register
 from layerfold.models.adapters import LayerAdapter
 from layerfold.models.replacement import TensorInit, mlp_replacement_layer
+from layerfold.scoring.top_boundary import final_norm_cosine
 from layerfold.surgery import LayerSurgeryError
 from layerfold.surgery.support import family_of_model, replacement_refusal
 
 REPLACEMENTS = ("transformer_layer", "ffn", "swiglu", "mlp", "none")
+TOP_BOUNDARIES = ("pre_norm", "final_norm")
 
 
 @dataclass
@@ -61,6 +77,8 @@ class StreamlineConfig:
     num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})  # net layers removed: L -> L - num_remove
     replacement: str = field(default="transformer_layer", metadata={"choices": list(REPLACEMENTS)})
     mlp_ratio: int = field(default=4, metadata={"ge": 1})  # width of the mlp replacement, in hidden sizes
+    # the state leaving the last layer: pre_norm (layerfold) | final_norm (HF hidden_states[-1], released code)
+    top_boundary: str = field(default="pre_norm", metadata={"choices": list(TOP_BOUNDARIES)})
 
 
 def window_scores(cosine: torch.Tensor, width: int) -> torch.Tensor:
@@ -85,6 +103,9 @@ def check_replacement(model: torch.nn.Module, replacement: str) -> None:
 def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     check_replacement(ctx.model, cfg.replacement)
+    if cfg.top_boundary == "final_norm" and ctx.is_layer_major:
+        raise LayerMajorUnsupported("method.top_boundary=final_norm runs an extra calibration pass on the resident model; it cannot "
+                                    "run with hardware=sequential. Use hardware=resident, or method.top_boundary=pre_norm.")
     width = cfg.num_remove if cfg.replacement == "none" else cfg.num_remove + 1
     cosine = ctx.dense_stats().cosine
     if cosine.shape[0] != ctx.num_layers + 1:
@@ -93,6 +114,9 @@ def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> dict:
             "capture them from the model being compressed."
         )
     scores = window_scores(cosine, width)
+    if cfg.top_boundary == "final_norm":  # the window ending at the last layer, against the final-norm output
+        last = ctx.num_layers - width
+        scores[last] = 0.5 + 0.5 * final_norm_cosine(ctx.model, ctx.calibration, last, ctx.batch_size)
     start = int(torch.argmax(scores))
     window = list(range(start, start + width))
 

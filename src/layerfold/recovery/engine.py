@@ -8,7 +8,8 @@ stepped per optimiser step, gradient accumulation, clipping, bf16 autocast on CU
   teacher's own decoder layer received there (the causal mask the model built, the rotary
   ``position_embeddings`` from its own ``rotary_emb``, ``position_ids``), and the hidden state leaving
   the span. The student layer is called with that input and those arguments, i.e. exactly as inside
-  the full model, and fits the span output (``mse`` / ``cosine`` / ``kl``). Layers train jointly on
+  the full model, and fits the span output (``mse`` / ``nmse`` / ``cosine`` / ``kl`` over the positions
+  ``recovery.local`` keeps: :class:`layerfold.recovery.losses.LocalLoss`). Layers train jointly on
   one teacher pass (``order: joint``) or one after another (``order: sequential``, a phase each).
 - ``end_to_end``: the whole student runs; next-token LM loss and/or KL to the teacher's logits.
 
@@ -74,7 +75,7 @@ from layerfold.recovery.distributed import (
     resolve_strategy,
 )
 from layerfold.recovery.errors import RecoveryConfigError
-from layerfold.recovery.losses import LOCAL_LOSSES, lm_loss, local_loss, logit_kd
+from layerfold.recovery.losses import LOCAL_LOSSES, LocalLoss, lm_loss, logit_kd
 from layerfold.recovery.schedule import warmup_cosine
 from layerfold.recovery.spans import Span, plan_spans, trainable_layers
 
@@ -195,23 +196,26 @@ class SpanStudent(nn.Module):
 
 
 def span_losses(span_student: nn.Module, spans: list[Span], inputs: dict[int, tuple[torch.Tensor, dict]], outputs: dict[int, torch.Tensor],
-                dtype: torch.dtype, kind: str, temperature: float = 1.0, ignore_first: int = 0) -> list[torch.Tensor]:
-    """Layer-local loss of each span's student layer (run by ``span_student``) against the teacher's span
-    ``inputs`` / ``outputs``, over positions ``ignore_first:``; the inputs enter in the student's ``dtype``."""
+                dtype: torch.dtype, loss: LocalLoss) -> list[torch.Tensor]:
+    """Layer-local ``loss`` of each span's student layer (run by ``span_student``) against the teacher's span
+    ``inputs`` / ``outputs`` over the positions ``loss`` keeps; the inputs enter in the student's ``dtype``."""
     results = span_student([(inputs[s.start][0].to(dtype), inputs[s.start][1]) for s in spans])
-    return [local_loss(out[:, ignore_first:], outputs[s.end][:, ignore_first:], kind, temperature) for out, s in zip(results, spans)]
+    return [loss(out, outputs[s.end]) for out, s in zip(results, spans)]
 
 
 def local_span_losses(teacher: PreTrainedModel, student: PreTrainedModel, spans: list[Span], input_ids: torch.Tensor, kind: str,
-                      temperature: float = 1.0, ignore_first: int = 0, span_student: nn.Module | None = None) -> list[torch.Tensor]:
-    """Layer-local loss of each span's student layer on one batch (teacher forward inside), over positions ``ignore_first:``.
+                      temperature: float = 1.0, ignore_first: int = 0, span_student: nn.Module | None = None,
+                      max_norm_ratio: float | None = None) -> list[torch.Tensor]:
+    """Layer-local loss of each span's student layer on one batch (teacher forward inside), over the positions
+    :class:`LocalLoss` keeps (``ignore_first``, ``max_norm_ratio``).
 
     ``span_student`` runs the spans' student layers (the engine passes its prepared, possibly
     DDP-wrapped :class:`SpanStudent`); by default the student's own layers are called.
     """
     span_student = span_student if span_student is not None else SpanStudent(student, [s.layer for s in spans])
     inputs, outputs = LiveTeacher(teacher).fetch("train", torch.arange(input_ids.shape[0]), input_ids, spans)
-    return span_losses(span_student, spans, inputs, outputs, next(student.parameters()).dtype, kind, temperature, ignore_first)
+    loss = LocalLoss(kind, temperature, ignore_first, max_norm_ratio)
+    return span_losses(span_student, spans, inputs, outputs, next(student.parameters()).dtype, loss)
 
 
 def is_partial(model: nn.Module) -> bool:
@@ -337,6 +341,12 @@ class RecoveryEngine:
             raise RecoveryConfigError(f"recovery.local.loss='{cfg.local.loss}' is unknown; choose one of {', '.join(LOCAL_LOSSES)}.")
         if cfg.local.ignore_first >= cfg.data.seq_len:
             raise RecoveryConfigError(f"recovery.local.ignore_first={cfg.local.ignore_first} leaves no position of a {cfg.data.seq_len}-token block; lower it.")
+        ratio = cfg.local.get("max_norm_ratio")
+        if ratio is not None and not ratio > 1:
+            raise RecoveryConfigError(
+                f"recovery.local.max_norm_ratio={ratio} must be > 1 (a position is left out when its target norm exceeds this many "
+                "times its sequence's median; e.g. 10), or null to keep every position."
+            )
         if not (cfg.local.enabled or cfg.end_to_end.enabled):
             raise RecoveryConfigError(
                 f"recovery={cfg.name} enables neither local.enabled nor end_to_end.enabled; enable one, or use recovery=none."
@@ -457,10 +467,9 @@ class RecoveryEngine:
         with self.accelerator.autocast():
             if phase.kind == "local":
                 spans = [self.spans[k] for k in phase.layers]
-                local = self.cfg.local
                 inputs, outputs = self.targets.fetch(split, rows, batch, spans)
                 span_student = module if module is not None else SpanStudent(self.student, phase.layers)
-                losses = span_losses(span_student, spans, inputs, outputs, self._weight().dtype, local.loss, local.temperature, local.ignore_first)
+                losses = span_losses(span_student, spans, inputs, outputs, self._weight().dtype, LocalLoss.from_config(self.cfg.local))
                 return torch.stack(losses).sum()
             e2e = self.cfg.end_to_end
             logits = (module if module is not None else self.student)(input_ids=batch, use_cache=False).logits
