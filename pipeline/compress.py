@@ -27,7 +27,8 @@ from layerfold.capture import BoundaryStatistics
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.execution.checkpoint import save_layerwise
 from layerfold.io import write_json
-from layerfold.methods import MethodContext, check_layer_major, compress
+from layerfold.compensate import compress_and_compensate
+from layerfold.methods import MethodContext, check_layer_major
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.resources import guard
@@ -36,37 +37,39 @@ from layerfold.stage import BASE, CALIBRATION, COMPRESSED, CAPTURE, METRICS, sta
 from layerfold.tracking import init_run
 
 
-def _timed_compress(ctx: MethodContext, method: Any, device: torch.device) -> tuple[dict, float]:
+def _timed_compress(ctx: MethodContext, method: Any, device: torch.device, compensation: Any = None) -> tuple[dict, float]:
     reset_peak_memory(device)
     began = time.perf_counter()
-    plan = compress(ctx, method)
+    plan = compress_and_compensate(ctx, method, compensation)  # the method, then `compensate` (none: the method alone)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return plan, time.perf_counter() - began
 
 
 def compress_resident(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, batch_size: int,
-                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, float]:
+                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0,
+                      compensation: Any = None) -> tuple[dict, dict, float]:
     """The whole model on ``device``, edited in place and saved: ``(plan, describe(model), seconds)``.
 
     ``seed`` (``runtime.seed``) seeds the weights a method draws fresh (LLM-Streamline's swiglu replacement).
     """
     model, tokenizer = load_checkpoint(base, device, dtype)
     ctx = MethodContext(model, tokenizer, blocks, stats, batch_size=batch_size, seed=seed)
-    plan, seconds = _timed_compress(ctx, method, device)
+    plan, seconds = _timed_compress(ctx, method, device, compensation)
     save_checkpoint(model, tokenizer, out, dtype=storage)
     write_json(out / "plan.json", plan)
     return plan, describe(model), seconds
 
 
 def compress_layer_major(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, hardware: Any, batch_size: int,
-                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, float]:
+                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0,
+                         compensation: Any = None) -> tuple[dict, dict, float]:
     """Trials layer by layer, the checkpoint written layer by layer: ``(plan, describe(skeleton), seconds)``."""
     check_layer_major(method)  # before any weight is read
     loader = execution.SafetensorsLayerLoader(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ctx = MethodContext.layer_major(loader, tokenizer, blocks, hardware, device, dtype, stats, batch_size=batch_size, seed=seed)
-    plan, seconds = _timed_compress(ctx, method, device)
+    plan, seconds = _timed_compress(ctx, method, device, compensation)
     generation = GenerationConfig.from_pretrained(base) if (base / "generation_config.json").exists() else None
     save_layerwise(execution.PlannedLayerLoader(loader, ctx.plan), tokenizer, out, dtype, storage,
                    generation_config=generation, extra_json={"plan.json": plan})
@@ -83,12 +86,13 @@ def main() -> None:
     batch_size, hardware, seed = stage.params.capture.batch_size, stage.params.hardware, stage.params.runtime.seed
     if hardware.mode == "sequential":
         plan, facts, seconds = compress_layer_major(BASE, blocks, stats, stage.params.method, hardware, batch_size,
-                                                    stage.device, stage.dtype, storage, COMPRESSED, seed=seed)
+                                                    stage.device, stage.dtype, storage, COMPRESSED, seed=seed,
+                                                    compensation=stage.params.get("compensate"))
     else:
         # Iterative methods re-capture statistics of the current model, so the capture estimate applies.
         guard(BASE, stage.device, stage.dtype, batch_size, blocks.shape[1], "capture.batch_size", all_boundaries=True)
         plan, facts, seconds = compress_resident(BASE, blocks, stats, stage.params.method, batch_size, stage.device, stage.dtype, storage,
-                                                 COMPRESSED, seed=seed)
+                                                 COMPRESSED, seed=seed, compensation=stage.params.get("compensate"))
 
     summary = {
         "method": plan["method"]["name"],

@@ -18,6 +18,7 @@ from layerfold.io import atomic_dir
 
 # ModelSourceError and package_file moved to facts (read without loading weights); importable here as before.
 from layerfold.models.facts import ModelSourceError, hub_error, package_file, source_path  # noqa: F401
+from layerfold.models.patches import attach_saved_patches, detached_patches, save_patches
 from layerfold.models.replacement import attach_side_layers, detached_side_layers, save_side_layers
 
 SOURCES = ("hub", "local", "gguf", "package", "llama2c")
@@ -105,8 +106,11 @@ def check_compatible(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write safetensors + config + tokenizer atomically (a killed run leaves no half checkpoint)."""
-    with atomic_dir(path) as tmp, detached_side_layers(model) as side:
-        # Replacement layers no stock class can express go to a side file (layerfold.models.replacement).
+    with atomic_dir(path) as tmp, detached_side_layers(model) as side, detached_patches(model) as patches:
+        # Replacement layers and residual-stream patches no stock class can express go to side files
+        # (layerfold.models.replacement, layerfold.models.patches).
+        if patches is not None:
+            save_patches(patches, tmp)
         if side is not None:
             save_side_layers({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in side.items()}, tmp)
         state_dict = None
@@ -149,7 +153,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
     model, tokenizer = _load_dir(path, dtype)
-    return attach_side_layers(model, path).to(device).eval(), tokenizer
+    return attach_saved_patches(attach_side_layers(model, path), path).to(device).eval(), tokenizer
 
 
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
