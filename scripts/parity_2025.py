@@ -305,8 +305,13 @@ def compare_replaceme(out: dict[str, Outcome], tolerance: float, objective: str 
     unfolded = lf.state.pop("__unfolded__")
     weights_rel = {k: v for k, v in rel.state.items()}
     weights_lf = {k: v for k, v in lf.state.items()}
+    # A block ending at the last layer: the released target is HF's post-norm last hidden state, layerfold's the pre-norm
+    # stream, so the fitted maps differ by design there (a documented difference, not gated).
+    ends_last = details["removed_layers"][-1] == len(released) + n - 1  # the last dense layer (L = len(released) + n)
     fold_key = f"model.layers.{details['fold_layer']}.mlp.down_proj.weight"
     scale = float(transform_rel.abs().max())
+    w_bf16 = unfolded.to(torch.bfloat16).double()
+    propagated = (transform_rel - transform_lf).abs().T @ w_bf16.abs()
     comparisons = [
         base.value_differences("block_distance", "mean last-token angular distance of every block of n layers ending before the last "
                                "layer (released distance.py vs layerfold's capture)", released[:last], ours[:last], 1e-4),
@@ -317,14 +322,17 @@ def compare_replaceme(out: dict[str, Outcome], tolerance: float, objective: str 
     ]
     if objective == "lstsq":
         comparisons += [
-            {**base.tensor_differences({"T": transform_rel}, {"T": transform_lf}, tolerance * max(scale, 1.0), name="transform"),
-             "what": f"the fitted map T (float64); tolerance {tolerance} x max|T| ({scale:.3g})"},
+            {**base.tensor_differences({"T": transform_rel}, {"T": transform_lf}, tolerance * max(scale, 1.0), name="transform", gate=not ends_last),
+             "what": f"the fitted map T (float64); tolerance {tolerance} x max|T| ({scale:.3g})"
+                     + ("; the block ends at the last layer, where the released target is post-norm: not gated" if ends_last else "")},
             base.tensor_differences({k: v for k, v in weights_rel.items() if k != fold_key},
                                     {k: v for k, v in weights_lf.items() if k != fold_key}, 0.0, name="weights_unchanged"),
-            {**_fold_comparison(weights_rel[fold_key], (transform_lf.T @ unfolded.to(torch.bfloat16).double()).to(torch.bfloat16), fold_key),
-             "name": "fold_formula", "what": f"{fold_key}: the released fold vs layerfold's T folded by the released recipe, "
-                                             "(Tᵀ @ bfloat16(W)) -> bfloat16 (the released code reloads the model in bfloat16 before folding)"},
-            {**_fold_comparison(weights_rel[fold_key], weights_lf[fold_key], fold_key), "gate": bool(torch.equal(unfolded.to(torch.bfloat16).double(), unfolded)),
+            {**_fold_comparison(weights_rel[fold_key], (transform_lf.T @ w_bf16).to(torch.bfloat16), fold_key, propagated),
+             "name": "fold_formula", "gate": True, "what": f"{fold_key}: the released fold vs layerfold's T folded by the released recipe, "
+                                             "(Tᵀ @ bfloat16(W)) -> bfloat16 (the released code reloads the model in bfloat16 before folding); "
+                                             "every entry within |dT|ᵀ|W| plus one bfloat16 step"},
+            {**_fold_comparison(weights_rel[fold_key], weights_lf[fold_key], fold_key, propagated),
+             "gate": bool(torch.equal(w_bf16, unfolded)) and not ends_last,
              "what": f"{fold_key} as each side stores it (bfloat16); layerfold folds into W in the compute dtype, so the two agree only "
                      "where the checkpoint's W is stored in bfloat16 (gate then; a float32 checkpoint differs by W's own rounding)"},
         ]
@@ -342,15 +350,20 @@ def compare_replaceme(out: dict[str, Outcome], tolerance: float, objective: str 
     return comparisons
 
 
-def _fold_comparison(released: torch.Tensor, layerfold: torch.Tensor, key: str) -> dict:
-    """The folded projection in bfloat16: the released code rounds Tᵀ W once (float64 -> bfloat16), layerfold stores
-    float64 -> compute dtype -> bfloat16; the two may differ by one bfloat16 step where the float64 value sits on a tie."""
-    a, b = released.float(), layerfold.float()
-    ulp = torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
-    steps = ((a - b).abs() / ulp)
-    return {"name": "fold_weight", "gate": True, "what": f"{key} after the fold, in bfloat16 (difference in bfloat16 steps of the value)",
-            "passed": bool(steps.max() <= 1.0), "tolerance": "1 bfloat16 step", "max_abs_diff": float((a - b).abs().max()),
-            "max_steps": float(steps.max()), "share_exact": float((a == b).float().mean())}
+def _fold_comparison(released: torch.Tensor, layerfold: torch.Tensor, key: str, propagated: torch.Tensor) -> dict:
+    """The folded projection in bfloat16, each entry within what the two sides' difference in T explains plus rounding.
+
+    ``propagated`` is ``|T_released - T_layerfold|ᵀ |W|`` (float64): how far the exact products ``Tᵀ W`` of the two sides can
+    be apart; rounding each to bfloat16 adds at most one bfloat16 step of the value (half a step each).
+    """
+    a, b = released.double(), layerfold.double()
+    step = torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
+    excess = (a - b).abs() - (propagated + step)
+    return {"name": "fold_weight", "gate": True, "passed": bool(excess.max() <= 0),
+            "what": f"{key} after the fold, in bfloat16: every entry within |dT|ᵀ|W| (the two sides' difference in T, propagated) "
+                    "plus one bfloat16 step of the value",
+            "tolerance": "|dT|ᵀ|W| + 1 bfloat16 step", "max_abs_diff": float((a - b).abs().max()), "largest_excess": float(excess.max()),
+            "share_exact": float((a == b).double().mean()), "max_propagated": float(propagated.max())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +402,7 @@ def released_linear_patch(settings: Settings, blocks: torch.Tensor) -> Outcome:
     (layer, start, end, similarity, scale, _, _), measurement = base.measure(run, model, blocks[:1], device)
     patch = model.model.layers[start - 1].linear_patch.get_weight()
     width = model.config.hidden_size
-    state = {"patch": patch.double().cpu(), "scale": scale.double().cpu(),
+    state = {"patch": patch.detach().double().cpu(), "scale": scale.detach().double().cpu(),
              "rotation": hadamard_utils.get_hadamard_matrix(width, "cpu").double()}
     record = {"window": [int(start), int(end)], "similarity": float(similarity)}
     return Outcome(record, state, measurement)
