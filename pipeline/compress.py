@@ -30,8 +30,9 @@ from layerfold import execution
 from layerfold.capture import BoundaryStatistics
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.execution.checkpoint import save_layerwise
+from layerfold.compensate import compress_and_compensate
 from layerfold.io import read_json, write_json
-from layerfold.methods import MethodContext, check_layer_major, compress
+from layerfold.methods import MethodContext, check_layer_major
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.resources import guard
@@ -40,12 +41,12 @@ from layerfold.stage import BASE, CALIBRATION, COMPRESSED, CAPTURE, METRICS, sta
 from layerfold.tracking import init_run
 
 
-def _timed_compress(ctx: MethodContext, method: Any, device: torch.device) -> tuple[dict, dict]:
+def _timed_compress(ctx: MethodContext, method: Any, device: torch.device, compensation: Any = None) -> tuple[dict, dict]:
     """The plan, and the wall times: the whole method's ``seconds`` and any a method reports under
     ``details["timings"]``, taken out of the plan (plan.json holds no times, so the same edits write the same bytes)."""
     reset_peak_memory(device)
     began = time.perf_counter()
-    plan = compress(ctx, method)
+    plan = compress_and_compensate(ctx, method, compensation)  # the method, then `compensate` (none: the method alone)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
@@ -53,7 +54,8 @@ def _timed_compress(ctx: MethodContext, method: Any, device: torch.device) -> tu
 
 
 def compress_resident(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, batch_size: int,
-                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, dict]:
+                      device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0,
+                      compensation: Any = None) -> tuple[dict, dict, dict]:
     """The whole model on ``device``, edited in place and saved with its plan (one atomic output):
     ``(plan, describe(model), timings)``.
 
@@ -61,19 +63,20 @@ def compress_resident(base: Path, blocks: torch.Tensor, stats: BoundaryStatistic
     """
     model, tokenizer = load_checkpoint(base, device, dtype)
     ctx = MethodContext(model, tokenizer, blocks, stats, batch_size=batch_size, seed=seed)
-    plan, timings = _timed_compress(ctx, method, device)
+    plan, timings = _timed_compress(ctx, method, device, compensation)
     save_checkpoint(model, tokenizer, out, dtype=storage, plan=plan)
     return read_json(out / PLAN_FILE), describe(model), timings  # the plan as written: sealed to the checkpoint
 
 
 def compress_layer_major(base: Path, blocks: torch.Tensor, stats: BoundaryStatistics, method: Any, hardware: Any, batch_size: int,
-                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0) -> tuple[dict, dict, dict]:
+                         device: torch.device, dtype: torch.dtype, storage: torch.dtype, out: Path, seed: int = 0,
+                      compensation: Any = None) -> tuple[dict, dict, dict]:
     """Trials layer by layer, the checkpoint written layer by layer with its plan: ``(plan, describe(skeleton), timings)``."""
     check_layer_major(method)  # before any weight is read
     loader = execution.SafetensorsLayerLoader(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ctx = MethodContext.layer_major(loader, tokenizer, blocks, hardware, device, dtype, stats, batch_size=batch_size, seed=seed)
-    plan, timings = _timed_compress(ctx, method, device)
+    plan, timings = _timed_compress(ctx, method, device, compensation)
     generation = GenerationConfig.from_pretrained(base) if (base / "generation_config.json").exists() else None
     save_layerwise(execution.PlannedLayerLoader(loader, ctx.plan), tokenizer, out, dtype, storage,
                    generation_config=generation, plan=plan)
@@ -90,12 +93,14 @@ def main() -> None:
     batch_size, hardware, seed = stage.params.capture.batch_size, stage.params.hardware, stage.params.runtime.seed
     if hardware.mode == "sequential":
         plan, facts, timings = compress_layer_major(BASE, blocks, stats, stage.params.method, hardware, batch_size,
-                                                    stage.device, stage.dtype, storage, COMPRESSED, seed=seed)
+                                                    stage.device, stage.dtype, storage, COMPRESSED, seed=seed,
+                                                    compensation=stage.params.get("compensate"))
     else:
         # Iterative methods re-capture statistics of the current model, so the capture estimate applies.
         guard(BASE, stage.device, stage.dtype, batch_size, blocks.shape[1], "capture.batch_size", all_boundaries=True)
         plan, facts, timings = compress_resident(BASE, blocks, stats, stage.params.method, batch_size, stage.device, stage.dtype, storage,
-                                                 COMPRESSED, seed=seed)
+                                                 COMPRESSED, seed=seed,
+                                                    compensation=stage.params.get("compensate"))
 
     summary = {
         "method": plan["method"]["name"],

@@ -225,6 +225,7 @@ class EndToEndConfig:
     lm_weight: float = field(default=1.0, metadata={"ge": 0.0})
     kd_weight: float = field(default=0.0, metadata={"ge": 0.0})
     kd_temperature: float = field(default=1.0, metadata={"gt": 0.0})
+    kd_top_k: Optional[int] = field(default=None, metadata={"ge": 1})  # KL over the teacher's top-k logits only (LinearPatch); null: all
 
 
 @dataclass
@@ -235,12 +236,15 @@ class LoraRecoveryConfig:
     rank: int = field(default=8, metadata={"ge": 1})
     alpha: float = field(default=16.0, metadata={"gt": 0.0})
     dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+    quantize: str = field(default="none", metadata={"choices": ["none", "nf4"]})  # nf4: QLoRA's 4-bit student (needs bitsandbytes)
 
 
 @dataclass
 class RecoveryConfig:
-    name: str = field(default="none", metadata={"choices": ["none", "distill", "lm", "lora", "come"]})
-    trainable: str = field(default="new", metadata={"choices": ["new", "layers", "all"]})
+    name: str = field(default="none", metadata={"choices": ["none", "distill", "lm", "lora", "come", "patch_kd"]})
+    # new | layers | all (decoder layers); last: lm_head, final norm and the last `last_layers` layers; patch: LinearPatch matrices only
+    trainable: str = field(default="new", metadata={"choices": ["new", "layers", "all", "last", "patch"]})
+    last_layers: int = field(default=3, metadata={"ge": 1})  # trainable=last: how many of the last decoder layers train
     data: RecoveryDataConfig = field(default_factory=RecoveryDataConfig)
     local: LocalDistillConfig = field(default_factory=LocalDistillConfig)
     end_to_end: EndToEndConfig = field(default_factory=EndToEndConfig)
@@ -319,6 +323,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     method: Any = None  # validated by the chosen method's own dataclass (layerfold.methods.get_method)
+    compensate: Any = None  # applied after the method; validated by its own dataclass (layerfold.compensate.get_compensation)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

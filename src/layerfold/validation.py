@@ -54,6 +54,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     spec, method_cfg = get_method(params.method, bounds)
     _check_capture_distance(params, spec, method_cfg)
     _check_headline(params)
+    _check_compensation_and_selectors(params, facts)
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
         check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
         _check_recovery_layer_major(params)  # and so does a recovery that needs the whole student
@@ -318,3 +319,42 @@ def _model_name_problems(params: DictConfig) -> list[str]:
     return [f"model.name='{model.name}' names the weights of {file} ({wanted}), but {settings} reads other weights, and every "
             f"result would carry that name. Name this model (`-S model.name=<name>`), or set model.name=null to name it after "
             f"its source ('{derived_model_name(model)}')."]
+
+
+def _check_compensation_and_selectors(params: DictConfig, facts: ModelFacts | None) -> None:
+    """``compensate``, ReplaceMe's fixed block, ``recovery.trainable`` = last / patch and QLoRA: what they rule out before anything runs."""
+    from layerfold.compensate import compensation_problems
+
+    method, recovery = params.method, params.get("recovery") or {}
+    hardware = params.get("hardware") or {}
+    problems = compensation_problems(method, params.get("compensate"), hardware)
+    if facts is not None and method.get("name") == "replaceme" and method.get("start") is not None:
+        start, n = int(method.start), int(method.get("num_remove", 8))
+        if start + n > facts.num_layers:
+            problems.append(f"method.start={start} with method.num_remove={n} asks for layers {start}..{start + n - 1}, which a model of "
+                            f"{facts.num_layers} layers does not have: method.start must lie in 1..{facts.num_layers - n} "
+                            f"(`-S method.start=<1..{facts.num_layers - n}>`), or null to choose the block by distance.")
+    trainable = recovery.get("trainable")
+    if recovery.get("name", "none") != "none" and trainable in ("last", "patch"):
+        if recovery.get("lora", {}).get("enabled"):
+            problems.append(f"recovery.trainable={trainable} trains the selected tensors themselves; set recovery.lora.enabled=false.")
+        if trainable == "patch" and (params.get("compensate") or {}).get("name") != "linear_patch":
+            problems.append("recovery.trainable=patch trains LinearPatch patches, which only compensate=linear_patch makes "
+                            "(`-S compensate=linear_patch`).")
+        if hardware.get("mode") == "sequential":
+            problems.append(f"recovery.trainable={trainable} trains the LM head or patches of the whole student, which hardware=sequential "
+                            "does not hold; use hardware=resident (`-S hardware=resident`).")
+        depth = facts.num_layers - int(method.get("num_remove", 0)) if facts is not None and method.get("num_remove") else None
+        if trainable == "last" and depth is not None and recovery.get("last_layers", 3) > depth:
+            problems.append(f"recovery.last_layers={recovery.last_layers} but the compressed model keeps {depth} layers; choose 1..{depth}.")
+    if recovery.get("name", "none") != "none" and recovery.get("lora", {}).get("quantize", "none") != "none":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"recovery.lora.quantize={recovery.lora.quantize} (QLoRA) needs bitsandbytes, which is not installed. Install it "
+                            "(`pip install bitsandbytes`, CUDA only), or use recovery.lora.quantize=none (LoRA on the unquantised weights).")
+        else:
+            problems.append(f"recovery.lora.quantize={recovery.lora.quantize}: the 4-bit student is not implemented in this layerfold "
+                            "version; use recovery.lora.quantize=none (LoRA on the unquantised weights).")
+    if problems:
+        raise ConfigError(" ".join(problems))

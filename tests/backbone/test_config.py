@@ -17,7 +17,7 @@ def test_committed_params_match_conf():
     assert compose_conf() == committed, "params.yaml is stale: run `dvc exp run` (or scripts/compose_params.py)"
 
 
-@pytest.mark.parametrize("group", ["method", "model", "eval", "data", "tracking", "recovery"])
+@pytest.mark.parametrize("group", ["method", "compensate", "model", "eval", "data", "tracking", "recovery"])
 def test_every_group_entry_composes_and_validates(group, tmp_path):
     for entry in sorted((REPO / "conf" / group).glob("*.yaml")):
         params = compose_conf([f"{group}={entry.stem}"])
@@ -64,7 +64,7 @@ def test_stage_params_are_granular():
     """Each stage depends only on the groups it reads, so an eval knob never re-runs capture."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert "eval" not in stages["capture"]["params"] and "method" not in stages["capture"]["params"]
-    assert stages["compress"]["params"] == ["method", "hardware", "runtime"]
+    assert stages["compress"]["params"] == ["method", "compensate", "hardware", "runtime"]
     assert "eval" in stages["evaluate"]["do"]["params"]
 
 

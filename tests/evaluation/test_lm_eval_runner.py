@@ -3,7 +3,6 @@ as plain ``lm_eval.simple_evaluate`` + ``HFLM`` do, for a first model, a further
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -31,6 +31,8 @@ REQUIRED = [
     "come_llama2_7b", "come_llama3_8b", "shortgpt_llama2_7b", "sleb_llama2_7b",
 ]
 PROTOCOL_KEYS = ["reported", "paper", "setting", "calibration", "method", "recovery", "evaluation"]
+# Presets validate refuses on purpose in this version (the message says why): QLoRA's 4-bit student.
+REFUSED = {"gromov_qlora_llama2_7b": r"recovery.lora.quantize=nf4"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +70,10 @@ def test_preset_validates_against_its_model_without_the_hub(preset):
         return
     arch = params.model.architecture
     assert arch is not None, f"{preset}: a paper model declares its architecture (conf/model/*.yaml)"
+    if preset in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[preset]):
+            check(params, ModelFacts(**arch), preset)
+        return
     check(params, ModelFacts(**arch), preset)
 
 
@@ -87,6 +93,8 @@ def test_every_entry_is_run_by_a_preset_that_matches_it():
     named = {composed(p)["protocol"]["reported"]: p for p in paper_presets()}
     assert set(papers["entries"]) <= set(named) | {"none"}, sorted(set(papers["entries"]) - set(named))
     for name, preset in named.items():
+        if name == "none":  # a preset with no reported numbers to compare (protocol.reported: none)
+            continue
         params, reported = composed(preset), papers["entries"][name]
         assert (reported["model"], reported["method"]) == (params["model"]["id"], params["method"]["name"]), preset
         assert removed_layers(params["method"], reported["layers"]["original"]) == reported["layers"]["removed"], preset

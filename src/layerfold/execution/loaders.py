@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from layerfold.models.adapters import LayerAdapter, get_adapter
 from layerfold.models.facts import ModelSourceError
+from layerfold.models.patches import PATCH_FILE
 from layerfold.models.replacement import SIDE_FILE
 from layerfold.models.sources import POINTER_FILE, resolve_pointer
 
@@ -164,6 +165,11 @@ class SafetensorsLayerLoader:
             raise ModelSourceError(
                 f"{path} holds LLM-Streamline replacement layers ({SIDE_FILE}) that no stock layer class expresses; "
                 "layer-major execution cannot load them. Run this checkpoint with hardware=resident."
+            )
+        if (path / PATCH_FILE).exists():
+            raise ModelSourceError(
+                f"{path} holds LinearPatch patches ({PATCH_FILE}) that act on the residual stream between layers; layer-major "
+                "execution cannot apply them. Run this checkpoint with hardware=resident."
             )
         self.path = path
         self._config = AutoConfig.from_pretrained(path)

@@ -159,13 +159,14 @@ class WeightedLayerPlan(LayerPlan):
         return plan
 
 
-def recipes_from_plan(plan: dict) -> list[LayerRecipe]:
+def recipes_from_plan(plan: dict, inits: Sequence[TensorInit | None] | None = None) -> list[LayerRecipe]:
     """One :class:`LayerRecipe` per layer of a ``plan.json``-shaped dict.
 
     A layer standing for one original layer needs nothing more; a merged layer needs ``coefficients``
     (written by :class:`WeightedLayerPlan`). ``base`` defaults to the first original layer, the one
     :func:`~layerfold.surgery.merge_weights` keeps the norms of in every layerfold method. ``init``
-    (optional) is the layer's re-initialisation.
+    (optional) is the layer's re-initialisation; ``inits`` (one per layer) replaces what ``plan.json`` says of it
+    with the objects a plan still in memory holds (a fold whose values ``plan.json`` only describes).
     """
     recipes = []
     for k, entry in enumerate(plan["layers"]):
@@ -186,7 +187,10 @@ def recipes_from_plan(plan: dict) -> list[LayerRecipe]:
         base = int(entry.get("base", stands_for[0]))
         if base not in stands_for:
             raise PlanError(f"plan layer {k}: base layer {base} is not one of the layers it stands for, {list(stands_for)}.")
-        init = TensorInit.from_json(entry["init"]) if entry.get("init") is not None else None
+        if inits is not None:
+            init = inits[k]
+        else:
+            init = TensorInit.from_json(entry["init"]) if entry.get("init") is not None else None
         recipes.append(LayerRecipe(stands_for, tuple(float(c) for c in coefficients), base, init))
     return recipes
 
@@ -202,6 +206,7 @@ class PlannedLayerLoader:
     def __init__(self, base: LayerLoader, plan: WeightedLayerPlan | dict | Sequence[LayerRecipe]) -> None:
         # A plan still in memory replays its merges exactly (see WeightedLayerPlan); plan.json has coefficients only.
         self.builds: list[Build | None] | None = list(plan.builds) if isinstance(plan, WeightedLayerPlan) else None
+        inits = list(plan.inits) if isinstance(plan, WeightedLayerPlan) else None
         if isinstance(plan, WeightedLayerPlan):
             plan = plan.to_json()
         if isinstance(plan, dict):
@@ -210,7 +215,7 @@ class PlannedLayerLoader:
                     f"The plan describes a model of {plan['original_layers']} original layers but the loaded model has "
                     f"{base.num_layers}; it belongs to another model. Re-run compress on this one."
                 )
-            plan = recipes_from_plan(plan)
+            plan = recipes_from_plan(plan, inits)
         self.base = base
         self.recipes = list(plan)
         self.adapter = get_adapter(base.config)

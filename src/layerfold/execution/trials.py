@@ -39,7 +39,7 @@ from torch import nn
 from layerfold.capture.stats import BoundaryStatistics, capture_statistics
 from layerfold.execution.entry import _setting, runner
 from layerfold.execution.layer_major import Activations, ExecutionReport, LayerMajorRunner
-from layerfold.execution.loaders import LayerLoader
+from layerfold.execution.loaders import LayerLoader, ModelLayerLoader
 from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import PlannedLayerLoader, WeightedLayerPlan
 from layerfold.models import layer_config
@@ -70,6 +70,8 @@ class Stack(Protocol):
     def final_representations(self, plan: WeightedLayerPlan, inputs: list[torch.Tensor]) -> list[torch.Tensor]: ...
 
     def capture(self, plan: WeightedLayerPlan, blocks: torch.Tensor, desc: str | None = None) -> BoundaryStatistics: ...
+
+    def layers_over(self, plan: WeightedLayerPlan, blocks: torch.Tensor) -> tuple[LayerMajorRunner, Activations]: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,6 +111,16 @@ class ResidentStack:
 
     def capture(self, plan: WeightedLayerPlan, blocks: torch.Tensor, desc: str | None = None) -> BoundaryStatistics:
         return capture_statistics(self.model, blocks, self.batch_size, desc)
+
+    def layers_over(self, plan: WeightedLayerPlan, blocks: torch.Tensor) -> tuple[LayerMajorRunner, Activations]:
+        """A layer-major runner over the model as it is now (its tensors read in place, never copied) and boundary 0 of ``blocks``.
+
+        For measurements that need a hand between layers (a sub-module's output, activations changed at
+        a boundary): every sequence's boundary is held at once, on the model's device.
+        """
+        weight = next(self.model.parameters())
+        run = LayerMajorRunner(ModelLayerLoader(self.model), weight.device, weight.dtype, activations="device", batch_size=self.batch_size)
+        return run, run.embed(blocks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,3 +283,7 @@ class LayerMajorStack:
         stats = BoundaryStatistics(run.num_layers + 1)
         run.run_layers(self._embed(blocks), on_boundary=stats.add)
         return stats
+
+    def layers_over(self, plan: WeightedLayerPlan, blocks: torch.Tensor) -> tuple[LayerMajorRunner, Activations]:
+        """The planned stack's runner and boundary 0 of ``blocks`` (embedded once per block tensor, as every measurement here)."""
+        return self.stack(plan), self._embed(blocks)

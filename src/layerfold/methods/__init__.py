@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.config import ConfigError, validate
+from layerfold.execution.layer_major import Activations, LayerMajorRunner
 from layerfold.execution.loaders import LayerLoader
 from layerfold.execution.plan import PlanError, WeightedLayerPlan
 from layerfold.execution.trials import LayerMajorStack, ResidentStack, Stack
@@ -202,6 +203,16 @@ class MethodContext:
         """Statistics of the model as it is *now* (iterative methods re-score after each edit)."""
         return self.stack.capture(self.plan, self.calibration, desc)
 
+    def layers_over(self, blocks: torch.Tensor | None = None) -> tuple[LayerMajorRunner, Activations]:
+        """A layer-major runner over the model as it is now and boundary 0 of ``blocks`` (default: the calibration blocks).
+
+        For measurements that need a hand between layers (ReplaceMe's MLP output of one layer, a
+        compensation that rescales the stream at a boundary): run layers with ``run_layers`` and read or
+        change the activations between calls. Resident, the runner reads the model's tensors in place;
+        layer-major, it is the planned stack of :meth:`LayerMajorStack.stack`.
+        """
+        return self.stack.layers_over(self.plan, self.calibration if blocks is None else blocks)
+
     def dense_stats(self) -> BoundaryStatistics:
         return self.stats if self.stats is not None else self.capture("capture")
 
@@ -228,7 +239,7 @@ class LayerMajorUnsupported(ConfigError):
 # the resident model: CoMe builds merged layers by concatenation and re-scores them with hooks,
 # CoMe-P searches a ratio grid the same way, LLM-Streamline's mlp replacement is a layer of a class the
 # architecture does not have (its other replacements are stock layers re-initialised through the plan).
-LAYER_MAJOR_METHODS = ("drop_last", "gromov", "laco", "mka", "shortgpt", "sleb", "streamline")
+LAYER_MAJOR_METHODS = ("drop_last", "gromov", "laco", "mka", "replaceme", "shortgpt", "sleb", "streamline")
 
 
 def layer_major_blocker(name: str, cfg: Any) -> str | None:
@@ -250,6 +261,8 @@ def token_cosine_distance(name: str, cfg: Any) -> int | None:
         return 1  # Block Influence: each layer's input against its output
     if name == "streamline":
         return cfg.num_remove if cfg.replacement == "none" else cfg.num_remove + 1  # the window's two ends
+    if name == "replaceme" and cfg.selection == "cosine":
+        return cfg.num_remove  # the removed block's two ends
     return None
 
 

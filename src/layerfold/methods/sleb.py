@@ -37,6 +37,7 @@ blocks are embedded once per step, the state entering each candidate is carried 
 the suffix after it runs for "without ``i``". The losses equal the resident ones to float32 rounding.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -51,6 +52,9 @@ class SLEBConfig:
     num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})  # blocks removed, one per step
     protect_first: int = field(default=1, metadata={"ge": 0})  # early barrier: the first original layers never removed
     protect_last: int = field(default=1, metadata={"ge": 0})  # latter barrier: the last original layers never removed
+    # one_shot: every candidate scored once on the dense model, the num_remove lowest removed together (Shortened
+    # LLaMA's PPL criterion, Kim et al. 2024); false: SLEB's search, one removal per step
+    one_shot: bool = False
 
 
 @register("sleb", SLEBConfig)
@@ -71,6 +75,8 @@ def sleb(ctx: MethodContext, cfg: SLEBConfig) -> dict:
         )
 
     dense_loss = ctx.calibration_nll()
+    if cfg.one_shot:
+        return _one_shot(ctx, cfg, candidates(), dense_loss, protected)
     steps, removed = [], []
     for step in tqdm(range(cfg.num_remove), desc="sleb"):
         losses = ctx.removal_nll(candidates(), desc=f"sleb step {step + 1}")
@@ -94,4 +100,20 @@ def sleb(ctx: MethodContext, cfg: SLEBConfig) -> dict:
         "removal_order": removed,  # original indices, in the order they were removed
         "removed_layers": sorted(removed),
         "final_loss": steps[-1]["loss"],
+    }
+
+
+def _one_shot(ctx: MethodContext, cfg: SLEBConfig, positions: list[int], dense_loss: float, protected: set[int]) -> dict:
+    """Each candidate's removal scored on the dense model; the ``num_remove`` with the lowest loss removed at once."""
+    losses = ctx.removal_nll(positions, desc="one-shot removal losses")
+    chosen = sorted(losses, key=lambda i: (losses[i], i))[: cfg.num_remove]
+    removed = sorted(o for i in chosen for o in ctx.plan.groups[i])
+    ctx.remove(chosen)
+    return {
+        "dense_loss": round(dense_loss, 6),
+        "protected_layers": sorted(protected),
+        "one_shot": True,
+        # perplexity increase of removing each layer alone, as the ratio exp(loss - dense loss)
+        "candidates": [{"original_layer": i, "loss": round(v, 6), "perplexity_ratio": round(math.exp(v - dense_loss), 6)} for i, v in losses.items()],
+        "removed_layers": removed,
     }

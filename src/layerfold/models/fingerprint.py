@@ -26,6 +26,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from layerfold.models.patches import PATCH_FILE
 from layerfold.models.replacement import SIDE_FILE
 
 SEAL_KEY = "checkpoint"
@@ -63,8 +64,8 @@ def checkpoint_fingerprint(folder: str | Path) -> dict[str, str]:
     folder = Path(folder)
     tensors: dict[str, list] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        # Shards share one namespace (their split is layout, not content); the side file has its own.
-        space = path.name if path.name == SIDE_FILE else "model"
+        # Shards share one namespace (their split is layout, not content); each side file has its own.
+        space = path.name if path.name in (SIDE_FILE, PATCH_FILE) else "model"
         tensors.update({f"{space}:{name}": entry for name, entry in _safetensors_digests(path).items()})
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
     return {"weights": _digest(tensors), "config": _digest(config)}

@@ -108,6 +108,10 @@ class TensorInit:
 
     @classmethod
     def from_json(cls, entry: Mapping) -> TensorInit:
+        unknown = sorted(set(entry) - {"zero", "normal", "ones", "std", "seed"})
+        if unknown:  # e.g. a ReplaceMe fold or a Prune&Comp scale (layerfold.surgery.fold): values plan.json does not hold
+            raise ValueError(f"plan.json init {dict(entry)} is not a re-initialisation ({unknown} are not TensorInit fields): its values "
+                             "live only in the compressed checkpoint. Load that checkpoint (SafetensorsLayerLoader) instead of rebuilding it from the plan.")
         return cls(tuple(entry.get("zero", ())), tuple(entry.get("normal", ())), tuple(entry.get("ones", ())),
                    float(entry.get("std", 0.02)), int(entry.get("seed", 0)))
 

@@ -19,6 +19,7 @@ from layerfold.io import atomic_dir, write_json
 # ModelSourceError and package_file moved to facts (read without loading weights); importable here as before.
 from layerfold.models.facts import ModelSourceError, hub_error, package_file, source_path  # noqa: F401
 from layerfold.models.fingerprint import seal_plan
+from layerfold.models.patches import attach_saved_patches, detached_patches, save_patches
 from layerfold.models.replacement import attach_side_layers, detached_side_layers, save_side_layers
 
 SOURCES = ("hub", "local", "gguf", "package", "llama2c")
@@ -120,8 +121,11 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     weights just written (:func:`layerfold.models.fingerprint.seal_plan`): the checkpoint never appears without
     its plan, and a plan never describes weights it was not written with.
     """
-    with atomic_dir(path, expected_bytes=state_bytes(model, dtype)) as tmp, detached_side_layers(model) as side:
-        # Replacement layers no stock class can express go to a side file (layerfold.models.replacement).
+    with atomic_dir(path, expected_bytes=state_bytes(model, dtype)) as tmp, detached_side_layers(model) as side, detached_patches(model) as patches:
+        # Replacement layers and residual-stream patches no stock class can express go to side files
+        # (layerfold.models.replacement, layerfold.models.patches).
+        if patches is not None:
+            save_patches(patches, tmp)
         if side is not None:
             save_side_layers({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in side.items()}, tmp)
         state_dict = None
@@ -189,7 +193,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
     model, tokenizer = _load_dir(path, dtype)
-    return attach_side_layers(model, path).to(device).eval(), tokenizer
+    return attach_saved_patches(attach_side_layers(model, path), path).to(device).eval(), tokenizer
 
 
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

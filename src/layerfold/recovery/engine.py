@@ -77,6 +77,7 @@ from layerfold.recovery.distributed import (
 from layerfold.recovery.errors import RecoveryConfigError
 from layerfold.recovery.losses import LOCAL_LOSSES, LocalLoss, lm_loss, logit_kd
 from layerfold.recovery.schedule import warmup_cosine
+from layerfold.recovery.selectors import check_selector, selected_layers, selected_parameters
 from layerfold.recovery.spans import Span, plan_spans, trainable_layers
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,8 @@ class RecoveryEngine:
         self.adapter = get_adapter(self.student)
         teacher_layers = self.plan["original_layers"] if self.teacher is None else get_adapter(self.teacher).num_layers(self.teacher)
         self.spans = plan_spans(self.plan, self.adapter.num_layers(self.student), teacher_layers)
-        self.layers_trained = trainable_layers(self.spans, cfg.trainable)
+        selected = selected_layers(cfg, self.adapter, self.student)  # lm_head + last k layers, or LinearPatch patches
+        self.layers_trained = trainable_layers(self.spans, cfg.trainable) if selected is None else selected
         if not self.layers_trained:
             raise RecoveryConfigError(
                 f"recovery.trainable={cfg.trainable} selects no layer: no layer of the plan stands for more than one original layer "
@@ -353,6 +355,7 @@ class RecoveryEngine:
             )
         if cfg.end_to_end.enabled and cfg.end_to_end.lm_weight <= 0 and cfg.end_to_end.kd_weight <= 0:
             raise RecoveryConfigError("recovery.end_to_end is enabled with lm_weight=0 and kd_weight=0; give one a positive weight.")
+        check_selector(cfg)
         if cfg.lora.enabled and cfg.trainable == "all":
             raise RecoveryConfigError("recovery.lora.enabled with trainable=all: LoRA adapts linears of decoder layers; use trainable=layers or new.")
         check_launch(cfg, processes)
@@ -390,6 +393,9 @@ class RecoveryEngine:
         return phases
 
     def _param_names(self, phase: Phase) -> list[str]:
+        selected = selected_parameters(self.cfg, self.adapter, self.student, phase.layers)
+        if selected is not None:
+            return selected
         prefixes = tuple(f"{self.adapter.layers}.{k}." for k in phase.layers)
         full = tuple(f"{self.adapter.layers}.{k}." for k in phase.layers if k in self.full_layers)
         frozen = tuple(f"{self.adapter.layers}.{k}.{self.adapter.attention}." for k in self.attention_free)
@@ -477,7 +483,7 @@ class RecoveryEngine:
             if e2e.kd_weight > 0:
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
-                loss = loss + e2e.kd_weight * logit_kd(logits, teacher_logits, e2e.kd_temperature)
+                loss = loss + e2e.kd_weight * logit_kd(logits, teacher_logits, e2e.kd_temperature, e2e.get("kd_top_k"))
         return loss
 
     @torch.no_grad()

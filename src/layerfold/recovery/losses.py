@@ -98,6 +98,13 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
-def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Token-level KL from the teacher's to the student's next-token distribution (Hinton et al., ``T^2`` scaled)."""
+def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
+    """Token-level KL from the teacher's to the student's next-token distribution (Hinton et al., ``T^2`` scaled).
+
+    ``top_k``: only the teacher's ``k`` most likely tokens of each position, both distributions renormalised over
+    them (LinearPatch's distillation keeps the teacher's top 50 logits); None: the whole vocabulary.
+    """
+    if top_k is not None:
+        index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices
+        student_logits, teacher_logits = student_logits.gather(-1, index), teacher_logits.gather(-1, index)
     return kl_per_token(student_logits, teacher_logits, temperature).mean()

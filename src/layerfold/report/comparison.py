@@ -402,11 +402,12 @@ def records_from_exp_show(payload: list[dict], run_list: RunList, read_file: Fil
 
 def _same_settings(folder_params: Mapping[str, Any], composed: Mapping[str, Any]) -> bool:
     """A run_methods folder ran a planned run when its method settings (the keys both have: older folders
-    lack settings added since) and its recovery mode are the planned run's."""
+    lack settings added since), its recovery mode and its compensation are the planned run's."""
     mine, theirs = folder_params.get("method") or {}, composed.get("method") or {}
     shared = set(mine) & set(theirs)
     return ("name" in shared and all(mine[k] == theirs[k] for k in shared)
-            and (folder_params.get("recovery") or {}).get("name") == (composed.get("recovery") or {}).get("name"))
+            and (folder_params.get("recovery") or {}).get("name") == (composed.get("recovery") or {}).get("name")
+            and (folder_params.get("compensate") or {}).get("name", "none") == (composed.get("compensate") or {}).get("name", "none"))
 
 
 def records_from_methods_dir(folder: str | Path, run_list: RunList, conf_dir: str | Path = "conf") -> tuple[list[dict], list[str]]:

@@ -104,7 +104,7 @@ def findings_markdown(result: Mapping[str, Any], title: str, model: str | None =
         ordered = ranking(at_depth)
         working = [r for r in ordered if not r.get("collapsed")]
         out += [f"## At {layers} layers", ""]
-        out.append(f"Ranking by headline (working runs first): "
+        out.append("Ranking by headline (working runs first): "
                    + ", ".join(f"{r['run']} {_pts(r['diff'], r['diff_se'])}" + (" [collapsed]" if r.get("collapsed") else "")
                                for r in ordered) + ".")
         for word in ("ahead", "within noise", "behind"):

@@ -300,7 +300,7 @@ def report_markdown(results: Sequence[Mapping[str, Any]], context: Mapping[str, 
         f"- Draws: `data.calibration.seed` = {', '.join(map(str, context['seeds']))} "
         f"({cal['num_blocks']} windows x {cal['seq_len']} tokens of `{cal['source']}`, chunking `{cal['chunking']}`, "
         f"BOS {'on' if cal['add_bos'] else 'off'}); every other setting as each method's run-list entry.",
-        f"- Chosen layers: removed or merged original layers (every member of a merged group). "
+        "- Chosen layers: removed or merged original layers (every member of a merged group). "
         "Mean Jaccard over all pairs of draws; chance = expected Jaccard of uniformly random sets of the same sizes.",
         f"- Loss: mean next-token NLL (nats) of the compressed checkpoint; on its own draw, minus the dense model's on "
         f"the same draw, and on the held-out set ({held['num_blocks']} windows x {held['seq_len']} tokens of `{held['source']}`, "

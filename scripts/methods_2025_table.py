@@ -1,0 +1,302 @@
+"""The 2025 methods next to ShortGPT and Gromov on one protocol: a table of every task's accuracy ± its standard
+error, the WikiText-2 perplexity, and each method's paired difference from its baseline.
+
+    python scripts/methods_2025_table.py results/methods_2025/smollm2-135m-q4_1_cpu
+
+Reads the ``scripts/run_methods.py --out`` folder (``<run>/metrics.json``, ``params.yaml``, ``plan.json``,
+``dense/metrics.json``) and writes ``table.md`` and ``table.json`` beside them. Every sentence of the
+"reading" section is generated here from the numbers: a difference counts only outside 1.96 standard errors
+(paired over the same documents, :mod:`layerfold.report.noise`).
+
+    python scripts/methods_2025_table.py results/methods_2025/smollm2-135m-q4_1_cpu --docs docs/methods_2025.md
+
+also rewrites the generated part of ``docs/methods_2025.md`` (between its ``methods_2025_table`` markers): the table,
+the parity verdicts (``results/parity/*.json`` of ``scripts/parity_2025.py``) and ReplaceMe's estimation cost
+(``benchmarks/results/replaceme_cost_*.json``), so no number in that section is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from layerfold.io import atomic_file, write_json  # noqa: E402
+from layerfold.report.noise import Z, difference, mean_difference, mean_stderr  # noqa: E402
+from layerfold.report.tables import reported_metric  # noqa: E402
+
+TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_notitle", "openbookqa"]
+# Each method, and the baseline it is paired with (the same removal without the 2025 part, or the method ReplaceMe's
+# selection follows).
+BASELINE = {"replaceme": "gromov", "replaceme_objectivecosine": "gromov", "shortgpt_compensateprune_comp": "shortgpt",
+            "gromov_compensateprune_comp": "gromov", "shortgpt_compensatelinear_patch": "shortgpt",
+            "gromov_compensatelinear_patch": "gromov", "sleb_one_shotTrue": "shortgpt"}
+# Perplexity here carries no standard error: a ratio to the baseline within this factor is not read as a difference.
+PPL_UNREAD = 1.05
+
+
+def label(params: dict) -> str:
+    method = params.get("method") or {}
+    parts = [method.get("name", "?")]
+    if method.get("name") == "replaceme":
+        parts.append(f"{method.get('objective')}")
+    if method.get("one_shot"):
+        parts.append("one-shot")
+    compensate = (params.get("compensate") or {}).get("name", "none")
+    if compensate != "none":
+        parts.append(f"+ {compensate}")
+    return " ".join(parts)
+
+
+def order(path: Path) -> tuple[int, str]:
+    """dense, the baselines, then the 2025 methods in BASELINE's order (unknown runs last, by name)."""
+    known = ["dense", "shortgpt", "gromov", *BASELINE]
+    return (known.index(path.name) if path.name in known else len(known), path.name)
+
+
+def load(folder: Path) -> dict[str, dict]:
+    runs = {}
+    for path in sorted(folder.iterdir(), key=order):
+        if (path / "metrics.json").exists() and (path / "params.yaml").exists():
+            runs[path.name] = {"metrics": json.loads((path / "metrics.json").read_text()),
+                               "params": yaml.safe_load((path / "params.yaml").read_text()),
+                               "plan": json.loads((path / "plan.json").read_text()) if (path / "plan.json").exists() else None,
+                               "compress_time": (json.loads((path / "compress_time.json").read_text())
+                                                 if (path / "compress_time.json").exists() else None)}
+    return runs
+
+
+def task_cell(result: dict | None, metric: str | None) -> tuple[float | None, float | None]:
+    if not result or metric is None:
+        return None, None
+    return result.get(metric), result.get(f"{metric}_stderr")
+
+
+def build(runs: dict[str, dict]) -> dict:
+    dense = runs["dense"]["metrics"].get("lm_eval") or {}
+    rows = []
+    for name, run in runs.items():
+        m = run["metrics"]
+        lm = m.get("lm_eval") or {}
+        cells, stderrs = {}, []
+        for task in TASKS:
+            metric = reported_metric(task, lm.get(task), dense.get(task))
+            value, se = task_cell(lm.get(task), metric)
+            cells[task] = {"metric": metric, "value": value, "se": se}
+            stderrs.append(se)
+        values = [c["value"] for c in cells.values()]
+        average = sum(values) / len(values) if all(v is not None for v in values) else None
+        row = {"run": name, "label": "dense" if name == "dense" else label(run["params"]), "layers": m["model"]["num_layers"],
+               "wikitext2_ppl": m["perplexity"]["wikitext2"]["perplexity"], "tasks": cells, "average": average,
+               "average_se": mean_stderr(stderrs), "removed": (run["plan"] or {}).get("removed"),
+               "merged": (run["plan"] or {}).get("merged"), "compensation": (run["plan"] or {}).get("compensation", {}).get("name", "none"),
+               "compress_s": (run.get("compress_time") or {}).get("seconds"),
+               "compress_peak_host_mib": (run.get("compress_time") or {}).get("peak_host_mib")}
+        for ref in ("dense", BASELINE.get(name)):
+            if ref and ref in runs and ref != name:
+                ref_lm = runs[ref]["metrics"].get("lm_eval") or {}
+                row[f"ppl_ratio_vs_{'dense' if ref == 'dense' else 'baseline'}"] = row["wikitext2_ppl"] / runs[ref]["metrics"]["perplexity"]["wikitext2"]["perplexity"]
+                if not lm:
+                    continue
+                diffs = [difference(ref_lm.get(t), lm.get(t), cells[t]["metric"]) for t in TASKS]
+                row[f"vs_{'dense' if ref == 'dense' else 'baseline'}"] = {"against": ref, **mean_difference(diffs),
+                                                                          "tasks": {t: d for t, d in zip(TASKS, diffs)}}
+        rows.append(row)
+    settings = runs["dense"]["metrics"].get("lm_eval_settings", {})
+    return {"rows": rows, "device": runs["dense"]["metrics"].get("device"), "dtype": runs["dense"]["metrics"].get("dtype"),
+            "versions": runs["dense"]["metrics"].get("versions"), "lm_eval_settings": settings,
+            "perplexity": {k: {kk: vv for kk, vv in v.items() if kk != "perplexity"} for k, v in runs["dense"]["metrics"]["perplexity"].items()},
+            "model": runs["dense"]["metrics"]["model"]}
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def reading(rows: list[dict]) -> list[str]:
+    """One generated sentence per method with a baseline: ahead, behind or within noise, and by how much."""
+    lines = []
+    for row in rows:
+        if "ppl_ratio_vs_baseline" in row and "vs_baseline" not in row:
+            base = next(r for r in rows if r["run"] == BASELINE[row["run"]])
+            ratio = row["ppl_ratio_vs_baseline"]
+            if abs(math.log(ratio)) < math.log(PPL_UNREAD):
+                change = "leaves the WikiText-2 perplexity of {base} about where it was, from {b:.2f} to {r:.2f} (x{x:.3f}: "
+                change += f"within x{PPL_UNREAD}, not read as a difference without a standard error)"
+            else:
+                change = ("lowers" if ratio < 1 else "raises") + " the WikiText-2 perplexity of {base} from {b:.2f} to {r:.2f} (x{x:.3f})"
+            lines.append(f"- **{row['label']}** " + change.format(base=base["label"], b=base["wikitext2_ppl"], r=row["wikitext2_ppl"], x=ratio)
+                         + "; no accuracy was measured in this run.")
+            continue
+        diff = row.get("vs_baseline")
+        if not diff or diff["diff"] is None or diff["se"] is None:
+            continue
+        d, se = 100 * diff["diff"], 100 * diff["se"]
+        verdict = ("within noise of" if not diff["significant"] else ("ahead of" if d > 0 else "behind"))
+        base = next(r for r in rows if r["run"] == diff["against"])
+        ppl = f"WikiText-2 perplexity {row['wikitext2_ppl']:.2f} vs {base['wikitext2_ppl']:.2f}"
+        lines.append(f"- **{row['label']}** is {verdict} {base['label']} on the 7-task average: {d:+.2f} ± {se:.2f} points "
+                     f"(paired, |Δ| {'>' if diff['significant'] else '<='} {Z} se); {ppl}.")
+    return lines
+
+
+def markdown(table: dict, folder: Path) -> str:
+    rows = table["rows"]
+    s = table["lm_eval_settings"]
+    ppl = table["perplexity"]["wikitext2"]
+    if not any(r["tasks"][t]["value"] is not None for r in rows for t in TASKS):
+        return perplexity_markdown(table)
+    lines = [
+        "# 2025 methods on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), 30 -> 22 layers",
+        "",
+        f"- **Model**: {table['model'].get('name')}, `{table['model'].get('file')}`, {table['model'].get('quantization')}: the numbers "
+        "of the **dequantised GGUF**, not of the full-precision model.",
+        f"- **Device**: {table['device']}, {table['dtype']}; versions {json.dumps(table['versions'])}",
+        f"- **Perplexity**: WikiText-2 test, every {ppl['seq_len']}-token window ({ppl['windows']} windows, {ppl['tokens_scored']} tokens scored).",
+        f"- **lm-eval**: {s.get('sampling')} of {s.get('limit')} documents per task (seed {s.get('seed')}, the same documents for every "
+        "model; per-document results in each run's metrics.json), 0-shot; headline metric acc_norm for HellaSwag, ARC-c, "
+        "OpenBookQA, acc otherwise.",
+        "- **Average**: unweighted mean of the 7 tasks ± its standard error; Δ: paired difference in points ± se over the same "
+        f"documents; `*` where |Δ| > {Z} se.",
+        "",
+        "| run | method | layers | wiki2 PPL | " + " | ".join(TASKS) + " | avg % | Δ vs dense | baseline | Δ vs baseline |",
+        "|---|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{pct(row['tasks'][t]['value'])} ± {pct(row['tasks'][t]['se'])}" for t in TASKS]
+        vs_dense, vs_base = row.get("vs_dense"), row.get("vs_baseline")
+
+        def fmt(d: dict | None) -> str:
+            if not d or d["diff"] is None:
+                return "—"
+            return f"{100 * d['diff']:+.2f} ± {100 * d['se']:.2f}{'*' if d['significant'] else ''}"
+
+        lines.append(f"| {row['run']} | {row['label']} | {row['layers']} | {row['wikitext2_ppl']:.2f} | " + " | ".join(cells)
+                     + f" | {pct(row['average'])} ± {pct(row['average_se'])} | {fmt(vs_dense)} | "
+                     + f"{(vs_base or {}).get('against', '—')} | {fmt(vs_base)} |")
+    lines += ["", "## Reading (generated from the numbers above)", "", *reading(rows), ""]
+    lines += ["## Layers removed", "", "| run | removed (original indices) | compensation |", "|---|---|---|"]
+    lines += [f"| {r['run']} | {layers_changed(r)} | {r['compensation']} |" for r in rows if r["run"] != "dense"]
+    return "\n".join(lines) + "\n"
+
+
+def layers_changed(row: dict) -> str:
+    """The original layers a run took away: removed ones, or a block replaced (ReplaceMe: by a map folded into the layer before)."""
+    if row["removed"]:
+        return str(row["removed"])
+    blocks = [b for b in row["merged"] or []]
+    return "; ".join(f"{b[1:]} replaced by a linear map folded into layer {b[0]}" for b in blocks) or "—"
+
+
+def perplexity_markdown(table: dict) -> str:
+    """The table when the runs measured perplexity only (no lm-eval tasks)."""
+    rows, ppl = table["rows"], table["perplexity"]["wikitext2"]
+
+    def num(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    lines = [
+        "# 2025 methods on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), 30 -> 22 layers: perplexity",
+        "",
+        f"- **Model**: {table['model'].get('name')}, `{table['model'].get('file')}`, {table['model'].get('quantization')}: the numbers "
+        "of the **dequantised GGUF**, not of the full-precision model.",
+        f"- **Device**: {table['device']}, {table['dtype']}; versions {json.dumps(table['versions'])}",
+        f"- **Perplexity**: WikiText-2 test, the first {ppl['windows']} non-overlapping {ppl['seq_len']}-token windows "
+        f"({ppl['tokens_scored']} tokens scored of {ppl['tokens_in_text']}); no lm-eval tasks in this run. Perplexity carries no "
+        "standard error here (per-window losses are not recorded): a ratio to the baseline within "
+        f"x{PPL_UNREAD} is not read as a difference.",
+        "- **Compress**: wall time and peak host RSS of the compress stage (selection, estimation, compensation, fold); one "
+        "run each on a CPU shared with other jobs, so the seconds are an upper bound of the method's own cost. ShortGPT and "
+        "Gromov only read the capture statistics (one pass shared by every run, not counted here).",
+        "",
+        "| run | method | layers | wiki2 PPL | x dense | baseline | x baseline | compress s | peak host MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        base = BASELINE.get(row["run"])
+        lines.append(f"| {row['run']} | {row['label']} | {row['layers']} | {row['wikitext2_ppl']:.2f} | "
+                     f"{num(row.get('ppl_ratio_vs_dense'), '.2f')} | {base or '—'} | {num(row.get('ppl_ratio_vs_baseline'), '.3f')} | "
+                     f"{num(row.get('compress_s'), '.1f')} | {num(row.get('compress_peak_host_mib'), '.0f')} |")
+    lines += ["", "## Reading (generated from the numbers above)", "", *reading(rows), ""]
+    lines += ["## Layers removed", "", "| run | removed (original indices) | compensation |", "|---|---|---|"]
+    lines += [f"| {r['run']} | {layers_changed(r)} | {r['compensation']} |" for r in rows if r["run"] != "dense"]
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- methods_2025_table:begin (generated by scripts/methods_2025_table.py) -->", "<!-- methods_2025_table:end -->"
+
+
+def parity_markdown(parity_dir: Path) -> str:
+    """One line per ``scripts/parity_2025.py`` result: verdict, setting, every gated comparison, both sides' cost."""
+    lines = ["| run | verdict | model, calibration | gated comparisons (max abs diff) | released s / MiB | layerfold s / MiB |",
+             "|---|---|---|---|---|---|"]
+    for file in sorted(parity_dir.glob("*.json")):
+        rec = json.loads(file.read_text())
+        if not str(rec.get("benchmark", "")).startswith("parity_2025/"):
+            continue
+        s = rec["settings"]
+        gated = ", ".join(f"{c['name']} {'ok' if c['passed'] else 'FAIL'}"
+                          + ("" if c.get("max_abs_diff") is None else f" ({c['max_abs_diff']:.2g})")
+                          for c in rec["comparisons"] if c.get("gate", True))
+        sides = {r["side"]: f"{r['seconds']:.1f} / {r['peak_host_mib']:.0f}" for r in rec["rows"]}
+        lines.append(f"| {file.stem} | {'PASS' if rec['passed'] else 'FAIL'} | {s['checkpoint']}, {s['dtype']}, {s['blocks']} x "
+                     f"{s['seq_len']} tokens, {s['num_remove']} removed | {gated} | {sides.get('released', '—')} | "
+                     f"{sides.get('layerfold', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_markdown(bench_dir: Path) -> str:
+    """ReplaceMe's estimation cost, one line per timed setting of every ``replaceme_cost_*.json``."""
+    lines = ["| result | device | setting | seconds (min-max) | tokens/s | host MiB added | peak host MiB | normal equations MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for file in sorted(bench_dir.glob("replaceme_cost_*.json")):
+        rec = json.loads(file.read_text())
+        env = rec["environment"]
+        for row in rec["rows"]:
+            tps = row.get("tokens_per_s")
+            lines.append(f"| {file.name} | {env['device']}, torch {env['torch']} | {row['name']} | {row['seconds']:.1f} "
+                         f"({row['seconds_min']:.1f}-{row['seconds_max']:.1f}) | {'—' if tps is None else tps} | "
+                         f"{row.get('host_mib_added', '—')} | {row.get('peak_host_mib', '—')} | {row.get('equations_mib', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def docs_section(table: dict, parity_dir: Path, bench_dir: Path) -> str:
+    """The generated part of docs/methods_2025.md: the table (headings two levels down), parity, cost."""
+    body = "".join(f"##{line}\n" if line.startswith("#") else f"{line}\n" for line in markdown(table, Path(".")).splitlines())
+    return (f"{BEGIN}\n{body}\n#### Parity with the released code ({parity_dir.as_posix()})\n\n{parity_markdown(parity_dir)}\n"
+            f"#### ReplaceMe estimation cost ({bench_dir.as_posix()}/replaceme_cost_*.json)\n\n{cost_markdown(bench_dir)}{END}")
+
+
+def replace_docs_section(text: str, section: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"the docs file has no generated section: add the two lines\n{BEGIN}\n{END}\nwhere it belongs")
+    return text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--docs", type=Path, help="also rewrite the generated section of this markdown file")
+    parser.add_argument("--parity-dir", type=Path, default=Path("results/parity"))
+    parser.add_argument("--bench-dir", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    table = build(load(args.folder))
+    write_json(args.folder / "table.json", table)
+    with atomic_file(args.folder / "table.md") as handle:
+        handle.write(markdown(table, args.folder))
+    print((args.folder / "table.md").read_text())
+    if args.docs:
+        text = replace_docs_section(args.docs.read_text(encoding="utf-8"), docs_section(table, args.parity_dir, args.bench_dir))
+        with atomic_file(args.docs) as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
