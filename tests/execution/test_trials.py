@@ -143,8 +143,6 @@ def test_mka_loss_tie_break_runs_layer_major():
 
 
 @pytest.mark.parametrize("method, setting", [
-    ({"name": "come", "target_layers": 3}, "method=come"),
-    ({"name": "come_p", "target_layers": 3}, "method=come_p"),
     ({"name": "streamline", "num_remove": 2, "replacement": "mlp"}, "method.replacement=mlp"),
 ])
 def test_resident_only_methods_fail_before_loading_a_layer(stories, story_blocks, method, setting):
