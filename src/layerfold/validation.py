@@ -29,6 +29,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
         check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
         _check_recovery_layer_major(params)  # and so does a recovery that needs the whole student
+        _check_eval_layer_major(params)  # and lm-eval settings the layer-by-layer scorer cannot honour
     if facts is None:
         return
     check_ranges(params, Params, where, facts=bounds)
@@ -69,7 +70,22 @@ def _check_recovery_layer_major(params: DictConfig) -> None:
     why = layer_major_blocker(recovery)
     if why is not None:
         raise ConfigError(f"{why}; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`) on a device "
-                          "that holds both models, or a layer-local recovery (`-S recovery=distill`, recovery.end_to_end.enabled=false).")
+                          "that holds both models, or, for models larger than one GPU, hardware=resident with recovery.distributed=fsdp2 "
+                          "under `accelerate launch` (each GPU holds 1/N of both models; docs/scaling.md), or a layer-local recovery "
+                          "(`-S recovery=distill`, recovery.end_to_end.enabled=false).")
+
+
+def _check_eval_layer_major(params: DictConfig) -> None:
+    """lm-eval runs layer by layer under ``hardware=sequential`` (unless eval.efficiency loads the whole model anyway)."""
+    from layerfold.execution.lm_eval_layerwise import refusal
+
+    evaluation = params.get("eval")
+    if evaluation is None or not evaluation.lm_eval.tasks or evaluation.efficiency.enabled:
+        return
+    le = evaluation.lm_eval
+    why = refusal(le.scoring, le.head_rows, le.batch_size)
+    if why is not None:
+        raise ConfigError(f"{why}.")
 
 
 def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:
