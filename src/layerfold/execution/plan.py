@@ -51,11 +51,12 @@ class LayerRecipe:
     base: int  # the original layer whose other tensors (norms) the new layer keeps
     init: TensorInit | None = None  # new values for some tensors, applied after the weights are built
     concat: bool = False  # a concatenation merge (CoMe): built from the plan's ConcatBuild, not from coefficients
+    side: bool = False  # a module of another class (the plan's SideLayer), written to the side file
 
     @property
     def is_copy(self) -> bool:
         """True when the layer is one original layer unchanged."""
-        return len(self.stands_for) == 1 and self.coefficients == (1.0,) and self.init is None and not self.concat
+        return len(self.stands_for) == 1 and self.coefficients == (1.0,) and self.init is None and not (self.concat or self.side)
 
 
 def coefficients_of(combine: Combine, num_others: int) -> list[float]:
@@ -72,6 +73,13 @@ def coefficients_of(combine: Combine, num_others: int) -> list[float]:
     if not torch.allclose(combine(probe[0], list(probe[1:])), expected, atol=1e-9):
         raise PlanError(f"The merge rule {getattr(combine, '__name__', combine)!r} is not a weighted sum of the layers; a plan can only apply linear merges.")
     return weights
+
+
+@dataclass(frozen=True, eq=False)
+class SideLayer:
+    """A plan build that is a whole module of another class (see :meth:`WeightedLayerPlan.swap`)."""
+
+    layer: Any
 
 
 # How one layer was built, step by step: an original layer index, or ``(combine, base build, other builds)``.
@@ -158,6 +166,18 @@ class WeightedLayerPlan(LayerPlan):
         self.concats[base] = build
         LayerPlan.merge(self, base, others)  # groups; self.remove(others) drops their entries
 
+    def swap(self, base: int, others, layer: Any) -> None:
+        """Layer ``base`` becomes ``layer``, a module of a class the architecture does not have (LLM-Streamline's
+        ReLU-MLP replacement), standing for itself and ``others`` (positions), which are removed. It has no
+        coefficients (``plan.json`` records the grouping only, as resident); :class:`PlannedLayerLoader` lists
+        it in ``side_layers`` for the checkpoint writer."""
+        others = [o for o in dict.fromkeys(others) if o != base]
+        self.coefficients[base] = None  # type: ignore[assignment]
+        self.builds[base] = SideLayer(layer)
+        self.inits[base] = None
+        self.concats[base] = None
+        LayerPlan.merge(self, base, others)
+
     def builds_of(self, positions) -> tuple:
         """The current builds of layers ``positions`` (a concatenation merge needs them all known)."""
         parts = tuple(self.builds[p] for p in positions)
@@ -201,6 +221,10 @@ def recipes_from_plan(plan: dict, builds: Sequence[Any] | None = None) -> list[L
         if not stands_for or not all(0 <= i < plan["original_layers"] for i in stands_for):
             raise PlanError(f"plan layer {k} stands for {list(stands_for)}, outside the original layers 0..{plan['original_layers'] - 1}.")
         coefficients = entry.get("coefficients")
+        if builds is not None and isinstance(builds[k], SideLayer):
+            base = int(entry.get("base", stands_for[0]))
+            recipes.append(LayerRecipe(stands_for, tuple(1.0 if i == base else 0.0 for i in stands_for), base, None, side=True))
+            continue
         if entry.get("concat") is not None:
             if builds is None or builds[k] is None:
                 raise PlanError(
@@ -255,6 +279,8 @@ class PlannedLayerLoader:
             if not all(0 <= i < base.num_layers for i in recipe.stands_for):
                 raise PlanError(f"plan layer {k} stands for {list(recipe.stands_for)}, outside the model's layers 0..{base.num_layers - 1}.")
         self._config = self._planned_config(base.config)
+        # layers of another class (the plan's SideLayer modules): not built here, the checkpoint writer puts them in the side file
+        self.side_layers = {k: self.builds[k].layer for k, recipe in enumerate(self.recipes) if recipe.side}
 
     def _planned_config(self, original: PretrainedConfig) -> PretrainedConfig:
         """The original config with the new depth and its layer entries following each layer's base (as ``remove_layers`` keeps them)."""
@@ -270,6 +296,9 @@ class PlannedLayerLoader:
 
     def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
         check_index(index, self.num_layers)
+        if index in self.side_layers:
+            raise PlanError(f"plan layer {index} is a layer of another class ({type(self.side_layers[index]).__name__}); it is not "
+                            "built from the original layers but stored as it is (side_layers, the checkpoint's side file).")
         state = self._weights(index, device, dtype)
         init = self.recipes[index].init
         return state if init is None else init.apply(state)

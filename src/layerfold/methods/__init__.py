@@ -156,12 +156,14 @@ class MethodContext:
     def swap_layer(self, base: int, others: list[int], layer: nn.Module) -> None:
         """Layer ``base`` becomes the module ``layer`` (any class) and stands for ``others``, which are deleted.
 
-        For layers no plan can describe (LLM-Streamline's ReLU-MLP replacement); resident only.
+        For layers no stock class expresses (LLM-Streamline's ReLU-MLP replacement). Resident: the layer is put
+        in the model. Layer-major: the plan carries the module (one layer, on the host) and the checkpoint
+        writer stores it in the side file (:func:`layerfold.execution.save_layerwise`).
         """
-        self._resident_only("a layer of a class the checkpoint's architecture does not have (swap_layer)")
-        self.layers()[base] = layer
+        if not self.is_layer_major:
+            self.layers()[base] = layer
         remove_layers(self.model, others)
-        self.plan.merge(base, others)
+        self.plan.swap(base, others, layer)
 
     def replace_merge(self, base: int, others: list[int], state: dict[str, torch.Tensor]) -> None:
         """Layer ``base`` takes ``state`` (a full state dict of one layer, same shapes) and stands for ``others``, which are deleted.
@@ -244,21 +246,23 @@ class LayerMajorUnsupported(ConfigError):
     """A method (or one of its settings) that cannot run with ``hardware=sequential``; the message names the fix."""
 
 
-# Methods written against the context's edits and measurements only, and the settings that still need
-# the resident model: LLM-Streamline's mlp replacement is a layer of a class the architecture does not
-# have (its other replacements are stock layers re-initialised through the plan). CoMe and CoMe-P
-# concatenate through the plan (layerfold.execution.concat) and stream their channel statistics per layer.
+# Methods written against the context's edits and measurements only: every registered one. CoMe and
+# CoMe-P concatenate through the plan (layerfold.execution.concat) and stream their channel statistics
+# per layer; LLM-Streamline's mlp replacement travels in the plan as a module and lands in the side file.
 LAYER_MAJOR_METHODS = ("come", "come_p", "drop_last", "gromov", "laco", "mka", "shortgpt", "sleb", "streamline")
 
 
 def layer_major_blocker(name: str, cfg: Any) -> str | None:
-    """Why method ``name`` with settings ``cfg`` cannot run layer-major, or None when it can."""
+    """Why method ``name`` with settings ``cfg`` cannot compress layer-major, or None when it can."""
     if name not in LAYER_MAJOR_METHODS:
         return f"method={name} has not been written against the layer-major context (layerfold.methods.MethodContext measurements)"
-    if name == "streamline" and cfg.replacement == "mlp":
-        return ("method=streamline with method.replacement=mlp builds a ReLU-MLP layer that no stock layer class expresses "
-                "(method.replacement=transformer_layer, ffn, swiglu and none run layer-major)")
     return None
+
+
+def writes_side_layers(name: str, cfg: Any) -> bool:
+    """Whether the checkpoint method ``name`` writes holds layers of a class no stock architecture has (a side file),
+    which only the resident loader reads (LLM-Streamline's ``mlp`` replacement)."""
+    return name == "streamline" and cfg.replacement == "mlp"
 
 
 def token_cosine_distance(name: str, cfg: Any) -> int | None:
