@@ -194,7 +194,7 @@ def evaluate_step(args: argparse.Namespace, method: str, device: torch.device, d
         bench = args.end_to_end / "bench"
         prepare_benchmarks(data, bench, args.eval_tasks)
         task_dir = write_task_configs(bench, bench / "tasks")
-        runner = LmEvalRunner(args.eval_tasks, {"mmlu": 5}, task_dir, limit=args.eval_limit, seed=args.seed, bootstrap_iters=0, cache_dir=None)
+        runner = LmEvalRunner(args.eval_tasks, {"mmlu": 5}, task_dir, limit=args.eval_limit, seed=args.seed, bootstrap_iters=100, cache_dir=None)
         source = LayerwiseModel.from_checkpoint(checkpoint, _hardware(args), device, dtype)
         scores = runner.evaluate(source, tokenizer, batch_size=32, max_length=2048)
         suite = {task: {"acc": scores[task].get("acc"), "acc_stderr": scores[task].get("acc_stderr"), "n": scores[task].get("n")}

@@ -83,7 +83,8 @@ class LocalSlurm:
             "SelectTypeParameters=CR_CPU",
             "ReturnToService=2",
             f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE",
+            # no oversubscription: a job waits for a free CPU, so with cpus=1 the jobs run one after the other
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]) + "\n")
         env = {**os.environ, **self.env}
         subprocess.run(["slurmctld", "-i"], env=env, check=True, capture_output=True, text=True)

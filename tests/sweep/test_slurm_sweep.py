@@ -48,8 +48,8 @@ def cluster(tmp_path_factory):
     missing = missing_binaries()
     if missing:
         pytest.skip(f"SLURM binaries not installed ({', '.join(missing)}); install them with `{INSTALL}`")
-    # a short path: the daemons' socket and spool paths have length limits
-    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    # one CPU: the two jobs run one after the other, so the second finds the first's stages in the shared cache
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm")).start(cpus=1)
     yield slurm
     slurm.stop()
 
@@ -87,13 +87,18 @@ def test_both_runs_ran_as_slurm_jobs_and_landed_as_experiments_of_the_repository
 
 
 def test_the_runs_share_one_dvc_cache(swept):
-    """Both clones point at the repository's cache; the base model both runs built is stored there once."""
+    """Both clones point at the repository's cache; the second job restores the stages the first computed with the
+    same inputs (the base model, the data, the dense capture and evaluation) from it instead of running them."""
     repo, env, base, _ = swept
     cache = run(["dvc", "cache", "dir"], repo, env).strip()
     for name in ("drop-last", "shortgpt"):
         assert run(["dvc", "cache", "dir"], base / "ws" / f"slurm-{name}", env).strip() == cache
     assert not any((base / "ws" / f"slurm-{name}" / ".dvc" / "cache").exists() for name in ("drop-last", "shortgpt"))
-    assert any(Path(cache).rglob("*")), "nothing was stored in the shared cache"
+    first, second = ((base / "ws" / f"slurm-{name}.log").read_text() for name in ("drop-last", "shortgpt"))
+    for stage in ("base", "data", "capture", "evaluate@dense"):
+        assert f"Running stage '{stage}'" in first
+        assert f"Stage '{stage}' is cached - skipping run" in second, stage
+    assert "Running stage 'compress'" in second  # the method differs: computed
 
 
 def test_collect_reads_the_slurm_runs_as_it_reads_the_local_queue(swept):
