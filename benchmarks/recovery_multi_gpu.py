@@ -1,8 +1,18 @@
-"""Benchmark: the recovery engine on 1 and 2 processes with the same global batch: per-step losses, their
-largest difference, tokens/s, MFU and peak GPU memory per process.
+"""Benchmark: the recovery engine on 1, 2, ... processes with the same global batch: per-step losses, their
+largest difference from the fewest processes that ran, tokens/s, MFU and peak GPU memory per process.
 
     python benchmarks/recovery_multi_gpu.py                      # CUDA, 2 GPUs: writes benchmarks/results/recovery_multi_gpu.json
     python benchmarks/recovery_multi_gpu.py --tiny               # CPU smoke run (gloo), tiny random Llama
+    python benchmarks/recovery_multi_gpu.py --shape llama3-8b --processes 1 2 4 8 --modes lora_kd kd_all \
+        --out benchmarks/results/recovery_fsdp2_llama3_8b.json   # FSDP2 scaling, 8 GPUs (one command)
+
+``--shape`` (one of ``benchmarks/common.py``'s SHAPES) builds random weights of that shape instead of
+SmolLM2's. The ``lora_kd`` and ``kd_all`` modes set ``recovery.distributed=fsdp2``: only the main process
+builds the models (in host memory; the others on the meta device) and both the student and the frozen
+teacher are sharded one decoder layer per unit, as for a model that does not fit one GPU. A launch that
+fails (e.g. out of memory on one GPU: a Llama-3-8B student trained end to end needs ~128 GB of fp32
+weights, gradients and AdamW state before the teacher) is recorded as a row with its error, and the
+other process counts still run.
 
 Each mode trains the same student from the same weights on the same blocks for ``--steps`` optimiser
 steps of ``--global-batch`` sequences, once under ``torchrun --nproc_per_node 1`` and once under
@@ -12,7 +22,9 @@ curves should agree up to the order of floating-point reductions (bf16 autocast 
 
 Modes (``--modes``): ``distill`` (layer-local MSE on the layer standing for the removed block: DDP on
 that layer), ``lora`` (LoRA on every layer, LM loss: DDP), ``lm_all`` (every decoder layer trained end to
-end on the LM loss: FSDP2 on GPUs, DDP on CPUs, which accelerate cannot shard).
+end on the LM loss: FSDP2 on GPUs, DDP on CPUs, which accelerate cannot shard), ``lora_kd`` (LoRA on every
+layer, LM loss + logit KD, both models sharded by FSDP2) and ``kd_all`` (every decoder layer trained on
+logit KD alone, both models sharded by FSDP2).
 
 Model: ``artifacts/base`` with ``artifacts/compressed`` (and its plan.json) when both exist; otherwise
 SmolLM2-135M-shaped random weights (its published config) with ``--remove`` layers dropped from the
@@ -34,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Timing, environment, row, write_result
+from common import SHAPES, Timing, environment, row, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +59,10 @@ MODES = {
     "distill": {"recovery": "distill"},
     "lora": {"recovery": "lora"},
     "lm_all": {"recovery": "lm", "trainable": "layers"},
+    "lora_kd": {"recovery": "lora", "distributed": "fsdp2", "end_to_end": {"lm_weight": 1.0, "kd_weight": 1.0}},
+    "kd_all": {"recovery": "lm", "trainable": "layers", "distributed": "fsdp2", "end_to_end": {"lm_weight": 0.0, "kd_weight": 1.0}},
 }
+SHARDED = ("lora_kd", "kd_all")  # modes whose models are built by the main process only and sharded
 
 
 # -- one launch (every process runs this) ----------------------------------------------------------------------------
@@ -67,16 +82,30 @@ def models(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Mod
         student, _ = load_checkpoint(compressed, device, torch.float32)
         return teacher, student, read_json(compressed / "plan.json"), f"{base} -> {compressed}"
     torch.manual_seed(0)
-    shape = TINY if args.tiny else SMOLLM2_135M
-    teacher = AutoModelForCausalLM.from_config(LlamaConfig(**shape)).to(device, teacher_dtype).eval()
-    student = copy.deepcopy(teacher).float()
+    shape = TINY if args.tiny else (SHAPES[args.shape] if args.shape else SMOLLM2_135M)
+    config = LlamaConfig(**shape)
+    if args.mode in SHARDED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # as layerfold.recovery.distributed.load_for_launch: the main process builds the models in host memory, the
+        # others only their structure (meta parameters); the engine shards both from the main process's copy
+        if int(os.environ.get("RANK", "0")) == 0:
+            teacher = AutoModelForCausalLM.from_config(config, dtype=teacher_dtype).eval()
+            student = copy.deepcopy(teacher).float()
+        else:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                teacher = AutoModelForCausalLM.from_config(config, dtype=teacher_dtype).eval()
+                student = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    else:
+        teacher = AutoModelForCausalLM.from_config(config).to(device, teacher_dtype).eval()
+        student = copy.deepcopy(teacher).float()
     layers = get_adapter(teacher).num_layers(teacher)
     start = (layers - args.remove) // 2
     removed = list(range(start, start + args.remove))
     plan = LayerPlan(layers)
     remove_layers(student, removed)
     plan.remove(removed)
-    name = "tiny random Llama" if args.tiny else "SmolLM2-135M-shaped random Llama"
+    name = "tiny random Llama" if args.tiny else (f"{args.shape}-shaped random Llama" if args.shape else "SmolLM2-135M-shaped random Llama")
     return teacher, student, {**plan.to_json(), "details": {}}, f"{name}, layers {removed[0]}-{removed[-1]} of {layers} removed"
 
 
@@ -95,6 +124,7 @@ def one_launch(args: argparse.Namespace) -> None:
     teacher.requires_grad_(False)
     mode = MODES[args.mode]
     cfg = OmegaConf.merge(OmegaConf.structured(RecoveryConfig), compose(REPO / "conf", [f"recovery={mode['recovery']}"])["recovery"])
+    cfg.merge_with({key: mode[key] for key in ("distributed", "end_to_end") if key in mode})
     cfg.merge_with({
         "trainable": mode.get("trainable", cfg.trainable), "max_steps": args.steps, "batch_size": args.micro_batch,
         "grad_accum": args.global_batch // args.micro_batch, "lr": 1e-4, "min_lr": 1e-5, "warmup_ratio": 0.0,
@@ -104,7 +134,7 @@ def one_launch(args: argparse.Namespace) -> None:
     blocks = torch.randint(0, vocab, (args.steps * args.global_batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     val = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=torch.Generator().manual_seed(2))
     step_ends: list[float] = []
-    engine = RecoveryEngine(student, teacher, plan, cfg, blocks, val, progress=False,
+    engine = RecoveryEngine(student, teacher, plan, cfg, blocks, val, progress=False, train_device=device,
                             on_step=lambda phase, step: step_ends.append(time.perf_counter()))
     _, summary = engine.run()
     phase = summary["phases"][-1]
@@ -124,24 +154,31 @@ def one_launch(args: argparse.Namespace) -> None:
 
 # -- the parent: one launch per mode and process count ---------------------------------------------------------------
 def launch(args: argparse.Namespace, mode: str, processes: int, out: Path) -> dict:
+    """One fresh launch of ``processes`` processes; a failed launch is a row with its error (the log's tail)."""
     child_out = out / f"{mode}-{processes}.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), __file__,
                "--child-out", str(child_out), "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--global-batch", str(args.global_batch), "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
-               "--remove", str(args.remove)] + (["--tiny"] if args.tiny else [])
+               "--remove", str(args.remove)] + (["--tiny"] if args.tiny else []) + (["--shape", args.shape] if args.shape else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.tiny else dict(os.environ)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
     if done.returncode:
-        raise SystemExit(f"{mode} on {processes} process(es) failed:\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}")
-    print(f"{mode} x{processes}: {time.perf_counter() - started:.0f} s", flush=True)
+        tail = (done.stdout[-1000:] + "\n" + done.stderr[-3000:]).strip()
+        print(f"{mode} x{processes}: FAILED after {seconds:.0f} s\n{tail[-1500:]}", flush=True)
+        error = "out of memory" if "OutOfMemoryError" in tail or "out of memory" in tail else "failed"
+        return {"name": f"{mode} x{processes}", "processes": processes, "error": error, "log_tail": tail[-3000:]}
+    print(f"{mode} x{processes}: {seconds:.0f} s", flush=True)
     return json.loads(child_out.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny random Llama, gloo")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["distill", "lora", "lm_all"], choices=list(MODES))
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2], help="process counts, one launch each (default 1 2)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape (default SmolLM2-135M's)")
     parser.add_argument("--steps", type=int, help="optimiser steps per run (default 30 on CUDA, 6 with --tiny)")
     parser.add_argument("--warmup", type=int, help="steps left out of the timing (default 5, 1 with --tiny)")
     parser.add_argument("--global-batch", type=int, help="sequences per optimiser step over all processes (default 32, 8 with --tiny)")
@@ -160,33 +197,41 @@ def main() -> None:
     if args.child_out:
         one_launch(args)
         return
-    if args.global_batch % (2 * args.micro_batch):
-        raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of 2 x --micro-batch {args.micro_batch}: "
-                         "two processes each run whole micro-batches of every step.")
+    most = max(args.processes)
+    if args.global_batch % (most * args.micro_batch):
+        raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of {most} x --micro-batch {args.micro_batch}: "
+                         f"{most} processes each run whole micro-batches of every step.")
     if args.steps <= args.warmup + 1:
         raise SystemExit(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}; raise --steps.")
-    if not args.tiny and torch.cuda.device_count() < 2:
-        raise SystemExit(f"{torch.cuda.device_count()} CUDA device(s) visible; the comparison needs 2 (or use --tiny on CPU).")
+    if not args.tiny and torch.cuda.device_count() < most:
+        raise SystemExit(f"{torch.cuda.device_count()} CUDA device(s) visible; --processes {most} needs {most} (or use --tiny on CPU).")
+    if args.tiny and any(m in SHARDED for m in args.modes) and most > 1:
+        raise SystemExit("--modes lora_kd / kd_all shard with FSDP2, which accelerate runs on GPU processes only; on the CPU use --processes 1.")
     out = args.out or RESULTS / ("recovery_multi_gpu_cpu_tiny.json" if args.tiny else "recovery_multi_gpu.json")
     scratch = out.parent / f".{out.stem}.runs"
     scratch.mkdir(parents=True, exist_ok=True)
     rows, delta = [], {}
     for mode in args.modes:
-        one, two = launch(args, mode, 1, scratch), launch(args, mode, 2, scratch)
-        delta[mode] = max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))
-        two["speedup_over_1"] = round(two["tokens_per_s"] / one["tokens_per_s"], 3)
-        rows += [one, {**two, "max_abs_delta_loss_vs_1": delta[mode]}]
+        runs = [launch(args, mode, n, scratch) for n in args.processes]
+        done = [r for r in runs if "error" not in r]
+        reference = done[0] if done else None  # the fewest processes that ran
+        for run in done[1:]:
+            run["max_abs_delta_loss_vs_fewest"] = max(abs(a - b) for a, b in zip(reference["losses"], run["losses"]))
+            run["speedup_over_fewest"] = round(run["tokens_per_s"] / reference["tokens_per_s"], 3)
+            run["fewest_processes"] = reference["processes"]
+        delta[mode] = max((r["max_abs_delta_loss_vs_fewest"] for r in done[1:]), default=None)
+        rows += runs
     device = "cpu" if args.tiny else "cuda"
     record = {
         "benchmark": "recovery_multi_gpu",
         "environment": {**environment(device), "gpus": torch.cuda.device_count()},
-        "settings": {"steps": args.steps, "warmup_steps": args.warmup, "global_batch_sequences": args.global_batch,
+        "settings": {"shape": args.shape or ("tiny" if args.tiny else "smollm2-135m"), "processes": args.processes, "steps": args.steps, "warmup_steps": args.warmup, "global_batch_sequences": args.global_batch,
                      "micro_batch": args.micro_batch, "seq_len": args.seq_len, "modes": {m: MODES[m] for m in args.modes},
                      "lr": 1e-4, "precision": "bf16 autocast, fp32 master weights" if device == "cuda" else "fp32"},
         "rows": rows,
         "max_abs_delta_loss": delta,
-        "notes": "Per-step loss is the mean over processes of each process's micro-batch mean; x2 runs half of every "
-                 "step's micro-batches per process (same samples, same order). Peak GPU memory per process is each "
+        "notes": "Per-step loss is the mean over processes of each process's micro-batch mean; xN runs 1/N of every "
+                 "step's micro-batches per process (same samples, same order); deltas are against the fewest processes that ran. Peak GPU memory per process is each "
                  "launch's own high-water mark (CUDA max_memory_allocated).",
     }
     write_result(out, record)

@@ -4,6 +4,10 @@
         --out benchmarks/results/sequential_70b_h100.json                      # one H100 (80 GB)
     python benchmarks/sequential_70b.py --shape tiny --windows 2 --seq-len 64 --calib 2x64   # CPU smoke run
     python benchmarks/sequential_70b.py --checkpoint /tmp/random-llama2-7b --out ...        # weights read from disk
+    python benchmarks/sequential_70b.py --shape llama3-70b --end-to-end /scratch/e2e --processes 8 \
+        --out benchmarks/results/sequential_70b_end_to_end.json   # compress (ShortGPT, CoMe) layer by layer, heal with
+                                                                   # FSDP2 on 8 GPUs, evaluate the suite layer by layer
+                                                                   # (resumable: re-run the same command; end_to_end_70b.py)
 
 The model never exists as a whole: every decoder layer is generated on the fly by
 ``layerfold.execution.SeededLayerLoader`` (weights drawn from a generator seeded per layer: a 140 GB
@@ -43,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from end_to_end_70b import add_args as add_end_to_end_args
+from end_to_end_70b import heal_child, run_end_to_end
 from common import SHAPES, Timing, add_layer_major_args, environment, forward_flops, llama_config, reset_peak_gpu, row, timed, write_result
 
 from layerfold.capture import BoundaryStatistics
@@ -81,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per decoder-layer call (default 4)")
     parser.add_argument("--logits-chunk", type=int, default=1024, help="tokens per LM-head chunk (default 1024)")
     add_layer_major_args(parser, "sequential_70b")
+    add_end_to_end_args(parser)
     args = parser.parse_args(argv)
     defaults = DEFAULTS.get(args.shape if not args.checkpoint else "*", DEFAULTS["*"])
     args.windows = args.windows or defaults["windows"]
@@ -251,6 +258,14 @@ def choose_plan(bi: torch.Tensor) -> tuple[WeightedLayerPlan, int, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.heal_child:
+        heal_child(args)
+        return {}
+    if args.end_to_end:
+        device = resolve_device(args.device)
+        record = run_end_to_end(args, device, resolve_dtype(args.dtype, device))
+        write_result(args.out or RESULTS / f"sequential_70b_end_to_end_{device.type}.json", record)
+        return record
     setup = make_setup(args)
     config = setup.config
     estimate = estimate_seconds(setup)

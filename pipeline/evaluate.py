@@ -68,11 +68,12 @@ def main(name: str, checkpoint: str) -> None:
         logging.info("%s points at %s, which evaluate scores under its own name; nothing to do", checkpoint, target)
         return
     run = init_run(stage.params, f"evaluate-{name}")
-    # hardware=sequential scores perplexity layer by layer from the checkpoint's shards; lm-eval and the
-    # efficiency measurement need the whole model, so it is loaded only when one of them is enabled.
+    # hardware=sequential scores perplexity and lm-eval layer by layer from the checkpoint's shards; the
+    # efficiency measurement (decoding) needs the whole model, so it is loaded only when that is enabled.
     layer_major = stage.params.hardware.mode == "sequential"
-    if layer_major and not cfg.lm_eval.tasks and not cfg.efficiency.enabled:
-        model, tokenizer = None, AutoTokenizer.from_pretrained(resolve_pointer(checkpoint))
+    if layer_major and not cfg.efficiency.enabled:
+        model = execution.LayerwiseModel.from_checkpoint(resolve_pointer(checkpoint), stage.params.hardware, stage.device, stage.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pointer(checkpoint))
         metrics: dict = {"model": {"num_layers": checkpoint_facts(resolve_pointer(checkpoint)).num_layers}}
     else:
         model, tokenizer = load_checkpoint(checkpoint, stage.device, stage.dtype)

@@ -4,6 +4,8 @@
                           #                       (times, memory, device: metrics/recover_time.json, not tracked)
 
     accelerate launch --num_processes 2 -m pipeline.recover      # the same stage on 2 GPUs of one host
+    accelerate launch --multi_gpu --num_processes 8 -m pipeline.recover   # with recovery.distributed=fsdp2: models
+                                                                          # larger than one GPU (docs/scaling.md)
     torchrun --standalone --nproc_per_node 2 -m pipeline.recover  # the same, launched by torchrun
 
 With ``recovery=none`` the output is a pointer to ``artifacts/compressed`` (no weights copied);
@@ -36,13 +38,13 @@ from transformers import AutoTokenizer, GenerationConfig
 from layerfold.data.training import build_training_data
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.io import atomic_dir, atomic_file, read_json, write_json
-from layerfold.models import describe, load_checkpoint, save_checkpoint
+from layerfold.models import describe, save_checkpoint
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.fingerprint import SEAL_KEY, check_plan
 from layerfold.models.sources import PLAN_FILE, resolve_dtype, write_pointer
 from layerfold.recovery import RecoveryEngine
 from layerfold.recovery.layer_major import check_layer_major, execution_report, layer_major_engine, save_recovered
-from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, process_device
+from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, load_for_launch, process_device
 from layerfold.stage import BASE, COMPRESSED, METRICS, RECOVERED, RECOVERY_STATE, start
 from layerfold.tracking import init_run
 
@@ -77,10 +79,11 @@ def main() -> None:
     if layer_major:  # neither model is loaded whole: the engine reads both checkpoints layer by layer
         tokenizer = AutoTokenizer.from_pretrained(BASE)
     else:
-        teacher, tokenizer = load_checkpoint(BASE, device, stage.dtype)
+        # Under recovery.distributed=fsdp2 only the main process reads the checkpoints; the engine shards both models.
+        teacher, tokenizer = load_for_launch(BASE, device, stage.dtype, cfg, processes)
         teacher.requires_grad_(False)
         # The student trains in float32 (master weights); on CUDA the forward runs under bf16 autocast.
-        student, _ = load_checkpoint(COMPRESSED, device, torch.float32)
+        student, _ = load_for_launch(COMPRESSED, device, torch.float32, cfg, processes)
     train, val, data_meta = build_training_data(cfg.data, tokenizer, stage.params.data.local_dir)
     logging.info("training data: %d x %d tokens (%s), validation %d blocks", *train.shape,
                  ", ".join(f"{m['source']} {m['share_actual']:.0%}" for m in data_meta["mix"]), val.shape[0])
@@ -91,7 +94,7 @@ def main() -> None:
     if layer_major:
         engine = layer_major_engine(BASE, COMPRESSED, plan, cfg, train, val, hardware, device, stage.dtype, **engine_kwargs)
     else:
-        engine = RecoveryEngine(student, teacher, plan, cfg, train, val, **engine_kwargs)
+        engine = RecoveryEngine(student, teacher, plan, cfg, train, val, train_device=device, **engine_kwargs)
     model, summary = engine.run()
     wall = time.perf_counter() - started
     # peak accelerator memory of every process (a collective: each process sends its own); the layer-major

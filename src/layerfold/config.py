@@ -302,6 +302,9 @@ class HardwareConfig:
     prefetch: bool = False  # sequential only: load layer i + 1 on a background thread while layer i computes
     batch_size: Optional[int] = field(default=None, metadata={"ge": 1})  # sequential only: sequences per layer call; None = the stage's own
     logits_chunk: int = field(default=1024, metadata={"ge": 1})  # sequential only: tokens per LM-head chunk (perplexity)
+    # sequential only: padded tokens of lm-eval requests carried through the layers together (each layer read once per
+    # chunk); None = as many as activation_share of the free accelerator memory holds at one boundary (all of them on a CPU)
+    eval_chunk_tokens: Optional[int] = field(default=None, metadata={"ge": 1})
 
 
 @dataclass

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, ListConfig
 
 from layerfold.config import MODEL_SOURCE_KEYS, ConfigError, Params, check_ranges, derived_model_name
 from layerfold.export.checks import export_problems
-from layerfold.methods import check_layer_major, get_method, token_cosine_distance
+from layerfold.methods import check_layer_major, get_method, token_cosine_distance, writes_side_layers
 from layerfold.models.facts import ModelFacts
 from layerfold.recovery.layer_major import layer_major_blocker
 from layerfold.surgery.support import family_of, method_refusal, recovery_refusal
@@ -58,6 +58,8 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
         check_layer_major(params.method)  # a method that needs the resident model stops here, not mid-compress
         _check_recovery_layer_major(params)  # and so does a recovery that needs the whole student
+        _check_eval_layer_major(params)  # and lm-eval settings the layer-by-layer scorer cannot honour
+        _check_side_layers_layer_major(params)  # and a checkpoint the later stages cannot read layer by layer
     problems = [*_recovery_problems(params), *_data_problems(params)]
     if facts is not None:
         check_ranges(params, Params, where, facts=bounds)
@@ -132,7 +134,34 @@ def _check_recovery_layer_major(params: DictConfig) -> None:
     why = layer_major_blocker(recovery)
     if why is not None:
         raise ConfigError(f"{why}; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`) on a device "
-                          "that holds both models, or a layer-local recovery (`-S recovery=distill`, recovery.end_to_end.enabled=false).")
+                          "that holds both models, or, for models larger than one GPU, hardware=resident with recovery.distributed=fsdp2 "
+                          "under `accelerate launch` (each GPU holds 1/N of both models; docs/scaling.md), or a layer-local recovery "
+                          "(`-S recovery=distill`, recovery.end_to_end.enabled=false).")
+
+
+def _check_side_layers_layer_major(params: DictConfig) -> None:
+    """A compressed checkpoint with a layer of another class (a side file) is read by the resident loader only."""
+    spec, cfg = get_method(params.method)
+    if writes_side_layers(spec.name, cfg):
+        raise ConfigError(
+            f"method={spec.name} with method.replacement={cfg.replacement} compresses layer by layer, but the checkpoint it writes holds a "
+            "ReLU-MLP layer of a class the architecture does not have (a side file), which the recover and evaluate stages read "
+            "only with the whole model; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`), "
+            "or a stock replacement (method.replacement=ffn, swiglu or transformer_layer), which run layer by layer end to end."
+        )
+
+
+def _check_eval_layer_major(params: DictConfig) -> None:
+    """lm-eval runs layer by layer under ``hardware=sequential`` (unless eval.efficiency loads the whole model anyway)."""
+    from layerfold.execution.lm_eval_layerwise import refusal
+
+    evaluation = params.get("eval")
+    if evaluation is None or not evaluation.lm_eval.tasks or evaluation.efficiency.enabled:
+        return
+    le = evaluation.lm_eval
+    why = refusal(le.scoring, le.head_rows, le.batch_size)
+    if why is not None:
+        raise ConfigError(f"{why}.")
 
 
 def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:

@@ -142,12 +142,18 @@ def test_mka_loss_tie_break_runs_layer_major():
     assert [layer["stands_for"] for layer in ours["layers"]] == [layer["stands_for"] for layer in resident["layers"]]
 
 
-@pytest.mark.parametrize("method, setting", [
-    ({"name": "come", "target_layers": 3}, "method=come"),
-    ({"name": "come_p", "target_layers": 3}, "method=come_p"),
-    ({"name": "streamline", "num_remove": 2, "replacement": "mlp"}, "method.replacement=mlp"),
-])
-def test_resident_only_methods_fail_before_loading_a_layer(stories, story_blocks, method, setting):
+def test_every_registered_method_runs_layer_major():
+    import layerfold.methods as methods
+
+    methods._load_all()
+    assert sorted(methods.REGISTRY) == sorted(methods.LAYER_MAJOR_METHODS)
+
+
+def test_a_method_not_written_for_layer_major_fails_before_loading_a_layer(stories, story_blocks, monkeypatch):
+    import layerfold.methods as methods
+
+    monkeypatch.setattr(methods, "LAYER_MAJOR_METHODS", tuple(m for m in methods.LAYER_MAJOR_METHODS if m != "sleb"))
+    method, setting = {"name": "sleb", "num_remove": 2}, "method=sleb"
     path, _, tokenizer = stories
     loads = []
 

@@ -142,11 +142,11 @@ def test_method_ranges_apply_through_get_method():
         get_method({"name": "shortgpt", "num_remove": 0})
 
 
-@pytest.mark.parametrize("method", ["come", "come_p"])
-def test_method_that_needs_the_resident_model_stops_in_validate_under_sequential(method):
-    with pytest.raises(ConfigError, match=rf"method={method}.*hardware=sequential.*hardware=resident"):
+def test_method_that_needs_the_resident_model_stops_in_validate_under_sequential():
+    with pytest.raises(ConfigError, match=r"method.replacement=mlp.*hardware=sequential.*hardware=resident"):
+        check(parse_params(composed("method=streamline", "method.replacement=mlp", "hardware=sequential")), SMOLLM2)
+    for method in ("sleb", "come", "come_p"):  # layer-major methods pass
         check(parse_params(composed(f"method={method}", "hardware=sequential")), SMOLLM2)
-    check(parse_params(composed("method=sleb", "hardware=sequential")), SMOLLM2)  # layer-major methods pass
 
 
 @pytest.mark.parametrize("overrides", [["recovery=lm"], ["recovery=lora"], ["recovery=come"],

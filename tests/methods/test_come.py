@@ -118,13 +118,15 @@ def test_block_ratio_and_distribution_follow_the_released_code() -> None:
 
 def test_progressive_loop_rescores_the_current_model_and_records_the_plan(monkeypatch) -> None:
     seen = []
-    real = come_module.capture_channel_statistics
+    import layerfold.execution.trials as trials_module  # the resident stack runs CoMe's scoring pass
+
+    real = trials_module.capture_channel_statistics
 
     def spy(model, *args, **kwargs):
         seen.append(model.config.num_hidden_layers)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(come_module, "capture_channel_statistics", spy)
+    monkeypatch.setattr(trials_module, "capture_channel_statistics", spy)
     model = deep_llama(6)
     ctx = context(model)
     plan = compress(ctx, {"name": "come", "num_remove": 3})
@@ -355,7 +357,9 @@ def no_scoring(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("scoring ran before the configuration was checked")
 
-    monkeypatch.setattr(come_module, "capture_channel_statistics", fail)
+    import layerfold.execution.trials as trials_module  # the resident stack runs CoMe's scoring pass
+
+    monkeypatch.setattr(trials_module, "capture_channel_statistics", fail)
 
 
 @pytest.mark.parametrize(

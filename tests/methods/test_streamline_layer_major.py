@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_checkpoint, tiny_model
 from test_streamline import _tokenizer, constructed_stats
 
-from conftest import assert_same_checkpoint, tiny_model
-from layerfold.execution import ModelLayerLoader, PlannedLayerLoader, PlanError, WeightedLayerPlan
-from layerfold.methods import LayerMajorUnsupported, MethodContext, check_layer_major, compress
+from layerfold.execution import (
+    ModelLayerLoader,
+    PlanError,
+    PlannedLayerLoader,
+    WeightedLayerPlan,
+)
+from layerfold.methods import (
+    MethodContext,
+    check_layer_major,
+    compress,
+)
 from layerfold.models import save_checkpoint
 from layerfold.models.adapters import get_adapter
 from layerfold.models.replacement import TensorInit
@@ -133,16 +142,39 @@ def test_resident_model_is_the_one_built_by_hand(replacement, family):
     assert torch.equal(model(ids).logits, by_hand(ids).logits)
 
 
-def test_mlp_is_refused_under_sequential_before_anything_loads(checkpoint, tmp_path):
-    path, _ = checkpoint("llama")
-    with pytest.raises(LayerMajorUnsupported, match="method.replacement=mlp") as error:
-        check_layer_major(method("mlp"))
-    assert "hardware=sequential" in str(error.value) and "hardware=resident" in str(error.value)
-    with pytest.raises(LayerMajorUnsupported, match="method.replacement=mlp"):
-        compress_layer_major(path, BLOCKS, constructed_stats(QUIET), method("mlp"), SEQUENTIAL, 2, CPU, torch.float32, torch.float32, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("qwen2", torch.bfloat16)])
+def test_mlp_replacement_layer_by_layer_writes_the_resident_checkpoint(checkpoint, tmp_path, family, dtype):
+    """The ReLU-MLP replacement, drawn from runtime.seed whatever the global RNG did, travels in the plan and lands in
+    the side file: the same stock files, the same side file tensor for tensor, the same plan.json as resident."""
+    from safetensors.torch import load_file
+
+    from layerfold.models import load_checkpoint
+    from layerfold.models.replacement import SIDE_FILE
+
+    path, _ = checkpoint(family)
+    resident_dir, our_dir = both_checkpoints(path, tmp_path, "mlp", dtype, seed=7)
+    _, _, config = assert_same_checkpoint(resident_dir, our_dir)
+    assert config["num_hidden_layers"] == 2  # the stock part: the replacement is in the side file
+    assert json.loads((our_dir / "plan.json").read_text()) == json.loads((resident_dir / "plan.json").read_text())
+    ours, theirs = load_file(our_dir / SIDE_FILE), load_file(resident_dir / SIDE_FILE)
+    assert sorted(ours) == sorted(theirs) and any(k.endswith("fc1.weight") for k in ours)
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+    model, _ = load_checkpoint(our_dir, "cpu", torch.float32)  # the resident loader puts the replacement back
+    assert model.config.num_hidden_layers == 3 and type(model.model.layers[1].mlp).__name__ == "ReluMLP"
+
+
+def test_mlp_under_sequential_is_refused_by_validate_for_the_later_stages():
+    from conftest import REPO
+
+    from layerfold.config import ConfigError, compose, parse_params
+    from layerfold.validation import check
+
+    check_layer_major(method("mlp"))  # compress itself runs layer by layer
+    with pytest.raises(ConfigError, match=r"replacement=mlp.*side file.*recover and evaluate.*hardware=resident"):
+        check(parse_params(compose(REPO / "conf", ["method=streamline", "method.replacement=mlp", "hardware=sequential"])), None)
     for replacement in ("none", "transformer_layer", "ffn", "swiglu"):
-        check_layer_major(method(replacement))  # these run layer-major
+        check(parse_params(compose(REPO / "conf", ["method=streamline", f"method.replacement={replacement}", "hardware=sequential"])), None)
 
 
 def test_layer_major_measurements_see_the_replacement():

@@ -11,6 +11,9 @@
 - :mod:`~layerfold.execution.trials`: what compression methods measure during their search (NLL,
   removal NLL, final representations, statistics), answered resident or layer-major under a plan.
 - :mod:`~layerfold.execution.checkpoint`: a checkpoint written layer by layer from a loader.
+- :mod:`~layerfold.execution.concat`: CoMe's concatenation merges in a plan, its channel statistics per layer.
+- :mod:`~layerfold.execution.lm_eval_layerwise`: the lm-eval suite scored layer by layer, chunks of requests
+  carried through the layers together.
 
 Place in the import order: beside ``methods`` and ``recovery`` (it uses capture, scoring, surgery,
 evaluation's perplexity protocol, models), so methods may ask it to "run layers a..b over these
@@ -24,9 +27,10 @@ from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import LayerRecipe, PlanError, PlannedLayerLoader, WeightedLayerPlan, coefficients_of, recipes_from_plan
 from layerfold.execution.trials import LayerMajorStack, ResidentStack
 from layerfold.execution.checkpoint import save_layerwise
+from layerfold.execution.lm_eval_layerwise import LayerwiseModel
 
 __all__ = [
-    "Activations", "ExecutionReport", "LayerLoader", "LayerMajorRunner", "LayerMajorStack", "LayerRecipe", "ModelLayerLoader", "PlanError", "ResidentStack",
+    "Activations", "ExecutionReport", "LayerLoader", "LayerwiseModel", "LayerMajorRunner", "LayerMajorStack", "LayerRecipe", "ModelLayerLoader", "PlanError", "ResidentStack",
     "PlannedLayerLoader", "SafetensorsLayerLoader", "SeededLayerLoader", "TokenNLL", "WeightedLayerPlan", "build_skeleton",
     "capture_statistics", "coefficients_of", "layer_loader", "materialise_model", "perplexity", "perplexity_windows",
     "probe_layer_calls", "recipes_from_plan", "resident_model", "runner", "save_layerwise", "token_nll",

@@ -16,19 +16,22 @@ resident path's. The directory appears only when complete (:func:`layerfold.io.a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from layerfold.execution.loaders import CheckpointLayout, LayerLoader, StateDict, layer_prefix
 from layerfold.io import atomic_dir, write_json
+from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 from layerfold.models.fingerprint import seal_plan
-from layerfold.models.sources import PLAN_FILE
-from layerfold.models.sources import drop_unportable_keys
+from layerfold.models.replacement import save_side_layers
+from layerfold.models.sources import PLAN_FILE, drop_unportable_keys
 
 SHARD_BYTES = 5 * 2**30
 
@@ -79,6 +82,19 @@ class _ShardWriter:
 
 
 @torch.no_grad()
+def side_file_tensors(side: dict[int, nn.Module], whole_config: Any, adapter: Any, compute_dtype: torch.dtype,
+                      storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The side file's tensors for replacement layers ``side`` (position -> module) of a stack whose config is
+    ``whole_config``: what :func:`layerfold.models.replacement.detached_side_layers` takes from a resident model."""
+    positions = sorted(side)
+    tensors = {f"{pos}.{name}": _stored({"t": t.detach().to(compute_dtype)}, storage_dtype)["t"]
+               for pos in positions for name, t in side[pos].state_dict().items()}
+    widths = {str(pos): side[pos].get_submodule(adapter.mlp).fc1.out_features for pos in positions}
+    meta = {"positions": positions, "widths": widths, "layer_config": layer_config.snapshot(whole_config)}
+    tensors["__meta__"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return tensors
+
+
 def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path: str | Path, compute_dtype: torch.dtype,
                    storage_dtype: torch.dtype, *, generation_config: GenerationConfig | None = None, plan: dict | None = None,
                    extra_json: dict[str, dict] | None = None, max_shard_bytes: int = SHARD_BYTES) -> None:
@@ -87,20 +103,26 @@ def save_layerwise(loader: LayerLoader, tokenizer: PreTrainedTokenizerBase, path
     ``plan``: written as ``plan.json`` with the fingerprint of the files just written
     (:func:`layerfold.models.fingerprint.seal_plan`); ``extra_json``: more files for the same directory.
     Both inside the same atomic rename: the checkpoint never appears without them.
+    Layers of another class (a planned loader's ``side_layers``) go to the side file and the stock files
+    describe the other layers, as ``save_checkpoint`` writes a resident model.
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be >= 1.")
     adapter = get_adapter(loader.config)
-    layout = CheckpointLayout(loader.config)  # the files save_pretrained writes (e.g. experts one by one)
+    side = dict(getattr(loader, "side_layers", None) or {})  # layers of another class: the side file, as save_checkpoint does
+    stock = [index for index in range(loader.num_layers) if index not in side]
+    config = layer_config.trimmed(loader.config, stock) if side else loader.config
+    layout = CheckpointLayout(config)  # the files save_pretrained writes (e.g. experts one by one)
     with atomic_dir(path) as tmp:
         shards = _ShardWriter(tmp, max_shard_bytes)
         shards.add(layout.to_checkpoint(_stored(loader.load_outer("cpu", compute_dtype), storage_dtype)))
-        for index in range(loader.num_layers):
-            prefix = layer_prefix(adapter, index)
+        for position, index in enumerate(stock):
+            prefix = layer_prefix(adapter, position)
             state = _stored(loader.load_layer(index, "cpu", compute_dtype), storage_dtype)
             shards.add(layout.to_checkpoint({prefix + key: tensor for key, tensor in state.items()}))
         shards.finish()
-        config = loader.config
+        if side:
+            save_side_layers(side_file_tensors(side, loader.config, adapter, compute_dtype, storage_dtype), tmp)
         stored_before = config.dtype
         config.dtype = storage_dtype
         try:

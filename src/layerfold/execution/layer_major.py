@@ -40,6 +40,7 @@ from layerfold.models.adapters import get_adapter, logits_head
 from layerfold.models.devices import host_peak_rss_mib
 
 OnBoundary = Callable[[int, int, torch.Tensor], None]
+OnLayer = Callable[[int, nn.Module], list]  # (layer index, materialised layer) -> hook handles to remove after it ran
 PLACEMENTS = ("auto", "device", "host")
 
 
@@ -407,10 +408,13 @@ class LayerMajorRunner:
         return acts
 
     @torch.no_grad()
-    def run_layers(self, acts: Activations, start: int = 0, stop: int | None = None, on_boundary: OnBoundary | None = None) -> None:
+    def run_layers(self, acts: Activations, start: int = 0, stop: int | None = None, on_boundary: OnBoundary | None = None,
+                   on_layer: OnLayer | None = None) -> None:
         """Run layers ``start .. stop - 1`` over ``acts`` (which must hold boundary ``start``), leaving boundary ``stop`` in it.
 
         ``on_boundary`` sees boundaries ``start`` to ``stop`` for every batch, boundary-major.
+        ``on_layer(index, layer)`` is called with each materialised layer before it runs and returns hook
+        handles, removed once the layer has run over every batch (hooks inside a layer: CoMe's channel sums).
         """
         stop = self.num_layers if stop is None else stop
         if not 0 <= start <= stop <= self.num_layers:
@@ -422,7 +426,7 @@ class LayerMajorRunner:
             acts.visit(lambda b, hidden: on_boundary(start, b, hidden))
         with WeightStream(self.loader, range(start, stop), self.device, self.dtype, self.prefetch) as weights:
             for index in range(start, stop):
-                self._run_layer(acts, index, weights.take(), on_boundary)
+                self._run_layer(acts, index, weights.take(), on_boundary, on_layer)
                 _sync(self.device)  # the layer's tensors are back with the allocator before the next one is used
                 self.report.layers_run += 1
             self.report.weights_wait_s += weights.wait_s
@@ -431,9 +435,11 @@ class LayerMajorRunner:
         if self.device.type == "cuda":
             self.report.peak_gpu_mib = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
-    def _run_layer(self, acts: Activations, index: int, state: StateDict, on_boundary: OnBoundary | None) -> None:
+    def _run_layer(self, acts: Activations, index: int, state: StateDict, on_boundary: OnBoundary | None,
+                   on_layer: OnLayer | None = None) -> None:
         """Layer ``index`` over every batch of ``acts``; the layer lives only inside this call."""
         layer = materialise_layer(self.templates[index], state)
+        handles = on_layer(index, layer) if on_layer is not None else []
 
         def step(b: int, hidden: torch.Tensor) -> torch.Tensor:
             call = acts.calls[b][self.call_of[index]]
@@ -442,5 +448,9 @@ class LayerMajorRunner:
                 on_boundary(index + 1, b, out)
             return out
 
-        acts.update(step)
+        try:
+            acts.update(step)
+        finally:
+            for handle in handles:
+                handle.remove()
         acts.boundary = index + 1

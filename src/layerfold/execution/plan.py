@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from transformers import PretrainedConfig
@@ -50,11 +50,13 @@ class LayerRecipe:
     coefficients: tuple[float, ...]  # weight of each original layer in the linear weights and biases
     base: int  # the original layer whose other tensors (norms) the new layer keeps
     init: TensorInit | None = None  # new values for some tensors, applied after the weights are built
+    concat: bool = False  # a concatenation merge (CoMe): built from the plan's ConcatBuild, not from coefficients
+    side: bool = False  # a module of another class (the plan's SideLayer), written to the side file
 
     @property
     def is_copy(self) -> bool:
         """True when the layer is one original layer unchanged."""
-        return len(self.stands_for) == 1 and self.coefficients == (1.0,) and self.init is None
+        return len(self.stands_for) == 1 and self.coefficients == (1.0,) and self.init is None and not (self.concat or self.side)
 
 
 def coefficients_of(combine: Combine, num_others: int) -> list[float]:
@@ -71,6 +73,13 @@ def coefficients_of(combine: Combine, num_others: int) -> list[float]:
     if not torch.allclose(combine(probe[0], list(probe[1:])), expected, atol=1e-9):
         raise PlanError(f"The merge rule {getattr(combine, '__name__', combine)!r} is not a weighted sum of the layers; a plan can only apply linear merges.")
     return weights
+
+
+@dataclass(frozen=True, eq=False)
+class SideLayer:
+    """A plan build that is a whole module of another class (see :meth:`WeightedLayerPlan.swap`)."""
+
+    layer: Any
 
 
 # How one layer was built, step by step: an original layer index, or ``(combine, base build, other builds)``.
@@ -93,6 +102,7 @@ class WeightedLayerPlan(LayerPlan):
         self.bases: list[int] = list(range(num_layers))
         self.builds: list[Build | None] = list(range(num_layers))
         self.inits: list[TensorInit | None] = [None] * num_layers
+        self.concats: list[Any] = [None] * num_layers  # concatenation merges (CoMe), each layer's ConcatBuild or None
 
     def remove(self, positions) -> None:
         drop = set(positions)
@@ -100,6 +110,7 @@ class WeightedLayerPlan(LayerPlan):
         self.bases = [b for i, b in enumerate(self.bases) if i not in drop]
         self.builds = [b for i, b in enumerate(self.builds) if i not in drop]
         self.inits = [t for i, t in enumerate(self.inits) if i not in drop]
+        self.concats = [c for i, c in enumerate(self.concats) if i not in drop]
         super().remove(drop)
 
     def merge(self, base: int, others, combine: Combine | None = None) -> None:
@@ -124,6 +135,7 @@ class WeightedLayerPlan(LayerPlan):
         known = not unknown and all(b is not None for b in parts)
         self.builds[base] = (combine, parts[0], tuple(parts[1:])) if known else None
         self.inits[base] = None
+        self.concats[base] = None
         super().merge(base, others)  # groups; calls self.remove(others), which drops their coefficients
 
     def stand_in(self, base: int, others, init: TensorInit | None = None) -> None:
@@ -140,26 +152,63 @@ class WeightedLayerPlan(LayerPlan):
         self.inits[base] = init if init is not None else self.inits[base]
         LayerPlan.merge(self, base, others)  # groups only; self.remove(others) drops the others' entries
 
+    def concat(self, base: int, others, build: Any) -> None:
+        """Layer ``base`` becomes the concatenation merge ``build`` of itself and ``others`` (positions; a
+        :class:`~layerfold.execution.concat.ConcatBuild` over their current builds), which are removed.
+
+        Not a weighted sum: the layer has no coefficients, and it can be built only while this plan is in
+        memory (:class:`PlannedLayerLoader` replays the build from the window's layers)."""
+        others = [o for o in dict.fromkeys(others) if o != base]
+        if any(self.inits[p] is not None for p in [base, *others]):
+            raise PlanError(f"plan layers {[base, *others]}: a re-initialised layer cannot be concatenated with others.")
+        self.coefficients[base] = None  # type: ignore[assignment]
+        self.builds[base] = build
+        self.concats[base] = build
+        LayerPlan.merge(self, base, others)  # groups; self.remove(others) drops their entries
+
+    def swap(self, base: int, others, layer: Any) -> None:
+        """Layer ``base`` becomes ``layer``, a module of a class the architecture does not have (LLM-Streamline's
+        ReLU-MLP replacement), standing for itself and ``others`` (positions), which are removed. It has no
+        coefficients (``plan.json`` records the grouping only, as resident); :class:`PlannedLayerLoader` lists
+        it in ``side_layers`` for the checkpoint writer."""
+        others = [o for o in dict.fromkeys(others) if o != base]
+        self.coefficients[base] = None  # type: ignore[assignment]
+        self.builds[base] = SideLayer(layer)
+        self.inits[base] = None
+        self.concats[base] = None
+        LayerPlan.merge(self, base, others)
+
+    def builds_of(self, positions) -> tuple:
+        """The current builds of layers ``positions`` (a concatenation merge needs them all known)."""
+        parts = tuple(self.builds[p] for p in positions)
+        if any(part is None for part in parts):
+            raise PlanError(f"plan layers {list(positions)}: a layer's weights are unknown (merged without a rule); it cannot be concatenated.")
+        return parts
+
     def copy(self) -> WeightedLayerPlan:
         """An independent copy (lists copied, merge rules shared: they are never changed)."""
         other = WeightedLayerPlan(self.original_layers)
         other.groups = [list(g) for g in self.groups]
         other.coefficients = [None if c is None else dict(c) for c in self.coefficients]
         other.bases, other.builds, other.inits = list(self.bases), list(self.builds), list(self.inits)
+        other.concats = list(self.concats)
         return other
 
     def to_json(self) -> dict:
         plan = super().to_json()
-        for entry, coefficients, base, init in zip(plan["layers"], self.coefficients, self.bases, self.inits):
+        for entry, coefficients, base, init, concat in zip(plan["layers"], self.coefficients, self.bases, self.inits, self.concats):
             if coefficients is not None:
                 entry["coefficients"] = [coefficients.get(o, 0.0) for o in entry["stands_for"]]
             entry["base"] = base
             if init is not None:
                 entry["init"] = init.to_json()
+            if concat is not None:
+                entry["concat"] = concat.to_json()
         return plan
 
 
-def recipes_from_plan(plan: dict, inits: Sequence[TensorInit | None] | None = None) -> list[LayerRecipe]:
+def recipes_from_plan(plan: dict, builds: Sequence[Any] | None = None,
+                      inits: Sequence[TensorInit | None] | None = None) -> list[LayerRecipe]:
     """One :class:`LayerRecipe` per layer of a ``plan.json``-shaped dict.
 
     A layer standing for one original layer needs nothing more; a merged layer needs ``coefficients``
@@ -174,6 +223,19 @@ def recipes_from_plan(plan: dict, inits: Sequence[TensorInit | None] | None = No
         if not stands_for or not all(0 <= i < plan["original_layers"] for i in stands_for):
             raise PlanError(f"plan layer {k} stands for {list(stands_for)}, outside the original layers 0..{plan['original_layers'] - 1}.")
         coefficients = entry.get("coefficients")
+        if builds is not None and isinstance(builds[k], SideLayer):
+            base = int(entry.get("base", stands_for[0]))
+            recipes.append(LayerRecipe(stands_for, tuple(1.0 if i == base else 0.0 for i in stands_for), base, None, side=True))
+            continue
+        if entry.get("concat") is not None:
+            if builds is None or builds[k] is None:
+                raise PlanError(
+                    f"plan layer {k} is a concatenation merge of original layers {list(stands_for)} (CoMe); its tensors are "
+                    "rebuilt only from the plan in memory. Run the compressed checkpoint itself with SafetensorsLayerLoader."
+                )
+            base = int(entry.get("base", stands_for[0]))
+            recipes.append(LayerRecipe(stands_for, tuple(1.0 if i == base else 0.0 for i in stands_for), base, None, concat=True))
+            continue
         if coefficients is None:
             if len(stands_for) > 1:
                 raise PlanError(
@@ -215,7 +277,7 @@ class PlannedLayerLoader:
                     f"The plan describes a model of {plan['original_layers']} original layers but the loaded model has "
                     f"{base.num_layers}; it belongs to another model. Re-run compress on this one."
                 )
-            plan = recipes_from_plan(plan, inits)
+            plan = recipes_from_plan(plan, self.builds, inits)
         self.base = base
         self.recipes = list(plan)
         self.adapter = get_adapter(base.config)
@@ -223,6 +285,8 @@ class PlannedLayerLoader:
             if not all(0 <= i < base.num_layers for i in recipe.stands_for):
                 raise PlanError(f"plan layer {k} stands for {list(recipe.stands_for)}, outside the model's layers 0..{base.num_layers - 1}.")
         self._config = self._planned_config(base.config)
+        # layers of another class (the plan's SideLayer modules): not built here, the checkpoint writer puts them in the side file
+        self.side_layers = {k: self.builds[k].layer for k, recipe in enumerate(self.recipes) if recipe.side}
 
     def _planned_config(self, original: PretrainedConfig) -> PretrainedConfig:
         """The original config with the new depth and its layer entries following each layer's base (as ``remove_layers`` keeps them)."""
@@ -238,6 +302,9 @@ class PlannedLayerLoader:
 
     def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
         check_index(index, self.num_layers)
+        if index in self.side_layers:
+            raise PlanError(f"plan layer {index} is a layer of another class ({type(self.side_layers[index]).__name__}); it is not "
+                            "built from the original layers but stored as it is (side_layers, the checkpoint's side file).")
         state = self._weights(index, device, dtype)
         init = self.recipes[index].init
         return state if init is None else init.apply(state)
@@ -245,6 +312,8 @@ class PlannedLayerLoader:
     def _weights(self, index: int, device: torch.device | str, dtype: torch.dtype) -> StateDict:
         """Layer ``index`` before its re-initialisation: an original layer, or the weighted sum of its originals."""
         recipe = self.recipes[index]
+        if recipe.concat:
+            return self._replay(self.builds[index], device, dtype)
         if len(recipe.stands_for) == 1 and recipe.coefficients == (1.0,):
             return self.base.load_layer(recipe.stands_for[0], device, dtype)
         if self.builds is not None and self.builds[index] is not None:
@@ -271,6 +340,8 @@ class PlannedLayerLoader:
         """
         if isinstance(build, int):
             return self.base.load_layer(build, device, dtype)
+        if hasattr(build, "apply"):  # a concatenation merge (ConcatBuild): the window's layers, then their parts
+            return build.apply([self._replay(part, device, dtype) for part in build.parts])
         combine, base, others = build
         state = dict(self._replay(base, device, dtype))
         parts = [self._replay(other, device, dtype) for other in others]

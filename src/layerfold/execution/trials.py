@@ -36,7 +36,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from layerfold.capture.channels import ChannelStatistics, capture_channel_statistics
 from layerfold.capture.stats import BoundaryStatistics, capture_statistics
+from layerfold.execution.concat import ConcatBuild, channel_statistics
 from layerfold.execution.entry import _setting, runner
 from layerfold.execution.layer_major import Activations, ExecutionReport, LayerMajorRunner
 from layerfold.execution.loaders import LayerLoader, ModelLayerLoader
@@ -72,6 +74,13 @@ class Stack(Protocol):
     def capture(self, plan: WeightedLayerPlan, blocks: torch.Tensor, desc: str | None = None) -> BoundaryStatistics: ...
 
     def layers_over(self, plan: WeightedLayerPlan, blocks: torch.Tensor) -> tuple[LayerMajorRunner, Activations]: ...
+
+    def concat(self, positions: Sequence[int], build: ConcatBuild) -> None: ...
+
+    def channel_statistics(self, plan: WeightedLayerPlan, blocks: torch.Tensor, window: int, skip_tokens: str,
+                           desc: str | None = None, **options: Any) -> ChannelStatistics: ...
+
+    def layer_tensors(self, plan: WeightedLayerPlan, position: int, names: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,6 +130,20 @@ class ResidentStack:
         weight = next(self.model.parameters())
         run = LayerMajorRunner(ModelLayerLoader(self.model), weight.device, weight.dtype, activations="device", batch_size=self.batch_size)
         return run, run.embed(blocks)
+
+    def concat(self, positions: Sequence[int], build: ConcatBuild) -> None:
+        layers = get_adapter(self.model).get_layers(self.model)
+        state = build.apply([layers[p].state_dict() for p in positions])
+        layers[positions[0]].load_state_dict(state, strict=True)
+        remove_layers(self.model, positions[1:])
+
+    def channel_statistics(self, plan: WeightedLayerPlan, blocks: torch.Tensor, window: int, skip_tokens: str,
+                           desc: str | None = None, **options: Any) -> ChannelStatistics:
+        return capture_channel_statistics(self.model, blocks, self.batch_size, window=window, skip_tokens=skip_tokens, desc=desc, **options)
+
+    def layer_tensors(self, plan: WeightedLayerPlan, position: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        state = get_adapter(self.model).get_layers(self.model)[position].state_dict()
+        return {name: state[name] for name in names}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,6 +298,23 @@ class LayerMajorStack:
             for ids in inputs[1:]:
                 acts.extend(self.runner.embed(ids.view(1, -1)))
         return acts
+
+    def concat(self, positions: Sequence[int], build: ConcatBuild) -> None:
+        remove_layers(self.model, positions[1:])
+
+    @torch.no_grad()
+    def channel_statistics(self, plan: WeightedLayerPlan, blocks: torch.Tensor, window: int, skip_tokens: str,
+                           desc: str | None = None, **options: Any) -> ChannelStatistics:
+        """CoMe's channel and layer statistics of the planned stack, one layer at a time (:mod:`layerfold.execution.concat`)."""
+        if options:
+            raise TypeError(f"channel statistics options {sorted(options)} are not available layer by layer (hardware=sequential).")
+        return channel_statistics(self.stack(plan), self._embed(blocks), window, skip_tokens)
+
+    @torch.no_grad()
+    def layer_tensors(self, plan: WeightedLayerPlan, position: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors of planned layer ``position`` (the layer built on the device, the rest freed)."""
+        state = PlannedLayerLoader(self.loader, plan).load_layer(position, self.device, self.runner.dtype)
+        return {name: state[name] for name in names}
 
     @torch.no_grad()
     def capture(self, plan: WeightedLayerPlan, blocks: torch.Tensor, desc: str | None = None) -> BoundaryStatistics:

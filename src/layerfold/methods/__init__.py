@@ -23,12 +23,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from layerfold.capture import BoundaryStatistics
 from layerfold.config import ConfigError, validate
 from layerfold.execution.layer_major import Activations, LayerMajorRunner
+from layerfold.capture.channels import ChannelStatistics
+from layerfold.execution.concat import ConcatBuild
 from layerfold.execution.loaders import LayerLoader
 from layerfold.execution.plan import PlanError, WeightedLayerPlan
 from layerfold.execution.trials import LayerMajorStack, ResidentStack, Stack
 from layerfold.models.adapters import LayerAdapter, get_adapter
 from layerfold.models.replacement import TensorInit
 from layerfold.surgery import LayerSurgeryError, StackSnapshot, mergeable, remove_layers
+from layerfold.surgery.concat import ConcatChoice, ConcatLayout
 from layerfold.surgery.merge import Combine
 
 MethodFn = Callable[["MethodContext", Any], dict]
@@ -154,12 +157,14 @@ class MethodContext:
     def swap_layer(self, base: int, others: list[int], layer: nn.Module) -> None:
         """Layer ``base`` becomes the module ``layer`` (any class) and stands for ``others``, which are deleted.
 
-        For layers no plan can describe (LLM-Streamline's ReLU-MLP replacement); resident only.
+        For layers no stock class expresses (LLM-Streamline's ReLU-MLP replacement). Resident: the layer is put
+        in the model. Layer-major: the plan carries the module (one layer, on the host) and the checkpoint
+        writer stores it in the side file (:func:`layerfold.execution.save_layerwise`).
         """
-        self._resident_only("a layer of a class the checkpoint's architecture does not have (swap_layer)")
-        self.layers()[base] = layer
+        if not self.is_layer_major:
+            self.layers()[base] = layer
         remove_layers(self.model, others)
-        self.plan.merge(base, others)
+        self.plan.swap(base, others, layer)
 
     def replace_merge(self, base: int, others: list[int], state: dict[str, torch.Tensor]) -> None:
         """Layer ``base`` takes ``state`` (a full state dict of one layer, same shapes) and stands for ``others``, which are deleted.
@@ -170,6 +175,23 @@ class MethodContext:
         self.layers()[base].load_state_dict(state, strict=True)
         remove_layers(self.model, others)
         self.plan.merge(base, others)
+
+    def concat_merge(self, base: int, others: list[int], layout: ConcatLayout, choice: ConcatChoice, norms: str) -> None:
+        """Layer ``base`` becomes the concatenation merge of the window ``[base, *others]`` (CoMe; see
+        :func:`layerfold.surgery.concat.concat_merge_layers`) and ``others`` are deleted. Resident: the merged
+        layer is written in place; layer-major: the plan records it and builds it whenever it is asked for."""
+        positions = [base, *others]
+        build = ConcatBuild(self.plan.builds_of(positions), layout, choice, norms)
+        self.stack.concat(positions, build)
+        self.plan.concat(base, others, build)
+
+    def channel_statistics(self, window: int, skip_tokens: str, desc: str | None = None, **options: Any) -> ChannelStatistics:
+        """CoMe's per-channel and per-layer statistics of the model as it is *now* (one calibration pass)."""
+        return self.stack.channel_statistics(self.plan, self.calibration, window, skip_tokens, desc, **options)
+
+    def layer_tensors(self, position: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors (state-dict names relative to the layer) of layer ``position`` as it is *now*."""
+        return self.stack.layer_tensors(self.plan, position, names)
 
     @contextmanager
     def trial(self, changed: list[int] = ()) -> Iterator["Trial"]:
@@ -235,23 +257,26 @@ class LayerMajorUnsupported(ConfigError):
     """A method (or one of its settings) that cannot run with ``hardware=sequential``; the message names the fix."""
 
 
-# Methods written against the context's edits and measurements only, and the settings that still need
-# the resident model: CoMe builds merged layers by concatenation and re-scores them with hooks,
-# CoMe-P searches a ratio grid the same way, LLM-Streamline's mlp replacement is a layer of a class the
-# architecture does not have (its other replacements are stock layers re-initialised through the plan).
-LAYER_MAJOR_METHODS = ("drop_last", "gromov", "laco", "mka", "replaceme", "shortgpt", "sleb", "streamline")
+# Methods written against the context's edits and measurements only: every registered one. CoMe and
+# CoMe-P concatenate through the plan (layerfold.execution.concat) and stream their channel statistics
+# per layer; LLM-Streamline's mlp replacement travels in the plan as a module and lands in the side file.
+LAYER_MAJOR_METHODS = ("come", "come_p", "drop_last", "gromov", "laco", "mka", "replaceme", "shortgpt", "sleb", "streamline")
 
 
 def layer_major_blocker(name: str, cfg: Any) -> str | None:
-    """Why method ``name`` with settings ``cfg`` cannot run layer-major, or None when it can."""
+    """Why method ``name`` with settings ``cfg`` cannot compress layer-major, or None when it can."""
     if name not in LAYER_MAJOR_METHODS:
-        if name in ("come", "come_p"):
-            return f"method={name} merges layers by concatenation and re-scores the merged model with hooks on the resident model"
         return f"method={name} has not been written against the layer-major context (layerfold.methods.MethodContext measurements)"
-    if name == "streamline" and cfg.replacement == "mlp":
-        return ("method=streamline with method.replacement=mlp builds a ReLU-MLP layer that no stock layer class expresses "
-                "(method.replacement=transformer_layer, ffn, swiglu and none run layer-major)")
+    if name in ("come", "come_p", "streamline") and getattr(cfg, "top_boundary", "pre_norm") == "final_norm":
+        return (f"method.top_boundary=final_norm (method={name}) reads the final norm's output in an extra pass over the resident "
+                "model; use hardware=resident, or method.top_boundary=pre_norm")
     return None
+
+
+def writes_side_layers(name: str, cfg: Any) -> bool:
+    """Whether the checkpoint method ``name`` writes holds layers of a class no stock architecture has (a side file),
+    which only the resident loader reads (LLM-Streamline's ``mlp`` replacement)."""
+    return name == "streamline" and cfg.replacement == "mlp"
 
 
 def token_cosine_distance(name: str, cfg: Any) -> int | None:

@@ -67,7 +67,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from layerfold.capture.channels import SKIP_TOKENS, TOP_BOUNDARIES, ChannelStatistics, capture_channel_statistics
+from layerfold.capture.channels import SKIP_TOKENS, TOP_BOUNDARIES, ChannelStatistics
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, register
 from layerfold.scoring.channels import (
@@ -78,9 +78,8 @@ from layerfold.scoring.channels import (
     ratio_grid,
     window_min_max,
 )
-from layerfold.scoring.loss import calibration_nll
 from layerfold.surgery import LayerSurgeryError
-from layerfold.surgery.concat import HEAD_MODES, NORM_MODES, ConcatLayout, concat_layout, concat_merge_state
+from layerfold.surgery.concat import HEAD_MODES, NORM_MODES, ConcatLayout, concat_layout, concat_merge_state  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +213,9 @@ def fixed_windows(layers: int, target: int, merge_layers: int) -> list[list[int]
 def layer_scores(stats: ChannelStatistics, ctx: MethodContext, layout: ConcatLayout) -> tuple[list, list]:
     """Per-layer key-value-group and FFN-channel sensitivities of the current model."""
     heads, channels = [], []
-    for layer, attn_sum, ffn_sum in zip(ctx.layers(), stats.attn_abs_sum, stats.ffn_abs_sum):
-        o_weight = layer.get_submodule(layout.attn_output).weight
-        down_weight = layer.get_submodule(layout.mlp_output).weight
+    names = [f"{layout.attn_output}.weight", f"{layout.mlp_output}.weight"]
+    for position, (attn_sum, ffn_sum) in enumerate(zip(stats.attn_abs_sum, stats.ffn_abs_sum)):
+        o_weight, down_weight = ctx.layer_tensors(position, names).values()
         heads.append(head_group_sensitivity(attn_sum, stats.tokens, o_weight, layout.num_kv_heads))
         channels.append(ffn_sensitivity(ffn_sum, stats.tokens, down_weight))
     return heads, channels
@@ -269,10 +268,9 @@ def posterior_ratio(
     grid, losses = ratio_grid(cfg.granularity), []
     for r in tqdm(grid, desc=f"{cfg.name} ratio search {positions}", leave=False):
         choice = choose_pieces(layout, [r, 1.0 - r], heads, channels, cfg.heads)
-        state = concat_merge_state(ctx.model, layout, positions, choice, cfg.norms)
         with ctx.trial(changed=[positions[0]]):  # undone on exit: only layer positions[0] is cloned
-            ctx.replace_merge(positions[0], positions[1:], state)
-            losses.append(calibration_nll(ctx.model, ctx.calibration, ctx.batch_size))
+            ctx.concat_merge(positions[0], positions[1:], layout, choice, cfg.norms)
+            losses.append(ctx.calibration_nll())
     r = grid[losses.index(min(losses))]
     return [r, 1.0 - r], [{"ratio": round(g, 6), "loss": round(loss, 6)} for g, loss in zip(grid, losses)]
 
@@ -287,10 +285,8 @@ def come(ctx: MethodContext, cfg: CoMeConfig) -> dict:
     while ctx.num_layers > target:
         before = ctx.num_layers
         n = min(cfg.merge_layers, before - target + 1)
-        stats = capture_channel_statistics(
-            ctx.model, ctx.calibration, ctx.batch_size, window=cfg.skip_layers or n, skip_tokens=cfg.skip_tokens,
-            desc=f"{cfg.name} scores ({before} layers)", top_boundary=cfg.top_boundary,
-        )
+        stats = ctx.channel_statistics(window=cfg.skip_layers or n, skip_tokens=cfg.skip_tokens,
+                                       desc=f"{cfg.name} scores ({before} layers)", top_boundary=cfg.top_boundary)
         skip, by_score = admissible_skip(stats, ctx, cfg, target, n)
         decided = None
         if all(math.isinf(v) for v in skip):
@@ -315,7 +311,7 @@ def come(ctx: MethodContext, cfg: CoMeConfig) -> dict:
         else:
             ratio, trials = posterior_ratio(ctx, cfg, layout, positions, window_heads, window_channels)
         choice = choose_pieces(layout, ratio, window_heads, window_channels, cfg.heads)
-        ctx.replace_merge(start, positions[1:], concat_merge_state(ctx.model, layout, positions, choice, cfg.norms))
+        ctx.concat_merge(start, positions[1:], layout, choice, cfg.norms)
         step = {
             "step": len(steps) + 1,
             "layers_before": before,

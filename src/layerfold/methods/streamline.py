@@ -39,7 +39,8 @@ MSE path, ``recovery=lm`` its LLM-loss path):
 ``transformer_layer``, ``ffn`` and ``swiglu`` are stock layers with some tensors given new values: the
 method states them as a :class:`~layerfold.models.replacement.TensorInit` and lets the context apply
 it (:meth:`MethodContext.stand_in`), so ``hardware=sequential`` builds the same replacement from the
-original shards, tensor for tensor. ``mlp`` changes the layer's class and stays resident-only.
+original shards, tensor for tensor. ``mlp`` changes the layer's class: it is drawn from ``runtime.seed``
+on the host (the same layer either way) and the plan carries it to the side file.
 
 **Training departures** (the recover stage trains the replacement; released ``train_mseloss.py`` /
 ``train_llmloss.py``, see ``docs/recovery.md``): layerfold's AdamW puts no weight decay on norms and
@@ -152,7 +153,11 @@ def replacement_init(replacement: str, adapter: LayerAdapter, initializer_range:
 def _replace(ctx: MethodContext, start: int, others: list[int], cfg: StreamlineConfig) -> None:
     """Turn layer ``start`` into the replacement and delete ``others``; the plan records the whole window."""
     if cfg.replacement == "mlp":
-        ctx.swap_layer(start, others, mlp_replacement_layer(ctx.model, start, cfg.mlp_ratio * ctx.model.config.hidden_size))
+        # a fresh layer drawn from runtime.seed (not whatever the global RNG went through): the same layer resident and layer by layer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            layer = mlp_replacement_layer(ctx.model, start, cfg.mlp_ratio * ctx.model.config.hidden_size)
+        ctx.swap_layer(start, others, layer)
         return
     std = float(getattr(ctx.model.config, "initializer_range", 0.02))
     ctx.stand_in(start, others, replacement_init(cfg.replacement, ctx.adapter, std, ctx.seed))

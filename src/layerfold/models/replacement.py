@@ -131,7 +131,8 @@ def mlp_replacement_layer(model: PreTrainedModel, position: int, width: int) -> 
         raise ValueError(f"{adapter.family}: the MLP is not a submodule of the decoder layer; an mlp replacement cannot be attached.")
     setattr(layer, adapter.mlp, ReluMLP(model.config.hidden_size, width))
     reference = next(template.parameters())
-    return layer.to(device=reference.device, dtype=reference.dtype)
+    # a layer-major skeleton's layers are on the meta device: the fresh layer then lives on the host
+    return layer.to(device="cpu" if reference.is_meta else reference.device, dtype=reference.dtype)
 
 
 def _set_stack(model: PreTrainedModel, layers: list[nn.Module], entries: dict | None) -> None:

@@ -14,9 +14,17 @@
   ``FullyShardedDataParallelPlugin(fsdp_version=2)``), one unit per decoder layer: parameters,
   gradients and AdamW state take 1/N of the memory on each process. For end-to-end phases only (a
   layer-local phase calls single decoder layers, which a sharded model cannot do on its own). The
-  teacher stays replicated, frozen, in eval mode and under ``no_grad``: it needs no gradient or
-  optimiser state, so its copy costs only its bf16 weights (16 GB for an 8B model), and sharding it
-  would add an all-gather per layer to every micro-batch.
+  student is sharded when the engine is built, from the main process's copy (accelerate's
+  ``cpu_ram_efficient_loading``: the other processes' weights are never read), and is never whole on
+  a GPU. When ``auto`` chooses ``fsdp2`` the teacher stays replicated, frozen, in eval mode and under
+  ``no_grad``: it needs no gradient or optimiser state, so its copy costs only its bf16 weights (16 GB
+  for an 8B model), and sharding it would add an all-gather per layer to every micro-batch.
+- ``fsdp2`` requested explicitly (``recovery.distributed=fsdp2``) is for models whose weights do not
+  fit one device (a 70B student in float32 is 280 GB): only the main process loads the two
+  checkpoints, into host memory (:func:`load_for_launch`); the others build them with their parameters
+  on the meta device; the student *and* the frozen teacher are sharded one unit per decoder layer,
+  each process receiving its shards from the main process, so each GPU holds 1/N of both models
+  (plus one layer's gathered weights at a time while it computes).
 - ``auto``: ``none`` for one process; ``ddp`` when a phase is layer-local, when the processes are not
   on GPUs (accelerate shards with FSDP only on GPU processes), or when less than
   :data:`DDP_MAX_TRAINABLE_FRACTION` of the student's parameters train (one replacement layer, LoRA):
@@ -34,7 +42,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -126,10 +135,69 @@ def resolve_strategy(requested: str, processes: int, trainable_fraction: float, 
     return requested
 
 
+def loads_sharded(cfg: DictConfig, processes: int) -> bool:
+    """True when the models are loaded by the main process only and sharded from it (``recovery.distributed=fsdp2``
+    under a launcher): the teacher is then sharded too, for models whose weights do not fit one device."""
+    return processes > 1 and cfg.distributed == "fsdp2"
+
+
+def load_for_launch(path: str | Path, device: torch.device, dtype: torch.dtype | str, cfg: DictConfig,
+                    processes: int) -> tuple[nn.Module, Any]:
+    """Model and tokenizer of the checkpoint at ``path`` for this process of a launch.
+
+    Usually the whole model on ``device`` (every process loads its own copy). When the models are
+    sharded from the main process (:func:`loads_sharded`), the main process loads it into host memory
+    and every other process builds it from the config with its parameters on the meta device (no
+    memory, nothing read) and real buffers (rotary frequencies are in no state dict); the engine
+    shards both from the main process's copy.
+    """
+    from layerfold.models.sources import load_checkpoint, resolve_dtype, resolve_pointer, POINTER_FILE
+
+    if not loads_sharded(cfg, processes):
+        return load_checkpoint(path, device, dtype)
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype  # the training device's, on every process
+    if is_main_process():
+        return load_checkpoint(path, "cpu", dtype)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from layerfold.models.replacement import SIDE_FILE
+
+    path = Path(path)
+    if (path / POINTER_FILE).exists() and not (path / "config.json").exists():
+        path = resolve_pointer(path)
+    if (path / SIDE_FILE).exists():  # replacement layers are rebuilt from the side file: load as the main process does
+        model, tokenizer = load_checkpoint(path, "cpu", dtype)
+        return model.to("meta"), tokenizer
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def shard(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """``model`` sharded in place by FSDP2 as :func:`fsdp2_plugin` says (a collective): its weights come from the
+    main process's copy; the others may hold theirs on the meta device."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def copy_full_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a whole tensor (a checkpoint's) into ``param``: this process's shard of it for an FSDP2 parameter."""
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        # every process holds the whole tensor: each keeps its own slice, nothing is sent
+        tensor = distribute_tensor(tensor.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(tensor)
+
+
 def fsdp2_plugin(bf16: bool) -> FullyShardedDataParallelPlugin:
-    """accelerate's FSDP2 settings for the student: one unit per decoder layer (the model's
+    """accelerate's FSDP2 settings for the student (and a sharded teacher): one unit per decoder layer (the model's
     ``_no_split_modules``), resharded after forward; under bf16 the layers compute in bf16 while
-    gradients are reduced in float32 onto the float32 master weights."""
+    gradients are reduced in float32 onto the float32 master weights. Weights are taken from the main
+    process's copy (``cpu_ram_efficient_loading``), so the other processes may hold theirs on the meta device."""
     from accelerate import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -137,7 +205,7 @@ def fsdp2_plugin(bf16: bool) -> FullyShardedDataParallelPlugin:
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
         reshard_after_forward=True,
-        cpu_ram_efficient_loading=False,  # every process has loaded the student itself
+        cpu_ram_efficient_loading=True,  # the main process's weights are broadcast; the others' are never read
         mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None,
     )
 

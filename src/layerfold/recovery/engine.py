@@ -66,13 +66,16 @@ from layerfold.models.devices import peak_flops  # re-exported by layerfold.reco
 from layerfold.recovery.batches import IndexedRows, MicroBatches
 from layerfold.recovery.distributed import (
     check_launch,
+    copy_full_into,
     full_tensor,
     is_main_process,
     launched_processes,
+    loads_sharded,
     make_accelerator,
     materialise,
     meta_skeleton,
     resolve_strategy,
+    shard,
 )
 from layerfold.recovery.errors import RecoveryConfigError
 from layerfold.recovery.losses import LOCAL_LOSSES, LocalLoss, lm_loss, logit_kd
@@ -273,6 +276,8 @@ class RecoveryEngine:
     targets: SpanTargets | None = None
     # Mean validation next-token loss of a student model; None: the student's own forward (it must be whole).
     lm_loss: Callable[[nn.Module], float | None] | None = None
+    # Where training runs; None: where the student's weights are (set it when they are on the host or the meta device).
+    train_device: torch.device | None = None
     curve: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
 
@@ -292,7 +297,8 @@ class RecoveryEngine:
             )
         self.attention_free = list(self.plan.get("details", {}).get("attention_free_layers", []))
         self.phases = self._phases()
-        self.partial = is_partial(self.student)
+        # meta parameters: a layer-major student, unless this process's copy awaits its shards from the main process
+        self.partial = is_partial(self.student) and not loads_sharded(cfg, self.processes)
         self._check_partial()
         # Under LoRA, the selected layers whose weights are new train in full (see the module docstring).
         self.full_layers = self._replacement_layers() if cfg.lora.enabled else []
@@ -307,7 +313,7 @@ class RecoveryEngine:
         self.peft_model = self._wrap_lora() if cfg.lora.enabled else None
         self.tracked = sorted({n for phase in self.phases for n in self._param_names(phase)})
 
-        device = self._weight().device
+        device = self.train_device or self._weight().device
         self.strategy = resolve_strategy(cfg.distributed, self.processes, self._trainable_fraction(),
                                          any(p.kind == "local" for p in self.phases), device.type)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -317,13 +323,17 @@ class RecoveryEngine:
         if self.partial:  # only the trained layers exist; the meta skeleton stays where it is
             for k in self.layers_trained:
                 self.adapter.get_layers(self.student)[k].to(self.device)
-        else:
+        elif self.strategy != "fsdp2":
             self.student.to(self.device)
-        if self.teacher is not None:
-            self.teacher.to(self.device)  # frozen and never prepared: each process keeps a whole copy
         self.precision = "bf16-autocast" if bf16 else str(self._weight().dtype).replace("torch.", "")
         # FSDP2 shards the student in place; this structure without memory takes the gathered weights at the end.
         self._skeleton = meta_skeleton(self.peft_model or self.student) if self.strategy == "fsdp2" else None
+        if self.strategy == "fsdp2":  # sharded now, so validation before training runs on the shards too
+            self.student = shard(self.accelerator, self.student)
+        if self.teacher is not None and loads_sharded(cfg, self.processes):
+            self.teacher = shard(self.accelerator, self.teacher)  # frozen: sharded weights, no gradient or optimiser state
+        elif self.teacher is not None:
+            self.teacher.to(self.device)  # frozen and never prepared: each process keeps a whole copy
         # A checkpoint's optimiser state is per parameter id (replicated) or gathered by name (FSDP2): not interchangeable.
         self.fingerprint = _fingerprint(OmegaConf.to_container(cfg, resolve=True), self.plan["layers"], list(self.train.shape),
                                         int(self.train.sum()), self.strategy == "fsdp2")
@@ -379,7 +389,7 @@ class RecoveryEngine:
 
     def _weight(self) -> nn.Parameter:
         """A parameter of the student that holds memory: its device and dtype are the student's (meta skeleton aside)."""
-        return next(p for p in self.student.parameters() if not p.is_meta)
+        return next((p for p in self.student.parameters() if not p.is_meta), next(self.student.parameters()))
 
     def _phases(self) -> list[Phase]:
         phases = []
@@ -605,7 +615,7 @@ class RecoveryEngine:
         params = dict(self.student.named_parameters())
         with torch.no_grad():
             for name, tensor in state["tensors"].items():
-                params[name].copy_(tensor)
+                copy_full_into(params[name], tensor)
         self.curve = list(state["curve"])
         self.validation = list(state["validation"])
         log.info("resuming from %s: phase %d, step %d", path, state["phase"], state["step"])

@@ -252,9 +252,15 @@ def concat_merge_state(
 
     Reads the window's layers, writes nothing; the caller loads the result into ``positions[0]``.
     """
+    return concat_merge_layers([get_adapter(model).get_layers(model)[p] for p in positions], layout, choice, norms)
+
+
+@torch.no_grad()
+def concat_merge_layers(layers: Sequence[nn.Module], layout: ConcatLayout, choice: ConcatChoice, norms: str = "mean") -> dict[str, torch.Tensor]:
+    """:func:`concat_merge_state` of the window's layers themselves (modules, or anything whose
+    ``get_submodule(name)`` has the module's ``weight`` / ``bias``: a layer built from its state dict)."""
     if norms not in NORM_MODES:
         raise ValueError(f"norms must be one of {NORM_MODES}, got {norms!r}.")
-    layers = [get_adapter(model).get_layers(model)[p] for p in positions]
     ratio = choice.ratio
     state: dict[str, torch.Tensor] = {}
 

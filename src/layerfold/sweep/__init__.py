@@ -1,0 +1,1 @@
+"""Running the run list elsewhere than the local DVC queue (SLURM)."""
