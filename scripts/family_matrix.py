@@ -98,10 +98,11 @@ def _refusal(column: Column, family: str) -> str | None:
     from layerfold.validation import check
 
     params = composed(column)  # a composition error is the table's own mistake, not a refusal
+    where = f"{family} x {column.name}"
     try:
-        check(params, facts_from_config(tiny_config(family)), where=f"{family} x {column.name}")
+        check(params, facts_from_config(tiny_config(family)), where=where)
     except (ConfigError, UnsupportedArchitectureError) as err:
-        return generic_reason(family, " ".join(str(err).split()))
+        return generic_reason(family, " ".join(str(err).removeprefix(f"{where}: ").split()))
     return None
 
 
