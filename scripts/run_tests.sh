@@ -10,4 +10,7 @@ if ! command -v slurmctld >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get
 fi
 . "${VENV:-.venv}/bin/activate"
 . scripts/env.sh
-python -m pytest -q "$@"
+# Two workers (one per core of the reference 2-core machine), a test file per worker at a time (module fixtures
+# built once), one BLAS thread each so the workers do not oversubscribe the cores. PYTEST_WORKERS=0: one process.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
