@@ -14,6 +14,7 @@ from layerfold.capture import LayerBoundaries
 from layerfold.capture.channels import capture_channel_statistics
 from layerfold.config import ConfigError, compose
 from layerfold.methods import MethodContext, compress, get_method
+from layerfold.execution import trials as trials_module
 from layerfold.methods import come as come_module
 from layerfold.models import load_checkpoint, save_checkpoint
 from layerfold.models.adapters import UnsupportedArchitectureError
@@ -282,13 +283,13 @@ def test_final_norm_top_boundary_changes_only_the_scores_that_read_it() -> None:
 
 def test_released_skip_window_spans_two_layers_for_any_window_size(monkeypatch) -> None:
     windows = []
-    real = come_module.capture_channel_statistics
+    real = trials_module.capture_channel_statistics
 
     def spy(model, *args, **kwargs):
         windows.append(kwargs["window"])
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(come_module, "capture_channel_statistics", spy)
+    monkeypatch.setattr(trials_module, "capture_channel_statistics", spy)
     for skip_layers, expected in ((None, [3, 3]), (2, [2, 2])):
         windows.clear()
         plan = compress(context(deep_llama(6)), {"name": "come", "num_remove": 4, "merge_layers": 3, "skip_layers": skip_layers,
@@ -326,7 +327,7 @@ def test_wo_repeat_warns_where_it_fixes_the_windows(monkeypatch, caplog) -> None
     assert come_module.windows_fixed(32, 16, 2) and come_module.windows_fixed(30, 15, 2)
     assert not come_module.windows_fixed(30, 16, 2) and not come_module.windows_fixed(32, 17, 2)
     assert come_module.fixed_windows(6, 3, 2) == [[0, 1], [2, 3], [4, 5]]
-    real = come_module.capture_channel_statistics
+    real = trials_module.capture_channel_statistics
 
     def lowest_at_one(model, *args, **kwargs):  # window 1 (layers 1, 2) scores lowest at every step
         stats = real(model, *args, **kwargs)
@@ -334,7 +335,7 @@ def test_wo_repeat_warns_where_it_fixes_the_windows(monkeypatch, caplog) -> None
         stats.skip_sum[1] = 0.0
         return stats
 
-    monkeypatch.setattr(come_module, "capture_channel_statistics", lowest_at_one)
+    monkeypatch.setattr(trials_module, "capture_channel_statistics", lowest_at_one)
     ctx = context(deep_llama(6))
     with caplog.at_level("WARNING", logger="layerfold.methods.come"):
         plan = compress(ctx, {"name": "come", "target_layers": 3, "num_remove": None})

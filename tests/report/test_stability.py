@@ -243,7 +243,8 @@ def test_parse_entry_and_draw_key():
 
 TINY = ["model=stories260k", "data.calibration.num_blocks=8", "data.calibration.seq_len=64", "data.calibration.chunking=per_document",
         "capture.batch_size=8",
-        "eval.perplexity.datasets=[wikitext2]", "eval.perplexity.seq_len=64", "eval.perplexity.max_windows=1"]
+        "eval.perplexity.datasets=[wikitext2]", "eval.perplexity.seq_len=64", "eval.perplexity.max_windows=1",
+        "eval.lm_eval.tasks=[]"]
 
 
 def _script():

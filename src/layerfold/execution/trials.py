@@ -306,8 +306,11 @@ class LayerMajorStack:
     def channel_statistics(self, plan: WeightedLayerPlan, blocks: torch.Tensor, window: int, skip_tokens: str,
                            desc: str | None = None, **options: Any) -> ChannelStatistics:
         """CoMe's channel and layer statistics of the planned stack, one layer at a time (:mod:`layerfold.execution.concat`)."""
-        if options:
-            raise TypeError(f"channel statistics options {sorted(options)} are not available layer by layer (hardware=sequential).")
+        # The default top boundary (the last layer's output before the final norm) is what this pass reads; the
+        # final-norm boundary needs a pass through the resident model's norm (validate refuses it layer by layer).
+        if options.pop("top_boundary", "pre_norm") != "pre_norm" or options:
+            raise TypeError(f"channel statistics options {sorted(options) or ['top_boundary']} are not available layer by layer "
+                            "(hardware=sequential).")
         return channel_statistics(self.stack(plan), self._embed(blocks), window, skip_tokens)
 
     @torch.no_grad()

@@ -1,6 +1,9 @@
 """ShortGPT (Men et al., 2024): remove the ``n`` layers with the lowest Block Influence, in one shot.
 
 ``BI_i = 1 - E_t[cos(h_i, h_{i+1})]`` over calibration tokens, with ``h`` the pre-norm residual stream.
+The released code reads Hugging Face ``hidden_states``, whose last entry is the final norm's output, so its
+last layer's BI differs from layerfold's wherever the final norm's weight is not constant across channels
+(a documented departure; no parity option: layerfold's BI of the last layer reads the layer's own output).
 """
 
 from dataclasses import dataclass, field

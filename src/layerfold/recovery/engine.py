@@ -236,6 +236,17 @@ class UntrainedLayersError(RuntimeError):
 
 
 @torch.no_grad()
+def _patch_digests(model: nn.Module) -> dict[str, str]:
+    """sha256 of each LinearPatch patch tensor the model carries (none: empty)."""
+    from layerfold.models.patches import ATTRIBUTE
+
+    patches = getattr(model, ATTRIBUTE, None)
+    if patches is None:
+        return {}
+    return {name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+            for name, t in sorted(patches.state_dict().items())}
+
+
 def layer_digests(model: nn.Module) -> dict[int, dict[str, str]]:
     """``{layer: {tensor name: sha256 of its bytes}}`` for every decoder layer that holds weights (meta layers skipped).
 
@@ -304,6 +315,7 @@ class RecoveryEngine:
         self.full_layers = self._replacement_layers() if cfg.lora.enabled else []
         # What each decoder layer holds before training (main process: it alone receives the final model).
         self._digests_before = layer_digests(self.student) if is_main_process() else None
+        self._patches_before = _patch_digests(self.student) if is_main_process() else None
         if self.targets is None and self.teacher is not None:
             self.targets = LiveTeacher(self.teacher)
         if any(p.kind == "local" for p in self.phases) and self.targets is None:
@@ -664,6 +676,16 @@ class RecoveryEngine:
         """Decoder layers whose tensors differ from before training; raises unless they are exactly the selected ones."""
         after = layer_digests(model)
         changed = sorted(k for k in after if after[k] != self._digests_before.get(k))
+        if self.cfg.trainable == "patch":
+            # LinearPatch patches act at layers_trained, but they live beside the decoder layers: the patches must
+            # have changed and no decoder layer may have.
+            patches_changed = _patch_digests(model) != self._patches_before
+            if changed or not patches_changed:
+                raise UntrainedLayersError(
+                    f"recovery={self.cfg.name} trains the LinearPatch patches only, but "
+                    + (f"decoder layers {changed} changed" if changed else "the patches hold exactly the values they started with")
+                    + ". Nothing is written: the recovered model would not be what recover.json says it is.")
+            return sorted(self.layers_trained)
         if changed != sorted(self.layers_trained):
             untouched = sorted(set(self.layers_trained) - set(changed))
             stray = sorted(set(changed) - set(self.layers_trained))
