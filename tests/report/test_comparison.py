@@ -545,10 +545,15 @@ def test_the_committed_comparison_is_what_the_code_makes_of_its_records(tmp_path
     assert (copy / "dvc_exp_show.md").is_file()  # a file recompute does not write stays
 
 
-def test_readme_comparison_table_is_the_recomputed_one():
-    """The README's one-protocol table quotes the committed table.md: headline ± se, Δ and flags of every run."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### One protocol, every method"):text.index("### Parity with the released code")]
+@pytest.mark.parametrize(("page", "start", "end"), [
+    ("docs/results.md", "## One protocol, every method", "## Parity with the released code"),
+    ("README.md", "## Results: one protocol, every method", "## To do X, use Y"),
+])
+def test_documented_comparison_table_is_the_recomputed_one(page, start, end):
+    """The one-protocol table of the results page and of the README quotes the committed table.md: headline ± se,
+    Δ and flags of every run, and the prose beside it says what the numbers say."""
+    text = (REPO / page).read_text()
+    section = text[text.index(start):text.index(end)]
     committed = _table_rows((REPO / "results" / "comparison" / "smollm2-135m-q4_1_h100" / "table.md").read_text())
     readme = _table_rows(section)
     assert set(readme) == set(committed)
@@ -560,7 +565,7 @@ def test_readme_comparison_table_is_the_recomputed_one():
         assert row["collapsed"] == ("yes" if "collapsed" in source["flags"] else "—"), run
     informative = json.loads((REPO / "results" / "comparison" / "smollm2-135m-q4_1_h100" / "runs.json").read_text())["headline"]["tasks"]
     assert f"counts {', '.join(informative)}" in section
-    # the README's summary of it, claim by claim
+    # the page's summary of it, claim by claim
     runs = {run: row for run, row in committed.items() if run != "dense"}
     assert "no run is within noise of dense" in section and all(_delta(r["Δ vs dense"])[2] and _delta(r["Δ vs dense"])[0] < 0
                                                                for r in runs.values())

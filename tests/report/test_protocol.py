@@ -191,7 +191,7 @@ def test_the_rule_reproduces_its_documented_set_on_the_committed_dense_run():
     assert facts is not None
     decision = informative_tasks(records[0]["metrics"]["dense"], tasks_of(records), "auto", facts)
     assert ", ".join(decision["tasks"]) == documented[1]
-    # BoolQ's majority class is "yes" at 2,033 of 3,270 documents, as the README quotes it
+    # BoolQ's majority class is "yes" at 2,033 of 3,270 documents
     assert facts["boolq_notitle"]["floor"]["majority"] == pytest.approx(2033 / 3270)
     assert facts["boolq_notitle"]["floor"]["majority_class"] == "yes"
 
