@@ -47,7 +47,8 @@ from layerfold.report import (
     markdown_report,
     similarity_heatmap,
 )
-from layerfold.report.protocol import informative_tasks, run_drift, summary
+from layerfold.report.protocol import run_drift, summary
+from layerfold.report.reader import run_headline
 from layerfold.report.reported import markdown_section as reported_section
 from layerfold.report.tables import RUN_FILES, efficiency_section, final_metrics
 from layerfold.stage import METRICS, REPORTS, start
@@ -92,7 +93,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
     plan, stats = run["plan"], run["stats"]
     final = final_metrics(run)
     evaluated = common_tasks([run])
-    decision = informative_tasks(run["dense"], evaluated, headline_tasks)
+    decision = run_headline(run, headline_tasks)["decision"]
     drift = {label: run_drift(run["dense"], run[label], evaluated) for label in ("compressed", "recovered") if run.get(label)}
     write_json(root / SUMMARY, summary(run["dense"], final, decision, run.get("recover"), drift.get("recovered") or drift.get("compressed")))
 
@@ -110,7 +111,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
         {"layer": i, "block_influence": float(v), "status": "removed" if i in removed else "merged" if i in merged else "kept"}
         for i, v in enumerate(stats["block_influence"])
     ]
-    experiments = experiments_table(runs, [t for t in common_tasks(runs) if t in decision["tasks"]])
+    experiments = experiments_table(runs, setting=headline_tasks)  # each run's own headline (layerfold.report.reader)
     with atomic_dir(reports / "tables") as tmp:
         write_json(tmp / "layer_importance.json", importance)
         write_json(tmp / "comparison.json", {

@@ -46,7 +46,7 @@ def quality_table(root: Path, headline_tasks: str | list[str] = "auto") -> list[
                             read_json(root / "dense" / "documents.json") if (root / "dense" / "documents.json").is_file() else None)
     tasks = [t for t in TASK_ORDER if t in dense.get("lm_eval", {}) and all(t in final_metrics(r).get("lm_eval", {}) for r in runs)]
     decision = informative_tasks(dense, tasks, headline_tasks)
-    rows = experiments_table([{"name": "dense", "dense": dense, "compressed": dense}, *runs], decision["tasks"])
+    rows = experiments_table([{"name": "dense", "dense": dense, "compressed": dense}, *runs], setting=headline_tasks)
     header = ["run", "layers", "wiki2 ppl", "c4 ppl", *[f"{t} ({REPORTED_METRIC[t]})" for t in tasks], "headline ± se", "Δ vs dense ± se"]
     out = [*rule_lines(decision), "", _row(header), "|" + "---|" * len(header)]
     for run, row in zip([{"name": "dense", "compressed": dense}, *runs], rows):
