@@ -553,18 +553,13 @@ def markdown_report(
 
     # compression ----------------------------------------------------------------------------
     out += ["## Compression run", ""]
-    if compress:
-        out.append(f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers"
-                   + (f" in {fmt(compress.get('seconds'), '.2f')} s, peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB on {compress.get('device') or MISSING}."
-                      if compress.get("seconds") is not None else "."))
-    else:
-        out.append("metrics/compress.json not available.")
+    out.append(compression_line(compress))
     out.append("")
 
     if experiments:
         own = any(r.get("headline_tasks") is not None for r in experiments)
-        what = ("each experiment's own headline (its informative tasks, decided from its dense model: the numbers of its "
-                "metrics/summary.json)") if own else "average accuracy over the tasks every experiment ran"
+        what = ("headline of each experiment over its own informative tasks, decided from its dense model (the numbers "
+                "of its metrics/summary.json)") if own else "average accuracy over the tasks every experiment ran"
         out += ["## Experiments", "", f"The {what}, of the final model (recovered where a recovery ran); "
                 "Δ = final − dense ± its standard error.", ""]
         out += _table(["experiment", "model", "method", "layers", "parameters", "average % (dense → final)", "Δ", "retained %", "wikitext2 PPL", "c4 PPL"], [
@@ -578,6 +573,28 @@ def markdown_report(
     if plots:
         out += ["## Plots", ""] + [f"![{caption}]({path})" for caption, path in plots.items()] + [""]
     return "\n".join(out)
+
+
+COMPRESS_TIMINGS = "metrics/compress_time.json"  # written by the compress stage, git-ignored (machine-local)
+
+
+def compression_line(compress: dict | None) -> str:
+    """The report's "Compression run" sentence: method and layers, then the wall time, peak memory and
+    device where ``compress`` records them; where it does not (they live in the git-ignored
+    ``metrics/compress_time.json`` so that the committed report does not change with the clock), it says
+    where they are instead of printing blanks."""
+    if not compress:
+        return "metrics/compress.json not available."
+    text = f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers"
+    known = [part for value, part in (
+        (num(compress.get("seconds")), f"{fmt(compress.get('seconds'), '.2f')} s"),
+        (num(compress.get("peak_memory_mib")), f"peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB"),
+    ) if value is not None]
+    text += (" in " + ", ".join(known) if known else "") + (f" on {compress['device']}" if compress.get("device") else "") + "."
+    if len(known) < 2 or not compress.get("device"):
+        text += (f" Wall time, peak memory and device are machine-local: `{COMPRESS_TIMINGS}` (git-ignored), "
+                 "summarised in `reports/timings.md`.")
+    return text
 
 
 def efficiency_section(dense: dict, compressed: dict) -> list[str]:
