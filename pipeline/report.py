@@ -47,9 +47,11 @@ from layerfold.report import (
     markdown_report,
     similarity_heatmap,
 )
-from layerfold.report.protocol import informative_tasks, run_drift, summary
+from layerfold.report.protocol import run_drift, summary, wikitext2_ppl
+from layerfold.report.reader import run_headline
+from layerfold.report.screen import last_screen
 from layerfold.report.reported import markdown_section as reported_section
-from layerfold.report.tables import RUN_FILES, efficiency_section, final_metrics
+from layerfold.report.tables import COMPRESS_TIMINGS, RUN_FILES, compression_line, efficiency_section, final_metrics
 from layerfold.stage import METRICS, REPORTS, start
 
 TIMINGS_DIR = METRICS / "timings"  # written by the evaluate stages (pipeline/evaluate.py)
@@ -92,7 +94,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
     plan, stats = run["plan"], run["stats"]
     final = final_metrics(run)
     evaluated = common_tasks([run])
-    decision = informative_tasks(run["dense"], evaluated, headline_tasks)
+    decision = run_headline(run, headline_tasks)["decision"]
     drift = {label: run_drift(run["dense"], run[label], evaluated) for label in ("compressed", "recovered") if run.get(label)}
     write_json(root / SUMMARY, summary(run["dense"], final, decision, run.get("recover"), drift.get("recovered") or drift.get("compressed")))
 
@@ -110,7 +112,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
         {"layer": i, "block_influence": float(v), "status": "removed" if i in removed else "merged" if i in merged else "kept"}
         for i, v in enumerate(stats["block_influence"])
     ]
-    experiments = experiments_table(runs, [t for t in common_tasks(runs) if t in decision["tasks"]])
+    experiments = experiments_table(runs, setting=headline_tasks)  # each run's own headline (layerfold.report.reader)
     with atomic_dir(reports / "tables") as tmp:
         write_json(tmp / "layer_importance.json", importance)
         write_json(tmp / "comparison.json", {
@@ -143,10 +145,13 @@ def _timings_report(root: Path, reports: Path, run: dict) -> None:
     folder = Path(os.environ.get("DVC_ROOT") or root) / TIMINGS_DIR / experiment if experiment else root / TIMINGS_DIR
     machine = {k: read_json(folder / f"evaluate-{k}.json") for k in ("dense", "compressed", "recovered")
                if (folder / f"evaluate-{k}.json").is_file()}
-    if not machine:
+    compress_time = read_json(root / COMPRESS_TIMINGS) if (root / COMPRESS_TIMINGS).is_file() else None
+    if not machine and not compress_time:
         return
     dense, compressed = machine.get("dense") or {}, machine.get("compressed") or {}
     lines = ["# Timings and machine (machine-local, not committed)", ""]
+    if compress_time:  # the compress stage's own file (the report's "Compression run" line points here)
+        lines += [f"- **compress**: {compression_line({**(run.get('compress') or {}), **compress_time})}", ""]
     for name, facts in machine.items():
         lines.append(f"- **{name}**: {facts.get('device') or '—'}; versions {facts.get('versions') or '—'}; wall time (s) {facts.get('wall_time') or '—'}")
     lines.append("")
@@ -155,11 +160,21 @@ def _timings_report(root: Path, reports: Path, run: dict) -> None:
         handle.write("\n".join(lines))
 
 
+def print_last_screen(root: Path, run: dict, model_name: str | None) -> None:
+    """The run in a few lines on stdout, read back from ``metrics/summary.json`` (the numbers dvc exp show lists)."""
+    dense = run.get("dense") or {}
+    lines = last_screen(read_json(root / SUMMARY), model_name, (run.get("compress") or {}).get("method"),
+                        (dense.get("model") or {}).get("num_layers"), wikitext2_ppl(dense),
+                        report=str(REPORTS / "report.md"), summary_path=str(SUMMARY))
+    print("\n".join(["", *lines]), flush=True)
+
+
 def main() -> None:
     stage = start("report")
     root = Path.cwd()
-    run_report(root, experiments_root(stage.params.report.experiments_dir, root), stage.params.model.name,
-               protocol=stage.params.get("protocol"), headline_tasks=_plain(stage.params.eval.headline.tasks))
+    run = run_report(root, experiments_root(stage.params.report.experiments_dir, root), stage.params.model.name,
+                     protocol=stage.params.get("protocol"), headline_tasks=_plain(stage.params.eval.headline.tasks))
+    print_last_screen(root, run, stage.params.model.name)
 
 
 def _plain(value: Any) -> Any:

@@ -209,3 +209,64 @@ def test_report_counts_only_informative_tasks_and_says_why(tmp_path, monkeypatch
     summary = json.loads((tmp_path / "metrics/summary.json").read_text())
     assert summary["tasks"] == ["piqa"] and summary["headline"] == 55.0 and summary["verdict"] == "behind"
     assert summary["collapsed"] is True  # WikiText-2 perplexity 300 > 10 x 20
+
+
+def test_the_stage_ends_with_a_readable_last_screen(tmp_path, monkeypatch, capsys):
+    """The last lines the report stage prints: model, method, layers, headline ± se and Δ ± se vs dense with the
+    verdict, perplexities and where the report is, read from the metrics/summary.json it wrote, ≤ 100 columns."""
+    make_repo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    report_stage.main()
+    screen = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert all(len(line) <= 100 for line in screen) and len(screen) <= 8
+    assert screen[0] == "tiny-test · shortgpt · 5 → 3 layers (0.0 M parameters)"  # 1,300 parameters
+    assert screen[1] == f"headline    {summary['headline']:.2f} ± {summary['se']:.2f} % (dense {summary['dense']:.2f} %)" \
+        == "headline    43.00 ± 5.97 % (dense 50.00 %)"
+    assert screen[2] == "vs dense    Δ -7.00 ± 8.45 points, within noise; retained 86.0 % " \
+        f"[{summary['retained_lo']:.1f}, {summary['retained_hi']:.1f}]"
+    assert screen[3] == "tasks       3 informative (auto rule): boolq, piqa, hellaswag"
+    assert screen[4] == "perplexity  WikiText-2 30.00 (dense 20.00) · C4 —"
+    assert screen[-1].startswith("report      reports/report.md (summary metrics/summary.json")
+
+
+def test_last_screen_flags_collapse_and_drift_and_cuts_long_lines():
+    from layerfold.report.screen import last_screen
+
+    summary = {"headline": 30.0, "se": 1.0, "dense": 60.0, "delta": -30.0, "delta_se": 1.5, "verdict": "behind", "retained": 50.0,
+               "retained_lo": 45.1, "retained_hi": 54.9, "rule": "fixed", "n_tasks": 9, "tasks": [f"task_number_{i}" for i in range(9)],
+               "wiki2_ppl": 900.0, "c4_ppl": 800.0, "layers": 12, "params_m": 1.5, "train_tokens": 1000000, "collapsed": True, "drift": "boolq→yes"}
+    screen = last_screen(summary, "m", "laco", 24, 20.0)
+    assert all(len(line) <= 100 for line in screen) and screen[3].endswith("…")
+    assert screen[0] == "m · laco · 24 → 12 layers (1.5 M parameters), recovered on 1,000,000 tokens"
+    assert screen[2] == "vs dense    Δ -30.00 ± 1.50 points, behind; retained 50.0 % [45.1, 54.9]"
+    assert "collapsed" in screen[5] and "answer drift boolq→yes" in screen[5]
+
+
+def test_compression_line_says_where_machine_local_timings_are(tmp_path, monkeypatch):
+    """compress.json without timings (they live in the git-ignored compress_time.json): no dashes, the file named."""
+    from layerfold.report.tables import compression_line
+
+    plain = {"method": "shortgpt", "layers_before": 30, "layers_after": 22}
+    line = compression_line(plain)
+    assert line.startswith("shortgpt: 30 → 22 layers.") and "—" not in line and "`metrics/compress_time.json` (git-ignored)" in line
+    partial = compression_line({**plain, "seconds": 12.345})
+    assert partial.startswith("shortgpt: 30 → 22 layers in 12.35 s.") and "—" not in partial and "compress_time.json" in partial
+    full = compression_line({**plain, "seconds": 1.0, "peak_memory_mib": 2.0, "device": "cpu"})
+    assert full == "shortgpt: 30 → 22 layers in 1.00 s, peak memory 2.0 MiB on cpu."
+    assert compression_line(None) == "metrics/compress.json not available."
+
+    # the report stage: the committed report names the file, the machine-local timings.md holds its numbers
+    make_repo(tmp_path)
+    compress = json.loads((tmp_path / "metrics/compress.json").read_text())
+    _write(tmp_path / "metrics/compress.json", {k: v for k, v in compress.items() if k not in ("seconds", "peak_memory_mib", "device")})
+    _write(tmp_path / "metrics/compress_time.json", {"seconds": 0.5, "peak_memory_mib": 123.4, "device": "cpu (test)"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    report_stage.main()
+    report = (tmp_path / "reports/report.md").read_text()
+    assert "shortgpt: 5 → 3 layers. Wall time, peak memory and device are machine-local" in report and "— s" not in report
+    assert "- **compress**: shortgpt: 5 → 3 layers in 0.50 s, peak memory 123.4 MiB on cpu (test)." in (tmp_path / "reports/timings.md").read_text()

@@ -149,7 +149,7 @@ def format_rows(runs: list[dict], headline_tasks: Any = "auto") -> list[str]:
 
     tasks = common_tasks(runs)
     decision = informative_tasks((runs[0].get("dense") or {}) if runs else {}, tasks, headline_tasks)
-    rows = experiments_table(runs, decision["tasks"])
+    rows = experiments_table(runs, setting=headline_tasks)  # each run's own headline: the report's numbers
     cells = []
     for run, r in zip(runs, rows):
         final = final_metrics(run)

@@ -41,10 +41,11 @@ from layerfold.report.findings import findings_markdown
 from layerfold.report.noise import difference, mean_difference, verdict
 from layerfold.report.plots import _figure, save_png
 from layerfold.report.protocol import (
-    COLLAPSE_FACTOR, DRIFT_ALPHA, collapsed, drift_mark, headline, headline_difference, informative_tasks, perplexity_agreement,
+    COLLAPSE_FACTOR, DRIFT_ALPHA, collapsed, drift_mark, headline, informative_tasks, perplexity_agreement,
     ranking, rule_lines, run_drift, wikitext2_ppl,
 )
 from layerfold.report.tables import MISSING, average_accuracy, common_tasks, diff_cell, final_metrics, fmt, num, reported_metric
+from layerfold.report.reader import run_headline
 from layerfold.stage import expand
 from layerfold.validation import check
 
@@ -484,9 +485,13 @@ def decide(records: list[dict], tasks: list[str], setting: Any = "auto", facts: 
 
 def _row(record_name: str, final: Mapping[str, Any], run_dense: Mapping[str, Any], tasks: list[str], decision: Mapping[str, Any],
          dense_ppl: float | None, facts: Mapping[str, Any] | None) -> dict[str, Any]:
-    headline_tasks = list(decision["tasks"])
-    mine = headline(final, headline_tasks)
-    diff = headline_difference(final, run_dense, headline_tasks) if record_name != "dense" else {}
+    # the run's own headline (layerfold.report.reader): the numbers its report and every other reader show
+    setting = "auto" if decision["rule"] == "auto" else list(decision["tasks"])
+    numbers = run_headline({"dense": run_dense, "compressed": final}, setting, facts)
+    mine = {"value": numbers["headline"], "se": numbers["se"]}
+    diff = {"diff": numbers["diff"], "se": numbers["diff_se"], "paired": numbers["paired"], "significant": numbers["significant"],
+            "verdict": numbers["verdict"], "retained_pct": numbers["retained_pct"], "low": numbers["low"],
+            "high": numbers["high"]} if record_name != "dense" else {}
     every = average_difference(final, run_dense, tasks) if record_name != "dense" else {}
     ppl = wikitext2_ppl(final)
     drift = run_drift(run_dense, final, tasks, facts) if record_name != "dense" else None

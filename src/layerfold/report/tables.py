@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -218,23 +219,38 @@ def final_metrics(run: dict) -> dict:
     return run.get("recovered") or run.get("compressed") or {}
 
 
-def experiments_table(runs: list[dict], tasks: list[str] | None = None) -> list[dict]:
+def experiments_table(runs: list[dict], tasks: list[str] | None = None, setting: Any = None,
+                      facts: Mapping[str, Any] | None = None) -> list[dict]:
     """One row per run (see :func:`collect_experiments`): model, method, size, average accuracy
     (± its standard error, and the difference to dense with its own), WikiText-2 and C4 PPL of the
-    final model (recovered when the run has one)."""
+    final model (recovered when the run has one).
+
+    With ``setting`` (``eval.headline.tasks``: ``"auto"`` or a task list) the average is each run's
+    headline from :func:`layerfold.report.reader.run_headline` (its own informative tasks, listed in
+    ``headline_tasks``), the numbers the report stage writes to ``metrics/summary.json``, whatever
+    other runs are listed; without it, the plain average over ``tasks`` (default: those every run has)."""
+    from layerfold.report.reader import run_headline  # reader builds on this module
+
     tasks = common_tasks(runs) if tasks is None else tasks
     rows = []
     for run in runs:
         dense, comp = run.get("dense") or {}, final_metrics(run)
-        d_avg = average_accuracy(dense, tasks) if tasks else None
-        c_avg = average_accuracy(comp, tasks) if tasks else None
-        diffs = [difference(_get(dense, "lm_eval", t), _get(comp, "lm_eval", t), reported_metric(t, _get(dense, "lm_eval", t), _get(comp, "lm_eval", t)) or "acc") for t in tasks]
-        avg_diff = mean_difference(diffs)
+        if setting is not None:
+            numbers = run_headline(run, setting, facts)
+            d_avg, c_avg, c_se, avg_diff = numbers["dense"], numbers["headline"], numbers["se"], {
+                "diff": numbers["diff"], "se": numbers["diff_se"], "significant": numbers["significant"]}
+            headline_tasks: list[str] | None = numbers["tasks"]
+        else:
+            d_avg = average_accuracy(dense, tasks) if tasks else None
+            c_avg = average_accuracy(comp, tasks) if tasks else None
+            c_se = mean_stderr([num(_get(comp, "lm_eval", t, f"{reported_metric(t, _get(comp, 'lm_eval', t)) or 'acc'}_stderr")) for t in tasks]) if tasks else None
+            avg_diff = mean_difference([difference(_get(dense, "lm_eval", t), _get(comp, "lm_eval", t), reported_metric(t, _get(dense, "lm_eval", t), _get(comp, "lm_eval", t)) or "acc") for t in tasks])
+            headline_tasks = None
         rows.append({
             "experiment": run["name"],
             "model": run_model(run),
             "recovered": run.get("recovered") is not None,
-            "average_stderr": mean_stderr([num(_get(comp, "lm_eval", t, f"{reported_metric(t, _get(comp, 'lm_eval', t)) or 'acc'}_stderr")) for t in tasks]) if tasks else None,
+            "average_stderr": c_se,
             "diff": avg_diff["diff"], "diff_se": avg_diff["se"], "significant": avg_diff["significant"],
             "c4_ppl": num(_get(comp, "perplexity", "c4", "perplexity")),
             "method": _get(run, "plan", "method", "name") or _get(run, "compress", "method"),
@@ -245,6 +261,7 @@ def experiments_table(runs: list[dict], tasks: list[str] | None = None) -> list[
             "average": c_avg,
             "retained_pct": _retained(c_avg, d_avg),
             "wikitext2_ppl": num(_get(comp, "perplexity", "wikitext2", "perplexity")),
+            "headline_tasks": headline_tasks,
         })
     return rows
 
@@ -536,18 +553,15 @@ def markdown_report(
 
     # compression ----------------------------------------------------------------------------
     out += ["## Compression run", ""]
-    if compress:
-        out.append(f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers"
-                   + (f" in {fmt(compress.get('seconds'), '.2f')} s, peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB on {compress.get('device') or MISSING}."
-                      if compress.get("seconds") is not None else "."))
-    else:
-        out.append("metrics/compress.json not available.")
+    out.append(compression_line(compress))
     out.append("")
 
     if experiments:
-        what = "the headline's informative tasks" if headline_tasks is not None else "the tasks every experiment ran"
-        out += ["## Experiments", "", f"Average headline accuracy over {what} (those every experiment ran), of the final model "
-                "(recovered where a recovery ran); Δ = final − dense ± its standard error.", ""]
+        own = any(r.get("headline_tasks") is not None for r in experiments)
+        what = ("headline of each experiment over its own informative tasks, decided from its dense model (the numbers "
+                "of its metrics/summary.json)") if own else "average accuracy over the tasks every experiment ran"
+        out += ["## Experiments", "", f"The {what}, of the final model (recovered where a recovery ran); "
+                "Δ = final − dense ± its standard error.", ""]
         out += _table(["experiment", "model", "method", "layers", "parameters", "average % (dense → final)", "Δ", "retained %", "wikitext2 PPL", "c4 PPL"], [
             [r["experiment"], r.get("model") or MISSING, (r["method"] or MISSING) + (" + recovery" if r.get("recovered") else ""),
              fmt(r["layers"], ".0f"), fmt(r["params_total"], ",.0f"),
@@ -559,6 +573,28 @@ def markdown_report(
     if plots:
         out += ["## Plots", ""] + [f"![{caption}]({path})" for caption, path in plots.items()] + [""]
     return "\n".join(out)
+
+
+COMPRESS_TIMINGS = "metrics/compress_time.json"  # written by the compress stage, git-ignored (machine-local)
+
+
+def compression_line(compress: dict | None) -> str:
+    """The report's "Compression run" sentence: method and layers, then the wall time, peak memory and
+    device where ``compress`` records them; where it does not (they live in the git-ignored
+    ``metrics/compress_time.json`` so that the committed report does not change with the clock), it says
+    where they are instead of printing blanks."""
+    if not compress:
+        return "metrics/compress.json not available."
+    text = f"{compress.get('method', MISSING)}: {fmt(compress.get('layers_before'), '.0f')} → {fmt(compress.get('layers_after'), '.0f')} layers"
+    known = [part for value, part in (
+        (num(compress.get("seconds")), f"{fmt(compress.get('seconds'), '.2f')} s"),
+        (num(compress.get("peak_memory_mib")), f"peak memory {fmt(compress.get('peak_memory_mib'), '.1f')} MiB"),
+    ) if value is not None]
+    text += (" in " + ", ".join(known) if known else "") + (f" on {compress['device']}" if compress.get("device") else "") + "."
+    if len(known) < 2 or not compress.get("device"):
+        text += (f" Wall time, peak memory and device are machine-local: `{COMPRESS_TIMINGS}` (git-ignored), "
+                 "summarised in `reports/timings.md`.")
+    return text
 
 
 def efficiency_section(dense: dict, compressed: dict) -> list[str]:
