@@ -62,11 +62,20 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
         _check_side_layers_layer_major(params)  # and a checkpoint the later stages cannot read layer by layer
     problems = [*_recovery_problems(params), *_data_problems(params)]
     if facts is not None:
-        check_ranges(params, Params, where, facts=bounds)
+        check_ranges(_settings_that_run(params), Params, where, facts=bounds)
         problems += [*_cross_field_problems(params, facts), *_method_problems(spec.name, method_cfg, params, facts),
                      *_model_name_problems(params), *export_problems(params, facts)]
     if problems:
         raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
+
+
+def _settings_that_run(params: DictConfig) -> DictConfig | dict:
+    """``params`` for the model-dependent range check: with ``recovery=none`` recovery's other settings are the schema's
+    defaults (conf/recovery/none.yaml sets only the name) and never run, so they are not judged against the model."""
+    recovery = params.get("recovery")
+    if recovery is None or recovery.get("name", "none") != "none":
+        return params
+    return {**{key: params[key] for key in params}, "recovery": {"name": "none"}}
 
 
 def check_runtime(params: DictConfig) -> None:
