@@ -1,6 +1,6 @@
 """layerfold from Python: compress and recover a model without stage paths, params.yaml or DVC.
 
-    from layerfold.api import compress, recover
+    from layerfold import compress, recover      # layerfold.api
 
     model, plan = compress("path/to/checkpoint", method="laco", num_remove=4)         # conf/method/laco.yaml + settings
     model, plan = compress(model, tokenizer=tok, method="shortgpt", calibration=blocks, out="shallow/")

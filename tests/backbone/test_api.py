@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerfold.api import compress, recover
+from layerfold import compress, recover  # layerfold.api, exported by the package
 from layerfold.config import ConfigError
 from layerfold.models import save_checkpoint
 from layerfold.models.tiny import tiny_model, tiny_tokenizer
