@@ -2,7 +2,7 @@
 
     from layerfold import compress, recover      # layerfold.api
 
-    model, plan = compress("path/to/checkpoint", method="laco", num_remove=4)         # conf/method/laco.yaml + settings
+    model, plan = compress("path/to/checkpoint", method="sleb", num_remove=4)         # conf/method/sleb.yaml + settings
     model, plan = compress(model, tokenizer=tok, method="shortgpt", calibration=blocks, out="shallow/")
     model, summary = recover(model, teacher, plan, recovery="distill", train=train, val=val, max_steps=100)
 
