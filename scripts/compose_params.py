@@ -3,9 +3,10 @@
     python scripts/compose_params.py                      # refresh params.yaml after editing conf/
     python scripts/compose_params.py method=laco eval=gpu # compose a variant (then `dvc repro`)
 
-The composed configuration is validated first (keys, types, ranges, the method's settings, and what
-the model's config rules out: sequence lengths beyond its context, a target depth beyond its depth),
-so a bad value is reported here and params.yaml is left as it was.
+The composed configuration is validated first (keys, types, ranges, the method's settings, recovery's
+settings as the recover stage would judge them, and what the model's config rules out: sequence lengths
+beyond its context, a target depth beyond its depth), with the same check as the ``validate`` stage, so a
+bad value is reported here and params.yaml is left as it was.
 """
 
 import sys

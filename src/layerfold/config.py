@@ -187,6 +187,10 @@ class ReportConfig:
     experiments_dir: str = "reports/experiments"  # metrics of finished experiments, for the accuracy/size plot
 
 
+# The recovery defaults below are conf/recovery/distill.yaml's values, which every other training recovery
+# (lm, lora, come, patch_kd) composes from: the YAML is the source (tests/recovery/test_defaults.py holds them
+# equal); the dataclasses carry the types and ranges. recovery=none sets only its name; validate does not judge
+# the settings of a recovery that does not run.
 @dataclass
 class RecoveryDataConfig:
     """Training text for the recover stage (never the evaluation halves: see layerfold.data.training)."""
@@ -194,7 +198,7 @@ class RecoveryDataConfig:
     # local: c4 (the 1000 C4 documents evaluation never reads), wikitext2_train; online: hub:<dataset>[:<config>]
     sources: list[str] = field(default_factory=lambda: ["c4", "wikitext2_train"])
     weights: list[float] = field(default_factory=lambda: [0.5, 0.5], metadata={"ge": 0.0})  # token shares when train_tokens caps the mix
-    seq_len: int = field(default=256, metadata={"ge": 8, "le": "context_length"})
+    seq_len: int = field(default=512, metadata={"ge": 8, "le": "context_length"})
     train_tokens: Optional[int] = field(default=None, metadata={"ge": 1})  # None = every available training token
     val_fraction: float = field(default=0.05, metadata={"gt": 0.0, "lt": 1.0})  # documents held out per source
     val_blocks: int = field(default=64, metadata={"ge": 1})  # validation blocks drawn from the held-out documents
@@ -206,7 +210,7 @@ class RecoveryDataConfig:
 class LocalDistillConfig:
     """Layer-local distillation: each trainable new layer maps the teacher's span input to its span output."""
 
-    enabled: bool = False
+    enabled: bool = True
     loss: str = field(default="mse", metadata={"choices": ["mse", "nmse", "cosine", "kl"]})
     temperature: float = field(default=1.0, metadata={"gt": 0.0})  # kl only: softmax(h / temperature)
     order: str = field(default="joint", metadata={"choices": ["joint", "sequential"]})
@@ -249,9 +253,9 @@ class RecoveryConfig:
     local: LocalDistillConfig = field(default_factory=LocalDistillConfig)
     end_to_end: EndToEndConfig = field(default_factory=EndToEndConfig)
     lora: LoraRecoveryConfig = field(default_factory=LoraRecoveryConfig)
-    epochs: int = field(default=1, metadata={"ge": 1})
+    epochs: int = field(default=4, metadata={"ge": 1})
     max_steps: Optional[int] = field(default=None, metadata={"ge": 1})  # per phase; None = epochs over the data
-    batch_size: int = field(default=8, metadata={"ge": 1})
+    batch_size: int = field(default=16, metadata={"ge": 1})
     # micro-batches per optimiser step over all processes (each runs grad_accum / processes of them): the
     # global batch batch_size x grad_accum, and so the training, does not depend on how many processes run
     grad_accum: int = field(default=1, metadata={"ge": 1})

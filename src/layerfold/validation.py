@@ -29,7 +29,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig
 
-from layerfold.config import MODEL_SOURCE_KEYS, ConfigError, Params, check_ranges, derived_model_name
+from layerfold.config import MODEL_SOURCE_KEYS, ConfigError, Params, check_ranges, derived_model_name, range_problems
 from layerfold.export.checks import export_problems
 from layerfold.methods import check_layer_major, get_method, token_cosine_distance, writes_side_layers
 from layerfold.models.facts import ModelFacts
@@ -62,11 +62,35 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
         _check_side_layers_layer_major(params)  # and a checkpoint the later stages cannot read layer by layer
     problems = [*_recovery_problems(params), *_data_problems(params)]
     if facts is not None:
-        check_ranges(params, Params, where, facts=bounds)
+        check_ranges(_settings_that_run(params), Params, where, facts=bounds)
         problems += [*_cross_field_problems(params, facts), *_method_problems(spec.name, method_cfg, params, facts),
                      *_model_name_problems(params), *export_problems(params, facts)]
     if problems:
         raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
+
+
+def check_for_model(params: DictConfig, facts: ModelFacts, where: str) -> None:
+    """:func:`check` for a caller that compresses or recovers a model in hand (:mod:`layerfold.api`): everything that
+    needs no model, then the family, the method, the calibration data and recovery against ``facts``. The model preset,
+    evaluation and export sections, which such a caller does not run, are not judged against this model."""
+    check(params, None, where)
+    problems = _family_problems(params, facts)
+    if not problems:
+        spec, method_cfg = get_method(params.method, facts.bounds())  # the method's ranges (num_remove < num_layers, ...)
+        problems = _method_problems(spec.name, method_cfg, params, facts)
+    ran = _settings_that_run(params)
+    problems += list(range_problems({key: ran[key] for key in ("data", "capture", "recovery") if key in ran}, Params, "", facts.bounds()))
+    if problems:
+        raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
+
+
+def _settings_that_run(params: DictConfig) -> DictConfig | dict:
+    """``params`` for the model-dependent range check: with ``recovery=none`` recovery's other settings are the schema's
+    defaults (conf/recovery/none.yaml sets only the name) and never run, so they are not judged against the model."""
+    recovery = params.get("recovery")
+    if recovery is None or recovery.get("name", "none") != "none":
+        return params
+    return {**{key: params[key] for key in params}, "recovery": {"name": "none"}}
 
 
 def check_runtime(params: DictConfig) -> None:
