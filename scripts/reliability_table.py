@@ -81,6 +81,9 @@ class Collector:
 def collect(run: bool, marks: str | None = None) -> dict[str, dict]:
     collector = Collector()
     os.chdir(REPO)
+    # The stages' package first: tests/ also has a folder named pipeline/, which would otherwise shadow it
+    # when every case runs in this one process.
+    sys.path.insert(0, str(REPO))
     args = [SUITE, "-qq", "-p", "no:cacheprovider"] + ([] if run else ["--collect-only"]) + (["-m", marks] if marks else [])
     code = pytest.main(args, plugins=[collector])
     if code not in (0, 1, 5):  # 1: some case failed, which the table reports; 5: none selected  # 1: some case failed, which the table reports
