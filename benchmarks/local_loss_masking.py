@@ -71,6 +71,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cosine": {"loss": "cosine", "ignore_first": 0, "max_norm_ratio": None},
 }
 METRICS = ("val_lm_loss", "wikitext2_ppl", "wikitext2_ppl_full")
+SEEDS = (0, 1, 2)  # the data-order seeds of every (task, setting) of the grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +406,21 @@ def decision_runs(records: list[dict]) -> tuple[list[dict], dict[str, str]]:
     return runs, left_out
 
 
+def missing_runs(records: list[dict]) -> dict[str, str]:
+    """Per task of ``records``, the runs of its grid that were not recorded: the grid of a task is every setting any
+    of the records ran, times :data:`SEEDS` (so a task cut short by the time budget is named, not silently smaller)."""
+    ran = {r["setting"] for record in records for r in record["runs"]}
+    settings = [k for k in SETTINGS if k in ran]
+    out = {}
+    for record in records:
+        for task in record["untrained"]:
+            done = {(r["setting"], r["seed"]) for r in record["runs"] if r["task"] == task}
+            gaps = {k: [s for s in SEEDS if (k, s) not in done] for k in settings}
+            if any(gaps.values()):
+                out[task] = ", ".join(f"{k} seeds {v}" for k, v in gaps.items() if v)
+    return out
+
+
 def decide(records: list[dict]) -> dict[str, Any]:
     """The default the measurements choose, by a rule fixed before the runs: the setting that is best or within
     the noise of the best in the most (task, metric) cells; ties go to the lower mean rank of validation LM
@@ -532,6 +548,10 @@ def decision_markdown(records: list[dict], sources: list[Path]) -> str:
         lines += ["", f"Against the untrained model, on every seed and metric: better: "
                   f"{', '.join(k for k, b in against.items() if all(b)) or 'none'}; worse: "
                   f"{', '.join(k for k, b in against.items() if not any(b)) or 'none'}.", ""]
+    missing = missing_runs(records)
+    grid = f"{', '.join(k for k in SETTINGS if any(r['setting'] == k for rec in records for r in rec['runs']))} x seeds {list(SEEDS)}"
+    lines += [f"Grid per task: {grid}. " + ("Incomplete, runs not recorded: "
+              + "; ".join(f"{t} ({why})" for t, why in missing.items()) + "." if missing else "Complete."), ""]
     if d["left_out"]:
         lines += ["Runs not in the decision (a setting enters on the seeds it shares with `all` and the other entering settings, at least 2): "
                   + "; ".join(f"{t} ({why})" for t, why in d["left_out"].items()) + ".", ""]
@@ -588,7 +608,7 @@ def main() -> None:
     r.add_argument("--out", type=Path, default=OUT)
     r.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     r.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--stored-targets", action="store_true",
                    help="compute the dense model's span boundaries once per task instead of a teacher forward per step")
