@@ -215,10 +215,10 @@ class LocalDistillConfig:
     temperature: float = field(default=1.0, metadata={"gt": 0.0})  # kl only: softmax(h / temperature)
     order: str = field(default="joint", metadata={"choices": ["joint", "sequential"]})
     # Leading positions left out of the loss: the BOS / attention-sink token carries outlier norms that can dominate an MSE.
-    # 1 (BOS out) is the measured choice (docs/recovery.md, Default chosen); 0 reads every position.
-    ignore_first: int = field(default=1, metadata={"ge": 0})
+    # 0 reads every position; the measured default leaves outliers out by norm instead (max_norm_ratio, docs/recovery.md).
+    ignore_first: int = field(default=0, metadata={"ge": 0})
     # Positions whose target norm exceeds this many times their sequence's median left out of the loss; None keeps all.
-    max_norm_ratio: Optional[float] = field(default=None, metadata={"gt": 1.0})
+    max_norm_ratio: Optional[float] = field(default=10.0, metadata={"gt": 1.0})
 
 
 @dataclass

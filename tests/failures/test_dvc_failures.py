@@ -186,13 +186,15 @@ def _kill_processes_under(folder: Path) -> int:
 def test_killed_queue_worker_leaves_the_queue_usable(clone, tmp_path):
     repo, env = clone
     slow, gate = gated(env, tmp_path)
-    run(["dvc", "exp", "run", "--queue", "compress", "-S", "method.num_remove=1", "-n", "killed"], repo, env)
+    # `dvc exp run -S` composes params.yaml from conf/ again: the tiny settings go with every queued run
+    tiny = [arg for override in TINY if override != "method.num_remove=2" for arg in ("-S", override)]
+    run(["dvc", "exp", "run", "--queue", "compress", *tiny, "-S", "method.num_remove=1", "-n", "killed"], repo, env)
     run(["dvc", "queue", "start"], repo, slow)
     try:
         wait_for(Path(f"{gate}.reached"))  # the worker is inside compress, half-way through its write
     finally:
         assert _kill_processes_under(repo) >= 2  # the worker and the stage at least
-    run(["dvc", "exp", "run", "--queue", "compress", "-S", "method.num_remove=3", "-n", "after-kill"], repo, env)
+    run(["dvc", "exp", "run", "--queue", "compress", *tiny, "-S", "method.num_remove=3", "-n", "after-kill"], repo, env)
     run(["dvc", "queue", "start"], repo, env)
     deadline = time.monotonic() + 300
     while True:
