@@ -201,6 +201,9 @@ def reading(rows: list[dict]) -> list[str]:
             lines.append(f"- **{row['label']}** " + change.format(base=base["label"], b=base["wikitext2_ppl"], r=row["wikitext2_ppl"], x=ratio)
                          + "; no accuracy was measured in this run.")
             continue
+        marks = [m for m in ("collapsed (WikiText-2 perplexity above 10x dense's)" if (row.get("protocol") or {}).get("collapsed") else "",
+                             (row.get("protocol") or {}).get("drift", "")) if m]
+        flags = "".join(f"; {m}" for m in marks)
         vs_dense = (row.get("protocol") or {}).get("vs_dense")
         if row["run"] not in BASELINE and vs_dense and vs_dense.get("verdict"):  # the baselines, against dense
             d, se = 100 * vs_dense["diff"], 100 * vs_dense["se"]
@@ -209,7 +212,7 @@ def reading(rows: list[dict]) -> list[str]:
                         f"; retains {vs_dense['retained_pct']:.1f} % [{vs_dense['low']:.1f}, {vs_dense['high']:.1f}] of dense's headline")
             lines.append(f"- **{row['label']}** is {verdict} dense on the headline: {d:+.2f} ± {se:.2f} points "
                          f"({'paired' if vs_dense.get('paired') else 'unpaired'}, |Δ| {'>' if vs_dense['significant'] else '<='} {Z} se)"
-                         f"{retained}; WikiText-2 perplexity x{row['ppl_ratio_vs_dense']:.2f} dense's.")
+                         f"{retained}; WikiText-2 perplexity x{row['ppl_ratio_vs_dense']:.2f} dense's{flags}.")
             continue
         on_headline = "vs_baseline" in (row.get("protocol") or {})
         diff = row["protocol"]["vs_baseline"] if on_headline else row.get("vs_baseline")
@@ -221,7 +224,6 @@ def reading(rows: list[dict]) -> list[str]:
         ppl = (f"WikiText-2 perplexity {row['wikitext2_ppl']:.2f} vs {base['wikitext2_ppl']:.2f} "
                f"(x{row['wikitext2_ppl'] / base['wikitext2_ppl']:.3f})")
         measure = "the headline" if on_headline else "the 7-task average"
-        flags = "; " + row["protocol"]["drift"] if on_headline and row["protocol"].get("drift") else ""
         lines.append(f"- **{row['label']}** is {verdict} {base['label']} on {measure}: {d:+.2f} ± {se:.2f} points "
                      f"({'paired' if diff.get('paired') else 'unpaired'}, |Δ| {'>' if diff['significant'] else '<='} {Z} se); "
                      f"{ppl}{flags}.")
