@@ -1,17 +1,21 @@
-"""The 2025 methods next to ShortGPT and Gromov on one protocol: a table of every task's accuracy ± its standard
-error, the WikiText-2 perplexity, and each method's paired difference from its baseline.
+"""The 2025 methods next to ShortGPT and Gromov on one protocol: the headline (the mean over the tasks the dense
+model answers above its floor, ``docs/protocol.md``) ± its standard error with the paired difference from dense and
+from each method's baseline, every task's accuracy ± se, and the WikiText-2 perplexity.
 
-    python scripts/methods_2025_table.py results/methods_2025/smollm2-135m-q4_1_cpu
+    python scripts/methods_2025_table.py results/methods_2025/smollm2-135m-q4_1_cpu_protocol
 
 Reads the ``scripts/run_methods.py --out`` folder (``<run>/metrics.json``, ``params.yaml``, ``plan.json``,
 ``dense/metrics.json``) and writes ``table.md`` and ``table.json`` beside them. Every sentence of the
 "reading" section is generated here from the numbers: a difference counts only outside 1.96 standard errors
 (paired over the same documents, :mod:`layerfold.report.noise`).
 
+    python scripts/methods_2025_table.py results/methods_2025/smollm2-135m-q4_1_cpu_protocol --docs docs/methods_2025.md \
+        --marker methods_2025_protocol_table --table-only
     python scripts/methods_2025_table.py results/methods_2025/smollm2-135m-q4_1_cpu --docs docs/methods_2025.md
 
-also rewrites the generated part of ``docs/methods_2025.md`` (between its ``methods_2025_table`` markers): the table,
-the parity verdicts (``results/parity/*.json`` of ``scripts/parity_2025.py``) and ReplaceMe's estimation cost
+also rewrites a generated part of ``docs/methods_2025.md`` (between its ``<marker>:begin`` / ``<marker>:end`` lines,
+``methods_2025_table`` by default): the table and, unless ``--table-only``, the parity verdicts
+(``results/parity/*.json`` of ``scripts/parity_2025.py``) and ReplaceMe's estimation cost
 (``benchmarks/results/replaceme_cost_*.json``), so no number in that section is typed by hand.
 """
 
@@ -28,8 +32,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from layerfold.evaluation.harness import merge_documents  # noqa: E402
 from layerfold.io import atomic_file, write_json  # noqa: E402
 from layerfold.report.noise import Z, difference, mean_difference, mean_stderr  # noqa: E402
+from layerfold.report.protocol import (  # noqa: E402
+    collapsed, drift_mark, headline, headline_difference, informative_tasks, rule_lines, run_drift,
+)
 from layerfold.report.tables import reported_metric  # noqa: E402
 
 TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_notitle", "openbookqa"]
@@ -62,14 +70,20 @@ def order(path: Path) -> tuple[int, str]:
 
 
 def load(folder: Path) -> dict[str, dict]:
+    """Every run of a ``scripts/run_methods.py --out`` folder, its per-document results (``documents.json``) merged
+    into its metrics so that differences are paired over the same documents."""
     runs = {}
     for path in sorted(folder.iterdir(), key=order):
         if (path / "metrics.json").exists() and (path / "params.yaml").exists():
-            runs[path.name] = {"metrics": json.loads((path / "metrics.json").read_text()),
+            documents = json.loads((path / "documents.json").read_text()) if (path / "documents.json").exists() else None
+            runs[path.name] = {"metrics": merge_documents(json.loads((path / "metrics.json").read_text()), documents),
                                "params": yaml.safe_load((path / "params.yaml").read_text()),
                                "plan": json.loads((path / "plan.json").read_text()) if (path / "plan.json").exists() else None,
                                "compress_time": (json.loads((path / "compress_time.json").read_text())
-                                                 if (path / "compress_time.json").exists() else None)}
+                                                 if (path / "compress_time.json").exists() else None),
+                               # the evaluate stage's device, library versions and wall times (kept out of metrics.json)
+                               "evaluate_timings": (json.loads((path / "evaluate_timings.json").read_text())
+                                                    if (path / "evaluate_timings.json").exists() else {})}
     return runs
 
 
@@ -77,6 +91,45 @@ def task_cell(result: dict | None, metric: str | None) -> tuple[float | None, fl
     if not result or metric is None:
         return None, None
     return result.get(metric), result.get(f"{metric}_stderr")
+
+
+def evaluated_tasks(runs: dict[str, dict]) -> list[str]:
+    """The lm-eval tasks dense was scored on, in ``eval.lm_eval.tasks`` order (lm-eval's names, e.g. boolq_notitle)."""
+    scored = list(runs["dense"]["metrics"].get("lm_eval") or {})
+    listed = [str(t) for t in ((runs["dense"]["params"].get("eval") or {}).get("lm_eval") or {}).get("tasks") or []]
+    return [t for t in listed if t in scored] + [t for t in scored if t not in listed]
+
+
+def protocol(runs: dict[str, dict]) -> dict | None:
+    """The headline protocol (``layerfold.report.protocol``) over these runs: the informative tasks decided from dense
+    (``eval.headline.tasks``: auto, or a fixed list), each run's headline ± se, its paired difference from dense and
+    from its baseline with the verdict, answer drift against dense and collapse; None without lm-eval results."""
+    dense = runs["dense"]["metrics"]
+    tasks = evaluated_tasks(runs)
+    if not tasks:
+        return None
+    setting = ((runs["dense"]["params"].get("eval") or {}).get("headline") or {}).get("tasks", "auto")
+    decision = informative_tasks(dense, tasks, setting)
+    counted = decision["tasks"]
+    per_run = {}
+    for name, run in runs.items():
+        m = run["metrics"]
+        mine = headline(m, counted)
+        entry = {"headline": mine["value"], "headline_se": mine["se"],
+                 "collapsed": collapsed(m["perplexity"]["wikitext2"]["perplexity"], dense["perplexity"]["wikitext2"]["perplexity"])}
+        if name != "dense":
+            entry["vs_dense"] = headline_difference(m, dense, counted)
+            drift = run_drift(dense, m, tasks)
+            entry["drift"] = drift_mark(drift)
+            entry["drifted"] = drift["drifted"]
+            base = BASELINE.get(name)
+            if base in runs:
+                vs_base = headline_difference(m, runs[base]["metrics"], counted)
+                entry["vs_baseline"] = {"against": base, **{k: vs_base[k] for k in ("diff", "se", "paired", "significant", "verdict")}}
+        per_run[name] = entry
+    return {"rule": decision["rule"], "text": decision["text"], "tasks": counted, "evaluated": tasks,
+            "excluded": decision["excluded"], "rule_lines": rule_lines(decision),
+            "decisions": {t: {k: v for k, v in d.items()} for t, d in decision["decisions"].items()}, "runs": per_run}
 
 
 def build(runs: dict[str, dict]) -> dict:
@@ -110,8 +163,21 @@ def build(runs: dict[str, dict]) -> dict:
                                                                           "tasks": {t: d for t, d in zip(TASKS, diffs)}}
         rows.append(row)
     settings = runs["dense"]["metrics"].get("lm_eval_settings", {})
-    return {"rows": rows, "device": runs["dense"]["metrics"].get("device"), "dtype": runs["dense"]["metrics"].get("dtype"),
-            "versions": runs["dense"]["metrics"].get("versions"), "lm_eval_settings": settings,
+    verdicts = protocol(runs)
+    if verdicts is not None:
+        for row in rows:
+            row["protocol"] = verdicts["runs"][row["run"]]
+            lm = runs[row["run"]]["metrics"].get("lm_eval") or {}
+            row["all_tasks"] = {}
+            for task in verdicts["evaluated"]:  # every task scored, LAMBADA included (the 7-task average leaves it out)
+                value, se = task_cell(lm.get(task), reported_metric(task, lm.get(task), dense.get(task)))
+                row["all_tasks"][task] = {"value": value, "se": se}
+        verdicts = {k: v for k, v in verdicts.items() if k != "runs"}
+    max_windows = ((runs["dense"]["params"].get("eval") or {}).get("perplexity") or {}).get("max_windows", "unknown")
+    dense_metrics, dense_timings = runs["dense"]["metrics"], runs["dense"].get("evaluate_timings") or {}
+    return {"rows": rows, "protocol": verdicts, "perplexity_max_windows": max_windows,
+            "device": dense_metrics.get("device") or dense_timings.get("device"), "dtype": dense_metrics.get("dtype"),
+            "versions": dense_metrics.get("versions") or dense_timings.get("versions"), "lm_eval_settings": settings,
             "perplexity": {k: {kk: vv for kk, vv in v.items() if kk != "perplexity"} for k, v in runs["dense"]["metrics"]["perplexity"].items()},
             "model": runs["dense"]["metrics"]["model"]}
 
@@ -135,15 +201,32 @@ def reading(rows: list[dict]) -> list[str]:
             lines.append(f"- **{row['label']}** " + change.format(base=base["label"], b=base["wikitext2_ppl"], r=row["wikitext2_ppl"], x=ratio)
                          + "; no accuracy was measured in this run.")
             continue
-        diff = row.get("vs_baseline")
+        marks = [m for m in ("collapsed (WikiText-2 perplexity above 10x dense's)" if (row.get("protocol") or {}).get("collapsed") else "",
+                             (row.get("protocol") or {}).get("drift", "")) if m]
+        flags = "".join(f"; {m}" for m in marks)
+        vs_dense = (row.get("protocol") or {}).get("vs_dense")
+        if row["run"] not in BASELINE and vs_dense and vs_dense.get("verdict"):  # the baselines, against dense
+            d, se = 100 * vs_dense["diff"], 100 * vs_dense["se"]
+            verdict = {"ahead": "ahead of", "behind": "behind", "within noise": "within noise of"}[vs_dense["verdict"]]
+            retained = ("" if vs_dense.get("low") is None else
+                        f"; retains {vs_dense['retained_pct']:.1f} % [{vs_dense['low']:.1f}, {vs_dense['high']:.1f}] of dense's headline")
+            lines.append(f"- **{row['label']}** is {verdict} dense on the headline: {d:+.2f} ± {se:.2f} points "
+                         f"({'paired' if vs_dense.get('paired') else 'unpaired'}, |Δ| {'>' if vs_dense['significant'] else '<='} {Z} se)"
+                         f"{retained}; WikiText-2 perplexity x{row['ppl_ratio_vs_dense']:.2f} dense's{flags}.")
+            continue
+        on_headline = "vs_baseline" in (row.get("protocol") or {})
+        diff = row["protocol"]["vs_baseline"] if on_headline else row.get("vs_baseline")
         if not diff or diff["diff"] is None or diff["se"] is None:
             continue
         d, se = 100 * diff["diff"], 100 * diff["se"]
         verdict = ("within noise of" if not diff["significant"] else ("ahead of" if d > 0 else "behind"))
         base = next(r for r in rows if r["run"] == diff["against"])
-        ppl = f"WikiText-2 perplexity {row['wikitext2_ppl']:.2f} vs {base['wikitext2_ppl']:.2f}"
-        lines.append(f"- **{row['label']}** is {verdict} {base['label']} on the 7-task average: {d:+.2f} ± {se:.2f} points "
-                     f"(paired, |Δ| {'>' if diff['significant'] else '<='} {Z} se); {ppl}.")
+        ppl = (f"WikiText-2 perplexity {row['wikitext2_ppl']:.2f} vs {base['wikitext2_ppl']:.2f} "
+               f"(x{row['wikitext2_ppl'] / base['wikitext2_ppl']:.3f})")
+        measure = "the headline" if on_headline else "the 7-task average"
+        lines.append(f"- **{row['label']}** is {verdict} {base['label']} on {measure}: {d:+.2f} ± {se:.2f} points "
+                     f"({'paired' if diff.get('paired') else 'unpaired'}, |Δ| {'>' if diff['significant'] else '<='} {Z} se); "
+                     f"{ppl}{flags}.")
     return lines
 
 
@@ -151,6 +234,8 @@ def markdown(table: dict, folder: Path) -> str:
     rows = table["rows"]
     s = table["lm_eval_settings"]
     ppl = table["perplexity"]["wikitext2"]
+    if table.get("protocol"):
+        return protocol_markdown(table)
     if not any(r["tasks"][t]["value"] is not None for r in rows for t in TASKS):
         return perplexity_markdown(table)
     lines = [
@@ -181,6 +266,77 @@ def markdown(table: dict, folder: Path) -> str:
         lines.append(f"| {row['run']} | {row['label']} | {row['layers']} | {row['wikitext2_ppl']:.2f} | " + " | ".join(cells)
                      + f" | {pct(row['average'])} ± {pct(row['average_se'])} | {fmt(vs_dense)} | "
                      + f"{(vs_base or {}).get('against', '—')} | {fmt(vs_base)} |")
+    lines += ["", "## Reading (generated from the numbers above)", "", *reading(rows), ""]
+    lines += ["## Layers removed", "", "| run | removed (original indices) | compensation |", "|---|---|---|"]
+    lines += [f"| {r['run']} | {layers_changed(r)} | {r['compensation']} |" for r in rows if r["run"] != "dense"]
+    return "\n".join(lines) + "\n"
+
+
+def perplexity_scope(table: dict) -> str:
+    """Which part of the WikiText-2 test set the perplexity covers, in words."""
+    ppl = table["perplexity"]["wikitext2"]
+    scored = f"{ppl['tokens_scored']} tokens scored of {ppl['tokens_in_text']}"
+    if table.get("perplexity_max_windows") is None:
+        return (f"WikiText-2 test, the full test set: every non-overlapping {ppl['seq_len']}-token window "
+                f"({ppl['windows']} windows, {scored})")
+    return (f"WikiText-2 test, its first {ppl['windows']} non-overlapping {ppl['seq_len']}-token windows only "
+            f"(eval.perplexity.max_windows={table['perplexity_max_windows']}; {scored}, "
+            f"{100 * ppl['tokens_scored'] / ppl['tokens_in_text']:.1f} %), not the full test set")
+
+
+def protocol_markdown(table: dict) -> str:
+    """The table of the headline protocol (``docs/protocol.md``): headline ± se, paired Δ vs dense and vs the baseline
+    with their verdicts, flags, perplexity and compress cost; then every task; then the generated reading."""
+    rows, s, proto = table["rows"], table["lm_eval_settings"], table["protocol"]
+
+    def num(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    def delta(d: dict | None) -> str:
+        if not d or d.get("diff") is None:
+            return "—"
+        se = "—" if d.get("se") is None else f"{100 * d['se']:.2f}"
+        return f"{100 * d['diff']:+.2f} ± {se}{'*' if d.get('significant') else ''}"
+
+    first, *rest = proto["rule_lines"]
+    lines = [
+        "# 2025 methods on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), 30 -> 22 layers: the headline protocol",
+        "",
+        f"- **Model**: {table['model'].get('name')}, `{table['model'].get('file')}`, {table['model'].get('quantization')}: the numbers "
+        "of the **dequantised GGUF**, not of the full-precision model.",
+        f"- **Device**: {table['device']}, {table['dtype']}; versions {json.dumps(table['versions'])}",
+        f"- **Perplexity**: {perplexity_scope(table)}; no standard error (per-window losses are not recorded).",
+        f"- **lm-eval**: {s.get('sampling')} of {num(s.get('limit'), '.0f')} documents per task (seed {s.get('seed')}, the same "
+        "documents for every model), 0-shot; reported metric acc_norm for HellaSwag, ARC-c, OpenBookQA, acc otherwise.",
+        f"- {first}",
+        *[f"  {line}" for line in rest],
+        f"- **Δ**: run − reference on the headline in points ± se, paired over the same documents; `*` and a verdict ahead / "
+        f"behind only where |Δ| > {Z} se; retained: % of dense's headline [95 % interval]; flags: `collapsed` (WikiText-2 "
+        "perplexity above 10x dense's), `drift` (answer distribution unlike dense's, docs/protocol.md).",
+        "- **Compress**: wall time and peak host RSS of the compress stage (selection, estimation, compensation, fold), one "
+        "run each on a CPU shared with other jobs: an upper bound of the method's own cost.",
+        "",
+        "| run | method | layers | wiki2 PPL | x dense | headline % | Δ vs dense | verdict | retained % | baseline | Δ vs baseline "
+        "| verdict | flags | compress s | peak host MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        p = row["protocol"]
+        vs_dense, vs_base = p.get("vs_dense"), p.get("vs_baseline")
+        retained = ("—" if not vs_dense or vs_dense.get("retained_pct") is None else
+                    f"{vs_dense['retained_pct']:.1f} [{num(vs_dense.get('low'), '.1f')}, {num(vs_dense.get('high'), '.1f')}]")
+        flags = ", ".join(f for f in ("collapsed" if p.get("collapsed") else "", p.get("drift", "")) if f) or "—"
+        lines.append(f"| {row['run']} | {row['label']} | {row['layers']} | {row['wikitext2_ppl']:.2f} | "
+                     f"{num(row.get('ppl_ratio_vs_dense'), '.2f')} | {pct(p['headline'])} ± {pct(p['headline_se'])} | "
+                     f"{delta(vs_dense)} | {(vs_dense or {}).get('verdict') or '—'} | {retained} | "
+                     f"{(vs_base or {}).get('against', '—')} | {delta(vs_base)} | {(vs_base or {}).get('verdict') or '—'} | {flags} | "
+                     f"{num(row.get('compress_s'), '.1f')} | {num(row.get('compress_peak_host_mib'), '.0f')} |")
+    tasks = proto["evaluated"]
+    lines += ["", "## Every task (reported metric % ± se; the headline counts only the informative tasks above)", "",
+              "| run | " + " | ".join(tasks) + " | 7-task avg (earlier measure) |", "|---|" + "---|" * (len(tasks) + 1)]
+    for row in rows:
+        cells = [f"{pct(row['all_tasks'][t]['value'])} ± {pct(row['all_tasks'][t]['se'])}" for t in tasks]
+        lines.append(f"| {row['run']} | " + " | ".join(cells) + f" | {pct(row['average'])} ± {pct(row['average_se'])} |")
     lines += ["", "## Reading (generated from the numbers above)", "", *reading(rows), ""]
     lines += ["## Layers removed", "", "| run | removed (original indices) | compensation |", "|---|---|---|"]
     lines += [f"| {r['run']} | {layers_changed(r)} | {r['compensation']} |" for r in rows if r["run"] != "dense"]
@@ -230,7 +386,15 @@ def perplexity_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- methods_2025_table:begin (generated by scripts/methods_2025_table.py) -->", "<!-- methods_2025_table:end -->"
+MARKER = "methods_2025_table"
+
+
+def markers(marker: str = MARKER) -> tuple[str, str]:
+    """The lines around a generated section of the docs file."""
+    return f"<!-- {marker}:begin (generated by scripts/methods_2025_table.py) -->", f"<!-- {marker}:end -->"
+
+
+BEGIN, END = markers()
 
 
 def parity_markdown(parity_dir: Path) -> str:
@@ -267,17 +431,22 @@ def cost_markdown(bench_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def docs_section(table: dict, parity_dir: Path, bench_dir: Path) -> str:
-    """The generated part of docs/methods_2025.md: the table (headings two levels down), parity, cost."""
+def docs_section(table: dict, parity_dir: Path | None, bench_dir: Path | None, marker: str = MARKER) -> str:
+    """A generated part of docs/methods_2025.md: the table (headings two levels down), then parity and cost unless
+    their folders are None."""
+    begin, end = markers(marker)
     body = "".join(f"##{line}\n" if line.startswith("#") else f"{line}\n" for line in markdown(table, Path(".")).splitlines())
-    return (f"{BEGIN}\n{body}\n#### Parity with the released code ({parity_dir.as_posix()})\n\n{parity_markdown(parity_dir)}\n"
-            f"#### ReplaceMe estimation cost ({bench_dir.as_posix()}/replaceme_cost_*.json)\n\n{cost_markdown(bench_dir)}{END}")
+    if parity_dir is None or bench_dir is None:
+        return f"{begin}\n{body}{end}"
+    return (f"{begin}\n{body}\n#### Parity with the released code ({parity_dir.as_posix()})\n\n{parity_markdown(parity_dir)}\n"
+            f"#### ReplaceMe estimation cost ({bench_dir.as_posix()}/replaceme_cost_*.json)\n\n{cost_markdown(bench_dir)}{end}")
 
 
-def replace_docs_section(text: str, section: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"the docs file has no generated section: add the two lines\n{BEGIN}\n{END}\nwhere it belongs")
-    return text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+def replace_docs_section(text: str, section: str, marker: str = MARKER) -> str:
+    begin, end = markers(marker)
+    if begin not in text or end not in text:
+        raise SystemExit(f"the docs file has no generated section: add the two lines\n{begin}\n{end}\nwhere it belongs")
+    return text[:text.index(begin)] + section + text[text.index(end) + len(end):]
 
 
 def main() -> None:
@@ -286,6 +455,8 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, help="also rewrite the generated section of this markdown file")
     parser.add_argument("--parity-dir", type=Path, default=Path("results/parity"))
     parser.add_argument("--bench-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--marker", default=MARKER, help="the name of the docs file's generated section to rewrite")
+    parser.add_argument("--table-only", action="store_true", help="the docs section holds the table alone (no parity, no cost)")
     args = parser.parse_args()
     table = build(load(args.folder))
     write_json(args.folder / "table.json", table)
@@ -293,7 +464,9 @@ def main() -> None:
         handle.write(markdown(table, args.folder))
     print((args.folder / "table.md").read_text())
     if args.docs:
-        text = replace_docs_section(args.docs.read_text(encoding="utf-8"), docs_section(table, args.parity_dir, args.bench_dir))
+        extras = (None, None) if args.table_only else (args.parity_dir, args.bench_dir)
+        text = replace_docs_section(args.docs.read_text(encoding="utf-8"), docs_section(table, *extras, marker=args.marker),
+                                    args.marker)
         with atomic_file(args.docs) as handle:
             handle.write(text)
 

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_cpu"
+# each committed results folder with the docs section generated from it: (folder, marker, with parity and cost)
+COMMITTED = [(REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_cpu", "methods_2025_table", True),
+             (REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_cpu_protocol", "methods_2025_protocol_table", False)]
 TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_notitle", "openbookqa"]
 
 
@@ -57,13 +59,13 @@ def _runs(tmp_path: Path, gromov: dict, replaceme: dict) -> list[dict]:
 def test_a_gain_is_read_only_outside_the_noise(tmp_path: Path) -> None:
     rows = _runs(tmp_path / "a", _metrics(40.0, 0.40), _metrics(30.0, 0.50))  # +10 points, se of the mean ~0.5 points
     assert [r["run"] for r in rows] == ["dense", "gromov", "replaceme"]
-    (line,) = table.reading(rows)
+    line = table.reading(rows)[-1]  # the baseline's line against dense comes first
     assert "ahead of gromov" in line and "+10.00" in line
     rows = _runs(tmp_path / "b", _metrics(40.0, 0.40, stderr=0.1), _metrics(30.0, 0.41, stderr=0.1))  # +1 point, se ~5 points
-    (line,) = table.reading(rows)
+    line = table.reading(rows)[-1]  # the baseline's line against dense comes first
     assert "within noise of gromov" in line
     rows = _runs(tmp_path / "c", _metrics(30.0, 0.50), _metrics(40.0, 0.40))
-    assert "behind gromov" in table.reading(rows)[0]
+    assert "behind gromov" in table.reading(rows)[-1]
 
 
 def test_perplexity_only_runs_read_the_ratio_and_leave_small_ones_unread(tmp_path: Path) -> None:
@@ -79,15 +81,84 @@ def test_perplexity_only_runs_read_the_ratio_and_leave_small_ones_unread(tmp_pat
     assert "[3, 4] replaced by a linear map folded into layer 2" in text
 
 
-def test_committed_table_and_docs_are_generated_from_the_committed_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    built = table.build(table.load(RESULTS))
-    assert json.loads((RESULTS / "table.json").read_text()) == json.loads(json.dumps(built))
-    assert (RESULTS / "table.md").read_text() == table.markdown(built, RESULTS)
+def _bits(values: list[int]) -> list[str]:
+    return ["".join(str(v) for v in values)]
+
+
+def _task_result(correct: list[int], chance: float, majority: float) -> dict:
+    """One two-choice task's aggregates and per-document results, as ``evaluate`` stores them (merged form); the gold
+    answer is choice 0 on the first half of the documents, 1 on the second."""
+    n, acc = len(correct), sum(correct) / len(correct)
+    gold = [0] * (n // 2) + [1] * (n - n // 2)
+    chosen = [g if c else 1 - g for g, c in zip(gold, correct)]
+    return {"acc": acc, "acc_stderr": (acc * (1 - acc) / (n - 1)) ** 0.5, "n": n, "per_doc": {"acc": _bits(correct)},
+            "doc_ids": {"t": list(range(n))},
+            "answers": {"chosen": {"acc": _bits(chosen)}, "gold": _bits(gold), "choices": _bits([2] * n), "labels": None,
+                        "floor": {"n": n, "chance": chance, "majority": majority, "majority_class": "A"}}}
+
+
+def test_protocol_headline_counts_the_informative_tasks_and_pairs_the_differences(tmp_path: Path) -> None:
+    """With per-document results: the headline averages only the tasks dense answers above their floor, the differences
+    are paired over the same documents, and the table says the perplexity covers the full test set."""
+    n = 200
+    dense_good = [1] * 160 + [0] * 40  # 80 % on a task with a 50 % floor: informative
+    dense_floor = [1] * 100 + [0] * 100  # 50 %: at its floor, excluded
+    worse = [1] * 120 + [0] * 80  # 60 %: 20 points below dense, every lost document one dense got right
+
+    def metrics(ppl: float, good: list[int], other: list[int], layers: int = 22) -> tuple[dict, dict]:
+        m = _metrics(ppl, layers=layers)
+        m["perplexity"]["wikitext2"].update(windows=297, tokens_scored=304128, tokens_in_text=304986, seq_len=1024)
+        lm = {"piqa": _task_result(good, 0.5, 0.5), "boolq_notitle": _task_result(other, 0.5, 0.5)}
+        m["lm_eval"] = {t: {k: v for k, v in r.items() if k in ("acc", "acc_stderr", "n")} for t, r in lm.items()}
+        m["lm_eval_settings"] = {"sampling": "seeded random subset", "limit": n, "seed": 0}
+        documents = {"lm_eval": {t: {k: v for k, v in r.items() if k in ("per_doc", "doc_ids", "answers")} for t, r in lm.items()}}
+        return m, documents
+
+    params = {"eval": {"lm_eval": {"tasks": ["piqa", "boolq_notitle"]}, "headline": {"tasks": "auto"},
+                       "perplexity": {"max_windows": None}}}
+    for name, (m, docs), run_params, plan in (
+            ("dense", metrics(10.0, dense_good, dense_floor, layers=30), {**params, "method": {"name": "gromov"}}, None),
+            ("gromov", metrics(40.0, worse, dense_floor), {**params, "method": {"name": "gromov"}}, {"removed": [3], "merged": []}),
+            ("gromov_compensateprune_comp", metrics(30.0, dense_good, [1] * 200),
+             {**params, "method": {"name": "gromov"}, "compensate": {"name": "prune_comp"}}, {"removed": [3], "merged": []})):
+        _write(tmp_path, name, m, run_params, plan)
+        (tmp_path / name / "documents.json").write_text(json.dumps(docs))
+    built = table.build(table.load(tmp_path))
+    assert built["protocol"]["tasks"] == ["piqa"] and [e["task"] for e in built["protocol"]["excluded"]] == ["boolq_notitle"]
+    rows = {r["run"]: r for r in built["rows"]}
+    gromov = rows["gromov"]["protocol"]
+    assert gromov["headline"] == pytest.approx(0.6)
+    # paired: 40 documents lost, none gained -> se = sd(d) / sqrt(n) with d = -1 on 40 of 200 documents
+    d = [-1] * 40 + [0] * 160
+    mean = sum(d) / n
+    assert gromov["vs_dense"]["diff"] == pytest.approx(-0.2)
+    assert gromov["vs_dense"]["se"] == pytest.approx((sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5)
+    assert gromov["vs_dense"]["paired"] and gromov["vs_dense"]["verdict"] == "behind"
+    compensated = rows["gromov_compensateprune_comp"]["protocol"]
+    # BoolQ's answers went from all "A" to half "B" (every document right): excluded from the headline, flagged as drift
+    assert compensated["vs_dense"]["verdict"] == "within noise" and compensated["vs_baseline"]["verdict"] == "ahead"
+    assert compensated["drift"].startswith("drift: boolq_notitle")
+    baseline_line, line = table.reading(built["rows"])
+    assert baseline_line.startswith("- **gromov** is behind dense on the headline: -20.00 ± ") and "retains 75.0 %" in baseline_line
+    assert "is ahead of gromov on the headline: +20.00" in line and "paired" in line and "x0.750" in line
+    text = table.markdown(built, tmp_path)
+    assert "the full test set: every non-overlapping 1024-token window (297 windows" in text
+    assert "not the full test set" in table.markdown({**built, "perplexity_max_windows": 32}, tmp_path)
+    assert "| gromov | gromov | 22 | 40.00 | 4.00 | 60.00 ± " in text and "| behind |" in text
+
+
+@pytest.mark.parametrize(("results", "marker", "extras"), COMMITTED, ids=[c[0].name for c in COMMITTED])
+def test_committed_table_and_docs_are_generated_from_the_committed_results(monkeypatch: pytest.MonkeyPatch, results: Path,
+                                                                          marker: str, extras: bool) -> None:
+    built = table.build(table.load(results))
+    assert json.loads((results / "table.json").read_text()) == json.loads(json.dumps(built))
+    assert (results / "table.md").read_text() == table.markdown(built, results)
     docs = (REPO / "docs" / "methods_2025.md").read_text(encoding="utf-8")
     monkeypatch.chdir(REPO)  # the section names its sources relative to the repository
-    section = table.docs_section(built, Path("results/parity"), Path("benchmarks/results"))
-    assert section in docs, "docs/methods_2025.md is stale: rerun scripts/methods_2025_table.py ... --docs docs/methods_2025.md"
+    section = table.docs_section(built, *((Path("results/parity"), Path("benchmarks/results")) if extras else (None, None)),
+                                 marker=marker)
+    assert section in docs, f"docs/methods_2025.md is stale: rerun scripts/methods_2025_table.py {results.name} ... --docs"
     # every run of the table is a 30 -> 22 comparison on one protocol: the same calibration and evaluation settings
-    params = [yaml.safe_load((path / "params.yaml").read_text()) for path in RESULTS.iterdir() if (path / "params.yaml").exists()]
+    params = [yaml.safe_load((path / "params.yaml").read_text()) for path in results.iterdir() if (path / "params.yaml").exists()]
     assert {json.dumps([p["data"], p["eval"]], sort_keys=True) for p in params} == {json.dumps([params[0]["data"], params[0]["eval"]], sort_keys=True)}
     assert {r["layers"] for r in built["rows"] if r["run"] != "dense"} == {22}
