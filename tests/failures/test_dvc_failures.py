@@ -182,6 +182,9 @@ def _kill_processes_under(folder: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known bug: with dvc 3.67 the queued run's gated stage is reached, but no process "
+                   "under the clone (or carrying the gate in its environment) is found to kill, so the kill is never "
+                   "exercised; the queue then finishes the gated run normally")
 @pytest.mark.hostile(input="environment", stage="any", expect=("intact",))
 def test_killed_queue_worker_leaves_the_queue_usable(clone, tmp_path):
     repo, env = clone
