@@ -17,18 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import data_dir, make_clone, models_dir
+from stage_runner import TINY  # stories260K through the default pipeline's settings
 
 pytestmark = pytest.mark.hostile(input="config", stage="validate", expect=("message", "intact"))
 
-TINY = [
-    "model=stories260k",
-    "data.calibration.num_blocks=8",
-    "data.calibration.seq_len=64",
-    "data.benchmarks=[arc_easy]",
-    "eval.lm_eval.tasks=[arc_easy]",  # the tasks must read prepared benchmarks (validate checks it)
-    "method.num_remove=2",
-    "eval.perplexity.seq_len=128",  # stories260K's context is 512 tokens
-]
 # A sitecustomize that makes the compress stage's checkpoint write hang after the weights are on disk,
 # so the test can kill it mid-write. Only the compress stage's process is affected.
 SLOW_SAVE = """
