@@ -70,7 +70,11 @@ def parse_entry(entry: str) -> tuple[str, list[str], str]:
     ``shortgpt_recoverylora_num_remove6``): the folder names the last key part and value of each override."""
     method, *extra = entry.split("@")
     selector = method if method.startswith("+") else f"method={method}"
-    name = "_".join([method.split("=")[-1], *(e.split(".")[-1].replace("=", "").replace("/", "-") for e in extra)])
+    def short(override: str) -> str:  # "recovery.end_to_end.kd_weight=1.0" -> "kd_weight1.0"
+        key, _, value = override.partition("=")
+        return (key.split(".")[-1] + value).replace("/", "-")
+
+    name = "_".join([method.split("=")[-1], *(short(e) for e in extra)])
     return selector, extra, name
 
 
