@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,12 +47,12 @@ TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_
 # selection follows).
 BASELINE = {"replaceme": "gromov", "replaceme_objectivecosine": "gromov", "shortgpt_compensateprune_comp": "shortgpt",
             "gromov_compensateprune_comp": "gromov", "shortgpt_compensatelinear_patch": "shortgpt",
-            "gromov_compensatelinear_patch": "gromov", "sleb_one_shotTrue": "shortgpt"}
+            "gromov_compensatelinear_patch": "gromov", "sleb_one_shotTrue": "shortgpt", "sleb_one_shottrue": "shortgpt"}
 # Perplexity here carries no standard error: a ratio to the baseline within this factor is not read as a difference.
 PPL_UNREAD = 1.05
 
 
-def label(params: dict) -> str:
+def label(params: dict, healed: bool = False) -> str:
     method = params.get("method") or {}
     parts = [method.get("name", "?")]
     if method.get("name") == "replaceme":
@@ -60,6 +62,14 @@ def label(params: dict) -> str:
     compensate = (params.get("compensate") or {}).get("name", "none")
     if compensate != "none":
         parts.append(f"+ {compensate}")
+    if healed:
+        recovery = params.get("recovery") or {}
+        trainable = recovery.get("trainable")
+        what = f"lm_head + last {recovery.get('last_layers')} layers" if trainable == "last" else trainable
+        loss = recovery.get("end_to_end") or {}
+        objective = "logit KD" if loss.get("kd_weight") and not loss.get("lm_weight") else "LM loss"
+        seed = (params.get("runtime") or {}).get("seed", 0)
+        parts.append(f"healed ({recovery.get('name')}: {what}, {objective}, seed {seed})")
     return " ".join(parts)
 
 
@@ -69,22 +79,46 @@ def order(path: Path) -> tuple[int, str]:
     return (known.index(path.name) if path.name in known else len(known), path.name)
 
 
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def load(folder: Path) -> dict[str, dict]:
     """Every run of a ``scripts/run_methods.py --out`` folder, its per-document results (``documents.json``) merged
-    into its metrics so that differences are paired over the same documents."""
+    into its metrics so that differences are paired over the same documents. A folder with a recovery gives two runs:
+    ``<folder>`` (the compressed model, when scored) and ``<folder> (healed)`` (``recovered.json``)."""
     runs = {}
     for path in sorted(folder.iterdir(), key=order):
-        if (path / "metrics.json").exists() and (path / "params.yaml").exists():
-            documents = json.loads((path / "documents.json").read_text()) if (path / "documents.json").exists() else None
-            runs[path.name] = {"metrics": merge_documents(json.loads((path / "metrics.json").read_text()), documents),
-                               "params": yaml.safe_load((path / "params.yaml").read_text()),
-                               "plan": json.loads((path / "plan.json").read_text()) if (path / "plan.json").exists() else None,
-                               "compress_time": (json.loads((path / "compress_time.json").read_text())
-                                                 if (path / "compress_time.json").exists() else None),
-                               # the evaluate stage's device, library versions and wall times (kept out of metrics.json)
-                               "evaluate_timings": (json.loads((path / "evaluate_timings.json").read_text())
-                                                    if (path / "evaluate_timings.json").exists() else {})}
+        if not (path / "params.yaml").exists():
+            continue
+        common = {"params": yaml.safe_load((path / "params.yaml").read_text()), "plan": read_json(path / "plan.json"),
+                  "compress_time": read_json(path / "compress_time.json"),
+                  # the evaluate stage's device, library versions and wall times (kept out of metrics.json)
+                  "evaluate_timings": read_json(path / "evaluate_timings.json") or {}}
+        for metrics, documents, name in (("metrics.json", "documents.json", path.name),
+                                         ("recovered.json", "recovered_documents.json", f"{path.name} {HEALED}")):
+            if (path / metrics).exists():
+                runs[name] = {**common, "metrics": merge_documents(read_json(path / metrics), read_json(path / documents)),
+                              "healed": name != path.name, "recover": read_json(path / "recover.json") if name != path.name else None}
     return runs
+
+
+HEALED = "(healed)"
+SEED = re.compile(r"_seed(\d+)(?= |$)")
+
+
+def seed_group(run: str) -> str:
+    """``minitron-depth_seed2 (healed)`` -> ``minitron-depth (healed)``: the runs that differ only in their training seed."""
+    return SEED.sub("", run)
+
+
+def baseline_of(run: str, runs: dict[str, dict]) -> str | None:
+    """What a run is paired with: a 2025 method with the removal it extends (``BASELINE``); a healed run with the same
+    compressed model before healing (its own folder's, or its seed-0 folder's)."""
+    if run.endswith(HEALED):
+        compressed = seed_group(run)[: -len(HEALED) - 1]
+        return compressed if compressed in runs else None
+    return BASELINE.get(run)
 
 
 def task_cell(result: dict | None, metric: str | None) -> tuple[float | None, float | None]:
@@ -122,7 +156,7 @@ def protocol(runs: dict[str, dict]) -> dict | None:
             drift = run_drift(dense, m, tasks)
             entry["drift"] = drift_mark(drift)
             entry["drifted"] = drift["drifted"]
-            base = BASELINE.get(name)
+            base = baseline_of(name, runs)
             if base in runs:
                 vs_base = headline_difference(m, runs[base]["metrics"], counted)
                 entry["vs_baseline"] = {"against": base, **{k: vs_base[k] for k in ("diff", "se", "paired", "significant", "verdict")}}
@@ -132,7 +166,10 @@ def protocol(runs: dict[str, dict]) -> dict | None:
             "decisions": {t: {k: v for k, v in d.items()} for t, d in decision["decisions"].items()}, "runs": per_run}
 
 
-def build(runs: dict[str, dict]) -> dict:
+def build(runs: dict[str, dict], run_facts: dict | None = None) -> dict:
+    """The table. ``run_facts`` (the folder's ``run.json``: device, library versions, as the run printed them) stands in
+    for the evaluate stage's timing files where those were not kept."""
+    run_facts = run_facts or {}
     dense = runs["dense"]["metrics"].get("lm_eval") or {}
     rows = []
     for name, run in runs.items():
@@ -146,13 +183,13 @@ def build(runs: dict[str, dict]) -> dict:
             stderrs.append(se)
         values = [c["value"] for c in cells.values()]
         average = sum(values) / len(values) if all(v is not None for v in values) else None
-        row = {"run": name, "label": "dense" if name == "dense" else label(run["params"]), "layers": m["model"]["num_layers"],
+        row = {"run": name, "label": "dense" if name == "dense" else label(run["params"], run.get("healed", False)), "layers": m["model"]["num_layers"],
                "wikitext2_ppl": m["perplexity"]["wikitext2"]["perplexity"], "tasks": cells, "average": average,
                "average_se": mean_stderr(stderrs), "removed": (run["plan"] or {}).get("removed"),
                "merged": (run["plan"] or {}).get("merged"), "compensation": (run["plan"] or {}).get("compensation", {}).get("name", "none"),
                "compress_s": (run.get("compress_time") or {}).get("seconds"),
                "compress_peak_host_mib": (run.get("compress_time") or {}).get("peak_host_mib")}
-        for ref in ("dense", BASELINE.get(name)):
+        for ref in ("dense", baseline_of(name, runs)):
             if ref and ref in runs and ref != name:
                 ref_lm = runs[ref]["metrics"].get("lm_eval") or {}
                 row[f"ppl_ratio_vs_{'dense' if ref == 'dense' else 'baseline'}"] = row["wikitext2_ppl"] / runs[ref]["metrics"]["perplexity"]["wikitext2"]["perplexity"]
@@ -173,13 +210,74 @@ def build(runs: dict[str, dict]) -> dict:
                 value, se = task_cell(lm.get(task), reported_metric(task, lm.get(task), dense.get(task)))
                 row["all_tasks"][task] = {"value": value, "se": se}
         verdicts = {k: v for k, v in verdicts.items() if k != "runs"}
+    seeds = seed_spread(rows, runs) if verdicts is not None else []
     max_windows = ((runs["dense"]["params"].get("eval") or {}).get("perplexity") or {}).get("max_windows", "unknown")
-    dense_metrics, dense_timings = runs["dense"]["metrics"], runs["dense"].get("evaluate_timings") or {}
-    return {"rows": rows, "protocol": verdicts, "perplexity_max_windows": max_windows,
+    dense_metrics, dense_timings = runs["dense"]["metrics"], runs["dense"].get("evaluate_timings") or run_facts
+    return {"rows": rows, "protocol": verdicts, "seeds": seeds, "perplexity_max_windows": max_windows,
             "device": dense_metrics.get("device") or dense_timings.get("device"), "dtype": dense_metrics.get("dtype"),
             "versions": dense_metrics.get("versions") or dense_timings.get("versions"), "lm_eval_settings": settings,
             "perplexity": {k: {kk: vv for kk, vv in v.items() if kk != "perplexity"} for k, v in runs["dense"]["metrics"]["perplexity"].items()},
             "model": runs["dense"]["metrics"]["model"]}
+
+
+def seed_spread(rows: list[dict], runs: dict[str, dict]) -> list[dict]:
+    """Each healed recipe trained under several seeds (``runtime.seed`` and ``recovery.data.seed``: data order and the
+    initialisation of what is trained): the headline's and the perplexity's mean and sample standard deviation over the
+    seeds, next to the evaluation's own standard error (the mean of the seeds' headline se)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if runs[row["run"]].get("healed"):
+            groups.setdefault(seed_group(row["run"]), []).append(row)
+    out = []
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        heads = [m["protocol"]["headline"] for m in members]
+        deltas = [m["protocol"]["vs_dense"]["diff"] for m in members]
+        ppls = [m["wikitext2_ppl"] for m in members]
+        sample_seeds = sorted({(runs[m["run"]]["metrics"].get("lm_eval_settings") or {}).get("seed") for m in members}, key=str)
+        out.append({"recipe": group, "label": members[0]["label"].rsplit(", seed", 1)[0] + ")", "n": len(members),
+                    "document_sample_seeds": sample_seeds,
+                    "runs": [m["run"] for m in members], "seeds": [(runs[m["run"]]["params"].get("runtime") or {}).get("seed") for m in members],
+                    "headline_mean": statistics.mean(heads), "headline_sd": statistics.stdev(heads),
+                    "eval_se_mean": statistics.mean(m["protocol"]["headline_se"] for m in members),
+                    "vs_dense_mean": statistics.mean(deltas), "vs_dense_sd": statistics.stdev(deltas),
+                    "wikitext2_ppl_mean": statistics.mean(ppls), "wikitext2_ppl_sd": statistics.stdev(ppls),
+                    "headlines": heads, "wikitext2_ppls": ppls})
+    return out
+
+
+def seeds_markdown(seeds: list[dict]) -> list[str]:
+    """The seed table and one generated sentence per recipe: is the spread over seeds small against the evaluation's se?"""
+    if not seeds:
+        return []
+    lines = ["## Healed recipes over training seeds", "",
+             "Each recipe trained with several seeds (`runtime.seed` and `recovery.data.seed`: data order and the "
+             "initialisation of what is trained) from the same compressed model. sd: sample standard deviation over the "
+             "seeds; eval se: the headline's standard error of one run (mean over the seeds).", "",
+             "| recipe | seeds | headline % per seed | mean ± sd over seeds | eval se | Δ vs dense mean ± sd | wiki2 PPL mean ± sd |",
+             "|---|---|---|---|---|---|---|"]
+    for g in seeds:
+        lines.append(f"| {g['label']} | {', '.join(str(x) for x in g['seeds'])} | {', '.join(pct(h) for h in g['headlines'])} | "
+                     f"{pct(g['headline_mean'])} ± {pct(g['headline_sd'])} | {pct(g['eval_se_mean'])} | "
+                     f"{100 * g['vs_dense_mean']:+.2f} ± {pct(g['vs_dense_sd'])} | {g['wikitext2_ppl_mean']:.2f} ± {g['wikitext2_ppl_sd']:.2f} |")
+    lines.append("")
+    for g in seeds:
+        ratio = g["headline_sd"] / g["eval_se_mean"]
+        size = "smaller than" if ratio < 1 else "at least as large as"
+        same = len(g["document_sample_seeds"]) == 1
+        documents = ("every seed scored on the same documents" if same else
+                     "the seeds were scored on different document samples (sample seeds "
+                     f"{', '.join(str(x) for x in g['document_sample_seeds'])}), so this spread holds the sampling's variance too "
+                     "and the seeds' differences are unpaired")
+        lines.append(f"- **{g['label']}**: the headline's spread over {g['n']} seeds ({pct(g['headline_sd'])} points) is {size} "
+                     f"one evaluation's standard error ({pct(g['eval_se_mean'])} points; ratio {ratio:.2f}); {documents}.")
+    return [*lines, ""]
+
+
+def from_folder(folder: Path) -> dict:
+    """The table of a results folder: its runs and, where present, its ``run.json`` (device and versions)."""
+    return build(load(folder), read_json(folder / "run.json"))
 
 
 def pct(value: float | None) -> str:
@@ -314,7 +412,8 @@ def protocol_markdown(table: dict) -> str:
         f"behind only where |Δ| > {Z} se; retained: % of dense's headline [95 % interval]; flags: `collapsed` (WikiText-2 "
         "perplexity above 10x dense's), `drift` (answer distribution unlike dense's, docs/protocol.md).",
         "- **Compress**: wall time and peak host RSS of the compress stage (selection, estimation, compensation, fold), one "
-        "run each on a CPU shared with other jobs: an upper bound of the method's own cost.",
+        + ("run each on a CPU shared with other jobs: an upper bound of the method's own cost." if "cpu" in str(table["device"]).lower()
+           else f"run each on {table['device']}; the capture pass it reads is shared by every run and not counted."),
         "",
         "| run | method | layers | wiki2 PPL | x dense | headline % | Δ vs dense | verdict | retained % | baseline | Δ vs baseline "
         "| verdict | flags | compress s | peak host MiB |",
@@ -338,6 +437,7 @@ def protocol_markdown(table: dict) -> str:
         cells = [f"{pct(row['all_tasks'][t]['value'])} ± {pct(row['all_tasks'][t]['se'])}" for t in tasks]
         lines.append(f"| {row['run']} | " + " | ".join(cells) + f" | {pct(row['average'])} ± {pct(row['average_se'])} |")
     lines += ["", "## Reading (generated from the numbers above)", "", *reading(rows), ""]
+    lines += seeds_markdown(table.get("seeds") or [])
     lines += ["## Layers removed", "", "| run | removed (original indices) | compensation |", "|---|---|---|"]
     lines += [f"| {r['run']} | {layers_changed(r)} | {r['compensation']} |" for r in rows if r["run"] != "dense"]
     return "\n".join(lines) + "\n"
@@ -458,7 +558,7 @@ def main() -> None:
     parser.add_argument("--marker", default=MARKER, help="the name of the docs file's generated section to rewrite")
     parser.add_argument("--table-only", action="store_true", help="the docs section holds the table alone (no parity, no cost)")
     args = parser.parse_args()
-    table = build(load(args.folder))
+    table = from_folder(args.folder)
     write_json(args.folder / "table.json", table)
     with atomic_file(args.folder / "table.md") as handle:
         handle.write(markdown(table, args.folder))

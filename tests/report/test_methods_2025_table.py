@@ -15,7 +15,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 # each committed results folder with the docs section generated from it: (folder, marker, with parity and cost)
 COMMITTED = [(REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_cpu", "methods_2025_table", True),
-             (REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_cpu_protocol", "methods_2025_protocol_table", False)]
+             (REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_cpu_protocol", "methods_2025_protocol_table", False),
+             (REPO / "results" / "methods_2025" / "smollm2-135m-q4_1_h100_protocol", "methods_2025_gpu_table", False)]
 TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_notitle", "openbookqa"]
 
 
@@ -150,7 +151,7 @@ def test_protocol_headline_counts_the_informative_tasks_and_pairs_the_difference
 @pytest.mark.parametrize(("results", "marker", "extras"), COMMITTED, ids=[c[0].name for c in COMMITTED])
 def test_committed_table_and_docs_are_generated_from_the_committed_results(monkeypatch: pytest.MonkeyPatch, results: Path,
                                                                           marker: str, extras: bool) -> None:
-    built = table.build(table.load(results))
+    built = table.from_folder(results)
     assert json.loads((results / "table.json").read_text()) == json.loads(json.dumps(built))
     assert (results / "table.md").read_text() == table.markdown(built, results)
     docs = (REPO / "docs" / "methods_2025.md").read_text(encoding="utf-8")
@@ -162,3 +163,37 @@ def test_committed_table_and_docs_are_generated_from_the_committed_results(monke
     params = [yaml.safe_load((path / "params.yaml").read_text()) for path in results.iterdir() if (path / "params.yaml").exists()]
     assert {json.dumps([p["data"], p["eval"]], sort_keys=True) for p in params} == {json.dumps([params[0]["data"], params[0]["eval"]], sort_keys=True)}
     assert {r["layers"] for r in built["rows"] if r["run"] != "dense"} == {22}
+
+
+def _seeded(accuracy: float, seed: int, ppl: float) -> dict:
+    metrics = _metrics(ppl, accuracy)
+    metrics["lm_eval_settings"] = {"sampling": "seeded", "limit": 10, "seed": seed}
+    return metrics
+
+
+def test_healed_runs_pair_with_their_compressed_model_and_seeds_give_a_spread(tmp_path: Path) -> None:
+    """A recovery folder gives a compressed and a healed run; the healed one is paired with the compressed model before
+    healing, seed folders (``_seed<k>``) join it, and the spread over seeds names a document sample that moved."""
+    _write(tmp_path, "dense", _metrics(10.0, 0.6, layers=30), {"method": {"name": "drop_last"}})
+    healed_params = {"method": {"name": "drop_last"}, "recovery": {"name": "lm", "trainable": "last", "last_layers": 3,
+                                                                   "end_to_end": {"lm_weight": 1.0, "kd_weight": 0.0}}}
+    plan = {"removed": [3, 4], "merged": []}
+    _write(tmp_path, "recipe", _metrics(1e6, 0.30), {**healed_params, "runtime": {"seed": 0}}, plan)
+    (tmp_path / "recipe" / "recovered.json").write_text(json.dumps(_seeded(0.40, 0, 30.0)))
+    for seed, accuracy in ((1, 0.44), (2, 0.42)):
+        folder = tmp_path / f"recipe_seed{seed}"
+        folder.mkdir()
+        (folder / "params.yaml").write_text(yaml.safe_dump({**healed_params, "runtime": {"seed": seed}}))
+        (folder / "plan.json").write_text(json.dumps(plan))
+        (folder / "recovered.json").write_text(json.dumps(_seeded(accuracy, seed, 31.0)))
+    built = table.build(table.load(tmp_path))
+    rows = {r["run"]: r for r in built["rows"]}
+    assert set(rows) == {"dense", "recipe", "recipe (healed)", "recipe_seed1 (healed)", "recipe_seed2 (healed)"}
+    assert rows["recipe_seed2 (healed)"]["protocol"]["vs_baseline"]["against"] == "recipe"
+    assert abs(rows["recipe (healed)"]["protocol"]["vs_baseline"]["diff"] - 0.10) < 1e-9
+    assert "healed (lm: lm_head + last 3 layers, LM loss, seed 1)" in rows["recipe_seed1 (healed)"]["label"]
+    [group] = built["seeds"]
+    assert group["n"] == 3 and group["seeds"] == [0, 1, 2]
+    assert abs(group["headline_mean"] - 0.42) < 1e-9 and abs(group["headline_sd"] - 0.02) < 1e-9
+    text = table.markdown(built, tmp_path)
+    assert "different document samples (sample seeds 0, 1, 2)" in text
