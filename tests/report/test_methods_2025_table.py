@@ -197,3 +197,11 @@ def test_healed_runs_pair_with_their_compressed_model_and_seeds_give_a_spread(tm
     assert abs(group["headline_mean"] - 0.42) < 1e-9 and abs(group["headline_sd"] - 0.02) < 1e-9
     text = table.markdown(built, tmp_path)
     assert "different document samples (sample seeds 0, 1, 2)" in text
+
+
+def test_replaceme_stability_sentence_matches_its_results() -> None:
+    """The docs' sentence on ReplaceMe over calibration draws cites its generated results."""
+    summary = json.loads((REPO / "results" / "calibration_stability" / "smollm2-135m-q4_1_cpu_2025" / "replaceme.json").read_text())["summary"]
+    docs = " ".join((REPO / "docs" / "methods_2025.md").read_text(encoding="utf-8").split())
+    assert summary["draws"] == 5 and summary["distinct_sets"] == 1
+    assert f"mean Jaccard {summary['mean_jaccard']:.2f} against a chance of {summary['chance_jaccard']:.2f}" in docs
