@@ -27,7 +27,8 @@ def main() -> None:
         guard(BASE, stage.device, stage.dtype, batch_size, blocks.shape[1], "capture.batch_size", all_boundaries=True)
     stats = BoundaryStatistics(checkpoint_facts(BASE).num_layers + 1, max_distance=stage.params.capture.max_distance)
     cost = execution.capture_statistics(BASE, blocks, hardware, stats, stage.device, stage.dtype, batch_size)
-    logging.info("capture (%s): %s", hardware.mode, cost.as_dict())
+    logging.info("captured %d sequences x %d tokens, %s", *blocks.shape, cost.sentence())
+    logging.debug("capture cost: %s", cost.as_dict())
     bi = block_influence(stats.cosine)
     with atomic_dir(CAPTURE) as tmp:
         save_file({k: v.contiguous() for k, v in stats.tensors().items()}, tmp / "stats.safetensors")
@@ -44,7 +45,7 @@ def main() -> None:
                 "last_token_angular": stats.last_token_angular.tolist(),
             },
         )
-    logging.info("lowest-BI layers: %s", sorted(range(len(bi)), key=lambda i: float(bi[i]))[:8])
+    logging.info("lowest Block Influence: layers %s", ", ".join(map(str, sorted(range(len(bi)), key=lambda i: float(bi[i]))[:8])))
 
 
 if __name__ == "__main__":

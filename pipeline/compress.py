@@ -34,10 +34,12 @@ from layerfold.compensate import compress_and_compensate
 from layerfold.io import read_json, write_json
 from layerfold.methods import MethodContext, check_layer_major
 from layerfold.models import describe, load_checkpoint, save_checkpoint
+from layerfold.models.card import write_model_card
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.resources import guard
 from layerfold.models.sources import PLAN_FILE, resolve_dtype
 from layerfold.stage import BASE, CALIBRATION, COMPRESSED, CAPTURE, METRICS, start
+from layerfold.surgery.plan import describe_plan
 from layerfold.tracking import init_run
 
 
@@ -80,8 +82,23 @@ def compress_layer_major(base: Path, blocks: torch.Tensor, stats: BoundaryStatis
     generation = GenerationConfig.from_pretrained(base) if (base / "generation_config.json").exists() else None
     save_layerwise(execution.PlannedLayerLoader(loader, ctx.plan), tokenizer, out, dtype, storage,
                    generation_config=generation, plan=plan)
-    logging.info("compress (sequential): %s", ctx.stack.report.as_dict())
+    logging.info("layer by layer: %s", ctx.stack.report.sentence())
+    logging.debug("layer-by-layer cost: %s", ctx.stack.report.as_dict())
     return read_json(out / PLAN_FILE), describe(ctx.model), timings
+
+
+def _write_card(params: Any, plan: dict, summary: dict) -> None:
+    """The compressed checkpoint's model card: written before evaluation, so it says where the metrics go."""
+    model = params.model
+    size = (f", parameters {summary['params_total'] / 1e6:.1f}M" if summary.get("params_total") else "")
+    write_model_card(
+        COMPRESSED, title=f"{model.name}, {summary['layers_after']} of {summary['layers_before']} layers ({summary['method']})",
+        path_hint=str(COMPRESSED), method=plan["method"], plan_line=describe_plan(plan),
+        base_model_id=model.id if model.source == "hub" else None,
+        metrics=[f"layers {summary['layers_before']} -> {summary['layers_after']}{size} (`metrics/compress.json`)",
+                 "accuracies and perplexity, once evaluated: `metrics/compressed.json`; the run's headline ± se and Δ vs dense: "
+                 "`metrics/summary.json` and `reports/report.md`"],
+    )
 
 
 def main() -> None:
@@ -112,11 +129,14 @@ def main() -> None:
     }
     timing = {**timings, "peak_memory_mib": round(peak_memory_mib(stage.device), 1), "device": device_name(stage.device),
               "hardware": hardware.mode, "peak_host_mib": round(host_peak_rss_mib(), 1)}
+    _write_card(stage.params, plan, summary)
     write_json(METRICS / "compress.json", summary)
     write_json(METRICS / "compress_time.json", timing)
     run.log({f"compress/{k}": v for k, v in {**summary, **timing}.items() if isinstance(v, (int, float))})
     run.finish()
-    logging.info("%s: %d -> %d layers in %.1fs; plan: %s", summary["method"], summary["layers_before"], summary["layers_after"], timings["seconds"], plan["layers"])
+    # the whole plan is in artifacts/compressed/plan.json; the log names only what changed
+    logging.info("%s: %d -> %d layers in %.1f s: %s (plan: %s)", summary["method"], summary["layers_before"], summary["layers_after"],
+                 timings["seconds"], describe_plan(plan), COMPRESSED / PLAN_FILE)
 
 
 if __name__ == "__main__":

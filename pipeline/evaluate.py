@@ -60,8 +60,8 @@ def timings_file(name: str) -> Path:
 def main(name: str, checkpoint: str) -> None:
     stage = start(f"evaluate@{name}")
     cfg = stage.params.eval
-    if (Path(checkpoint) / POINTER_FILE).exists() and not (Path(checkpoint) / "config.json").exists():
-        # recovery=none: the "recovered" model is the compressed one; scoring it twice would only cost time
+    if (Path(checkpoint) / POINTER_FILE).exists():
+        # recovery=none: the "recovered" model is a copy of the compressed one; scoring it twice would only cost time
         target = os.path.relpath(resolve_pointer(checkpoint))  # relative: outputs stay portable across clones
         write_json(METRICS / f"{name}.json", {"same_model_as": target})
         write_json(DOCUMENTS / f"{name}.json", {"same_model_as": target})
@@ -93,8 +93,10 @@ def main(name: str, checkpoint: str) -> None:
         source = resolve_pointer(checkpoint) if layer_major else model
         metrics["perplexity"][dataset] = execution.perplexity(source, tokenizer, text, p.seq_len, stage.params.hardware, p.max_windows,
                                                               p.add_bos, p.batch_size, stage.device, stage.dtype)
-        logging.info("%s perplexity (%s): %s", dataset, stage.params.hardware.mode, metrics["perplexity"][dataset].pop("execution"))
-        logging.info("%s perplexity: %.3f", dataset, metrics["perplexity"][dataset]["perplexity"])
+        cost = metrics["perplexity"][dataset].pop("execution")
+        logging.debug("%s perplexity cost: %s", dataset, cost)
+        logging.info("%s perplexity: %.3f over %d tokens (%s, %.1f s)", dataset, metrics["perplexity"][dataset]["perplexity"],
+                     metrics["perplexity"][dataset]["tokens_scored"], cost["mode"], cost["seconds"])
     timings["perplexity_s"] = time.perf_counter() - started
 
     if cfg.lm_eval.tasks:

@@ -8,8 +8,9 @@
                                                                           # larger than one GPU (docs/scaling.md)
     torchrun --standalone --nproc_per_node 2 -m pipeline.recover  # the same, launched by torchrun
 
-With ``recovery=none`` the output is a pointer to ``artifacts/compressed`` (no weights copied);
-``layerfold.models.load_checkpoint`` follows it. Otherwise the dense base model is the teacher, the
+With ``recovery=none`` the output is the compressed checkpoint itself (its files hard-linked where the
+filesystem allows, else copied), so ``artifacts/recovered`` always loads with ``from_pretrained``; its
+``pointer.json`` records which checkpoint it is a copy of (evaluate then scores that one only once). Otherwise the dense base model is the teacher, the
 compressed model the student, and ``plan.json`` says which original layers each new layer stands for;
 it is checked against the checkpoint it was sealed to (:func:`layerfold.models.fingerprint.check_plan`)
 before anything trains, so an edited plan or swapped weights stop here.
@@ -37,8 +38,9 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from layerfold.data.training import build_training_data
 from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
-from layerfold.io import atomic_dir, atomic_file, read_json, write_json
+from layerfold.io import atomic_dir, atomic_file, link_or_copy, read_json, write_json
 from layerfold.models import describe, save_checkpoint
+from layerfold.models.card import CARD_FILE, write_model_card
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.fingerprint import SEAL_KEY, check_plan
 from layerfold.models.sources import PLAN_FILE, resolve_dtype, write_pointer
@@ -66,7 +68,7 @@ def main() -> None:
     check_plan(plan, COMPRESSED)  # the plan compress wrote for these weights, unchanged, or nothing trains
     if cfg.name == "none":
         if main_process:
-            _pass_through(plan)
+            _pass_through(plan, stage.params)
         end_processes()
         return
 
@@ -113,6 +115,12 @@ def main() -> None:
                            plan=recovered_plan)
         else:
             save_checkpoint(model, tokenizer, RECOVERED, dtype=storage, plan=recovered_plan)
+        _write_card(RECOVERED, stage.params, plan, [
+            f"validation LM loss {summary['val_lm_loss_before']:.4f} before recovery, {summary['val_lm_loss_after']:.4f} after "
+            "(`metrics/recover.json`; loss curve `metrics/recover_curve.csv`)"
+            if summary.get("val_lm_loss_before") is not None and summary.get("val_lm_loss_after") is not None
+            else "training: `metrics/recover.json`, loss curve `metrics/recover_curve.csv`",
+        ])
         run_cost = engine.summary_metrics(summary, device_name(device))
         # What the run made (deterministic for a given device) goes to recover.json, a DVC output; what it cost
         # on this machine (times, memory, device) to recover_time.json, which git ignores and DVC does not hash.
@@ -149,18 +157,37 @@ def main() -> None:
     end_processes()
 
 
-def _pass_through(plan: dict) -> None:
-    """recovery=none: a pointer to the compressed checkpoint, no weights copied."""
+def _write_card(folder, params, plan: dict, metrics: list[str]) -> None:
+    """The recovered checkpoint's model card (written before evaluation: it says where the accuracies go)."""
+    from layerfold.surgery.plan import describe_plan
+
+    model = params.model
+    recovery = {k: v for k, v in dict(params.recovery).items() if not isinstance(v, dict) and not hasattr(v, "keys")}
+    write_model_card(
+        folder, title=f"{model.name}, {len(plan['layers'])} of {plan['original_layers']} layers, {plan['method']['name']} + recovery={params.recovery.name}",
+        path_hint=str(RECOVERED), method=plan["method"], plan_line=describe_plan(plan), recovery=recovery,
+        base_model_id=model.id if model.source == "hub" else None,
+        metrics=[*metrics, "accuracies and perplexity, once evaluated: `metrics/recovered.json`; the run's headline ± se and "
+                 "Δ vs dense: `metrics/summary.json` and `reports/report.md`"],
+    )
+
+
+def _pass_through(plan: dict, params) -> None:
+    """recovery=none: the compressed checkpoint as the recovered one (hard links or copies), with a pointer naming it."""
     if plan.get("details", {}).get("needs_training"):
         logging.warning("%s left an untrained replacement layer; recovery=none keeps it as initialised "
                         "(use recovery=distill or recovery=lm to train it)", plan["method"]["name"])
     with atomic_dir(RECOVERED) as tmp:
+        # every file of the checkpoint (the plan too: sealed to these same weights), its card written anew below
+        for file in sorted(COMPRESSED.iterdir()):
+            if file.is_file() and file.name != CARD_FILE:
+                link_or_copy(file, tmp / file.name)
         write_pointer(tmp, COMPRESSED)
-        shutil.copy(COMPRESSED / PLAN_FILE, tmp / PLAN_FILE)  # sealed to the checkpoint the pointer names
+        _write_card(tmp, params, plan, ["not trained (recovery=none): the same weights as `artifacts/compressed`"])
     write_json(METRICS / "recover.json", {"recovery": "none", "trained": False})
     write_json(RECOVER_TIME, {"recovery": "none"})  # replaces a trained run's times
     _write_curve([])
-    logging.info("recovery=none: %s points at %s", RECOVERED, COMPRESSED)
+    logging.info("recovery=none: %s is a copy of %s", RECOVERED, COMPRESSED)
 
 
 def _write_curve(points: list[dict]) -> None:

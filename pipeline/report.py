@@ -26,6 +26,7 @@ refreshes its cross-experiment plot when this stage reruns (``dvc repro -f repor
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ from layerfold.report import (
     markdown_report,
     similarity_heatmap,
 )
+from layerfold.report.plots import loss_curve, perplexity_bars
 from layerfold.report.protocol import run_drift, summary, wikitext2_ppl
 from layerfold.report.reader import run_headline
 from layerfold.report.screen import last_screen
@@ -62,7 +64,10 @@ PLOTS = {
     "Mean cosine between layer boundaries": "similarity_heatmap.png",
     "Block influence per layer": "layer_importance.png",
     "Accuracy vs parameters across experiments": "accuracy_vs_params.png",
+    "Perplexity per model": "perplexity.png",
+    "Recovery loss per step": "recovery_curve.png",
 }
+RECOVER_CURVE = Path("metrics/recover_curve.csv")  # written by recover (a header only with recovery=none)
 PRODUCED_BY = {"dense": "evaluate@dense", "compressed": "evaluate@compressed", "compress": "compress", "plan": "compress", "stats": "capture"}
 
 
@@ -106,6 +111,11 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
         title = f"Headline accuracy over {len(tasks)} informative task(s) vs size, {len(runs)} experiment(s)" if tasks else None
         accuracy_vs_params(accuracy_points(runs, tasks=decision["tasks"]), tmp / PLOTS["Accuracy vs parameters across experiments"],
                            title=title)
+        perplexity_bars({label: {d: v["perplexity"] for d, v in (run[label] or {}).get("perplexity", {}).items()}
+                         for label in ("dense", "compressed", "recovered") if run.get(label)},
+                        tmp / PLOTS["Perplexity per model"])
+        curve = root / RECOVER_CURVE
+        loss_curve(list(csv.DictReader(curve.open())) if curve.exists() else [], tmp / PLOTS["Recovery loss per step"])
 
     removed, merged = set(plan.get("removed", [])), {i for g in plan.get("merged", []) for i in g}
     importance = [

@@ -1525,4 +1525,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from layerfold.io import install_error_hook
+
+    install_error_hook("parity_released")  # layerfold's errors (a bad override, a missing file) as one line; --debug: the traceback
     main()

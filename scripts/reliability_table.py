@@ -170,4 +170,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from layerfold.io import install_error_hook
+
+    install_error_hook("reliability_table")  # layerfold's errors as one line; --debug: the traceback
     raise SystemExit(main())

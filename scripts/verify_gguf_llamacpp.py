@@ -269,4 +269,7 @@ def round_trip(source: Path, exported: Path) -> dict:
 if __name__ == "__main__":
     if "--worker" not in sys.argv:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from layerfold.io import install_error_hook
+
+    install_error_hook("verify_gguf_llamacpp")  # layerfold's errors as one line; --debug: the traceback
     main()

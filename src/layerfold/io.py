@@ -292,6 +292,16 @@ def _mount_point(path: Path) -> str:
     return str(folder)
 
 
+def link_or_copy(source: str | Path, destination: str | Path) -> None:
+    """``destination`` as a hard link to ``source`` (no second copy of a large weights file), or a copy where
+    the filesystem refuses links. Writers never edit a file in place (:func:`atomic_dir` renames new ones),
+    so the two names cannot drift apart."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
 def portable_path(path: str | Path) -> str:
     """``path`` as tracked outputs record it: relative to the working directory (the repository root, where
     stages and scripts run) when inside it, else only its name under ``<outside>/``. An absolute path names
@@ -439,12 +449,22 @@ def is_layerfold_error(err: BaseException) -> bool:
     return isinstance(err, (OutputWriteError, DamagedFileError, MissingFileError)) or type(err).__module__.split(".")[0] in ("layerfold", "pipeline")
 
 
+def debug_requested() -> bool:
+    """Whether the user asked for tracebacks: ``LAYERFOLD_DEBUG=1`` or ``LAYERFOLD_TRACEBACK=1``."""
+    return any(os.environ.get(name, "") not in ("", "0") for name in ("LAYERFOLD_DEBUG", "LAYERFOLD_TRACEBACK"))
+
+
 def install_error_hook(stage: str) -> None:
     """Print layerfold's errors as one line on stderr (exit status 1) instead of a traceback.
 
-    Other exceptions (bugs) keep their traceback; ``LAYERFOLD_TRACEBACK=1`` keeps it for every error.
+    Other exceptions (bugs) keep their traceback; ``LAYERFOLD_DEBUG=1`` (or ``LAYERFOLD_TRACEBACK=1``, or
+    ``--debug`` on the command line, taken out of ``sys.argv`` here so argument parsers never see it) keeps
+    it for every error.
     """
-    if os.environ.get("LAYERFOLD_TRACEBACK"):
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        os.environ["LAYERFOLD_DEBUG"] = "1"  # stages run in this process (scripts/run_methods.py) keep it too
+    if debug_requested():
         return
     previous = getattr(sys.excepthook, "layerfold_previous", sys.excepthook)
 

@@ -8,7 +8,7 @@ resolved config.
 from __future__ import annotations
 
 import os
-import tempfile
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +22,14 @@ class _NoRun:
 
     def finish(self) -> None:
         pass
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """Where wandb writes its run folders (``<dir>/wandb/``): ``tracking.dir``, else ``$WANDB_DIR``, else the project
+    root (``$DVC_ROOT`` under `dvc exp run`, else the working directory), whose ``/wandb/`` git ignores, so
+    offline runs stay with the project (`wandb sync wandb/offline-run-*`) and out of commits."""
+    configured = cfg.get("dir") or os.environ.get("WANDB_DIR")
+    return Path(configured) if configured else Path(os.environ.get("DVC_ROOT") or Path.cwd())
 
 
 def init_run(params: DictConfig, stage: str) -> Any:
@@ -38,7 +46,7 @@ def init_run(params: DictConfig, stage: str) -> Any:
         project=cfg.project,
         entity=cfg.entity,
         mode=cfg.mode,
-        dir=cfg.dir or os.environ.get("WANDB_DIR") or tempfile.gettempdir(),
+        dir=str(run_dir(cfg)),
         name=f"{experiment}-{stage}",
         group=experiment,
         job_type=stage,

@@ -53,8 +53,10 @@ def test_exp_run_end_to_end(clone):
     assert config["num_hidden_layers"] == 3
     assert load_file(repo / "data/prepared/calibration/blocks.safetensors")["input_ids"].shape == (8, 64)
 
-    # recovery=none (the default): the recover stage points at the compressed model, no weights copied
-    assert sorted(p.name for p in (repo / "artifacts/recovered").iterdir()) == ["plan.json", "pointer.json"]
+    # recovery=none (the default): the recover stage writes the compressed model itself (a checkpoint that loads
+    # with from_pretrained, with its card) and a pointer naming the checkpoint it is the same model as
+    recovered = {p.name for p in (repo / "artifacts/recovered").iterdir()}
+    assert {"config.json", "model.safetensors", "plan.json", "pointer.json", "README.md"} <= recovered
     # ...and evaluate@recovered records that it is the compressed model instead of scoring it twice
     assert json.loads((repo / "metrics/recovered.json").read_text()) == {"same_model_as": "artifacts/compressed"}
     for name in ("dense", "compressed"):

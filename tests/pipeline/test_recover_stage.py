@@ -13,6 +13,8 @@ from conftest import REPO, data_dir, models_dir
 from layerfold.config import compose
 from layerfold.models import load_checkpoint
 from layerfold.models.replacement import SIDE_FILE
+from layerfold.models.sources import resolve_pointer
+from transformers import AutoModelForCausalLM
 from layerfold.stage import COMPRESSED, METRICS, RECOVERED, RECOVERY_STATE
 
 TINY = [
@@ -93,11 +95,15 @@ def test_streamline_replacements_train_and_reload(workdir, monkeypatch, replacem
 def test_recovery_none_passes_the_compressed_model_through(workdir, monkeypatch):
     metrics = run_stages(workdir, monkeypatch, ["method=streamline", "method.num_remove=2", "method.replacement=none"])
     assert metrics == {"recovery": "none", "trained": False}
-    assert sorted(p.name for p in RECOVERED.iterdir()) == ["plan.json", "pointer.json"]
+    # a real checkpoint (loads with from_pretrained), its pointer naming the checkpoint it is a copy of
+    assert {"config.json", "model.safetensors", "plan.json", "pointer.json", "README.md"} <= {p.name for p in RECOVERED.iterdir()}
+    assert resolve_pointer(RECOVERED) == RECOVERED / ".." / "compressed"
+    stock = AutoModelForCausalLM.from_pretrained(RECOVERED)
     recovered, _ = load_checkpoint(RECOVERED)
     compressed, _ = load_checkpoint(COMPRESSED)
     ids = torch.randint(0, 512, (1, 16))
     assert torch.equal(recovered(ids).logits, compressed(ids).logits)
+    assert torch.equal(stock(ids).logits, compressed(ids).logits)
 
 
 @pytest.mark.parametrize("method, recovery", [

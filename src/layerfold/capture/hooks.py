@@ -77,5 +77,5 @@ class LayerBoundaries:
 
 def iterate_batches(blocks: torch.Tensor, batch_size: int, device: torch.device, desc: str | None = None) -> Iterator[torch.Tensor]:
     """Yield calibration blocks in batches on ``device`` with a progress bar."""
-    for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False):
+    for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=True if desc is None else None, leave=False, unit="batch"):
         yield blocks[start : start + batch_size].to(device)

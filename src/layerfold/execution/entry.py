@@ -112,7 +112,7 @@ def capture_statistics(source: Source, blocks: torch.Tensor, hardware: Any, stat
     if _mode(hardware) == "resident":
         model = resident_model(source, device, dtype)
         _check_boundaries(stats, get_adapter(model).num_layers(model))
-        resident_capture(model, blocks, batch_size, desc=None, stats=stats)
+        resident_capture(model, blocks, batch_size, desc="capture", stats=stats)
         return _resident_report(device, began)
     run = runner(source, hardware, device, dtype, batch_size)
     _check_boundaries(stats, run.num_layers)
@@ -155,7 +155,7 @@ def perplexity(source: Source, tokenizer: PreTrainedTokenizerBase, text: str, se
     if _mode(hardware) == "resident":
         _reset_peaks(device)
         began = time.perf_counter()
-        result = resident_perplexity(resident_model(source, device, dtype), tokenizer, text, seq_len, max_windows, add_bos, batch_size, desc=None)
+        result = resident_perplexity(resident_model(source, device, dtype), tokenizer, text, seq_len, max_windows, add_bos, batch_size, desc="perplexity")
         return {**result, "execution": _resident_report(device, began).as_dict()}
     blocks, tokens_in_text = perplexity_windows(tokenizer, text, seq_len, max_windows, add_bos)
     nll, count, report = token_nll(source, blocks, hardware, device, dtype, batch_size)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from layerfold.capture.hooks import hidden_from
@@ -329,6 +330,15 @@ class ExecutionReport:
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
+    def sentence(self) -> str:
+        """The report as one short log line (the dict goes to DEBUG and to the stage's timing file)."""
+        size = f" ({self.activation_mib:.0f} MiB)" if self.activation_mib else ""
+        where = f", activations on {self.activations}{size}" if self.activations else ""
+        layers = f"{self.layers_run} layers in " if self.layers_run else ""
+        waited = f" ({self.weights_wait_s:.1f} s waiting for weights)" if self.weights_wait_s >= 0.05 else ""
+        gpu = f", GPU peak {self.peak_gpu_mib:.0f} MiB" if self.peak_gpu_mib is not None else ""
+        return f"{self.mode}{where}: {layers}{self.seconds:.1f} s{waited}, host peak {self.peak_host_mib:.0f} MiB{gpu}"
+
 
 class LayerMajorRunner:
     """Runs the stack of ``loader`` one decoder layer at a time over a fixed set of sequences.
@@ -425,7 +435,9 @@ class LayerMajorRunner:
         if on_boundary is not None:
             acts.visit(lambda b, hidden: on_boundary(start, b, hidden))
         with WeightStream(self.loader, range(start, stop), self.device, self.dtype, self.prefetch) as weights:
-            for index in range(start, stop):
+            # a bar with rate and ETA over the layers (one layer of a trial is no pass worth a bar)
+            for index in tqdm(range(start, stop), desc="layer by layer", unit="layer", leave=False,
+                              disable=True if stop - start < 2 else None):
                 self._run_layer(acts, index, weights.take(), on_boundary, on_layer)
                 _sync(self.device)  # the layer's tensors are back with the allocator before the next one is used
                 self.report.layers_run += 1

@@ -36,6 +36,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, register
@@ -126,6 +127,8 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
     trials: list[dict] = []
     skipped: list[dict] = []  # windows whose layers differ in structure
     base = highest - C
+    # every trial moves base down by at least one layer: the bar's total is an upper bound (its ETA too)
+    bar = tqdm(total=max(base - cfg.lowest_layer + 1, 0), desc="LaCo trials", unit="trial", disable=None)
     while base >= cfg.lowest_layer and (target is None or ctx.num_layers > target):
         k = min(C - 1, ctx.num_layers - base - 1)
         if target is not None:
@@ -149,6 +152,7 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
             {"base": base, "folded": k, "original_layers": stands_for, "similarity": round(sim, 6), "accepted": accepted}
         )
         log.info("LaCo: merge %s into %d -> similarity %.4f (%s)", window[1:], base, sim, "accepted" if accepted else "rejected")
+        bar.update()
         if accepted:
             base -= I
             if base >= ctx.num_layers:
@@ -156,6 +160,7 @@ def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
         else:
             base -= 1
 
+    bar.close()
     final = ctx.num_layers
     reached = None if target is None else final == target
     details = {

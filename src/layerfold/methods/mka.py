@@ -104,6 +104,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from tqdm.auto import tqdm
 
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, check_target, register
@@ -354,7 +355,7 @@ def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
     steps: list[dict] = []
     first: dict = {}
     scoring_seconds = 0.0  # under details["timings"], which the compress stage moves to metrics/compress_time.json
-    for step in range(cfg.num_remove):
+    for step in tqdm(range(cfg.num_remove), desc="MKA merges", unit="merge", disable=None):
         if cfg.recompute or step == 0:
             features = _features(ctx, step)
             tic = time.perf_counter()

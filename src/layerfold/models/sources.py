@@ -271,13 +271,20 @@ def write_pointer(directory: str | Path, target: str | Path) -> None:
 
 
 def resolve_pointer(directory: str | Path) -> Path:
-    """The checkpoint directory ``directory`` stands for: itself, or the target of its ``pointer.json``."""
+    """The checkpoint directory ``directory`` stands for: itself, or the target of its ``pointer.json``.
+
+    A directory with both a checkpoint and a ``pointer.json`` is a copy of the target (recovery=none writes
+    one, so the recovered folder loads with ``from_pretrained``); the pointer then says which checkpoint it
+    is the same model as.
+    """
     import json
 
     directory = Path(directory)
     if not (directory / POINTER_FILE).exists():
         return directory
     target = directory / json.loads((directory / POINTER_FILE).read_text())["checkpoint"]
+    if not (target / "config.json").exists() and (directory / "config.json").exists():
+        return directory  # a copy that records where it came from (recovery=none), moved away from its source
     if not (target / "config.json").exists():
         raise ModelSourceError(f"{directory / POINTER_FILE} points at {target}, which holds no checkpoint; run `dvc repro` first.")
     return target

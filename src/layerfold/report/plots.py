@@ -132,3 +132,58 @@ def accuracy_vs_params(points: list[dict], path: str | Path | None = None, title
     if path is not None:
         save_png(fig, path)
     return fig
+
+
+def perplexity_bars(perplexities: dict[str, dict[str, float]], path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Perplexity per dataset (groups) and model (bars): ``{"dense": {"wikitext2": 23.1, "c4": ...}, "compressed": {...}}``.
+
+    A log scale when the values span more than 10x (a pruned model's perplexity is often many times the
+    dense one's); each bar is labelled with its value.
+    """
+    models = [m for m in perplexities if perplexities[m]]
+    datasets = sorted({d for m in models for d in perplexities[m]})
+    fig = _figure(max(5.0, 1.6 * len(datasets) + 2.5), 3.8)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(models), 1)
+    palette = {"dense": COLORS["dense"], "compressed": COLORS["compressed"], "recovered": "#55a868"}
+    for k, model in enumerate(models):
+        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(datasets))]
+        values = [perplexities[model].get(d, float("nan")) for d in datasets]
+        bars = ax.bar(xs, values, width=width * 0.95, label=model, color=palette.get(model))
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=2)
+    values = [v for m in models for v in perplexities[m].values() if v > 0]
+    if values and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title or "Perplexity")
+    ax.margins(y=0.15)
+    if models:
+        ax.legend(fontsize=8)
+    if path is not None:
+        save_png(fig, path)
+    return fig
+
+
+def loss_curve(rows: list[dict], path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Recovery training loss per optimiser step (``metrics/recover_curve.csv`` rows: step, phase, loss), one line per phase.
+
+    With no rows (``recovery=none``) the figure says so, so the plot is never missing from a run.
+    """
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot()
+    phases: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        phases.setdefault(str(row["phase"]), []).append((float(row["step"]), float(row["loss"])))
+    for phase, points in phases.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=phase, marker="." if len(points) < 30 else None)
+    if phases:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no recovery training in this run (recovery=none)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "Recovery loss")
+    if path is not None:
+        save_png(fig, path)
+    return fig

@@ -162,7 +162,7 @@ def removal_nll(
     states = [_input_of(model, batch, order[0]) for batch in batches]  # entering layer order[0]
 
     losses: dict[int, float] = {}
-    for k, i in enumerate(tqdm(order, desc=desc, disable=desc is None, leave=False)):
+    for k, i in enumerate(tqdm(order, desc=desc, disable=True if desc is None else None, leave=False, unit="layer")):
         if i == num_layers - 1:  # nothing follows the last layer: its input goes straight to the norm and head
             tail, inputs = [j for j in range(num_layers) if j != i], [None] * len(batches)
         else:

@@ -34,3 +34,31 @@ class LayerPlan:
             "merged": [g for g in self.groups if len(g) > 1],
             "removed": self.removed(),
         }
+
+
+def _spans(layers: Iterable[int], joiner: str = ", ") -> str:
+    """``[11, 12, 13, 14, 20]`` -> ``"11-14, 20"`` (runs of three or more as a range)."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return joiner.join(f"{r[0]}-{r[-1]}" if len(r) > 2 else joiner.join(map(str, r)) for r in runs)
+
+
+def describe_plan(plan: dict, most: int = 5) -> str:
+    """A plan (``plan.json``'s dict) in one line: ``removed layers 11-18 (8 of 30); merged 23+24+25 -> 23``.
+
+    At most ``most`` merges are named (the rest counted), so the line stays short on deep models; the whole
+    plan is in ``plan.json``.
+    """
+    original, removed = plan["original_layers"], plan.get("removed") or []
+    parts = [f"removed layer{'s' if len(removed) > 1 else ''} {_spans(removed)} ({len(removed)} of {original})"] if removed else []
+    merges = [layer for layer in plan["layers"] if len(layer["stands_for"]) > 1]
+    named = [f"{_spans(m['stands_for'], '+')} -> {m['index']}" for m in merges[:most]]
+    if len(merges) > most:
+        named.append(f"{len(merges) - most} more")
+    if merges:
+        parts.append(f"merged {', '.join(named)} ({sum(len(m['stands_for']) for m in merges)} of {original} layers into {len(merges)})")
+    return "; ".join(parts) or f"all {original} layers kept"
