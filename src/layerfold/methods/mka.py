@@ -103,15 +103,18 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 from layerfold.config import ConfigError
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.methods import CaptureReads, MethodCapabilities, MethodContext, check_target, register
+from layerfold.models.facts import ModelFacts
 from layerfold.scoring.manifold import GUARDS, guarded_entropies, layer_embeddings, mutual_information_matrix, npib_from_parts
 from layerfold.surgery import LayerSurgeryError, weighted
+from layerfold.surgery.support import Family, structure_kinds, structure_runs
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +413,29 @@ def _break_tie(ctx: MethodContext, cfg: MKAConfig, candidates: list[int], alphas
     return losses
 
 
-@register("mka", MKAConfig)
+def problems(cfg: MKAConfig, facts: ModelFacts, params: Any) -> list[str]:
+    """Enough calibration samples per draw for the settings (:func:`check_samples`), before anything runs."""
+    check_samples(cfg, int(params.data.calibration.num_blocks))
+    return []
+
+
+def family_refusal(family: Family, cfg: MKAConfig) -> str | None:
+    """Why this stack cannot take ``num_remove`` merges of adjacent layers of one structure, or None."""
+    structures = family.structures
+    if structures is None or len(set(structures)) == 1 or not cfg.get("apply_merge", True):
+        return None
+    possible = sum(run - 1 for run in structure_runs(structures))
+    wanted = int(cfg.get("num_remove") or 0)
+    if wanted > possible:
+        return (f"method=mka merges adjacent pairs of layers weight by weight, and only layers of one structure merge; this "
+                f"{family.model_type} model allows at most {possible} such merges ({structure_kinds(family)}), but method.num_remove={wanted}. "
+                f"Set method.num_remove <= {possible}, or use a removal method.")
+    return None
+
+
+# Reads the per-sample features of every boundary (the dense model's from the capture, then re-captured per merge).
+@register("mka", MKAConfig, capabilities=MethodCapabilities(edit="merge", reads=CaptureReads(("sample_features",)),
+                                                            family_refusal=family_refusal), problems=problems)
 def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
     _check(ctx, cfg)
     steps: list[dict] = []
