@@ -44,11 +44,11 @@ from layerfold.methods import MethodContext
 from layerfold.methods.mka import MKAConfig, averaged_similarity, draw_indices, layer_similarity, near_ties
 from layerfold.models import load_checkpoint, resolve_device, resolve_dtype
 from layerfold.scoring.loss import calibration_nll
+from layerfold.methods.mka import merge_alpha
 from layerfold.scoring.manifold import (
     diffusion_maps,
     knn_entropies,
     layer_embeddings,
-    merge_alpha,
     mutual_information,
     mutual_information_matrix,
     rank_normalise,

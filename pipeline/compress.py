@@ -9,7 +9,8 @@ checkpoint and its ``plan.json`` are one atomic output, the plan sealed to the w
 (:class:`layerfold.methods.MethodContext.layer_major`), and the compressed checkpoint is written one
 layer at a time from the plan over the base checkpoint's shards (:func:`layerfold.execution.save_layerwise`),
 the same files with the same tensors (LLM-Streamline's replacements included: the plan states their
-re-initialisation, drawn from ``runtime.seed``). A method that cannot run layer-major stops before anything loads.
+re-initialisation, drawn from ``runtime.seed``). A method whose declaration (``MethodCapabilities.layer_major``) rules out
+these settings layer by layer stops before anything loads.
 
 Wall time (the method's and any a method reports under ``details["timings"]``), peak memory and the
 device go to metrics/compress_time.json: git ignores it and DVC lists it as a top-level metric, not an output,
@@ -32,7 +33,7 @@ from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_
 from layerfold.execution.checkpoint import save_layerwise
 from layerfold.compensate import compress_and_compensate
 from layerfold.io import read_json, write_json
-from layerfold.methods import MethodContext, check_layer_major
+from layerfold.methods import MethodContext, check_capture_reach, check_layer_major
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.card import write_model_card
 from layerfold.models.devices import host_peak_rss_mib
@@ -106,6 +107,7 @@ def main() -> None:
     run = init_run(stage.params, "compress")
     blocks = load_file(CALIBRATION / "blocks.safetensors")["input_ids"]
     stats = BoundaryStatistics.from_tensors(load_file(CAPTURE / "stats.safetensors"))
+    check_capture_reach(stage.params.method, stats.reach)  # the statistics hold the boundary pairs the method declares it reads
     storage = resolve_dtype(stage.params.model.storage_dtype)
     batch_size, hardware, seed = stage.params.capture.batch_size, stage.params.hardware, stage.params.runtime.seed
     if hardware.mode == "sequential":

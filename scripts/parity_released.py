@@ -793,7 +793,7 @@ def mka_scoring(settings: Settings, blocks: torch.Tensor) -> Outcome:
     layer outputs of the calibration blocks (not timed; this isolates the arithmetic)."""
     from layerfold.capture import capture_statistics
     from layerfold.methods.mka import MKAConfig, layer_similarity
-    from layerfold.scoring.manifold import merge_alpha
+    from layerfold.methods.mka import merge_alpha
 
     cfg = settings.method_config(MKA_PRESETS["layerfold_parity"] + settings.overrides.get("mka", []))
     module = load_module(released_path(Path(settings.released_dir), "mka") / "pipeline.py", "mka_pipeline")

@@ -31,10 +31,10 @@ from omegaconf import DictConfig, ListConfig
 
 from layerfold.config import MODEL_SOURCE_KEYS, ConfigError, Params, check_ranges, derived_model_name, range_problems
 from layerfold.export.checks import export_problems
-from layerfold.methods import check_layer_major, get_method, token_cosine_distance, writes_side_layers
+from layerfold.methods import MethodSpec, check_capture_reach, check_layer_major, family_refusal, get_method
 from layerfold.models.facts import ModelFacts
 from layerfold.recovery.layer_major import layer_major_blocker
-from layerfold.surgery.support import family_of, method_refusal, recovery_refusal
+from layerfold.surgery.support import family_of, recovery_refusal
 
 # The model presets (conf/model/*.yaml): a preset's name names that preset's weights.
 MODEL_PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -52,7 +52,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
         raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
     bounds = facts.bounds() if facts is not None else {}
     spec, method_cfg = get_method(params.method, bounds)
-    _check_capture_distance(params, spec, method_cfg)
+    check_capture_reach(params.method, (params.get("capture") or {}).get("max_distance"))
     _check_headline(params)
     _check_compensation_and_selectors(params, facts)
     if params.get("hardware") is not None and params.hardware.get("mode") == "sequential":
@@ -63,7 +63,7 @@ def check(params: DictConfig, facts: ModelFacts | None, where: str = "params.yam
     problems = [*_recovery_problems(params), *_data_problems(params)]
     if facts is not None:
         check_ranges(_settings_that_run(params), Params, where, facts=bounds)
-        problems += [*_cross_field_problems(params, facts), *_method_problems(spec.name, method_cfg, params, facts),
+        problems += [*_cross_field_problems(params, facts), *_method_problems(spec, method_cfg, params, facts),
                      *_model_name_problems(params), *export_problems(params, facts)]
     if problems:
         raise ConfigError(f"{where}: " + (problems[0] if len(problems) == 1 else "\n  ".join(["invalid settings:", *problems])))
@@ -77,7 +77,7 @@ def check_for_model(params: DictConfig, facts: ModelFacts, where: str) -> None:
     problems = _family_problems(params, facts)
     if not problems:
         spec, method_cfg = get_method(params.method, facts.bounds())  # the method's ranges (num_remove < num_layers, ...)
-        problems = _method_problems(spec.name, method_cfg, params, facts)
+        problems = _method_problems(spec, method_cfg, params, facts)
     ran = _settings_that_run(params)
     problems += list(range_problems({key: ran[key] for key in ("data", "capture", "recovery") if key in ran}, Params, "", facts.bounds()))
     if problems:
@@ -116,21 +116,9 @@ def _family_problems(params: DictConfig, facts: ModelFacts | None) -> list[str]:
     if facts is None:
         return []
     family = family_of(facts.model_type, facts.config)
-    spec, method_cfg = get_method(params.method, facts.bounds())
-    why = method_refusal(family, spec.name, method_cfg) or recovery_refusal(family, params.get("recovery"))
+    get_method(params.method, facts.bounds())  # the method's ranges against the model first
+    why = family_refusal(family, params.method) or recovery_refusal(family, params.get("recovery"))
     return [] if why is None else [f"{why} [model family: {facts.model_type}]"]
-
-
-def _check_capture_distance(params: DictConfig, spec, method_cfg) -> None:
-    """The capture must keep the boundary pairs the method reads (``capture.max_distance``), or compress would fail later."""
-    kept = (params.get("capture") or {}).get("max_distance")
-    needed = token_cosine_distance(spec.name, method_cfg)
-    if kept is not None and needed is not None and needed > kept:
-        raise ConfigError(
-            f"capture.max_distance={kept} keeps the token cosine of boundaries at most {kept} layers apart, but method={spec.name} "
-            f"with these settings reads boundaries {needed} apart. Set capture.max_distance >= {needed} "
-            f"(`-S capture.max_distance={needed}`), or null for every pair."
-        )
 
 
 def _check_headline(params: DictConfig) -> None:
@@ -166,12 +154,14 @@ def _check_recovery_layer_major(params: DictConfig) -> None:
 def _check_side_layers_layer_major(params: DictConfig) -> None:
     """A compressed checkpoint with a layer of another class (a side file) is read by the resident loader only."""
     spec, cfg = get_method(params.method)
-    if writes_side_layers(spec.name, cfg):
+    side = spec.capabilities.side_layers(cfg)
+    if side is not None:
+        settings, stock = side
         raise ConfigError(
-            f"method={spec.name} with method.replacement={cfg.replacement} compresses layer by layer, but the checkpoint it writes holds a "
-            "ReLU-MLP layer of a class the architecture does not have (a side file), which the recover and evaluate stages read "
-            "only with the whole model; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`), "
-            "or a stock replacement (method.replacement=ffn, swiglu or transformer_layer), which run layer by layer end to end."
+            f"method={spec.name} with {settings} compresses layer by layer, but the checkpoint it writes holds a layer of a class "
+            "the architecture does not have (a side file), which the recover and evaluate stages read only with the whole model; "
+            f"it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`), or {stock}, which run layer "
+            "by layer end to end."
         )
 
 
@@ -208,30 +198,15 @@ def _cross_field_problems(params: DictConfig, facts: ModelFacts) -> list[str]:
 
 
 # -- the method's settings against the model and the calibration data ----------------------------------------
-def _method_problems(name: str, cfg: Any, params: DictConfig, facts: ModelFacts) -> list[str]:
-    """What the method's own checks would refuse at the start of compress (after DVC deleted its outputs)."""
-    layers, problems = facts.num_layers, []
+def _method_problems(spec: MethodSpec, cfg: Any, params: DictConfig, facts: ModelFacts) -> list[str]:
+    """What the method's own checks (its registered ``problems``) would refuse at the start of compress (after DVC
+    deleted its outputs)."""
+    if spec.problems is None:
+        return []
     try:
-        if name in ("come", "come_p"):
-            from layerfold.methods.come import check_config
-
-            # which families can be concatenated at all is decided by _family_problems (layerfold.surgery.support)
-            check_config(cfg, layers)
-        elif name == "mka":
-            from layerfold.methods.mka import check_samples
-
-            check_samples(cfg, int(params.data.calibration.num_blocks))
-        elif name == "laco" and cfg.highest_layer is not None and cfg.lowest_layer > cfg.highest_layer:
-            problems.append(f"method.lowest_layer={cfg.lowest_layer} lies above method.highest_layer={cfg.highest_layer}: LaCo tries base "
-                            "layers from highest_layer down to lowest_layer; lower lowest_layer or raise highest_layer.")
-        elif name == "sleb":
-            free = layers - min(cfg.protect_first, layers) - min(cfg.protect_last, max(layers - cfg.protect_first, 0))
-            if free < cfg.num_remove:
-                problems.append(f"method.num_remove={cfg.num_remove} but only {max(free, 0)} of the model's {layers} layers are not protected "
-                                f"(method.protect_first={cfg.protect_first}, method.protect_last={cfg.protect_last}); lower one of them.")
+        return list(spec.problems(cfg, facts, params))
     except ValueError as err:  # ConfigError and LayerSurgeryError: the method's own message, key and fix included
-        problems.append(str(err))
-    return problems
+        return [str(err)]
 
 
 # -- recovery -----------------------------------------------------------------------------------------------
@@ -375,18 +350,12 @@ def _model_name_problems(params: DictConfig) -> list[str]:
 
 
 def _check_compensation_and_selectors(params: DictConfig, facts: ModelFacts | None) -> None:
-    """``compensate``, ReplaceMe's fixed block, ``recovery.trainable`` = last / patch and QLoRA: what they rule out before anything runs."""
+    """``compensate``, ``recovery.trainable`` = last / patch and QLoRA: what they rule out before anything runs."""
     from layerfold.compensate import compensation_problems
 
     method, recovery = params.method, params.get("recovery") or {}
     hardware = params.get("hardware") or {}
     problems = compensation_problems(method, params.get("compensate"), hardware)
-    if facts is not None and method.get("name") == "replaceme" and method.get("start") is not None:
-        start, n = int(method.start), int(method.get("num_remove", 8))
-        if start + n > facts.num_layers:
-            problems.append(f"method.start={start} with method.num_remove={n} asks for layers {start}..{start + n - 1}, which a model of "
-                            f"{facts.num_layers} layers does not have: method.start must lie in 1..{facts.num_layers - n} "
-                            f"(`-S method.start=<1..{facts.num_layers - n}>`), or null to choose the block by distance.")
     trainable = recovery.get("trainable")
     if recovery.get("name", "none") != "none" and trainable in ("last", "patch"):
         if recovery.get("lora", {}).get("enabled"):

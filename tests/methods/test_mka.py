@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ import layerfold.methods.mka as mka_module
 from layerfold.capture import capture_statistics
 from layerfold.config import ConfigError
 from layerfold.methods import MethodContext, compress
-from layerfold.methods.mka import MKAConfig, layer_similarity, normalise_by_diagonal, self_similarity
-from layerfold.scoring.manifold import merge_alpha, npib_similarity
+from layerfold.methods.mka import MKAConfig, layer_similarity, merge_alpha, most_similar_adjacent_pair, normalise_by_diagonal, self_similarity
+from layerfold.scoring.manifold import npib_similarity
 
 VOCAB = 64
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -344,3 +345,57 @@ def test_draws_preset_fits_its_own_calibration() -> None:
     per_draw = preset.data.calibration.num_blocks // preset.method.draws
     assert preset.method.tie_break == "loss" and per_draw == 32
     assert MKAConfig().k_entropy < per_draw and MKAConfig().n_neighbors < per_draw
+
+
+# merge weight (the decision MKA takes from the similarity) ----------------------------------------------------------------------------
+
+S_HAND = np.array([[1.0, 0.8, 0.2], [0.8, 1.0, 0.5], [0.2, 0.5, 1.0]])
+
+
+def test_merge_alpha_paper_vs_code_by_hand() -> None:
+    assert merge_alpha(S_HAND, 0, 1, mode="paper") == pytest.approx(0.8)
+    # s0 = (1 + .8 + .2) / 3 = 2/3 ; s1 = (.8 + 1 + .5) / 3 = 2.3/3 ; r = 2 / 4.3
+    r = 2.0 / 4.3
+    assert merge_alpha(S_HAND, 0, 1, mode="code") == pytest.approx(1.0 / (1.0 + math.exp(-r)), rel=1e-12)
+    assert merge_alpha(S_HAND, 0, 1, mode="code") == pytest.approx(0.614227, abs=1e-6)
+    # beta scales the ratio inside the sigmoid.
+    assert merge_alpha(S_HAND, 0, 1, mode="code", beta=2.0) == pytest.approx(1.0 / (1.0 + math.exp(-2 * r)))
+
+
+def test_merge_alpha_paper_clamps_and_rejects_nan() -> None:
+    s = np.array([[1.0, 1.7, -0.1], [1.7, 1.0, np.nan], [-0.1, np.nan, 1.0]])
+    assert merge_alpha(s, 0, 1) == 1.0
+    assert merge_alpha(s, 0, 2) == 0.0
+    with pytest.raises(ValueError):
+        merge_alpha(s, 1, 2)
+    with pytest.raises(ValueError):
+        merge_alpha(s, 1, 2, mode="code")
+    with pytest.raises(ValueError):
+        merge_alpha(S_HAND, 0, 1, mode="mean")
+
+
+# pair choice -----------------------------------------------------------------------------
+
+
+def test_most_similar_adjacent_pair() -> None:
+    s = np.array(
+        [
+            [1.0, 0.3, 0.9, 0.1, 0.0],
+            [0.3, 1.0, 0.6, 0.2, 0.1],
+            [0.9, 0.6, 1.0, 0.4, 0.2],
+            [0.1, 0.2, 0.4, 1.0, 0.6],
+            [0.0, 0.1, 0.2, 0.6, 1.0],
+        ]
+    )
+    # Adjacent scores 0.3, 0.6, 0.4, 0.6: tie between (1, 2) and (3, 4) goes to the later pair.
+    assert most_similar_adjacent_pair(s) == (3, 4)
+    # After layer 1 is merged away, 0 and 2 are adjacent (S = 0.9).
+    assert most_similar_adjacent_pair(s, active=[0, 2, 3, 4]) == (0, 2)
+    # Among [1, 2, 3] the adjacent scores are 0.6 and 0.4.
+    assert most_similar_adjacent_pair(s, active=[1, 2, 3]) == (1, 2)
+    # NaN never wins.
+    s_nan = s.copy()
+    s_nan[3, 4] = s_nan[4, 3] = np.nan
+    assert most_similar_adjacent_pair(s_nan) == (1, 2)
+    with pytest.raises(ValueError):
+        most_similar_adjacent_pair(s, active=[2])

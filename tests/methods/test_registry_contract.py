@@ -3,8 +3,8 @@
 For each name in the registry: ``conf/method/<name>.yaml`` exists, composes, names exactly its dataclass's fields and
 validates against it; the method compresses a tiny random Llama (4 layers) to the requested depth through the
 compress stage's own function, writing a checkpoint of that depth, reloadable with plain ``from_pretrained``, and a
-plan whose layers stand for original layers; and, when it declares it runs layer by layer, the layer-by-layer compress
-gives the same plan and the same tensors.
+plan whose layers stand for original layers; it declares its capabilities (``MethodCapabilities``), and where the
+declaration says these settings run layer by layer, the layer-by-layer compress gives the same plan and the same tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO
 from layerfold.config import compose
-from layerfold.methods import LAYER_MAJOR_METHODS, REGISTRY, get_method
+from layerfold.methods import EDITS, REGISTRY, CaptureReads, MethodCapabilities, get_method
 from layerfold.models import save_checkpoint
 from layerfold.models.facts import facts_from_config
 from layerfold.models.replacement import attach_side_layers
@@ -71,6 +71,24 @@ def test_config_yaml_is_the_dataclass(name):
     assert spec.name == name and OmegaConf.to_container(cfg) == raw  # the YAML validates, every value as written
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_declares_its_capabilities(name):
+    """Every method states what it does and needs; the declared values are of the kinds their readers expect."""
+    caps = REGISTRY[name].capabilities
+    assert isinstance(caps, MethodCapabilities) and isinstance(caps.reads, CaptureReads)
+    _, cfg = get_method(compose(REPO / "conf", [f"method={name}"])["method"])  # the YAML's settings
+    assert caps.edit_of(cfg) in EDITS
+    assert caps.edit_of(cfg) == "remove" or caps.edit_description(cfg)
+    assert caps.layer_major_blocker(cfg) is None or isinstance(caps.layer_major_blocker(cfg), str)
+    assert set(caps.reads.statistics) <= {"cosine", "last_token_angular", "sample_features"}
+    distance = caps.reads.distance(cfg)
+    assert distance is None or (isinstance(distance, int) and distance >= 1)
+    assert distance is None or "cosine" in caps.reads.statistics  # a cosine distance is read from the cosine statistics
+    side = caps.side_layers(cfg)
+    assert side is None or (len(side) == 2 and all(isinstance(part, str) and part for part in side))
+    assert isinstance(caps.trains(cfg), bool)
+
+
 # Dataclass defaults that still differ from the YAML (the pipeline always composes the YAML, so they never run):
 # LaCo's dataclass keeps the released notebook's unbounded loop (target_layers=None), its YAML the paper's 22-layer target.
 DEFAULTS_DIFFERING = {"laco": {"target_layers"}}
@@ -105,7 +123,8 @@ def test_compresses_a_tiny_llama_to_the_requested_depth(name, tmp_path, one_thre
     with torch.no_grad():
         assert torch.isfinite(model(_blocks()[:1]).logits).all()
 
-    if name in LAYER_MAJOR_METHODS and not _side_layers(plan):
+    spec, cfg = get_method(plan["method"])
+    if spec.capabilities.layer_major_blocker(cfg) is None and spec.capabilities.side_layers(cfg) is None:
         layered, _, _ = compress_layer_major(dense, _blocks(), None, params.method, params.hardware, 4, torch.device("cpu"),
                                              torch.float32, torch.float32, tmp_path / "sequential")
         assert _comparable(layered) == _comparable(plan)
@@ -119,10 +138,3 @@ def _comparable(plan: dict) -> dict:
     layers = [{**layer, "init": {k: v for k, v in layer["init"].items() if k != "sha256_16"}} if "init" in layer else layer
               for layer in plan["layers"]]
     return {**{k: v for k, v in plan.items() if k not in ("details", "checkpoint")}, "layers": layers}
-
-
-def _side_layers(plan: dict) -> bool:
-    from layerfold.methods import writes_side_layers
-
-    spec, cfg = get_method(plan["method"])
-    return writes_side_layers(spec.name, cfg)

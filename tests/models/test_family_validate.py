@@ -10,7 +10,8 @@ from layerfold.config import ConfigError, compose
 from layerfold.models.adapters import UnsupportedArchitectureError
 from layerfold.models.facts import ModelFacts, facts_from_config
 from layerfold.models.tiny import tiny_config
-from layerfold.surgery.support import family_of, method_refusal
+from layerfold.methods import family_refusal
+from layerfold.surgery.support import family_of
 from layerfold.validation import check
 
 
@@ -82,6 +83,6 @@ def test_unknown_architectures_are_refused_before_anything_loads() -> None:
 def test_without_a_config_the_family_decides_alone() -> None:
     """A GGUF header gives no config: a MoE family is taken to route every layer."""
     family = family_of("qwen2_moe", None)
-    assert "mixture of experts" in method_refusal(family, "come", {})
-    assert method_refusal(family, "mka", {"num_remove": 3}) is None
-    assert method_refusal(family_of("llama", None), "come", {}) is None
+    assert "mixture of experts" in family_refusal(family, {"name": "come"})
+    assert family_refusal(family, {"name": "mka", "num_remove": 3}) is None
+    assert family_refusal(family_of("llama", None), {"name": "come"}) is None

@@ -16,8 +16,6 @@ from layerfold.scoring.manifold import (
     knn_entropies,
     knn_entropy,
     layer_embeddings,
-    merge_alpha,
-    most_similar_adjacent_pair,
     mutual_information,
     mutual_information_matrix,
     npib_similarity,
@@ -150,60 +148,6 @@ def test_guard_none_reproduces_nan_and_guards_fix_it() -> None:
 def test_unknown_guard_rejected() -> None:
     with pytest.raises(ValueError):
         npib_similarity([np.zeros((10, 2))] * 2, guard="clip")
-
-
-# 4. merge weight ----------------------------------------------------------------------------
-
-S_HAND = np.array([[1.0, 0.8, 0.2], [0.8, 1.0, 0.5], [0.2, 0.5, 1.0]])
-
-
-def test_merge_alpha_paper_vs_code_by_hand() -> None:
-    assert merge_alpha(S_HAND, 0, 1, mode="paper") == pytest.approx(0.8)
-    # s0 = (1 + .8 + .2) / 3 = 2/3 ; s1 = (.8 + 1 + .5) / 3 = 2.3/3 ; r = 2 / 4.3
-    r = 2.0 / 4.3
-    assert merge_alpha(S_HAND, 0, 1, mode="code") == pytest.approx(1.0 / (1.0 + math.exp(-r)), rel=1e-12)
-    assert merge_alpha(S_HAND, 0, 1, mode="code") == pytest.approx(0.614227, abs=1e-6)
-    # beta scales the ratio inside the sigmoid.
-    assert merge_alpha(S_HAND, 0, 1, mode="code", beta=2.0) == pytest.approx(1.0 / (1.0 + math.exp(-2 * r)))
-
-
-def test_merge_alpha_paper_clamps_and_rejects_nan() -> None:
-    s = np.array([[1.0, 1.7, -0.1], [1.7, 1.0, np.nan], [-0.1, np.nan, 1.0]])
-    assert merge_alpha(s, 0, 1) == 1.0
-    assert merge_alpha(s, 0, 2) == 0.0
-    with pytest.raises(ValueError):
-        merge_alpha(s, 1, 2)
-    with pytest.raises(ValueError):
-        merge_alpha(s, 1, 2, mode="code")
-    with pytest.raises(ValueError):
-        merge_alpha(S_HAND, 0, 1, mode="mean")
-
-
-# 5. pair choice -----------------------------------------------------------------------------
-
-
-def test_most_similar_adjacent_pair() -> None:
-    s = np.array(
-        [
-            [1.0, 0.3, 0.9, 0.1, 0.0],
-            [0.3, 1.0, 0.6, 0.2, 0.1],
-            [0.9, 0.6, 1.0, 0.4, 0.2],
-            [0.1, 0.2, 0.4, 1.0, 0.6],
-            [0.0, 0.1, 0.2, 0.6, 1.0],
-        ]
-    )
-    # Adjacent scores 0.3, 0.6, 0.4, 0.6: tie between (1, 2) and (3, 4) goes to the later pair.
-    assert most_similar_adjacent_pair(s) == (3, 4)
-    # After layer 1 is merged away, 0 and 2 are adjacent (S = 0.9).
-    assert most_similar_adjacent_pair(s, active=[0, 2, 3, 4]) == (0, 2)
-    # Among [1, 2, 3] the adjacent scores are 0.6 and 0.4.
-    assert most_similar_adjacent_pair(s, active=[1, 2, 3]) == (1, 2)
-    # NaN never wins.
-    s_nan = s.copy()
-    s_nan[3, 4] = s_nan[4, 3] = np.nan
-    assert most_similar_adjacent_pair(s_nan) == (1, 2)
-    with pytest.raises(ValueError):
-        most_similar_adjacent_pair(s, active=[2])
 
 
 # 5. batched MI ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ it in place by then, so the dense stack is kept by reference (:class:`~layerfold
 the layer modules, not copies; removal leaves the kept layers untouched) and put back for that pass.
 A compensation applies only to pure removal: a plan whose kept layers were merged, replaced or
 re-initialised is refused before anything is written (:func:`check_removal_only`), and ``validate``
-refuses the known merging methods earlier (:func:`compensation_problems`).
+refuses every method whose declared edit is not a removal earlier (:func:`compensation_problems`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from layerfold.config import ConfigError, validate
 from layerfold.execution.layer_major import Activations, LayerMajorRunner
 from layerfold.execution.plan import WeightedLayerPlan
-from layerfold.methods import MethodContext, compress
+from layerfold.methods import REGISTRY as METHODS
+from layerfold.methods import MethodContext, compress, get_method
 from layerfold.surgery import StackSnapshot
 
 
@@ -115,10 +116,12 @@ def get_compensation(raw: DictConfig | dict | None) -> tuple[CompensationSpec, D
 
 
 # ---------------------------------------------------------------------------------------------------
-# Which methods only remove layers (validate's early check; the plan is checked again before writing)
-REMOVAL_METHODS = ("drop_last", "gromov", "shortgpt", "sleb")
-MERGING_METHODS = {"laco": "merges layers", "mka": "merges layers", "come": "merges layers by concatenation",
-                   "come_p": "merges layers by concatenation", "replaceme": "folds a fitted map into the layer before the block"}
+def _removal_methods() -> str:
+    """The registered methods that only remove layers (with the settings that make one do so, where they decide), in words."""
+    always = sorted(name for name, spec in METHODS.items() if spec.capabilities.edit == "remove")
+    depends = sorted(f"{name} with {spec.capabilities.removes_only_with}" for name, spec in METHODS.items()
+                     if callable(spec.capabilities.edit) and spec.capabilities.removes_only_with)
+    return ", ".join([*always, *depends])
 
 
 def compensation_problems(method: DictConfig | dict, compensate: DictConfig | dict | None, hardware: DictConfig | dict | None) -> list[str]:
@@ -127,14 +130,12 @@ def compensation_problems(method: DictConfig | dict, compensate: DictConfig | di
     if spec.name == "none":
         return []
     problems = []
-    name = method.get("name")
-    why = MERGING_METHODS.get(name)
-    if name == "streamline" and method.get("replacement", "transformer_layer") != "none":
-        why = f"replaces its window by a new layer (replacement={method.get('replacement', 'transformer_layer')})"
-    if why is not None:
+    method_spec, method_cfg = get_method(method)
+    capabilities = method_spec.capabilities
+    if capabilities.edit_of(method_cfg) != "remove":
         problems.append(
-            f"compensate={spec.name} compensates removed layers, but method={name} {why}: the kept layers are no longer the dense "
-            f"model's. Use a method that only removes layers ({', '.join(REMOVAL_METHODS)}, streamline with replacement=none), "
+            f"compensate={spec.name} compensates removed layers, but method={method_spec.name} {capabilities.edit_description(method_cfg)}: "
+            f"the kept layers are no longer the dense model's. Use a method that only removes layers ({_removal_methods()}), "
             "or compensate=none (`-S compensate=none`)."
         )
     if hardware is not None and hardware.get("mode") == "sequential" and not spec.layer_major:

@@ -33,8 +33,96 @@ from layerfold.models.replacement import TensorInit
 from layerfold.surgery import LayerSurgeryError, StackSnapshot, mergeable, remove_layers
 from layerfold.surgery.concat import ConcatChoice, ConcatLayout
 from layerfold.surgery.merge import Combine
+from layerfold.surgery.support import Family, removal_refusal
 
 MethodFn = Callable[["MethodContext", Any], dict]
+EDITS = ("remove", "merge", "concat", "replace")
+
+
+def _setting(value: Any, cfg: Any) -> Any:
+    """A declared value that may depend on the method's settings: a callable of the validated config, or the value itself."""
+    return value(cfg) if callable(value) else value
+
+
+@dataclass(frozen=True)
+class CaptureReads:
+    """What a method reads from the capture stage's statistics of the dense model (:class:`BoundaryStatistics`).
+
+    ``statistics``: the fields it reads (``cosine``, ``last_token_angular``, ``sample_features``); empty for a
+    method that measures the model itself. ``cosine_distance``: how many layers apart the boundaries lie whose
+    mean token cosine it reads (an int, a callable of the config, or None when it reads none); the capture keeps
+    boundary pairs up to ``capture.max_distance`` apart, which must reach it (:func:`check_capture_reach`).
+    """
+
+    statistics: tuple[str, ...] = ()
+    cosine_distance: int | Callable[[Any], int | None] | None = None
+
+    def distance(self, cfg: Any) -> int | None:
+        return _setting(self.cosine_distance, cfg)
+
+
+@dataclass(frozen=True)
+class MethodCapabilities:
+    """What a method does and needs, declared on :func:`register` and read by ``validate``, ``compress``, ``capture``,
+    compensation and the family checks, so that no code outside the method's file names the method.
+
+    - ``edit``: what it does to layers: ``remove`` (deletes layers, the kept ones unchanged), ``merge`` (combines
+      weights of layers of one structure), ``concat`` (builds one layer from a window by concatenation), ``replace``
+      (a kept layer gets new tensors or a new class); a callable of the config when the settings decide. A
+      compensation applies only to ``remove``. ``edit_note`` says what a non-removal edit is, for refusals (default: by kind);
+      ``removes_only_with`` names the settings under which a settings-dependent edit is a removal (for the same refusals).
+    - ``layer_major``: whether it runs layer by layer (``hardware=sequential``): a bool, or a callable of the config
+      returning why these settings cannot (None: they can).
+    - ``reads``: the capture statistics it reads (:class:`CaptureReads`).
+    - ``writes_side_layers``: a callable of the config returning, when the checkpoint it writes holds a layer of a class no
+      stock architecture has (a side file, which only the resident loader reads), ``(the settings that do so, the
+      settings that write stock layers instead)``; None when it writes stock layers only.
+    - ``needs_training``: whether the compressed model holds freshly initialised weights that only recovery trains
+      (a bool or a callable of the config).
+    - ``family_refusal``: a callable ``(family, cfg)`` returning why the edit cannot be made on a model family
+      (:class:`layerfold.surgery.support.Family`, read from the config alone), or None.
+    """
+
+    edit: str | Callable[[Any], str] = "remove"
+    edit_note: str | Callable[[Any], str] | None = None
+    removes_only_with: str | None = None
+    layer_major: bool | Callable[[Any], str | None] = True
+    reads: CaptureReads = CaptureReads()
+    writes_side_layers: Callable[[Any], tuple[str, str] | None] | None = None
+    needs_training: bool | Callable[[Any], bool] = False
+    family_refusal: Callable[[Any, Any], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.edit) and self.edit not in EDITS:
+            raise ValueError(f"MethodCapabilities.edit={self.edit!r}: use one of {EDITS} or a callable of the config")
+
+    def edit_of(self, cfg: Any) -> str:
+        return _setting(self.edit, cfg)
+
+    def edit_description(self, cfg: Any) -> str:
+        """What a non-removal edit does to the kept layers, in words (for a refusal)."""
+        note = _setting(self.edit_note, cfg)
+        return note if note is not None else _EDIT_WORDS[self.edit_of(cfg)]
+
+    def layer_major_blocker(self, cfg: Any) -> str | None:
+        """Why these settings cannot run layer by layer, or None (the method's name is the caller's to add)."""
+        if callable(self.layer_major):
+            return self.layer_major(cfg)
+        return None if self.layer_major else "has not been written against the layer-major context"
+
+    def side_layers(self, cfg: Any) -> tuple[str, str] | None:
+        return None if self.writes_side_layers is None else self.writes_side_layers(cfg)
+
+    def trains(self, cfg: Any) -> bool:
+        return bool(_setting(self.needs_training, cfg))
+
+
+_EDIT_WORDS = {"remove": "removes layers", "merge": "merges layers", "concat": "merges layers by concatenation",
+               "replace": "replaces layers"}
+
+# A method's checks that need the model or the calibration data, beyond its config's field ranges:
+# ``problems(cfg, facts, params)`` -> refusals (each naming key, value, range and fix), run by ``validate``.
+ProblemsFn = Callable[[Any, Any, Any], list[str]]
 
 
 @dataclass
@@ -42,14 +130,18 @@ class MethodSpec:
     name: str
     config: type
     fn: MethodFn
+    capabilities: MethodCapabilities = MethodCapabilities()
+    problems: ProblemsFn | None = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config: type) -> Callable[[MethodFn], MethodFn]:
+def register(name: str, config: type, *, capabilities: MethodCapabilities, problems: ProblemsFn | None = None
+             ) -> Callable[[MethodFn], MethodFn]:
+    """Register method ``name`` with its config dataclass, what it can do (``capabilities``) and its model checks (``problems``)."""
     def wrap(fn: MethodFn) -> MethodFn:
-        REGISTRY[name] = MethodSpec(name, config, fn)
+        REGISTRY[name] = MethodSpec(name, config, fn, capabilities, problems)
         return fn
 
     return wrap
@@ -257,47 +349,46 @@ class LayerMajorUnsupported(ConfigError):
     """A method (or one of its settings) that cannot run with ``hardware=sequential``; the message names the fix."""
 
 
-# Methods written against the context's edits and measurements only: every registered one. CoMe and
-# CoMe-P concatenate through the plan (layerfold.execution.concat) and stream their channel statistics
-# per layer; LLM-Streamline's mlp replacement travels in the plan as a module and lands in the side file.
-LAYER_MAJOR_METHODS = ("come", "come_p", "drop_last", "gromov", "laco", "mka", "replaceme", "shortgpt", "sleb", "streamline")
-
-
-def layer_major_blocker(name: str, cfg: Any) -> str | None:
-    """Why method ``name`` with settings ``cfg`` cannot compress layer-major, or None when it can."""
-    if name not in LAYER_MAJOR_METHODS:
-        return f"method={name} has not been written against the layer-major context (layerfold.methods.MethodContext measurements)"
-    if name in ("come", "come_p", "streamline") and getattr(cfg, "top_boundary", "pre_norm") == "final_norm":
-        return (f"method.top_boundary=final_norm (method={name}) reads the final norm's output in an extra pass over the resident "
+def final_norm_blocker(cfg: Any) -> str | None:
+    """``MethodCapabilities.layer_major`` of a method with a ``top_boundary`` setting: ``final_norm`` reads the final
+    norm's output in an extra pass over the resident model, which layer by layer has no such pass."""
+    if cfg.top_boundary == "final_norm":
+        return (f"method.top_boundary=final_norm (method={cfg.name}) reads the final norm's output in an extra pass over the resident "
                 "model; use hardware=resident, or method.top_boundary=pre_norm")
-    return None
-
-
-def writes_side_layers(name: str, cfg: Any) -> bool:
-    """Whether the checkpoint method ``name`` writes holds layers of a class no stock architecture has (a side file),
-    which only the resident loader reads (LLM-Streamline's ``mlp`` replacement)."""
-    return name == "streamline" and cfg.replacement == "mlp"
-
-
-def token_cosine_distance(name: str, cfg: Any) -> int | None:
-    """How many layers apart the boundaries are whose mean token cosine method ``name`` reads, or None when it
-    reads none (``capture.max_distance`` must be at least this; validate checks it before anything runs)."""
-    if name == "shortgpt":
-        return 1  # Block Influence: each layer's input against its output
-    if name == "streamline":
-        return cfg.num_remove if cfg.replacement == "none" else cfg.num_remove + 1  # the window's two ends
-    if name == "replaceme" and cfg.selection == "cosine":
-        return cfg.num_remove  # the removed block's two ends
     return None
 
 
 def check_layer_major(raw_cfg: DictConfig | dict) -> None:
     """Fail before anything is loaded when the configured method cannot run with ``hardware=sequential``."""
     spec, cfg = get_method(raw_cfg)
-    why = layer_major_blocker(spec.name, cfg)
+    why = spec.capabilities.layer_major_blocker(cfg)
     if why is not None:
+        if not callable(spec.capabilities.layer_major):
+            why = f"method={spec.name} {why} (layerfold.methods.MethodContext measurements)"
         raise LayerMajorUnsupported(f"{why}; it cannot run with hardware=sequential. Use hardware=resident (`-S hardware=resident`), "
                                     "on a device that holds the whole model.")
+
+
+def check_capture_reach(raw_cfg: DictConfig | dict, max_distance: int | None) -> None:
+    """The capture must keep the boundary pairs the method reads (``capture.max_distance``), or compress would fail later."""
+    spec, cfg = get_method(raw_cfg)
+    needed = spec.capabilities.reads.distance(cfg)
+    if max_distance is not None and needed is not None and needed > max_distance:
+        raise ConfigError(
+            f"capture.max_distance={max_distance} keeps the token cosine of boundaries at most {max_distance} layers apart, but "
+            f"method={spec.name} with these settings reads boundaries {needed} apart. Set capture.max_distance >= {needed} "
+            f"(`-S capture.max_distance={needed}`), or null for every pair."
+        )
+
+
+def family_refusal(family: Family, raw_cfg: DictConfig | dict) -> str | None:
+    """Why the configured method cannot run on model ``family`` (:class:`layerfold.surgery.support.Family`), or None:
+    the removal every method makes, then the method's own declared refusal."""
+    spec, cfg = get_method(raw_cfg)
+    why = removal_refusal(family)
+    if why is None and spec.capabilities.family_refusal is not None:
+        why = spec.capabilities.family_refusal(family, cfg)
+    return why
 
 
 def check_target(ctx: MethodContext, num_remove: int) -> None:

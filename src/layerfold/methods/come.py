@@ -63,13 +63,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
 from layerfold.capture.channels import SKIP_TOKENS, TOP_BOUNDARIES, ChannelStatistics
 from layerfold.config import ConfigError
-from layerfold.methods import MethodContext, register
+from layerfold.methods import MethodCapabilities, MethodContext, final_norm_blocker, register
+from layerfold.models.facts import ModelFacts
 from layerfold.scoring.channels import (
     block_ratio,
     choose_pieces,
@@ -79,6 +80,7 @@ from layerfold.scoring.channels import (
     window_min_max,
 )
 from layerfold.surgery import LayerSurgeryError
+from layerfold.surgery.support import concat_family_refusal
 from layerfold.surgery.concat import HEAD_MODES, NORM_MODES, ConcatLayout, concat_layout, concat_merge_state  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -340,5 +342,15 @@ def come(ctx: MethodContext, cfg: CoMeConfig) -> dict:
     }
 
 
-register("come", CoMeConfig)(come)
-register("come_p", CoMePConfig)(come)
+def problems(cfg: CoMeConfig, facts: ModelFacts, params: Any) -> list[str]:
+    """The reachable target and the settings against each other (:func:`check_config`), before anything runs; which
+    families can be concatenated at all is the family refusal's (``concat_family_refusal``)."""
+    check_config(cfg, facts.num_layers)
+    return []
+
+
+# Concatenates through the plan (layerfold.execution.concat) and streams its own channel statistics per layer,
+# so it runs layer by layer; it reads none of the capture's statistics.
+CAPABILITIES = MethodCapabilities(edit="concat", layer_major=final_norm_blocker, family_refusal=concat_family_refusal)
+register("come", CoMeConfig, capabilities=CAPABILITIES, problems=problems)(come)
+register("come_p", CoMePConfig, capabilities=CAPABILITIES, problems=problems)(come)

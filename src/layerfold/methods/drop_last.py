@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.methods import MethodCapabilities, MethodContext, check_target, register
 
 
 @dataclass
@@ -11,7 +11,7 @@ class DropLastConfig:
     num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})
 
 
-@register("drop_last", DropLastConfig)
+@register("drop_last", DropLastConfig, capabilities=MethodCapabilities(edit="remove"))
 def drop_last(ctx: MethodContext, cfg: DropLastConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     chosen = list(range(ctx.num_layers - cfg.num_remove, ctx.num_layers))

@@ -12,7 +12,7 @@ recovery stage of the pipeline.
 
 from dataclasses import dataclass, field
 
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.methods import CaptureReads, MethodCapabilities, MethodContext, check_target, register
 from layerfold.scoring.similarity import block_angular_distance, lowest
 from layerfold.surgery import LayerSurgeryError
 
@@ -23,7 +23,7 @@ class GromovConfig:
     num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})  # n: size of the contiguous block removed
 
 
-@register("gromov", GromovConfig)
+@register("gromov", GromovConfig, capabilities=MethodCapabilities(edit="remove", reads=CaptureReads(("last_token_angular",))))
 def gromov(ctx: MethodContext, cfg: GromovConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     angular = ctx.dense_stats().last_token_angular

@@ -34,14 +34,17 @@ about 0, so nothing passes the threshold; SmolLM2-135M behaves the same way (C =
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from layerfold.config import ConfigError
-from layerfold.methods import MethodContext, register
+from layerfold.methods import MethodCapabilities, MethodContext, register
+from layerfold.models.facts import ModelFacts
 from layerfold.scoring.loss import representation_similarity
 from layerfold.surgery import rdsc_code, rdsc_paper
+from layerfold.surgery.support import Family, structure_kinds, structure_runs
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,32 @@ def _check(ctx: MethodContext, cfg: LaCoConfig, highest: int) -> None:
         raise ConfigError("method.sentences is empty; LaCo needs at least one calibration sentence.")
 
 
-@register("laco", LaCoConfig)
+def problems(cfg: LaCoConfig, facts: ModelFacts, params: Any) -> list[str]:
+    """Settings against each other that the config's field ranges cannot express (``validate``; compress checks again)."""
+    if cfg.highest_layer is not None and cfg.lowest_layer > cfg.highest_layer:
+        return [f"method.lowest_layer={cfg.lowest_layer} lies above method.highest_layer={cfg.highest_layer}: LaCo tries base "
+                "layers from highest_layer down to lowest_layer; lower lowest_layer or raise highest_layer."]
+    return []
+
+
+def family_refusal(family: Family, cfg: LaCoConfig) -> str | None:
+    """Why no merge can be made on this stack: layers of different structure never merge weight by weight."""
+    structures = family.structures
+    if structures is None or len(set(structures)) == 1:
+        return None
+    lo = int(cfg.get("lowest_layer") or 0)
+    hi = cfg.get("highest_layer")
+    hi = len(structures) - 1 if hi is None else int(hi)
+    if max(structure_runs(structures, lo, hi), default=0) < 2:
+        return (f"method=laco merges adjacent layers weight by weight, but no two adjacent layers between lowest_layer={lo} and "
+                f"highest_layer={hi} of this {family.model_type} model share a structure ({structure_kinds(family)}; a dense layer and "
+                "a mixture-of-experts layer cannot be merged). Widen the range (method.lowest_layer / method.highest_layer), or use "
+                "a removal method.")
+    return None
+
+
+# Measures the final representations of its sentences itself (no capture statistics).
+@register("laco", LaCoConfig, capabilities=MethodCapabilities(edit="merge", family_refusal=family_refusal), problems=problems)
 def laco(ctx: MethodContext, cfg: LaCoConfig) -> dict:
     original = ctx.num_layers
     highest = original - 1 if cfg.highest_layer is None else cfg.highest_layer

@@ -13,7 +13,8 @@ Per step::
     layer l <- alpha theta_l + (1 - alpha) theta_{l+1};  delete layer l+1   (apply_merge=False: only delete)
 
 repeated ``num_remove`` times, over the adjacent pairs whose layers share one structure (every pair, but
-in a stack that mixes dense and mixture-of-experts layers). The scoring mechanics live in :mod:`layerfold.scoring.manifold`, the
+in a stack that mixes dense and mixture-of-experts layers). The measurement (manifolds, NPIB similarity) lives in :mod:`layerfold.scoring.manifold`;
+the merge decisions (:func:`most_similar_adjacent_pair`, :func:`merge_alpha`) live here; the
 weight arithmetic in :func:`layerfold.surgery.weighted` (every linear weight and bias; norms stay
 layer ``l``'s). Departures from the released code, each fixing a defect of the released ``pipeline.py`` (SempraETY/Pruning-via-Merging):
 
@@ -98,8 +99,11 @@ raw code behaviour (NaN possible, then :func:`merge_alpha` raises). See :func:`n
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,22 +111,16 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from layerfold.config import ConfigError
-from layerfold.methods import MethodContext, check_target, register
-from layerfold.scoring.manifold import (
-    ALPHA_MODES,
-    GUARDS,
-    guarded_entropies,
-    layer_embeddings,
-    merge_alpha,
-    most_similar_adjacent_pair,
-    mutual_information_matrix,
-    npib_from_parts,
-)
+from layerfold.methods import CaptureReads, MethodCapabilities, MethodContext, check_target, register
+from layerfold.models.facts import ModelFacts
+from layerfold.scoring.manifold import GUARDS, guarded_entropies, layer_embeddings, mutual_information_matrix, npib_from_parts
 from layerfold.surgery import LayerSurgeryError, weighted
+from layerfold.surgery.support import Family, structure_kinds, structure_runs
 
 log = logging.getLogger(__name__)
 
 PAIRS = ("most_similar", "last")
+ALPHA_MODES = ("paper", "code")
 SIMILARITY_NORMS = ("diagonal", "none")
 TIE_BREAKS = ("none", "loss")
 MIN_SAMPLES = 8  # per draw: below this the kNN statistics have next to no neighbours to count
@@ -233,6 +231,73 @@ def averaged_similarity(features: np.ndarray | torch.Tensor, cfg: MKAConfig, dev
     out["stderr"] = stack.std(axis=0, ddof=1) / np.sqrt(len(stack)) if len(stack) > 1 else np.zeros_like(stack[0])
     out["per_draw"] = stack
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Merge decisions: which adjacent pair to merge and with what weight (the measurement is layerfold.scoring.manifold's)
+# --------------------------------------------------------------------------------------------
+
+
+def most_similar_adjacent_pair(similarity: np.ndarray, active: Sequence[int] | None = None) -> tuple[int, int]:
+    """The adjacent pair ``(l, m)`` with the highest ``S_lm`` in the current layer order (paper).
+
+    Args:
+        similarity: ``(L, L)`` over the original layers (computed once, as MKA does).
+        active: original indices of the layers still present, in model order (default
+            ``range(L)``); after merging ``m`` into ``l``, drop ``m`` from it.
+
+    Returns:
+        ``(active[t], active[t + 1])`` maximising ``S``; ties go to the later pair (the deeper
+        layers, which the layer-pruning literature finds most redundant); NaN scores never win.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    order = list(range(similarity.shape[0])) if active is None else list(active)
+    if len(order) < 2:
+        raise ValueError("need at least two active layers to pick a pair")
+    scores = np.array([similarity[a, b] for a, b in zip(order[:-1], order[1:])])
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    if np.all(np.isneginf(scores)):
+        raise ValueError("no finite similarity between adjacent active layers")
+    # Last occurrence of the maximum: scan the reversed scores.
+    t = len(scores) - 1 - int(np.argmax(scores[::-1]))
+    return order[t], order[t + 1]
+
+
+def _sigmoid(x: float) -> float:
+    """Logistic function without overflow for large ``|x|``."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def merge_alpha(similarity: np.ndarray, l: int, m: int, mode: str = "paper", beta: float = 1.0) -> float:
+    """Weight ``alpha`` on layer ``l`` in ``theta = alpha theta_l + (1 - alpha) theta_m``.
+
+    - ``"paper"``: ``alpha = S_lm`` clamped to ``[0, 1]`` (the paper's heuristic). NPIB values above
+      1 are common for near-identical layers, which gives ``alpha = 1``: keep ``l``, drop ``m``.
+    - ``"code"``: the released ``compute_fusion_ratios``: ``s_l, s_m`` = row means of ``S`` (diagonal
+      included), ``r = s_l / (s_l + s_m)``, ``alpha = sigmoid(beta r)``. With ``r ~ 0.5`` this is
+      ~0.62 whatever the layers.
+
+    Raises:
+        ValueError: for an unknown mode or a non-finite ``alpha`` (a NaN weight would corrupt the
+            merged layer silently).
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if mode == "paper":
+        alpha = float(np.clip(similarity[l, m], 0.0, 1.0))
+    elif mode == "code":
+        s_l = float(np.mean(similarity[l, :]))
+        s_m = float(np.mean(similarity[m, :]))
+        total = s_l + s_m
+        ratio = s_l / total if total != 0 else math.nan
+        alpha = _sigmoid(beta * ratio) if math.isfinite(ratio) else math.nan
+    else:
+        raise ValueError(f"mode must be one of {ALPHA_MODES}, got {mode!r}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"merge weight for layers ({l}, {m}) is not finite (S_lm = {similarity[l, m]})")
+    return alpha
 
 
 def near_ties(scores: np.ndarray, stderr: np.ndarray, margin: float) -> list[int]:
@@ -349,7 +414,29 @@ def _break_tie(ctx: MethodContext, cfg: MKAConfig, candidates: list[int], alphas
     return losses
 
 
-@register("mka", MKAConfig)
+def problems(cfg: MKAConfig, facts: ModelFacts, params: Any) -> list[str]:
+    """Enough calibration samples per draw for the settings (:func:`check_samples`), before anything runs."""
+    check_samples(cfg, int(params.data.calibration.num_blocks))
+    return []
+
+
+def family_refusal(family: Family, cfg: MKAConfig) -> str | None:
+    """Why this stack cannot take ``num_remove`` merges of adjacent layers of one structure, or None."""
+    structures = family.structures
+    if structures is None or len(set(structures)) == 1 or not cfg.get("apply_merge", True):
+        return None
+    possible = sum(run - 1 for run in structure_runs(structures))
+    wanted = int(cfg.get("num_remove") or 0)
+    if wanted > possible:
+        return (f"method=mka merges adjacent pairs of layers weight by weight, and only layers of one structure merge; this "
+                f"{family.model_type} model allows at most {possible} such merges ({structure_kinds(family)}), but method.num_remove={wanted}. "
+                f"Set method.num_remove <= {possible}, or use a removal method.")
+    return None
+
+
+# Reads the per-sample features of every boundary (the dense model's from the capture, then re-captured per merge).
+@register("mka", MKAConfig, capabilities=MethodCapabilities(edit="merge", reads=CaptureReads(("sample_features",)),
+                                                            family_refusal=family_refusal), problems=problems)
 def mka(ctx: MethodContext, cfg: MKAConfig) -> dict:
     _check(ctx, cfg)
     steps: list[dict] = []

@@ -39,14 +39,15 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from layerfold.capture.linear_fit import PRODUCT_DTYPES, NormalEquations, SingularSystemError
 from layerfold.execution.layer_major import Activations, LayerMajorRunner
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.methods import CaptureReads, MethodCapabilities, MethodContext, check_target, register
+from layerfold.models.facts import ModelFacts
 from layerfold.scoring.similarity import block_angular_distance, window_cosine
 from layerfold.surgery import LayerSurgeryError
 from layerfold.surgery.fold import LinearFold
@@ -75,7 +76,28 @@ class ReplaceMeConfig:
     batch_tokens: int = field(default=1024, metadata={"ge": 1})
 
 
-@register("replaceme", ReplaceMeConfig)
+def problems(cfg: ReplaceMeConfig, facts: ModelFacts, params: Any) -> list[str]:
+    """A fixed block (``start``) must lie inside the model, before anything runs (compress checks again)."""
+    if cfg.start is None:
+        return []
+    start, n = int(cfg.start), int(cfg.num_remove)
+    if start + n > facts.num_layers:
+        return [f"method.start={start} with method.num_remove={n} asks for layers {start}..{start + n - 1}, which a model of "
+                f"{facts.num_layers} layers does not have: method.start must lie in 1..{facts.num_layers - n} "
+                f"(`-S method.start=<1..{facts.num_layers - n}>`), or null to choose the block by distance."]
+    return []
+
+
+CAPABILITIES = MethodCapabilities(
+    edit="replace",
+    edit_note="folds a fitted map into the layer before the block",
+    # selection=cosine reads the removed block's two ends, num_remove layers apart; angular reads the last token's angles
+    reads=CaptureReads(("cosine", "last_token_angular"),
+                       cosine_distance=lambda cfg: cfg.num_remove if cfg.selection == "cosine" else None),
+)
+
+
+@register("replaceme", ReplaceMeConfig, capabilities=CAPABILITIES, problems=problems)
 def replaceme(ctx: MethodContext, cfg: ReplaceMeConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     n, layers = cfg.num_remove, ctx.num_layers

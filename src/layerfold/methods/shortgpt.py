@@ -8,7 +8,7 @@ last layer's BI differs from layerfold's wherever the final norm's weight is not
 
 from dataclasses import dataclass, field
 
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.methods import CaptureReads, MethodCapabilities, MethodContext, check_target, register
 from layerfold.scoring.similarity import block_influence, lowest
 
 
@@ -18,7 +18,8 @@ class ShortGPTConfig:
     num_remove: int = field(default=8, metadata={"ge": 1, "lt": "num_layers"})
 
 
-@register("shortgpt", ShortGPTConfig)
+# Block Influence: each layer's input against its output, one layer apart.
+@register("shortgpt", ShortGPTConfig, capabilities=MethodCapabilities(edit="remove", reads=CaptureReads(("cosine",), cosine_distance=1)))
 def shortgpt(ctx: MethodContext, cfg: ShortGPTConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     bi = block_influence(ctx.dense_stats().cosine)

@@ -39,11 +39,13 @@ the suffix after it runs for "without ``i``". The losses equal the resident ones
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from layerfold.config import ConfigError
-from layerfold.methods import MethodContext, check_target, register
+from layerfold.models.facts import ModelFacts
+from layerfold.methods import MethodCapabilities, MethodContext, check_target, register
 
 
 @dataclass
@@ -57,7 +59,18 @@ class SLEBConfig:
     one_shot: bool = False
 
 
-@register("sleb", SLEBConfig)
+def problems(cfg: SLEBConfig, facts: ModelFacts, params: Any) -> list[str]:
+    """Enough layers outside the protected ones for ``num_remove`` (``validate``; compress checks again on the plan)."""
+    layers = facts.num_layers
+    free = layers - min(cfg.protect_first, layers) - min(cfg.protect_last, max(layers - cfg.protect_first, 0))
+    if free < cfg.num_remove:
+        return [f"method.num_remove={cfg.num_remove} but only {max(free, 0)} of the model's {layers} layers are not protected "
+                f"(method.protect_first={cfg.protect_first}, method.protect_last={cfg.protect_last}); lower one of them."]
+    return []
+
+
+# Measures the calibration loss itself (no capture statistics), one removal at a time.
+@register("sleb", SLEBConfig, capabilities=MethodCapabilities(edit="remove"), problems=problems)
 def sleb(ctx: MethodContext, cfg: SLEBConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     if cfg.protect_first < 0 or cfg.protect_last < 0:

@@ -61,12 +61,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerfold.methods import LayerMajorUnsupported, MethodContext, check_target, register
+from layerfold.methods import CaptureReads, LayerMajorUnsupported, MethodCapabilities, MethodContext, check_target, final_norm_blocker, register
 from layerfold.models.adapters import LayerAdapter
 from layerfold.models.replacement import TensorInit, mlp_replacement_layer
 from layerfold.scoring.top_boundary import final_norm_cosine
 from layerfold.surgery import LayerSurgeryError
-from layerfold.surgery.support import family_of_model, replacement_refusal
+from layerfold.surgery.support import Family, family_of_model, replacement_refusal
 
 REPLACEMENTS = ("transformer_layer", "ffn", "swiglu", "mlp", "none")
 TOP_BOUNDARIES = ("pre_norm", "final_norm")
@@ -100,7 +100,36 @@ def check_replacement(model: torch.nn.Module, replacement: str) -> None:
         raise LayerSurgeryError(why)
 
 
-@register("streamline", StreamlineConfig)
+def side_layers(cfg: StreamlineConfig) -> tuple[str, str] | None:
+    """The ReLU-MLP replacement is a class no stock architecture has: it lives in a side file (the resident loader's)."""
+    if cfg.replacement != "mlp":
+        return None
+    return f"method.replacement={cfg.replacement}", "a stock replacement (method.replacement=ffn, swiglu or transformer_layer)"
+
+
+def family_refusal(family: Family, cfg: StreamlineConfig) -> str | None:
+    return replacement_refusal(family, str(cfg.get("replacement", "transformer_layer")))
+
+
+def needs_training(cfg: StreamlineConfig) -> bool:
+    """A replacement layer starts freshly initialised (only ``none`` removes the window and keeps nothing new)."""
+    return cfg.replacement != "none"
+
+
+CAPABILITIES = MethodCapabilities(
+    edit=lambda cfg: "remove" if cfg.replacement == "none" else "replace",
+    edit_note=lambda cfg: f"replaces its window by a new layer (replacement={cfg.replacement})",
+    removes_only_with="replacement=none",
+    layer_major=final_norm_blocker,
+    # the window's two ends: num_remove layers apart when the window is removed, one more when a layer replaces it
+    reads=CaptureReads(("cosine",), cosine_distance=lambda cfg: cfg.num_remove if cfg.replacement == "none" else cfg.num_remove + 1),
+    writes_side_layers=side_layers,
+    needs_training=needs_training,
+    family_refusal=family_refusal,
+)
+
+
+@register("streamline", StreamlineConfig, capabilities=CAPABILITIES)
 def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> dict:
     check_target(ctx, cfg.num_remove)
     check_replacement(ctx.model, cfg.replacement)
@@ -133,7 +162,7 @@ def streamline(ctx: MethodContext, cfg: StreamlineConfig) -> dict:
         "replacement_layer": None if cfg.replacement == "none" else start,
         # Layers whose attention branch is zero by construction; the recovery engine keeps it frozen.
         "attention_free_layers": [start] if cfg.replacement in ("ffn", "swiglu", "mlp") else [],
-        "needs_training": cfg.replacement != "none",
+        "needs_training": needs_training(cfg),
     }
 
 

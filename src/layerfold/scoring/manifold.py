@@ -1,10 +1,11 @@
 """MKA layer similarity: diffusion-map manifolds and the NPIB score (Liu et al., EMNLP 2024).
 
+This module measures; which pair MKA merges and with what weight is decided in :mod:`layerfold.methods.mka`.
+
 Pipeline (formulas as in the released ``pipeline.py`` of SempraETY/Pruning-via-Merging)::
 
     features_l (N, D)  --diffusion_map-->  (N, dim)  --rank_normalise-->  Y_l (N, dim) in [0, 1)
     S_ij = MI(Y_i, Y_j) / sqrt(H(Y_i) H(Y_j))                             (npib_similarity)
-    pair  = most similar adjacent pair (paper) ; alpha = S_lm (paper) or sigmoid ratio (code)
 
 Deliberate departures from the released code, all documented where they happen:
 
@@ -47,7 +48,6 @@ from sklearn.feature_selection import mutual_info_regression
 ArrayLike = np.ndarray | torch.Tensor
 
 GUARDS = ("abs", "shift", "none")
-ALPHA_MODES = ("paper", "code")
 
 # Feature columns converted to float64 at a time when building the Gram matrix: bounds the extra
 # memory to N x 65536 doubles even when a sample is a flattened (tokens x hidden) activation.
@@ -540,70 +540,3 @@ def npib_from_parts(mi: np.ndarray, entropy: np.ndarray, guard: str, *, clip: bo
     s = np.clip(s, 0.0, 1.0) if clip else np.maximum(s, 0.0)
     np.fill_diagonal(s, 1.0)
     return s
-
-
-# --------------------------------------------------------------------------------------------
-# Merge decisions
-# --------------------------------------------------------------------------------------------
-
-
-def most_similar_adjacent_pair(similarity: np.ndarray, active: Sequence[int] | None = None) -> tuple[int, int]:
-    """The adjacent pair ``(l, m)`` with the highest ``S_lm`` in the current layer order (paper).
-
-    Args:
-        similarity: ``(L, L)`` over the original layers (computed once, as MKA does).
-        active: original indices of the layers still present, in model order (default
-            ``range(L)``); after merging ``m`` into ``l``, drop ``m`` from it.
-
-    Returns:
-        ``(active[t], active[t + 1])`` maximising ``S``; ties go to the later pair (the deeper
-        layers, which the layer-pruning literature finds most redundant); NaN scores never win.
-    """
-    similarity = np.asarray(similarity, dtype=np.float64)
-    order = list(range(similarity.shape[0])) if active is None else list(active)
-    if len(order) < 2:
-        raise ValueError("need at least two active layers to pick a pair")
-    scores = np.array([similarity[a, b] for a, b in zip(order[:-1], order[1:])])
-    scores = np.where(np.isnan(scores), -np.inf, scores)
-    if np.all(np.isneginf(scores)):
-        raise ValueError("no finite similarity between adjacent active layers")
-    # Last occurrence of the maximum: scan the reversed scores.
-    t = len(scores) - 1 - int(np.argmax(scores[::-1]))
-    return order[t], order[t + 1]
-
-
-def _sigmoid(x: float) -> float:
-    """Logistic function without overflow for large ``|x|``."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def merge_alpha(similarity: np.ndarray, l: int, m: int, mode: str = "paper", beta: float = 1.0) -> float:
-    """Weight ``alpha`` on layer ``l`` in ``theta = alpha theta_l + (1 - alpha) theta_m``.
-
-    - ``"paper"``: ``alpha = S_lm`` clamped to ``[0, 1]`` (the paper's heuristic). NPIB values above
-      1 are common for near-identical layers, which gives ``alpha = 1``: keep ``l``, drop ``m``.
-    - ``"code"``: the released ``compute_fusion_ratios``: ``s_l, s_m`` = row means of ``S`` (diagonal
-      included), ``r = s_l / (s_l + s_m)``, ``alpha = sigmoid(beta r)``. With ``r ~ 0.5`` this is
-      ~0.62 whatever the layers.
-
-    Raises:
-        ValueError: for an unknown mode or a non-finite ``alpha`` (a NaN weight would corrupt the
-            merged layer silently).
-    """
-    similarity = np.asarray(similarity, dtype=np.float64)
-    if mode == "paper":
-        alpha = float(np.clip(similarity[l, m], 0.0, 1.0))
-    elif mode == "code":
-        s_l = float(np.mean(similarity[l, :]))
-        s_m = float(np.mean(similarity[m, :]))
-        total = s_l + s_m
-        ratio = s_l / total if total != 0 else math.nan
-        alpha = _sigmoid(beta * ratio) if math.isfinite(ratio) else math.nan
-    else:
-        raise ValueError(f"mode must be one of {ALPHA_MODES}, got {mode!r}")
-    if not math.isfinite(alpha):
-        raise ValueError(f"merge weight for layers ({l}, {m}) is not finite (S_lm = {similarity[l, m]})")
-    return alpha

@@ -1,21 +1,22 @@
 """Which edits a model family supports, decided from its config alone, and the reason when it does not.
 
 ``validate`` builds the model of the config on the meta device (names and shapes, no memory) and asks
-:func:`method_refusal` / :func:`recovery_refusal` before anything is loaded. The reasons are the
+:func:`layerfold.methods.family_refusal` / :func:`recovery_refusal` before anything is loaded. The reasons are the
 surgery's own: the methods call the same functions (:func:`replacement_refusal`,
 :func:`~layerfold.surgery.concat.concat_refusal`, :func:`~layerfold.surgery.merge.mergeable`) at run
 time, so a method that ``validate`` let start never stops half-way on its model family.
 
-What is decided here, per family:
+What is decided here, per family (each method declares which of these its edit needs, as
+``MethodCapabilities.family_refusal`` in its own file; :func:`layerfold.methods.family_refusal` asks):
 
 - **removal** (every method removes layers): always, for a curated family; for a family whose adapter is
   discovered, the layers must all be built alike, or the config's entries about them must be ones
   layerfold re-writes (:mod:`layerfold.models.layer_config`); this is checked by re-building the layers
   from a trimmed config.
-- **weight merges** (LaCo, MKA): only layers of one structure merge; a stack that mixes dense and MoE
-  layers must have enough adjacent layers of one kind for the requested merges.
-- **concatenation** (CoMe, CoMe-P): :func:`~layerfold.surgery.concat.concat_refusal`.
-- **LLM-Streamline's replacements**: :func:`replacement_refusal`.
+- **weight merges**: only layers of one structure merge; a stack that mixes dense and MoE layers must have
+  enough adjacent layers of one kind for the requested merges (:func:`structure_runs`).
+- **concatenation**: :func:`concat_family_refusal` (:func:`~layerfold.surgery.concat.concat_refusal`).
+- **replacing a layer's parts by new ones**: :func:`replacement_refusal`.
 - **LoRA**: the layers need nn.Linear projections.
 """
 
@@ -33,10 +34,6 @@ from layerfold.models import layer_config
 from layerfold.models.adapters import LayerAdapter, as_config, get_adapter, meta_model
 from layerfold.surgery.concat import concat_refusal, has_module
 from layerfold.surgery.merge import layer_structure
-
-REMOVAL_METHODS = ("shortgpt", "gromov", "sleb", "drop_last")
-MERGE_METHODS = ("laco", "mka")
-CONCAT_METHODS = ("come", "come_p")
 
 
 @dataclass(frozen=True)
@@ -102,8 +99,8 @@ def removal_refusal(family: Family) -> str | None:
     return None
 
 
-def _runs(structures: Sequence[int], lo: int = 0, hi: int | None = None) -> list[int]:
-    """Lengths of the maximal runs of adjacent layers of one structure among layers ``lo..hi``."""
+def structure_runs(structures: Sequence[int], lo: int = 0, hi: int | None = None) -> list[int]:
+    """Lengths of the maximal runs of adjacent layers of one structure among layers ``lo..hi`` (only such layers merge)."""
     part = list(structures[lo : (len(structures) if hi is None else hi + 1)])
     runs, length = [], 0
     for i, s in enumerate(part):
@@ -113,7 +110,8 @@ def _runs(structures: Sequence[int], lo: int = 0, hi: int | None = None) -> list
     return runs
 
 
-def _kinds(family: Family) -> str:
+def structure_kinds(family: Family) -> str:
+    """Which layers are built alike, in words (``layers 0-3,5 alike; layers 4 alike``), for a refusal."""
     structures = family.structures or []
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(structures):
@@ -130,29 +128,9 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(parts)
 
 
-def merge_refusal(family: Family, name: str, cfg: Mapping[str, Any]) -> str | None:
-    """Why LaCo / MKA cannot make their merges on this stack (layers of different structure never merge), or None."""
-    structures = family.structures
-    if structures is None or len(set(structures)) == 1:
-        return None
-    if name == "laco":
-        lo = int(cfg.get("lowest_layer") or 0)
-        hi = cfg.get("highest_layer")
-        hi = len(structures) - 1 if hi is None else int(hi)
-        if max(_runs(structures, lo, hi), default=0) < 2:
-            return (f"method=laco merges adjacent layers weight by weight, but no two adjacent layers between lowest_layer={lo} and "
-                    f"highest_layer={hi} of this {family.model_type} model share a structure ({_kinds(family)}; a dense layer and a "
-                    "mixture-of-experts layer cannot be merged). Widen the range (method.lowest_layer / method.highest_layer), or use "
-                    "a removal method.")
-        return None
-    if name == "mka" and cfg.get("apply_merge", True):
-        possible = sum(run - 1 for run in _runs(structures))
-        wanted = int(cfg.get("num_remove") or 0)
-        if wanted > possible:
-            return (f"method=mka merges adjacent pairs of layers weight by weight, and only layers of one structure merge; this "
-                    f"{family.model_type} model allows at most {possible} such merges ({_kinds(family)}), but method.num_remove={wanted}. "
-                    f"Set method.num_remove <= {possible}, or use a removal method.")
-    return None
+def concat_family_refusal(family: Family, cfg: Any = None) -> str | None:
+    """Why windows of this family's layers cannot be concatenated into one layer (CoMe's edit), or None."""
+    return concat_refusal(family.adapter, family.layers)
 
 
 def _activation(config: Any) -> str | None:
@@ -189,20 +167,6 @@ def replacement_refusal(family: Family, replacement: str) -> str | None:
             return (f"method.replacement=mlp puts a ReLU MLP where the layer's FFN was, but a '{model_type}' mixture-of-experts layer "
                     "unpacks its FFN's output as an (output, router scores) pair, which a plain MLP does not return; use "
                     "replacement=ffn or transformer_layer.")
-    return None
-
-
-def method_refusal(family: Family, name: str, cfg: Mapping[str, Any]) -> str | None:
-    """Why method ``name`` with settings ``cfg`` cannot run on this family, or None."""
-    why = removal_refusal(family)
-    if why is not None:
-        return why
-    if name in MERGE_METHODS:
-        return merge_refusal(family, name, cfg)
-    if name in CONCAT_METHODS:
-        return concat_refusal(family.adapter, family.layers)
-    if name == "streamline":
-        return replacement_refusal(family, str(cfg.get("replacement", "transformer_layer")))
     return None
 
 
