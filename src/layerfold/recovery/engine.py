@@ -1,35 +1,31 @@
 """The recovery engine: one training loop for every method, driven by ``plan.json``.
 
-A run is a list of *phases*, each one pass of the same loop (optimiser, warmup + cosine schedule
-stepped per optimiser step, gradient accumulation, clipping, bf16 autocast on CUDA):
+A run is a list of *phases*, each one pass of the same loop (optimiser and schedule stepped per optimiser step,
+gradient accumulation, clipping, bf16 autocast on CUDA):
 
-- ``local``: layer-local distillation. The dense teacher runs forward on the batch; hooks take the
-  hidden state entering each trained layer's span together with the exact keyword arguments the
-  teacher's own decoder layer received there (the causal mask the model built, the rotary
-  ``position_embeddings`` from its own ``rotary_emb``, ``position_ids``), and the hidden state leaving
-  the span. The student layer is called with that input and those arguments, i.e. exactly as inside
-  the full model, and fits the span output (``mse`` / ``nmse`` / ``cosine`` / ``kl`` over the positions
-  ``recovery.local`` keeps: :class:`layerfold.recovery.losses.LocalLoss`). Layers train jointly on
+- ``local``: layer-local distillation. Each trained student layer is called with the teacher's hidden state
+  entering its span and the layer arguments the teacher's decoder layer received there, exactly as inside the
+  full model (:mod:`layerfold.recovery.local`), and fits the teacher's state leaving the span. Where those
+  targets come from is pluggable (``targets``, a :class:`~layerfold.recovery.teacher.SpanTargets`): a hooked
+  resident teacher (:class:`~layerfold.recovery.teacher.LiveTeacher`) or the boundaries computed once layer by
+  layer (:class:`~layerfold.recovery.layer_major.StoredTargets`, ``hardware=sequential``). Layers train jointly on
   one teacher pass (``order: joint``) or one after another (``order: sequential``, a phase each).
 - ``end_to_end``: the whole student runs; next-token LM loss and/or KL to the teacher's logits.
 
-Where a layer-local phase's teacher signal comes from is pluggable (``targets``, a :class:`SpanTargets`):
-:class:`LiveTeacher` runs the resident teacher on every batch with the hooks above (host memory
-O(batch), never O(dataset)); :class:`layerfold.recovery.layer_major.StoredTargets` holds the span
-boundaries of every training and validation block, computed once layer by layer (``hardware=sequential``),
-and looks a batch's rows up. The loop, the data order and the losses are the same either way. Under
-``hardware=sequential`` the student is *partial*: its skeleton lives on the meta device and only the
-trained decoder layers are materialised, so the whole-student parts of a run go through ``lm_loss``
-(the validation LM loss, computed layer by layer) and end-to-end phases are refused.
+The optimiser, the schedule and both losses are components named in ``params.recovery`` (Hydra ``_target_``,
+:mod:`layerfold.recovery.components`); the defaults are AdamW, linear warmup + cosine to ``min_lr``,
+:class:`~layerfold.recovery.losses.LocalLoss` and :class:`~layerfold.recovery.losses.EndToEndLoss`.
+Under ``hardware=sequential`` the student is *partial*: its skeleton lives on the meta device and only the
+trained decoder layers are materialised, so the whole-student parts of a run go through ``lm_loss`` (the
+validation LM loss, computed layer by layer) and end-to-end phases are refused.
 LoRA (peft) adapters, when enabled, wrap the trained layers' linears and are merged back at the end;
 a trained layer whose weights are new rather than pretrained (a replacement: a layer of a class the stock
 architecture lacks, such as LLM-Streamline's ReLU MLP, or tensors the plan draws fresh, such as its SwiGLU
 FFN) is trained in full instead, because a low-rank update of random weights cannot learn the layer and
-the replacement is meant to be trained from scratch. ``layers_trained`` in the summary lists the layers
-whose weights changed, compared tensor by tensor before and after training, not the configured selection;
-a selected layer left unchanged (or an unselected one changed) is an error.
-Checkpoints (trained tensors, optimiser, scheduler, position) are written atomically every
-``checkpoint_every`` steps; a killed run resumes from the last one and ends with the same weights.
+the replacement is meant to be trained from scratch. What is refused before training and verified after it
+(``layers_trained`` is what changed, tensor by tensor) lives in :mod:`layerfold.recovery.checks`; the resumable
+state (trained tensors, optimiser, scheduler, position, written atomically every ``checkpoint_every`` steps, so a
+killed run resumes and ends with the same weights) in :mod:`layerfold.recovery.state`.
 
 The same loop runs on one process or on several (``accelerate launch`` / ``torchrun``) through
 ``accelerate.Accelerator``: process setup and device, bf16 autocast, gradient accumulation and its
