@@ -152,7 +152,8 @@ def compressed_checkpoint(work: Path, base: Path, task: str, calibration: torch.
 def span_profile(teacher, student, plan: dict, cfg: Any, val: torch.Tensor) -> dict:
     """Where the untrained student's layer-local MSE comes from: position 0's share of the summed squared
     error and its target norm over the median position's, per trained span (on the validation blocks)."""
-    from layerfold.recovery.engine import LiveTeacher, SpanStudent
+    from layerfold.recovery.local import SpanStudent
+    from layerfold.recovery.teacher import LiveTeacher
     from layerfold.recovery.losses import local_loss_per_position
     from layerfold.recovery.spans import plan_spans, trainable_layers
 

@@ -43,7 +43,7 @@ from layerfold.execution import PlannedLayerLoader, SeededLayerLoader, WeightedL
 from layerfold.execution.loaders import meta_model
 from layerfold.models import get_adapter, resolve_device, resolve_dtype
 from layerfold.recovery import RecoveryEngine, Span
-from layerfold.recovery.engine import LiveTeacher
+from layerfold.recovery.teacher import LiveTeacher
 from layerfold.recovery.layer_major import StoredTargets, layer_major_engine
 
 REPO = Path(__file__).resolve().parents[1]

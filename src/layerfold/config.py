@@ -21,7 +21,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
@@ -191,6 +191,12 @@ class ReportConfig:
 # (lm, lora, come, patch_kd) composes from: the YAML is the source (tests/recovery/test_defaults.py holds them
 # equal); the dataclasses carry the types and ranges. recovery=none sets only its name; validate does not judge
 # the settings of a recovery that does not run.
+def component(target: str) -> Any:
+    """A field holding a configurable component: a Hydra ``_target_`` (the dotted path of a class or function) and the
+    keyword arguments of its own (layerfold.recovery.components builds it and says what it reads from other keys)."""
+    return field(default_factory=lambda: {"_target_": target}, metadata={"component": True})
+
+
 @dataclass
 class RecoveryDataConfig:
     """Training text for the recover stage (never the evaluation halves: see layerfold.data.training)."""
@@ -219,6 +225,8 @@ class LocalDistillConfig:
     ignore_first: int = field(default=0, metadata={"ge": 0})
     # Positions whose target norm exceeds this many times their sequence's median left out of the loss; None keeps all.
     max_norm_ratio: Optional[float] = field(default=10.0, metadata={"gt": 1.0})
+    # the loss of each span (its kind, temperature and positions from the keys above)
+    criterion: Dict[str, Any] = component("layerfold.recovery.losses.LocalLoss")
 
 
 @dataclass
@@ -230,6 +238,7 @@ class EndToEndConfig:
     kd_weight: float = field(default=0.0, metadata={"ge": 0.0})
     kd_temperature: float = field(default=1.0, metadata={"gt": 0.0})
     kd_top_k: Optional[int] = field(default=None, metadata={"ge": 1})  # KL over the teacher's top-k logits only (LinearPatch); null: all
+    criterion: Dict[str, Any] = component("layerfold.recovery.losses.EndToEndLoss")  # weights and KD settings from the keys above
 
 
 @dataclass
@@ -273,6 +282,8 @@ class RecoveryConfig:
     # several processes (accelerate launch / torchrun): auto = none on one process, else ddp when a phase is
     # layer-local or under a quarter of the parameters train, fsdp2 otherwise (see layerfold.recovery.distributed)
     distributed: str = field(default="auto", metadata={"choices": ["auto", "none", "ddp", "fsdp2"]})
+    optimizer: Dict[str, Any] = component("torch.optim.AdamW")  # given lr, betas (beta1, beta2) and weight_decay from the keys above
+    schedule: Dict[str, Any] = component("layerfold.recovery.schedule.cosine_with_warmup")  # given warmup_ratio and min_lr
 
 
 @dataclass
@@ -438,6 +449,7 @@ def validate(raw: DictConfig | dict, schema: Any, where: str, prefix: str = "", 
     """
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
+    _open_components(base, schema if isinstance(schema, type) else type(schema))
     try:
         merged = OmegaConf.merge(base, raw)
     except ConfigKeyError as err:
@@ -453,6 +465,20 @@ def validate(raw: DictConfig | dict, schema: Any, where: str, prefix: str = "", 
         raise ConfigError(f"{where}: invalid value for '{prefix}{err.full_key}': {err.msg}") from None
     check_ranges(merged, schema if isinstance(schema, type) else type(schema), where, prefix, facts)
     return merged
+
+
+def _open_components(node: DictConfig, schema: type) -> None:
+    """Let the component fields of ``schema`` (see :func:`component`) take the keyword arguments their target names."""
+    try:
+        hints = typing.get_type_hints(schema)
+    except (NameError, TypeError):
+        return
+    for spec in dataclasses.fields(schema):
+        child = node.get(spec.name) if spec.name in node else None
+        if spec.metadata.get("component") and isinstance(child, DictConfig):
+            OmegaConf.set_struct(child, False)
+        elif dataclasses.is_dataclass(hints.get(spec.name)) and isinstance(child, DictConfig):
+            _open_components(child, hints[spec.name])
 
 
 def load_params(path: str | Path = "params.yaml", facts: Mapping[str, int] | None = None) -> DictConfig:

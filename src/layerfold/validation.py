@@ -216,11 +216,11 @@ def _recovery_problems(params: DictConfig) -> list[str]:
     if recovery is None or recovery.get("name", "none") == "none":
         return []
     from layerfold.data.training import LOCAL_SOURCES
-    from layerfold.recovery.engine import RecoveryEngine
+    from layerfold.recovery.checks import check_settings
 
     problems = []
     try:
-        RecoveryEngine.check(recovery, processes=1)  # the launch itself is checked when the stage starts its processes
+        check_settings(recovery, processes=1)  # the launch itself is checked when the stage starts its processes
     except ValueError as err:
         problems.append(str(err))
     data = recovery.data

@@ -29,6 +29,12 @@ CASES = {
     "unknown local loss": (["recovery=distill", "recovery.local.loss=huber"], "recovery.local.loss"),
     "lora on every parameter": (["recovery=lora", "recovery.trainable=all"], "recovery.lora.enabled with trainable=all"),
     "end to end without a loss": (["recovery=lm", "recovery.end_to_end.lm_weight=0"], "lm_weight=0 and kd_weight=0"),
+    "optimizer that does not import": (["recovery=distill", "recovery.optimizer._target_=torch.optim.Adamx"],
+                                       "recovery.optimizer._target_='torch.optim.Adamx' does not import"),
+    "argument the optimizer does not take": (["recovery=distill", "+recovery.optimizer.momentum=0.9"],
+                                             "recovery.optimizer.momentum=0.9 is not a parameter of torch.optim.AdamW"),
+    "schedule argument set twice": (["recovery=distill", "+recovery.schedule.min_lr=0.0"],
+                                    "recovery.schedule reads min_lr from recovery.min_lr; set that instead"),
 }
 
 

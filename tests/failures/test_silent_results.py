@@ -27,7 +27,7 @@ from layerfold.models import load_checkpoint, save_checkpoint
 from layerfold.models.facts import ModelFacts
 from layerfold.models.fingerprint import PlanFingerprintError, check_plan, checkpoint_fingerprint
 from layerfold.recovery import RecoveryEngine
-from layerfold.recovery.engine import UntrainedLayersError
+from layerfold.recovery.checks import UntrainedLayersError
 from layerfold.surgery import LayerPlan, remove_layers
 from layerfold.validation import check
 

@@ -197,7 +197,7 @@ def test_tiled_parity_mode_changes_query_heads_only_under_gqa(kv_heads: int, dif
 def test_plan_drives_hierarchical_distillation_spans() -> None:
     """plan.json maps every merged layer to its run of original layers: fed the dense input of that run,
     an untouched layer reproduces the dense output exactly, a merged layer does not (what distillation fits)."""
-    from layerfold.recovery.engine import local_span_losses
+    from layerfold.recovery.local import local_span_losses
     from layerfold.recovery.spans import plan_spans
 
     teacher, student = deep_llama(6), deep_llama(6)

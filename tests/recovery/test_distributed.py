@@ -106,18 +106,18 @@ def force_fsdp2_on_cpu() -> None:
 
 
 def worker(out: Path) -> None:
-    import layerfold.recovery.engine as engine_module
+    import layerfold.recovery.state as state_module  # where the resumable state is written
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     writes = []
-    atomic_file = engine_module.atomic_file
+    atomic_file = state_module.atomic_file
 
     def counting_atomic_file(path, *args, **kwargs):
         writes.append(str(path))
         return atomic_file(path, *args, **kwargs)
 
-    engine_module.atomic_file = counting_atomic_file
+    state_module.atomic_file = counting_atomic_file
     results = {}
     for name in ("distill", "lm", "lora"):
         engine = scenario_engine(name)

@@ -13,7 +13,8 @@ from conftest import REPO, tiny_model
 from layerfold.config import RecoveryConfig, compose
 from layerfold.models.adapters import get_adapter
 from layerfold.recovery import PlanMismatchError, RecoveryConfigError, RecoveryEngine, Span, local_span_losses, plan_spans
-from layerfold.recovery.engine import TeacherTaps, call_layer
+from layerfold.recovery.local import call_layer
+from layerfold.recovery.teacher import TeacherTaps
 from layerfold.recovery.schedule import lr_at
 from layerfold.surgery import LayerPlan, remove_layers
 

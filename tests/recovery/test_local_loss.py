@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from conftest import REPO
 from layerfold.config import ConfigError, RecoveryConfig, compose, validate
 from layerfold.recovery import RecoveryConfigError, RecoveryEngine, Span, local_span_losses
-from layerfold.recovery.engine import TeacherTaps, call_layer
+from layerfold.recovery.local import call_layer
+from layerfold.recovery.teacher import TeacherTaps
 from layerfold.recovery.losses import LocalLoss, kept_positions, local_loss, local_loss_per_position
 
 

@@ -1,35 +1,31 @@
 """The recovery engine: one training loop for every method, driven by ``plan.json``.
 
-A run is a list of *phases*, each one pass of the same loop (optimiser, warmup + cosine schedule
-stepped per optimiser step, gradient accumulation, clipping, bf16 autocast on CUDA):
+A run is a list of *phases*, each one pass of the same loop (optimiser and schedule stepped per optimiser step,
+gradient accumulation, clipping, bf16 autocast on CUDA):
 
-- ``local``: layer-local distillation. The dense teacher runs forward on the batch; hooks take the
-  hidden state entering each trained layer's span together with the exact keyword arguments the
-  teacher's own decoder layer received there (the causal mask the model built, the rotary
-  ``position_embeddings`` from its own ``rotary_emb``, ``position_ids``), and the hidden state leaving
-  the span. The student layer is called with that input and those arguments, i.e. exactly as inside
-  the full model, and fits the span output (``mse`` / ``nmse`` / ``cosine`` / ``kl`` over the positions
-  ``recovery.local`` keeps: :class:`layerfold.recovery.losses.LocalLoss`). Layers train jointly on
+- ``local``: layer-local distillation. Each trained student layer is called with the teacher's hidden state
+  entering its span and the layer arguments the teacher's decoder layer received there, exactly as inside the
+  full model (:mod:`layerfold.recovery.local`), and fits the teacher's state leaving the span. Where those
+  targets come from is pluggable (``targets``, a :class:`~layerfold.recovery.teacher.SpanTargets`): a hooked
+  resident teacher (:class:`~layerfold.recovery.teacher.LiveTeacher`) or the boundaries computed once layer by
+  layer (:class:`~layerfold.recovery.layer_major.StoredTargets`, ``hardware=sequential``). Layers train jointly on
   one teacher pass (``order: joint``) or one after another (``order: sequential``, a phase each).
 - ``end_to_end``: the whole student runs; next-token LM loss and/or KL to the teacher's logits.
 
-Where a layer-local phase's teacher signal comes from is pluggable (``targets``, a :class:`SpanTargets`):
-:class:`LiveTeacher` runs the resident teacher on every batch with the hooks above (host memory
-O(batch), never O(dataset)); :class:`layerfold.recovery.layer_major.StoredTargets` holds the span
-boundaries of every training and validation block, computed once layer by layer (``hardware=sequential``),
-and looks a batch's rows up. The loop, the data order and the losses are the same either way. Under
-``hardware=sequential`` the student is *partial*: its skeleton lives on the meta device and only the
-trained decoder layers are materialised, so the whole-student parts of a run go through ``lm_loss``
-(the validation LM loss, computed layer by layer) and end-to-end phases are refused.
+The optimiser, the schedule and both losses are components named in ``params.recovery`` (Hydra ``_target_``,
+:mod:`layerfold.recovery.components`); the defaults are AdamW, linear warmup + cosine to ``min_lr``,
+:class:`~layerfold.recovery.losses.LocalLoss` and :class:`~layerfold.recovery.losses.EndToEndLoss`.
+Under ``hardware=sequential`` the student is *partial*: its skeleton lives on the meta device and only the
+trained decoder layers are materialised, so the whole-student parts of a run go through ``lm_loss`` (the
+validation LM loss, computed layer by layer) and end-to-end phases are refused.
 LoRA (peft) adapters, when enabled, wrap the trained layers' linears and are merged back at the end;
 a trained layer whose weights are new rather than pretrained (a replacement: a layer of a class the stock
 architecture lacks, such as LLM-Streamline's ReLU MLP, or tensors the plan draws fresh, such as its SwiGLU
 FFN) is trained in full instead, because a low-rank update of random weights cannot learn the layer and
-the replacement is meant to be trained from scratch. ``layers_trained`` in the summary lists the layers
-whose weights changed, compared tensor by tensor before and after training, not the configured selection;
-a selected layer left unchanged (or an unselected one changed) is an error.
-Checkpoints (trained tensors, optimiser, scheduler, position) are written atomically every
-``checkpoint_every`` steps; a killed run resumes from the last one and ends with the same weights.
+the replacement is meant to be trained from scratch. What is refused before training and verified after it
+(``layers_trained`` is what changed, tensor by tensor) lives in :mod:`layerfold.recovery.checks`; the resumable
+state (trained tensors, optimiser, scheduler, position, written atomically every ``checkpoint_every`` steps, so a
+killed run resumes and ends with the same weights) in :mod:`layerfold.recovery.state`.
 
 The same loop runs on one process or on several (``accelerate launch`` / ``torchrun``) through
 ``accelerate.Accelerator``: process setup and device, bf16 autocast, gradient accumulation and its
@@ -42,15 +38,13 @@ a checkpoint on resume; the final model (LoRA merged, FSDP2 shards gathered) exi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -59,15 +53,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from layerfold.capture.hooks import hidden_from, hidden_into
-from layerfold.io import DamagedFileError, atomic_file, payload_bytes
 from layerfold.models.adapters import get_adapter
 from layerfold.models.devices import peak_flops  # re-exported by layerfold.recovery
+from layerfold.recovery import components
 from layerfold.recovery.batches import IndexedRows, MicroBatches
+from layerfold.recovery.checks import changed_layers, check_partial, check_settings, is_partial, layer_digests, patch_digests
 from layerfold.recovery.distributed import (
-    check_launch,
-    copy_full_into,
-    full_tensor,
     is_main_process,
     launched_processes,
     loads_sharded,
@@ -78,10 +69,12 @@ from layerfold.recovery.distributed import (
     shard,
 )
 from layerfold.recovery.errors import RecoveryConfigError
-from layerfold.recovery.losses import LOCAL_LOSSES, LocalLoss, lm_loss, logit_kd
-from layerfold.recovery.schedule import warmup_cosine
-from layerfold.recovery.selectors import check_selector, selected_layers, selected_parameters
-from layerfold.recovery.spans import Span, plan_spans, trainable_layers
+from layerfold.recovery.local import SpanStudent, span_losses
+from layerfold.recovery.losses import lm_loss
+from layerfold.recovery.selectors import selected_layers, selected_parameters
+from layerfold.recovery.spans import plan_spans, trainable_layers
+from layerfold.recovery.state import TrainingState, fingerprint
+from layerfold.recovery.teacher import LiveTeacher, SpanTargets
 
 log = logging.getLogger(__name__)
 
@@ -102,167 +95,6 @@ class PhaseResult:
     flops: float = 0.0
     val_before: float | None = None
     val_after: float | None = None
-
-
-class SpanTargets(Protocol):
-    """The teacher's side of a layer-local loss: for each span, the hidden state entering it (with the
-    keyword arguments the teacher's decoder layer received there) and the hidden state leaving it."""
-
-    def fetch(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor,
-              spans: list[Span]) -> tuple[dict[int, tuple[torch.Tensor, dict]], dict[int, torch.Tensor]]:
-        """``(inputs[span.start], outputs[span.end])`` on the training device for rows ``rows`` of ``split``
-        (``train`` or ``val``), whose token ids are ``input_ids``."""
-
-    def teacher_flops_per_token(self, spans: list[Span]) -> float:
-        """Teacher FLOPs spent per training token inside the loop (0 when the targets were computed beforehand)."""
-
-
-class _StopForward(Exception):
-    """Raised by a teacher hook once every target of the batch is captured (the rest of the forward is not needed)."""
-
-
-class TeacherTaps:
-    """Hooks on the teacher capturing span inputs (with the layer's call kwargs) and span outputs."""
-
-    def __init__(self, teacher: PreTrainedModel, spans: list[Span]) -> None:
-        self.layers = get_adapter(teacher).get_layers(teacher)
-        self.spans = spans
-        self.inputs: dict[int, tuple[torch.Tensor, dict]] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.last = max(s.end for s in spans) - 1
-        self._handles: list = []
-
-    def __enter__(self) -> TeacherTaps:
-        for start in {s.start for s in self.spans}:
-            def save_input(module, args, kwargs, start=start):
-                hidden = hidden_into(args, kwargs)
-                self.inputs[start] = (hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            self._handles.append(self.layers[start].register_forward_pre_hook(save_input, with_kwargs=True))
-        for end in {s.end for s in self.spans}:
-            def save_output(module, args, output, end=end):
-                self.outputs[end] = hidden_from(output).detach()
-                if end - 1 == self.last:
-                    raise _StopForward
-            self._handles.append(self.layers[end - 1].register_forward_hook(save_output))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    @torch.no_grad()
-    def run(self, teacher: PreTrainedModel, input_ids: torch.Tensor) -> None:
-        self.inputs.clear()
-        self.outputs.clear()
-        try:
-            teacher(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
-
-
-class LiveTeacher:
-    """:class:`SpanTargets` from a resident teacher: one hooked forward per batch (stopped after the last span)."""
-
-    def __init__(self, teacher: PreTrainedModel) -> None:
-        self.teacher = teacher
-
-    def fetch(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor,
-              spans: list[Span]) -> tuple[dict[int, tuple[torch.Tensor, dict]], dict[int, torch.Tensor]]:
-        with TeacherTaps(self.teacher, spans) as taps:
-            taps.run(self.teacher, input_ids)
-        return dict(taps.inputs), dict(taps.outputs)
-
-    def teacher_flops_per_token(self, spans: list[Span]) -> float:
-        layers = get_adapter(self.teacher).get_layers(self.teacher)
-        return 2 * sum(p.numel() for i in range(max(s.end for s in spans)) for p in layers[i].parameters())
-
-
-def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Run a decoder layer as the model's forward does, with the kwargs the teacher's layer received."""
-    return hidden_from(layer(hidden, **kwargs))
-
-
-class SpanStudent(nn.Module):
-    """The student layers a layer-local phase trains, as one module: called with each span's teacher
-    input and layer arguments, it returns each layer's output.
-
-    This, not the whole student, is what DDP wraps for a layer-local phase: DDP then watches exactly the
-    trained layers, all of which get a gradient on every micro-batch, and never the teacher.
-    """
-
-    def __init__(self, student: PreTrainedModel, layers: list[int]) -> None:
-        super().__init__()
-        decoder = get_adapter(student).get_layers(student)
-        self.layers = nn.ModuleList([decoder[k] for k in layers])
-
-    def forward(self, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-        return [call_layer(layer, hidden, kwargs) for layer, (hidden, kwargs) in zip(self.layers, inputs)]
-
-
-def span_losses(span_student: nn.Module, spans: list[Span], inputs: dict[int, tuple[torch.Tensor, dict]], outputs: dict[int, torch.Tensor],
-                dtype: torch.dtype, loss: LocalLoss) -> list[torch.Tensor]:
-    """Layer-local ``loss`` of each span's student layer (run by ``span_student``) against the teacher's span
-    ``inputs`` / ``outputs`` over the positions ``loss`` keeps; the inputs enter in the student's ``dtype``."""
-    results = span_student([(inputs[s.start][0].to(dtype), inputs[s.start][1]) for s in spans])
-    return [loss(out, outputs[s.end]) for out, s in zip(results, spans)]
-
-
-def local_span_losses(teacher: PreTrainedModel, student: PreTrainedModel, spans: list[Span], input_ids: torch.Tensor, kind: str,
-                      temperature: float = 1.0, ignore_first: int = 0, span_student: nn.Module | None = None,
-                      max_norm_ratio: float | None = None) -> list[torch.Tensor]:
-    """Layer-local loss of each span's student layer on one batch (teacher forward inside), over the positions
-    :class:`LocalLoss` keeps (``ignore_first``, ``max_norm_ratio``).
-
-    ``span_student`` runs the spans' student layers (the engine passes its prepared, possibly
-    DDP-wrapped :class:`SpanStudent`); by default the student's own layers are called.
-    """
-    span_student = span_student if span_student is not None else SpanStudent(student, [s.layer for s in spans])
-    inputs, outputs = LiveTeacher(teacher).fetch("train", torch.arange(input_ids.shape[0]), input_ids, spans)
-    loss = LocalLoss(kind, temperature, ignore_first, max_norm_ratio)
-    return span_losses(span_student, spans, inputs, outputs, next(student.parameters()).dtype, loss)
-
-
-def is_partial(model: nn.Module) -> bool:
-    """True for a student whose skeleton is on the meta device (only the trained layers hold weights)."""
-    return any(p.is_meta for p in model.parameters())
-
-
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class UntrainedLayersError(RuntimeError):
-    """The layers whose weights changed in training are not the layers the recovery mode selected."""
-
-
-@torch.no_grad()
-def _patch_digests(model: nn.Module) -> dict[str, str]:
-    """sha256 of each LinearPatch patch tensor the model carries (none: empty)."""
-    from layerfold.models.patches import ATTRIBUTE
-
-    patches = getattr(model, ATTRIBUTE, None)
-    if patches is None:
-        return {}
-    return {name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-            for name, t in sorted(patches.state_dict().items())}
-
-
-def layer_digests(model: nn.Module) -> dict[int, dict[str, str]]:
-    """``{layer: {tensor name: sha256 of its bytes}}`` for every decoder layer that holds weights (meta layers skipped).
-
-    LoRA adapters are folded into the weights they adapt first (``W + delta``, what ``merge_and_unload``
-    writes), so a wrapped student and its merged model compare equal. One tensor is on the host at a time.
-    """
-    from layerfold.recovery.layer_major import layer_weights
-
-    digests = {}
-    for k, layer in enumerate(get_adapter(model).get_layers(model)):
-        weights = layer_weights(layer)
-        if any(t.is_meta for t in weights.values()):
-            continue
-        digests[k] = {name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-                      for name, t in sorted(weights.items())}
-    return digests
 
 
 @dataclass
@@ -310,17 +142,21 @@ class RecoveryEngine:
         self.phases = self._phases()
         # meta parameters: a layer-major student, unless this process's copy awaits its shards from the main process
         self.partial = is_partial(self.student) and not loads_sharded(cfg, self.processes)
-        self._check_partial()
+        if self.partial:
+            check_partial(cfg, self.student, [p.kind for p in self.phases], self.layers_trained, self.lm_loss is not None)
         # Under LoRA, the selected layers whose weights are new train in full (see the module docstring).
         self.full_layers = self._replacement_layers() if cfg.lora.enabled else []
         # What each decoder layer holds before training (main process: it alone receives the final model).
         self._digests_before = layer_digests(self.student) if is_main_process() else None
-        self._patches_before = _patch_digests(self.student) if is_main_process() else None
+        self._patches_before = patch_digests(self.student) if is_main_process() else None
         if self.targets is None and self.teacher is not None:
             self.targets = LiveTeacher(self.teacher)
         if any(p.kind == "local" for p in self.phases) and self.targets is None:
             raise RecoveryConfigError("Layer-local distillation needs the dense teacher model or its stored span targets; pass one to the engine.")
-        if cfg.end_to_end.enabled and cfg.end_to_end.kd_weight > 0 and self.teacher is None:
+        # The losses, built once from their components (recovery.local.criterion, recovery.end_to_end.criterion).
+        self.local_loss = components.build(cfg, "local.criterion") if cfg.local.enabled else None
+        self.end_to_end_loss = components.build(cfg, "end_to_end.criterion") if cfg.end_to_end.enabled else None
+        if self.end_to_end_loss is not None and getattr(self.end_to_end_loss, "needs_teacher", False) and self.teacher is None:
             raise RecoveryConfigError("This recovery mode needs the dense teacher model; pass it to the engine.")
         self.peft_model = self._wrap_lora() if cfg.lora.enabled else None
         self.tracked = sorted({n for phase in self.phases for n in self._param_names(phase)})
@@ -347,57 +183,16 @@ class RecoveryEngine:
         elif self.teacher is not None:
             self.teacher.to(self.device)  # frozen and never prepared: each process keeps a whole copy
         # A checkpoint's optimiser state is per parameter id (replicated) or gathered by name (FSDP2): not interchangeable.
-        self.fingerprint = _fingerprint(OmegaConf.to_container(cfg, resolve=True), self.plan["layers"], list(self.train.shape),
-                                        int(self.train.sum()), self.strategy == "fsdp2")
+        self.fingerprint = fingerprint(OmegaConf.to_container(cfg, resolve=True), self.plan["layers"], list(self.train.shape),
+                                       int(self.train.sum()), self.strategy == "fsdp2")
+        self.state = TrainingState(self.state_dir, self.fingerprint, sharded=self.strategy == "fsdp2")
         if self.processes > 1:
             log.info("recovery on %d processes: %s, %d micro-batch(es) of %d per process and step, global batch %d sequences",
                      self.processes, self.strategy, self.accumulation, cfg.batch_size, cfg.batch_size * cfg.grad_accum)
 
     # -- configuration -------------------------------------------------------------------------
-    @staticmethod
-    def check(cfg: DictConfig, processes: int = 1) -> None:
-        """Errors a user can fix, raised before any model work (``processes``: how many were launched)."""
-        if cfg.lr <= 0:
-            raise RecoveryConfigError(f"recovery.lr={cfg.lr} must be > 0 (e.g. 2e-4); use recovery=none to skip training.")
-        if not 0 <= cfg.min_lr <= cfg.lr:
-            raise RecoveryConfigError(f"recovery.min_lr={cfg.min_lr} must lie in [0, recovery.lr={cfg.lr}].")
-        if cfg.local.loss not in LOCAL_LOSSES:
-            raise RecoveryConfigError(f"recovery.local.loss='{cfg.local.loss}' is unknown; choose one of {', '.join(LOCAL_LOSSES)}.")
-        if cfg.local.ignore_first >= cfg.data.seq_len:
-            raise RecoveryConfigError(f"recovery.local.ignore_first={cfg.local.ignore_first} leaves no position of a {cfg.data.seq_len}-token block; lower it.")
-        ratio = cfg.local.get("max_norm_ratio")
-        if ratio is not None and not ratio > 1:
-            raise RecoveryConfigError(
-                f"recovery.local.max_norm_ratio={ratio} must be > 1 (a position is left out when its target norm exceeds this many "
-                "times its sequence's median; e.g. 10), or null to keep every position."
-            )
-        if not (cfg.local.enabled or cfg.end_to_end.enabled):
-            raise RecoveryConfigError(
-                f"recovery={cfg.name} enables neither local.enabled nor end_to_end.enabled; enable one, or use recovery=none."
-            )
-        if cfg.end_to_end.enabled and cfg.end_to_end.lm_weight <= 0 and cfg.end_to_end.kd_weight <= 0:
-            raise RecoveryConfigError("recovery.end_to_end is enabled with lm_weight=0 and kd_weight=0; give one a positive weight.")
-        check_selector(cfg)
-        if cfg.lora.enabled and cfg.trainable == "all":
-            raise RecoveryConfigError("recovery.lora.enabled with trainable=all: LoRA adapts linears of decoder layers; use trainable=layers or new.")
-        check_launch(cfg, processes)
-
-    def _check_partial(self) -> None:
-        """A partial student trains layer-local phases of materialised layers only, and needs ``lm_loss``."""
-        if not self.partial:
-            return
-        if any(p.kind != "local" for p in self.phases):
-            raise RecoveryConfigError(
-                f"recovery={self.cfg.name} trains end to end (recovery.end_to_end.enabled=true), which needs the whole student, "
-                "but this student holds only its trained layers (hardware=sequential). Use hardware=resident, or a layer-local "
-                "recovery (recovery=distill with recovery.end_to_end.enabled=false)."
-            )
-        layers = self.adapter.get_layers(self.student)
-        empty = [k for k in self.layers_trained if any(p.is_meta for p in layers[k].parameters())]
-        if empty:
-            raise RecoveryConfigError(f"Student layers {empty} train but hold no weights (meta tensors); materialise them before training.")
-        if self.lm_loss is None:
-            raise RecoveryConfigError("A partial student cannot compute its own validation LM loss; pass lm_loss (layer by layer) to the engine.")
+    # Errors a user can fix, raised before any model work (``processes``: how many were launched).
+    check = staticmethod(check_settings)
 
     def _weight(self) -> nn.Parameter:
         """A parameter of the student that holds memory: its device and dtype are the student's (meta skeleton aside)."""
@@ -497,16 +292,14 @@ class RecoveryEngine:
                 spans = [self.spans[k] for k in phase.layers]
                 inputs, outputs = self.targets.fetch(split, rows, batch, spans)
                 span_student = module if module is not None else SpanStudent(self.student, phase.layers)
-                losses = span_losses(span_student, spans, inputs, outputs, self._weight().dtype, LocalLoss.from_config(self.cfg.local))
+                losses = span_losses(span_student, spans, inputs, outputs, self._weight().dtype, self.local_loss)
                 return torch.stack(losses).sum()
-            e2e = self.cfg.end_to_end
             logits = (module if module is not None else self.student)(input_ids=batch, use_cache=False).logits
-            loss = e2e.lm_weight * lm_loss(logits, batch) if e2e.lm_weight > 0 else logits.new_zeros((), dtype=torch.float32)
-            if e2e.kd_weight > 0:
+            teacher_logits = None
+            if getattr(self.end_to_end_loss, "needs_teacher", False):
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
-                loss = loss + e2e.kd_weight * logit_kd(logits, teacher_logits, e2e.kd_temperature, e2e.get("kd_top_k"))
-        return loss
+            return self.end_to_end_loss(logits, batch, teacher_logits)
 
     @torch.no_grad()
     def _validate(self, phase: Phase) -> float:
@@ -547,7 +340,7 @@ class RecoveryEngine:
         first = min(phase.layers)
         student = 2 * (layer_params(self.student, range(n)) + head) + 2 * (layer_params(self.student, range(first, n)) + head)
         student += 2 * layer_params(self.student, phase.layers)
-        teacher = 2 * (layer_params(self.teacher, range(get_adapter(self.teacher).num_layers(self.teacher))) + head) if self.cfg.end_to_end.kd_weight > 0 else 0
+        teacher = 2 * (layer_params(self.teacher, range(get_adapter(self.teacher).num_layers(self.teacher))) + head) if getattr(self.end_to_end_loss, "needs_teacher", False) else 0
         return student + teacher
 
     # -- across processes -----------------------------------------------------------------------
@@ -565,74 +358,6 @@ class RecoveryEngine:
 
         return gather_object([value])
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _state_path(self) -> Path | None:
-        return None if self.state_dir is None else Path(self.state_dir) / "state.pt"
-
-    def _optimizer_state(self, module: nn.Module, optimizer) -> dict:
-        """The whole optimiser state: replicated on every process (none / DDP), or gathered by parameter name (FSDP2, a collective)."""
-        if self.strategy != "fsdp2":
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def _load_optimizer_state(self, module: nn.Module, optimizer, state: dict) -> None:
-        if self.strategy != "fsdp2":
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(module, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-    def _save_state(self, phase_index: int, step: int, module: nn.Module, optimizer, scheduler, results: list[PhaseResult]) -> None:
-        """Every process takes part (FSDP2 gathers shards); the main process alone writes, atomically."""
-        path = self._state_path()
-        if path is None:
-            return
-        params = dict(self.student.named_parameters())
-        tensors = {n: full_tensor(params[n].detach()).cpu().clone() for n in self.tracked}
-        optimizer_state = self._optimizer_state(module, optimizer)
-        if not self.accelerator.is_main_process:
-            return
-        state = {
-            "fingerprint": self.fingerprint,
-            "phase": phase_index,
-            "step": step,
-            "tensors": tensors,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "curve": self.curve,
-            "validation": self.validation,
-            "results": [r.__dict__ for r in results],
-        }
-        with atomic_file(path, "wb", expected_bytes=payload_bytes(state)) as handle:
-            torch.save(state, handle)
-
-    def _load_state(self) -> dict | None:
-        """Every process reads the checkpoint; the trained tensors go into the plain (not yet prepared) student."""
-        path = self._state_path()
-        if path is None or not path.exists():
-            return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated zip, a bad pickle: torch raises several kinds
-            raise DamagedFileError(
-                f"The resumable recovery state {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-                f"Delete {path.parent} to start the recovery from its first step."
-            ) from None
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
-            log.warning("ignoring %s: it was written for other settings or data", path)
-            return None
-        params = dict(self.student.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["tensors"].items():
-                copy_full_into(params[name], tensor)
-        self.curve = list(state["curve"])
-        self.validation = list(state["validation"])
-        log.info("resuming from %s: phase %d, step %d", path, state["phase"], state["step"])
-        return state
-
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> tuple[PreTrainedModel | None, dict]:
         """Train every phase; returns the trained student (LoRA merged) and a summary for metrics.
@@ -640,7 +365,10 @@ class RecoveryEngine:
         Every process must call it. The model is returned on the main process only (None on the
         others): with FSDP2 it is gathered from the shards into a plain model on the host.
         """
-        resume = self._load_state()
+        resume = self.state.load(self.student)
+        if resume is not None:
+            self.curve = list(resume["curve"])
+            self.validation = list(resume["validation"])
         results: list[PhaseResult] = [PhaseResult(**r) for r in resume["results"]] if resume else []
         lm_before = self.validation_lm_loss(self.student) if resume is None else None
         for index, phase in enumerate(self.phases):
@@ -666,37 +394,11 @@ class RecoveryEngine:
         }
         model = self._final_model()
         if model is not None:  # the main process: the final weights against the ones training started from
-            summary["layers_trained"] = self._changed_layers(model)
+            summary["layers_trained"] = changed_layers(model, self.cfg, self.layers_trained, self._digests_before, self._patches_before)
             summary["spans"] = {s.layer: [s.start, s.end] for s in self.spans if s.layer in summary["layers_trained"]}
-        if self.accelerator.is_main_process and self.state_dir is not None and self._state_path().exists():
-            self._state_path().unlink()
+        if self.accelerator.is_main_process:
+            self.state.clear()
         return model, summary
-
-    def _changed_layers(self, model: nn.Module) -> list[int]:
-        """Decoder layers whose tensors differ from before training; raises unless they are exactly the selected ones."""
-        after = layer_digests(model)
-        changed = sorted(k for k in after if after[k] != self._digests_before.get(k))
-        if self.cfg.trainable == "patch":
-            # LinearPatch patches act at layers_trained, but they live beside the decoder layers: the patches must
-            # have changed and no decoder layer may have.
-            patches_changed = _patch_digests(model) != self._patches_before
-            if changed or not patches_changed:
-                raise UntrainedLayersError(
-                    f"recovery={self.cfg.name} trains the LinearPatch patches only, but "
-                    + (f"decoder layers {changed} changed" if changed else "the patches hold exactly the values they started with")
-                    + ". Nothing is written: the recovered model would not be what recover.json says it is.")
-            return sorted(self.layers_trained)
-        if changed != sorted(self.layers_trained):
-            untouched = sorted(set(self.layers_trained) - set(changed))
-            stray = sorted(set(changed) - set(self.layers_trained))
-            raise UntrainedLayersError(
-                f"recovery={self.cfg.name} selected layers {self.layers_trained} to train, but "
-                + (f"layers {untouched} hold exactly the weights they started with" if untouched else "")
-                + (" and " if untouched and stray else "")
-                + (f"layers {stray} changed although they were frozen" if stray else "")
-                + ". Nothing is written: the recovered model would not be what recover.json says it is."
-            )
-        return changed
 
     def _final_model(self) -> PreTrainedModel | None:
         """The trained student as one plain model on the main process, LoRA merged once; None on the others."""
@@ -742,14 +444,11 @@ class RecoveryEngine:
     def _run_phase(self, index: int, phase: Phase, state: dict | None, results: list[PhaseResult]) -> PhaseResult:
         cfg = self.cfg
         params = self._set_trainable(phase)
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        )
+        # Biases and norms never decay; the rest with the optimiser's weight decay (recovery.weight_decay by default).
+        groups = [{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        optimizer = components.build(cfg, "optimizer", groups)
         total = self._total_steps()
-        scheduler = warmup_cosine(optimizer, total, cfg.warmup_ratio, cfg.lr, cfg.min_lr)
+        scheduler = components.build(cfg, "schedule", optimizer, total_steps=total)
         result = next((r for r in results if r.name == phase.name), None) if state else None
         result = result or PhaseResult(phase.name)
         first_step = state["step"] if state is not None else 0
@@ -761,7 +460,7 @@ class RecoveryEngine:
         module = SpanStudent(self.student, phase.layers) if phase.kind == "local" else self.student
         module, optimizer, scheduler, loader = self.accelerator.prepare(module, optimizer, scheduler, self._loader(first_step, total))
         if state is not None:
-            self._load_optimizer_state(module, optimizer, state["optimizer"])
+            self.state.load_optimizer(module, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         trained = [p for p in module.parameters() if p.requires_grad]  # FSDP2 replaced them by shards
         self.student.train()
@@ -804,7 +503,9 @@ class RecoveryEngine:
                 self.validation.append({"phase": phase.name, "step": step + 1, "val_loss": self._validate(phase)})
                 self.student.train()
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                self._save_state(index, step + 1, module, optimizer, scheduler, [r for r in results if r.name != phase.name] + [result])
+                self.state.save(main, self.student, self.tracked, module, optimizer, scheduler, {
+                    "phase": index, "step": step + 1, "curve": self.curve, "validation": self.validation,
+                    "results": [r.__dict__ for r in results if r.name != phase.name] + [result.__dict__]})
             if self.on_step:
                 self.on_step(phase.name, step + 1)
         bar.close()

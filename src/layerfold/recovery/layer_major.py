@@ -3,7 +3,7 @@
 A layer-local phase needs, for every trained student layer, the dense teacher's hidden state entering
 its span of original layers (with the keyword arguments the teacher's decoder layer received there)
 and the teacher's hidden state leaving the span. Resident, the engine hooks a whole teacher on every
-batch (:class:`~layerfold.recovery.engine.LiveTeacher`). Here nothing is ever whole:
+batch (:class:`~layerfold.recovery.teacher.LiveTeacher`). Here nothing is ever whole:
 
 1. **Teacher targets, once, layer by layer** (:class:`StoredTargets`). The training and validation
    blocks are embedded together and the base checkpoint's layers run over them one at a time

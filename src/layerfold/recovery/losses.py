@@ -108,3 +108,25 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
         index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices
         student_logits, teacher_logits = student_logits.gather(-1, index), teacher_logits.gather(-1, index)
     return kl_per_token(student_logits, teacher_logits, temperature).mean()
+
+
+@dataclass(frozen=True)
+class EndToEndLoss:
+    """The whole student's loss: ``lm_weight`` x next-token cross-entropy + ``kd_weight`` x logit KD to the teacher
+    (``kd_temperature``, over the teacher's ``kd_top_k`` logits or all of them)."""
+
+    lm_weight: float = 1.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    kd_top_k: int | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the loss reads the teacher's logits (the engine runs the teacher only then)."""
+        return self.kd_weight > 0
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.lm_weight * lm_loss(logits, input_ids) if self.lm_weight > 0 else logits.new_zeros((), dtype=torch.float32)
+        if self.kd_weight > 0:
+            loss = loss + self.kd_weight * logit_kd(logits, teacher_logits, self.kd_temperature, self.kd_top_k)
+        return loss

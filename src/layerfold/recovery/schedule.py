@@ -24,3 +24,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float, lr: float, min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(warmup_ratio * total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total, warmup, lr, min_lr) / lr)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`warmup_cosine` from the optimiser's own learning rate (recovery's default ``schedule`` component)."""
+    return warmup_cosine(optimizer, total_steps, warmup_ratio, optimizer.defaults["lr"], min_lr)
