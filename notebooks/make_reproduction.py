@@ -1,7 +1,7 @@
 """Write notebooks/reproduction.ipynb (run: python notebooks/make_reproduction.py).
 
-The notebook reads what `python scripts/comparison.py collect` (or `recompute`) wrote and computes
-nothing new: every number comes from layerfold.report.comparison over the collected run records, under
+The notebook reads what `python scripts/runs.py collect` (or `recompute`) wrote and computes
+nothing new: every number comes from layerfold.report.collected over the collected run records, under
 the headline protocol (docs/protocol.md). Its findings are the folder's `findings.md`, which
 layerfold.report.findings writes from those numbers: no figure in this notebook is typed by hand.
 """
@@ -19,8 +19,8 @@ CELLS = [
         "evaluation (`eval=gpu`: WikiText-2 and C4 perplexity, the zero-shot tasks, MMLU 5-shot).\n\n"
         "Produce the folder this notebook reads:\n\n"
         "```bash\n"
-        "python scripts/comparison.py queue && dvc queue start -j 1     # every run of conf/comparison/smollm2.yaml\n"
-        "python scripts/comparison.py collect --out results/comparison/<tag>\n"
+        "python scripts/runs.py queue && dvc queue start -j 1     # every run of conf/comparison/smollm2.yaml\n"
+        "python scripts/runs.py collect --out results/comparison/<tag>\n"
         "```\n\n"
         "The folder is `$LAYERFOLD_COMPARISON` if set, else `results/comparison/smollm2-135m-q4_1_h100` (the H100 run, "
         "recomputed under the headline protocol) under the repository root (the first folder at or above the working "
@@ -39,9 +39,8 @@ CELLS = [
         "from pathlib import Path\n\n"
         "import pandas as pd\n"
         "from IPython.display import Image, Markdown, display\n\n"
-        "from layerfold.report.comparison import (\n"
-        "    beats_matrix, decide, load_records, load_task_facts, pair_rows, summary_rows, tasks_of,\n"
-        ")\n"
+        "from layerfold.report.collected import beats_matrix, decide, load_task_facts, pair_rows, summary_rows, tasks_of\n"
+        "from layerfold.runs.collect import load_records\n"
         "from layerfold.report.protocol import rule_lines\n\n\n"
         "def find_root() -> Path:\n"
         "    for candidate in (Path.cwd(), *Path.cwd().parents):\n"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from layerfold.config import ConfigError, compose, parse_params  # noqa: E402
 from layerfold.io import atomic_file, read_json  # noqa: E402
-from layerfold.report.comparison import load_run_list, model_facts  # noqa: E402
+from layerfold.runs.plan import load_run_list, model_facts  # noqa: E402
 from layerfold.report.stability import (  # noqa: E402
     MethodEntry, StabilityRunner, Stages, method_result, parse_entry, replace_generated, report_markdown, run_context, write_results,
 )

@@ -15,7 +15,7 @@ Reads the ``scripts/run_methods.py --out`` folder (``<run>/metrics.json``, ``par
 
 also rewrites a generated part of ``docs/methods_2025.md`` (between its ``<marker>:begin`` / ``<marker>:end`` lines,
 ``methods_2025_table`` by default): the table and, unless ``--table-only``, the parity verdicts
-(``results/parity/*.json`` of ``scripts/parity_2025.py``) and ReplaceMe's estimation cost
+(``results/parity/*.json`` of ``python -m parity.methods_2025``) and ReplaceMe's estimation cost
 (``benchmarks/results/replaceme_cost_*.json``), so no number in that section is typed by hand.
 """
 
@@ -498,7 +498,7 @@ BEGIN, END = markers()
 
 
 def parity_markdown(parity_dir: Path) -> str:
-    """One line per ``scripts/parity_2025.py`` result: verdict, setting, every gated comparison, both sides' cost."""
+    """One line per ``python -m parity.methods_2025`` result: verdict, setting, every gated comparison, both sides' cost."""
     lines = ["| run | verdict | model, calibration | gated comparisons (max abs diff) | released s / MiB | layerfold s / MiB |",
              "|---|---|---|---|---|---|"]
     for file in sorted(parity_dir.glob("*.json")):

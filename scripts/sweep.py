@@ -4,7 +4,7 @@ sharing one DVC cache; the experiments are pushed back into this repository, so 
     python scripts/sweep.py submit --workspaces /shared/layerfold-runs --sbatch-option=--gres=gpu:1 \
         --sbatch-option=--time=04:00:00 --setup 'source .venv/bin/activate' [--only shortgpt sleb] [--wait]
     python scripts/sweep.py submit --workspaces DIR --dry-run       # write the job scripts, submit nothing
-    python scripts/comparison.py collect --out results/comparison/<tag>   # as after the local queue
+    python scripts/runs.py collect --out results/comparison/<tag>   # as after the local queue
 
 The run list is conf/comparison/smollm2.yaml (--runs), composed and validated before anything is submitted;
 the library is layerfold.sweep.slurm (what each job does is in its docstring).
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from layerfold.config import ConfigError
-from layerfold.report.comparison import check_runs, load_run_list
+from layerfold.runs.plan import check_runs, load_run_list
 from layerfold.sweep.slurm import SlurmSettings, SweepError, check_workspaces, failures, submit, wait
 
 DEFAULT_RUNS = Path("conf/comparison/smollm2.yaml")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = failures(wait(jobs, args.wait))
         for line in bad:
             print(f"failed: {line}", file=sys.stderr)
-        print(f"{len(jobs) - len(bad)} of {len(jobs)} run(s) finished; collect with `python scripts/comparison.py collect --out ...`")
+        print(f"{len(jobs) - len(bad)} of {len(jobs)} run(s) finished; collect with `python scripts/runs.py collect --out ...`")
         return 1 if bad else 0
     except (ConfigError, SweepError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

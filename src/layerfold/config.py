@@ -182,11 +182,6 @@ class TrackingConfig:
     dir: Optional[str] = None  # where wandb writes; None -> $WANDB_DIR or the system temp dir
 
 
-@dataclass
-class ReportConfig:
-    experiments_dir: str = "reports/experiments"  # metrics of finished experiments, for the accuracy/size plot
-
-
 # The recovery defaults below are conf/recovery/distill.yaml's values, which every other training recovery
 # (lm, lora, come, patch_kd) composes from: the YAML is the source (tests/recovery/test_defaults.py holds them
 # equal); the dataclasses carry the types and ranges. recovery=none sets only its name; validate does not judge
@@ -344,7 +339,6 @@ class Params:
     compensate: Any = None  # applied after the method; validated by its own dataclass (layerfold.compensate.get_compensation)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     protocol: Optional[ProtocolConfig] = None  # set by paper presets (conf/experiment/*_llama*.yaml)

@@ -1,15 +1,13 @@
-"""Parity with the released ReplaceMe and LinearPatch code (``scripts/parity_2025.py``).
+"""Parity with the released ReplaceMe and LinearPatch code (``python -m parity.methods_2025``).
 
 The fold comparison must pass within what the two sides' difference in T explains and fail beyond it. With the
-released code in the released directory (``scripts/parity_2025.py fetch``; skipped otherwise), layerfold must
+released code in the released directory (``python -m parity.methods_2025 fetch``; skipped otherwise), layerfold must
 reproduce it on stories260K: the same block, the same fitted map to 1e-6, the same weights, the same patch.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,15 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 STORIES = models_dir() / "stories260K"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("parity_2025", REPO / "scripts" / "parity_2025.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-parity = _load_script()
+from parity import adapters_2025, compare, linear_patch, released as released_code, replaceme, runner
 
 
 def test_fold_comparison_allows_what_the_map_difference_explains_and_no_more() -> None:
@@ -39,29 +29,29 @@ def test_fold_comparison_allows_what_the_map_difference_explains_and_no_more() -
     nudged = t + 1e-3 * torch.randn(8, 8, generator=generator, dtype=torch.float64)
     released, ours = (t.T @ w).to(torch.bfloat16), (nudged.T @ w).to(torch.bfloat16)
     propagated = (t - nudged).abs().T @ w.abs()
-    assert parity._fold_comparison(released, released.clone(), "w", torch.zeros_like(propagated))["passed"]
-    assert parity._fold_comparison(released, ours, "w", propagated)["passed"]
-    assert not parity._fold_comparison(released, ours, "w", torch.zeros_like(propagated))["passed"]  # T differs: not explained
+    assert replaceme._fold_comparison(released, released.clone(), "w", torch.zeros_like(propagated))["passed"]
+    assert replaceme._fold_comparison(released, ours, "w", propagated)["passed"]
+    assert not replaceme._fold_comparison(released, ours, "w", torch.zeros_like(propagated))["passed"]  # T differs: not explained
     broken = ours.clone()
     broken[2, 3] += 0.5
-    assert not parity._fold_comparison(released, broken, "w", propagated)["passed"]
+    assert not replaceme._fold_comparison(released, broken, "w", propagated)["passed"]
 
 
 def test_linear_patch_comparison_fails_on_another_scale() -> None:
     rotation = torch.eye(4, dtype=torch.float64)
     scale = torch.tensor([1.0, 1.5, 2.0, 0.5], dtype=torch.float64)
     state = {"patch": torch.diag(scale), "scale": scale, "rotation": rotation}
-    outcome = lambda s, position=1: parity.Outcome({"window": [1, 3], "position": position}, s, {})  # noqa: E731
-    same = parity.compare_linear_patch({"released": outcome(state), "layerfold": outcome(dict(state))}, 1e-6)
-    assert parity.base.verdict(same)
+    outcome = lambda s, position=1: runner.Outcome({"window": [1, 3], "position": position}, s, {})  # noqa: E731
+    same = linear_patch.compare_linear_patch({"released": outcome(state), "layerfold": outcome(dict(state))}, 1e-6)
+    assert compare.verdict(same)
     other = {**state, "scale": scale * 1.1, "patch": torch.diag(scale * 1.1)}
-    assert not parity.base.verdict(parity.compare_linear_patch({"released": outcome(state), "layerfold": outcome(other)}, 1e-6))
-    assert not parity.base.verdict(parity.compare_linear_patch({"released": outcome(state), "layerfold": outcome(state, 2)}, 1e-6))
+    assert not compare.verdict(linear_patch.compare_linear_patch({"released": outcome(state), "layerfold": outcome(other)}, 1e-6))
+    assert not compare.verdict(linear_patch.compare_linear_patch({"released": outcome(state), "layerfold": outcome(state, 2)}, 1e-6))
 
 
 # Released code on stories260K --------------------------------------------------------------------
 
-RELEASED_DIR = Path(os.environ.get("LAYERFOLD_RELEASED_DIR", parity.base.DEFAULT_RELEASED_DIR)).expanduser()
+RELEASED_DIR = Path(os.environ.get("LAYERFOLD_RELEASED_DIR", released_code.DEFAULT_RELEASED_DIR)).expanduser()
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +76,8 @@ def stories_checkpoint(tmp_path_factory) -> Path:
 
 
 def needs(repository: str) -> None:
-    if parity.base.released_provenance(RELEASED_DIR, repository) is None:
-        pytest.skip(f"released {parity.RELEASED[repository].repo} not in {RELEASED_DIR}; run `python scripts/parity_2025.py fetch`")
+    if released_code.released_provenance(RELEASED_DIR, repository) is None:
+        pytest.skip(f"released {adapters_2025.RELEASED[repository].repo} not in {RELEASED_DIR}; run `python -m parity.methods_2025 fetch`")
 
 
 def failed(comparisons: list[dict]) -> list[str]:
@@ -99,9 +89,9 @@ def test_replaceme_reproduces_the_released_least_squares(stories_checkpoint: Pat
     needs("replaceme")
     blocks = torch.randint(3, 512, (16, 32), generator=torch.Generator().manual_seed(0))
     blocks[:, 0] = 1
-    settings = parity.Settings(checkpoint=str(stories_checkpoint), num_remove=2, blocks=16, seq_len=32, released_dir=str(RELEASED_DIR))
-    outcomes = {"released": parity.released_replaceme(settings, blocks), "layerfold": parity.layerfold_replaceme(settings, blocks)}
-    comparisons = parity.compare_replaceme(outcomes, 1e-6)
+    settings = adapters_2025.Settings(checkpoint=str(stories_checkpoint), num_remove=2, blocks=16, seq_len=32, released_dir=str(RELEASED_DIR))
+    outcomes = {"released": replaceme.released_replaceme(settings, blocks), "layerfold": replaceme.layerfold_replaceme(settings, blocks)}
+    comparisons = replaceme.compare_replaceme(outcomes, 1e-6)
     assert not failed(comparisons), failed(comparisons)
     by_name = {c["name"]: c for c in comparisons}
     assert by_name["block_distance_last"]["passed"]  # constant final-norm weight: the post-norm state gives the same angle
@@ -112,11 +102,11 @@ def test_linear_patch_reproduces_the_released_patch(stories_checkpoint: Path, on
     needs("linear_patch")
     blocks = torch.randint(3, 512, (128, 16), generator=torch.Generator().manual_seed(1))  # the released code reads 128 samples
     blocks[:, 0] = 1
-    settings = parity.Settings(checkpoint=str(stories_checkpoint), num_remove=2, blocks=128, seq_len=16, batch_size=1,
+    settings = adapters_2025.Settings(checkpoint=str(stories_checkpoint), num_remove=2, blocks=128, seq_len=16, batch_size=1,
                                released_dir=str(RELEASED_DIR))
-    released = parity.released_linear_patch(settings, blocks)
+    released = linear_patch.released_linear_patch(settings, blocks)
     settings.window = released.record["window"]
-    outcomes = {"released": released, "layerfold": parity.layerfold_linear_patch(settings, blocks)}
-    comparisons = parity.compare_linear_patch(outcomes, 1e-6)
+    outcomes = {"released": released, "layerfold": linear_patch.layerfold_linear_patch(settings, blocks)}
+    comparisons = linear_patch.compare_linear_patch(outcomes, 1e-6)
     assert not failed(comparisons), failed(comparisons)
     assert {c["name"]: c for c in comparisons}["rotation_construction"]["passed"]  # width 64: the same Sylvester matrix

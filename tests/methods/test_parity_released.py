@@ -1,7 +1,7 @@
-"""Parity with the papers' released code (``scripts/parity_released.py``).
+"""Parity with the papers' released code (``python -m parity``, the ``parity/`` package).
 
 The comparison functions must fail on a perturbed, missing or NaN tensor and pass on identical ones.
-With the released code in the released directory (``scripts/parity_released.py fetch``; skipped
+With the released code in the released directory (``python -m parity fetch``; skipped
 otherwise), layerfold's parity presets must reproduce it on stories260K with its own (non-constant)
 final norm: same choices, same scores within tolerance, and bit-identical weights.
 """
@@ -9,10 +9,9 @@ final norm: same choices, same scores within tolerance, and bit-identical weight
 from __future__ import annotations
 
 import gc
-import importlib.util
+import importlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 STORIES = models_dir() / "stories260K"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("parity_released", REPO / "scripts" / "parity_released.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-parity = _load_script()
+from parity import compare, orchestrate, registry, released as released_code, runner
 
 
 def state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -44,7 +35,7 @@ def state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_identical_weights_pass() -> None:
     a = state()
-    result = parity.tensor_differences(a, {k: v.clone() for k, v in a.items()}, tolerance=0.0)
+    result = compare.tensor_differences(a, {k: v.clone() for k, v in a.items()}, tolerance=0.0)
     assert result["passed"] and result["max_abs_diff"] == 0.0
     assert result["tensors_compared"] == len(a) and not result["only_in_released"] and not result["only_in_layerfold"]
 
@@ -54,41 +45,41 @@ def test_one_perturbed_element_fails_and_is_named() -> None:
     b = {k: v.clone() for k, v in a.items()}
     name = "model.layers.2.mlp.down_proj.weight"
     b[name][3, 5] += 1e-3
-    result = parity.tensor_differences(a, b, tolerance=1e-6)
+    result = compare.tensor_differences(a, b, tolerance=1e-6)
     assert not result["passed"]
     assert result["worst_tensor"] == name and result["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
     assert [k for k, v in result["per_tensor_max_abs_diff"].items() if v > 0] == [name]
-    assert parity.tensor_differences(a, b, tolerance=1e-2)["passed"]  # the same diff inside a looser tolerance
+    assert compare.tensor_differences(a, b, tolerance=1e-2)["passed"]  # the same diff inside a looser tolerance
 
 
 def test_different_models_missing_reshaped_or_nan_tensors_fail() -> None:
     a = state(0)
-    assert not parity.tensor_differences(a, state(1), tolerance=1e-6)["passed"]
+    assert not compare.tensor_differences(a, state(1), tolerance=1e-6)["passed"]
     missing = {k: v for k, v in a.items() if k != "model.norm.weight"}
-    result = parity.tensor_differences(a, missing, tolerance=1.0)
+    result = compare.tensor_differences(a, missing, tolerance=1.0)
     assert not result["passed"] and result["only_in_released"] == ["model.norm.weight"]
     reshaped = {**a, "model.norm.weight": a["model.norm.weight"][:-1]}
-    assert not parity.tensor_differences(a, reshaped, tolerance=1.0)["passed"]
+    assert not compare.tensor_differences(a, reshaped, tolerance=1.0)["passed"]
     nan = {**a, "model.norm.weight": a["model.norm.weight"].clone().fill_(float("nan"))}
-    assert not parity.tensor_differences(a, nan, tolerance=1e9)["passed"]
-    assert not parity.tensor_differences({}, {}, tolerance=1.0)["passed"]  # nothing compared is no evidence
+    assert not compare.tensor_differences(a, nan, tolerance=1e9)["passed"]
+    assert not compare.tensor_differences({}, {}, tolerance=1.0)["passed"]  # nothing compared is no evidence
 
 
 def test_decisions_scores_and_verdict() -> None:
-    assert parity.same_sequence("x", "", [[1, 2], [3]], ([1, 2], (3,)))["passed"]
-    assert not parity.same_sequence("x", "", [[1, 2]], [[2, 1]])["passed"]
-    assert parity.value_differences("s", "", [0.1, 0.2], [0.1, 0.2 + 5e-5], 1e-4)["passed"]
-    assert not parity.value_differences("s", "", [0.1, 0.2], [0.1, 0.2 + 5e-4], 1e-4)["passed"]
-    assert not parity.value_differences("s", "", [0.1], [0.1, 0.2], 1.0)["passed"]
-    assert not parity.value_differences("s", "", [float("nan")], [0.0], 1.0)["passed"]
+    assert compare.same_sequence("x", "", [[1, 2], [3]], ([1, 2], (3,)))["passed"]
+    assert not compare.same_sequence("x", "", [[1, 2]], [[2, 1]])["passed"]
+    assert compare.value_differences("s", "", [0.1, 0.2], [0.1, 0.2 + 5e-5], 1e-4)["passed"]
+    assert not compare.value_differences("s", "", [0.1, 0.2], [0.1, 0.2 + 5e-4], 1e-4)["passed"]
+    assert not compare.value_differences("s", "", [0.1], [0.1, 0.2], 1.0)["passed"]
+    assert not compare.value_differences("s", "", [float("nan")], [0.0], 1.0)["passed"]
     ok, bad = {"passed": True}, {"passed": False}
-    assert parity.verdict([ok, {**bad, "gate": False}])  # a documented difference does not decide
-    assert not parity.verdict([ok, bad]) and not parity.verdict([{**ok, "gate": False}]) and not parity.verdict([])
+    assert compare.verdict([ok, {**bad, "gate": False}])  # a documented difference does not decide
+    assert not compare.verdict([ok, bad]) and not compare.verdict([{**ok, "gate": False}]) and not compare.verdict([])
 
 
 # Released code on stories260K --------------------------------------------------------------------
 
-RELEASED_DIR = Path(os.environ.get("LAYERFOLD_RELEASED_DIR", parity.DEFAULT_RELEASED_DIR)).expanduser()
+RELEASED_DIR = Path(os.environ.get("LAYERFOLD_RELEASED_DIR", released_code.DEFAULT_RELEASED_DIR)).expanduser()
 
 # Per method: overrides that make the tiny model exercise the method (LaCo accepts merges over several
 # trials) and, for CoMe and CoMe-P, wo_repeat off: with --wo-repeat the released code marks window L-1 as
@@ -177,11 +168,11 @@ def blocks() -> torch.Tensor:
 
 
 def parity_settings(method: str, checkpoint: Path, blocks: torch.Tensor, extra: list[str] = ()) -> object:
-    if parity.released_provenance(RELEASED_DIR, method) is None:
-        pytest.skip(f"released {parity.RELEASED[method].repo} not in {RELEASED_DIR}; run `python scripts/parity_released.py fetch`")
+    if released_code.released_provenance(RELEASED_DIR, method) is None:
+        pytest.skip(f"released {released_code.RELEASED[method].repo} not in {RELEASED_DIR}; run `python -m parity fetch`")
     if method == "mka" and not (data_dir() / "mmlu" / "test").is_dir():
         pytest.skip(f"MMLU test files not in {data_dir()} (set LAYERFOLD_DATA_DIR): pipeline.py calibrates on them")
-    return parity.Settings(
+    return runner.Settings(
         checkpoint=str(checkpoint), num_remove=2, blocks=blocks.shape[0], seq_len=blocks.shape[1], batch_size=4,
         released_dir=str(RELEASED_DIR), data_dir=str(data_dir()), overrides={method: OVERRIDES.get(method, []) + list(extra)},
     )
@@ -189,14 +180,14 @@ def parity_settings(method: str, checkpoint: Path, blocks: torch.Tensor, extra: 
 
 def run_method(method: str, checkpoint: Path, blocks: torch.Tensor) -> tuple[dict, list[dict]]:
     settings = parity_settings(method, checkpoint, blocks)
-    outcomes = {side: parity.run_side(method, side, settings, blocks) for side in parity.PARITY[method].sides}
+    outcomes = {side: orchestrate.run_side(method, side, settings, blocks) for side in registry.PARITY[method].sides}
     if method in TOP_BOUNDARY:  # the same run with layerfold's own top boundary must differ there
         pre_norm = parity_settings(method, checkpoint, blocks, ["method.top_boundary=pre_norm"])
-        other = {**outcomes, "layerfold": parity.run_side(method, "layerfold", pre_norm, blocks)}
-        by_name = {c["name"]: c for c in parity.PARITY[method].compare(other, 1e-6)}
+        other = {**outcomes, "layerfold": orchestrate.run_side(method, "layerfold", pre_norm, blocks)}
+        by_name = {c["name"]: c for c in registry.PARITY[method].compare(other, 1e-6)}
         for name in TOP_BOUNDARY[method]:
             assert not by_name[name]["gate"] and not by_name[name]["passed"], by_name[name]
-    return outcomes, parity.PARITY[method].compare(outcomes, 1e-6)
+    return outcomes, registry.PARITY[method].compare(outcomes, 1e-6)
 
 
 def failed(comparisons: list[dict]) -> list[str]:
@@ -210,10 +201,10 @@ def test_parity_modes_reproduce_the_released_code(method: str, stories_checkpoin
     checkpoint = unit_norm_checkpoint if method == "shortgpt" else stories_checkpoint
     outcomes, comparisons = run_method(method, checkpoint, blocks)
     assert not failed(comparisons), failed(comparisons)
-    assert parity.verdict(comparisons)
+    assert compare.verdict(comparisons)
     gating = {c["name"] for c in comparisons if c.get("gate", True)}
     assert set(TOP_BOUNDARY.get(method, [])) <= gating  # the top boundary is compared, not excused
-    dense = parity.state_of(parity.load_model(parity.Settings(checkpoint=str(checkpoint)))[0])
+    dense = runner.state_of(runner.load_model(runner.Settings(checkpoint=str(checkpoint)))[0])
     # The check compared real edits: the result is shallower than the dense model.
     assert len(outcomes["layerfold"].state) < len(dense)
     if method == "laco":
@@ -227,11 +218,11 @@ def test_parity_modes_reproduce_the_released_code(method: str, stories_checkpoin
 def test_released_wo_repeat_rule_is_the_released_function() -> None:
     """``wo_repeat_rule=released`` closes exactly the windows ``repeat_skip_importance_deal`` returns, for
     window sizes 2 and 3 and every way of merging a small stack (the code's IndexError cases left out)."""
-    if parity.released_provenance(RELEASED_DIR, "come") is None:
-        pytest.skip(f"released {parity.RELEASED['come'].repo} not in {RELEASED_DIR}; run `python scripts/parity_released.py fetch`")
+    if released_code.released_provenance(RELEASED_DIR, "come") is None:
+        pytest.skip(f"released {released_code.RELEASED['come'].repo} not in {RELEASED_DIR}; run `python -m parity fetch`")
     from layerfold.methods.come import released_exclusions
 
-    with parity.released_imports(parity.released_path(RELEASED_DIR, "come"), ["utils", "methods", "models_unit"]):
+    with runner.released_imports(released_code.released_path(RELEASED_DIR, "come"), ["utils", "methods", "models_unit"]):
         released = importlib.import_module("methods.concat_merge").repeat_skip_importance_deal
     checked = 0
     for merge_item in (2, 3):

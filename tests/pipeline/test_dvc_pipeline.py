@@ -96,6 +96,6 @@ def test_run_methods_without_dvc(clone):
     plan = json.loads((repo / "results/tiny/drop_last_num_remove1/plan.json").read_text())
     assert plan["removed"] == [4]
     assert json.loads((repo / "results/tiny/gromov_num_remove2/metrics.json").read_text())["model"]["num_layers"] == 3
-    table = run([sys.executable, "scripts/results_table.py", "results/tiny"], repo, env)
+    table = run([sys.executable, "scripts/runs.py", "table", "results/tiny"], repo, env)
     assert any(line.startswith("| dense | 5 |") for line in table.splitlines())
     assert table.startswith("**Headline** = mean over the informative tasks")

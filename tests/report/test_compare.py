@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from layerfold.report.compare import format_rows, load_runs, runs_from_dvc_exp_show
+from layerfold.report.listing import format_rows
+from layerfold.runs.sources import load_runs, runs_from_dvc_exp_show
 
 
 def _metrics(layers: int, acc: float, ppl: float, stderr: float = 0.01) -> dict:

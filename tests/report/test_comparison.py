@@ -24,9 +24,9 @@ from conftest import REPO
 from layerfold.config import ConfigError
 from layerfold.io import read_json
 from layerfold.models import ModelFacts
-from layerfold.report.comparison import (
-    check_runs, load_records, load_run_list, records_from_exp_show, records_from_methods_dir, write_comparison,
-)
+from layerfold.report.collected import write_comparison
+from layerfold.runs.collect import load_records, records_from_exp_show, records_from_methods_dir
+from layerfold.runs.plan import check_runs, load_run_list
 
 RUNS = REPO / "conf" / "comparison" / "smollm2.yaml"
 NOTEBOOK = REPO / "notebooks" / "reproduction.ipynb"
@@ -35,7 +35,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("comparison_script", REPO / "scripts" / "comparison.py")
+    spec = importlib.util.spec_from_file_location("runs_script", REPO / "scripts" / "runs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -541,7 +541,7 @@ def test_the_committed_comparison_is_what_the_code_makes_of_its_records(tmp_path
     shutil.copytree(folder, copy)
     assert _script().main(["recompute", "--folder", str(copy)]) == 0
     for name in ("table.md", "pairs.md", "findings.md", "depth.json", "runs.json"):
-        assert (copy / name).read_text() == (folder / name).read_text(), f"{name}: run scripts/comparison.py recompute --folder {folder}"
+        assert (copy / name).read_text() == (folder / name).read_text(), f"{name}: run scripts/runs.py recompute --folder {folder}"
     assert (copy / "dvc_exp_show.md").is_file()  # a file recompute does not write stays
 
 

@@ -8,7 +8,6 @@ import functools
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,9 @@ import yaml
 from conftest import REPO
 from layerfold.config import ConfigError, compose, parse_params
 from layerfold.models.facts import ModelFacts
+from layerfold.report.build import write_report
 from layerfold.report.reported import ReportedDataError, entry, load_papers, markdown_section, side_by_side
 from layerfold.validation import check
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-import pipeline.report as report_stage  # noqa: E402
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 # The papers' headline settings the presets must cover (others may be added beside them).
@@ -271,7 +267,7 @@ def test_report_section_table_and_the_paired_standard_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# where the table appears: the report stage and scripts/results_table.py --reported
+# where the table appears: the report stage and scripts/runs.py table --reported
 
 
 def _write(path: Path, payload) -> None:
@@ -302,7 +298,7 @@ def test_report_stage_appends_measured_vs_reported(tmp_path):
     cosine = [[1.0 - 0.01 * abs(i - j) for j in range(33)] for i in range(33)]
     _write(root / "artifacts/capture/stats.json", {"num_layers": 32, "tokens": 100, "sequences": 2, "block_influence": [0.1] * 32, "cosine": cosine})
     protocol = composed("shortgpt_llama2_7b_blockpruner")["protocol"]
-    report_stage.run_report(root, tmp_path / "experiments", "llama2-7b", exp_name="preset", protocol=protocol)
+    write_report(root, "llama2-7b", exp_name="preset", protocol=protocol)
     text = (root / "reports/report.md").read_text()
     assert "## Paper preset: measured vs reported" in text and "Reported entry `shortgpt_llama2_7b_blockpruner`" in text
     assert "| layers removed | pruned | layers | 7 | 7 of 32 | +0 | same |" in text
@@ -318,12 +314,12 @@ def test_results_table_reported_flag(tmp_path, capsys):
     _write(out / "shortgpt7/plan.json", PLAN)
     (out / "shortgpt7/params.yaml").write_text(yaml.safe_dump(composed("shortgpt_llama2_7b_blockpruner")))
     _write(out / "plain/metrics.json", _llama_metrics(28, 0.9))  # no paper preset: no reported table
-    spec = importlib.util.spec_from_file_location("results_table", REPO / "scripts/results_table.py")
+    spec = importlib.util.spec_from_file_location("runs_script", REPO / "scripts/runs.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main([str(out), "--reported"])
+    assert script.main(["table", str(out), "--reported"]) == 0
     printed = capsys.readouterr().out
     assert "### shortgpt7: measured vs reported (`shortgpt_llama2_7b_blockpruner`)" in printed and "### plain" not in printed
     assert "| average | pruned | mixed (0-shot) |" in printed and "| wikitext2 | pruned | perplexity | 6.47 | 18.45 | -11.98 | no se: not judged |" in printed
-    script.main([str(out)])
+    assert script.main(["table", str(out)]) == 0
     assert "measured vs reported" not in capsys.readouterr().out

@@ -13,7 +13,8 @@ from conftest import REPO
 
 from layerfold.evaluation.answers import answer_floor, pack_digits, target_floor, unpack_digits
 from layerfold.evaluation.harness import pack_bits
-from layerfold.report.comparison import load_records, load_task_facts, tasks_of
+from layerfold.report.collected import load_task_facts, tasks_of
+from layerfold.runs.collect import load_records
 from layerfold.report.noise import marginal_homogeneity, rank_agreement, retained_interval
 from layerfold.report.protocol import (
     chosen_answers, collapsed, headline, headline_difference, informative_tasks, perplexity_agreement, ranking, run_drift,

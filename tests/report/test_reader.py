@@ -1,18 +1,19 @@
 """Every reader gives a run the numbers its own report gives it, whatever other runs are listed beside it:
-scripts/compare.py, scripts/comparison.py (collect/recompute), scripts/results_table.py and the report's
-archive all take the headline from layerfold.report.reader.run_headline."""
+the report stage and every subcommand of scripts/runs.py (list, table, pairs, collect/recompute) take the
+headline from layerfold.report.reader.run_headline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from layerfold.report.compare import format_rows, load_runs
-from layerfold.report.comparison import summary_rows
+from layerfold.report.collected import summary_rows
+from layerfold.report.folder_tables import quality_table
+from layerfold.report.listing import format_rows
 from layerfold.report.protocol import informative_tasks, summary
 from layerfold.report.reader import run_headline
-from layerfold.report.tables import archive_run, collect_experiments, experiments_table, final_metrics
+from layerfold.report.tables import experiments_table, final_metrics
+from layerfold.runs.sources import load_runs, runs_from_dvc_exp_show
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,13 +36,6 @@ def _write(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload))
 
 
-def _results_table():
-    spec = importlib.util.spec_from_file_location("results_table", REPO / "scripts" / "results_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_same_run_gets_the_same_headline_from_every_reader(tmp_path: Path) -> None:
     deep = {"name": "deep", "dense": DENSE, "compressed": DEEP, "recovered": None, "plan": {"method": {"name": "shortgpt"}}}
     own = run_headline(deep)
@@ -53,14 +47,17 @@ def test_the_same_run_gets_the_same_headline_from_every_reader(tmp_path: Path) -
     written = summary(DENSE, final_metrics(deep), informative_tasks(DENSE, own["tasks"]))
     assert (written["headline"], written["se"], written["delta"], written["delta_se"]) == tuple(round(100 * v, 2) for v in expected)
 
-    # the report's archive, with another run beside it
-    archive = tmp_path / "experiments"
-    archive_run(deep, archive, "deep")
-    archive_run({"name": "narrow", "dense": NARROW_DENSE, "compressed": NARROW, "plan": {"method": {"name": "sleb"}}}, archive, "narrow")
-    rows = {r["experiment"]: r for r in experiments_table(collect_experiments(archive), setting="auto")}
+    # scripts/runs.py list on DVC experiments (dvc exp show --json), with another run beside it
+    payload = [{"rev": "workspace", "data": {"rev": "workspace", "metrics": {}}, "experiments": [
+        {"name": name, "revs": [{"name": name, "data": {"rev": f"{i}" * 40, "timestamp": "2026-12-05T00:00:00", "metrics": {
+            "metrics/dense.json": {"data": dense}, "metrics/compressed.json": {"data": compressed}}}}]}
+        for i, (name, dense, compressed) in enumerate((("narrow", NARROW_DENSE, NARROW), ("deep", DENSE, DEEP)))]}]
+    dvc_runs = runs_from_dvc_exp_show(payload)
+    assert [r["name"] for r in dvc_runs] == ["narrow", "deep"]
+    rows = {r["experiment"]: r for r in experiments_table(dvc_runs, setting="auto")}
     assert (rows["deep"]["average"], rows["deep"]["average_stderr"], rows["deep"]["diff"], rows["deep"]["diff_se"]) == expected
 
-    # scripts/compare.py and scripts/results_table.py on a run_methods folder holding both runs
+    # scripts/runs.py list, table and pairs on a run_methods folder holding both runs
     methods = tmp_path / "methods"
     _write(methods / "dense/metrics.json", DENSE)
     _write(methods / "deep/metrics.json", DEEP)
@@ -71,11 +68,11 @@ def test_the_same_run_gets_the_same_headline_from_every_reader(tmp_path: Path) -
     assert (rows["deep"]["average"], rows["deep"]["average_stderr"], rows["deep"]["diff"], rows["deep"]["diff_se"]) == expected
     line = next(line for line in format_rows(runs) if line.startswith("deep"))
     assert f"{100 * own['headline']:.2f}±{100 * own['se']:.2f}" in line and f"{100 * own['diff']:+.2f}±{100 * own['diff_se']:.2f}" in line
-    table = "\n".join(_results_table().quality_table(methods))
+    table = "\n".join(quality_table(methods))
     row = next(r for r in table.splitlines() if r.startswith("| deep "))
     assert f"{100 * own['headline']:.2f} ± {100 * own['se']:.2f}" in row and f"{100 * own['diff']:+.2f} ± {100 * own['diff_se']:.2f}" in row
 
-    # scripts/comparison.py collect/recompute: its records of the same two runs, the narrow one first
+    # scripts/runs.py collect/recompute: its records of the same two runs, the narrow one first
     records = [{"name": name, "remove": 30 - m["model"]["num_layers"], "timings": {}, "params": {"method": {"name": name}},
                 "metrics": {"dense": dense, "compressed": m, "recovered": None}}
                for name, dense, m in (("narrow", NARROW_DENSE, NARROW), ("deep", DENSE, DEEP))]

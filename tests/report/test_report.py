@@ -68,7 +68,7 @@ def _write(path: Path, payload) -> None:
 
 
 def make_repo(root: Path) -> None:
-    """A repository root holding only what the report stage reads (plus one archived experiment)."""
+    """A repository root holding only what the report stage reads."""
     _write(root / "metrics/dense.json", _metrics(5, DENSE_EVAL, 20.0, 50.0))
     _write(root / "metrics/compressed.json", _metrics(3, COMPRESSED_EVAL, 30.0, 30.0))
     _write(root / "metrics/compress.json", {"method": "shortgpt", "layers_before": 5, "layers_after": 3, "removed": [2], "merged": [[3, 4]],
@@ -78,13 +78,9 @@ def make_repo(root: Path) -> None:
     _write(root / "artifacts/capture/stats.json", {"num_layers": 5, "tokens": 512, "sequences": 8, "device": "cpu", "dtype": "float32",
                                                    "block_influence": [0.9, 0.1, 0.02, 0.05, 0.3], "cosine": cosine, "last_token_angular": cosine})
     (root / "params.yaml").write_text(
-        "runtime: {device: cpu, dtype: auto, seed: 0}\nreport: {experiments_dir: reports/experiments}\n"
+        "runtime: {device: cpu, dtype: auto, seed: 0}\n"
         "model: {name: tiny-test}\nmethod: {name: shortgpt, num_remove: 2}\n"
     )
-    earlier = root / "reports/experiments/laco-4L"
-    _write(earlier / "metrics/dense.json", _metrics(5, DENSE_EVAL, 20.0, 50.0))
-    _write(earlier / "metrics/compressed.json", _metrics(4, {k: _task(0.5, 0.5) for k in COMPRESSED_EVAL}, 25.0, 40.0))
-    _write(earlier / "plan.json", {**PLAN, "method": {"name": "laco"}})
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +113,9 @@ def test_report_markdown(repo):
     assert "| 2 | 3–4 | merged |" in text
     assert "| prefill latency (ms) (lower is better) | 50.0 | 30.0 | 0.600 |" in text
     assert "in 0.50 s, peak memory 123.4 MiB" in text
-    # the archived laco run predates recorded model names: named from its dense metrics instead
-    assert "| laco-4L | llama-0M | laco | 4 |" in text and "| shortgpt-3L | tiny-test | shortgpt | 3 |" in text
+    # the run's own row, nothing archived beside it (runs side by side: scripts/runs.py)
+    experiments = text.split("## Experiments")[1].split("## Plots")[0]
+    assert "| shortgpt-3L | tiny-test | shortgpt | 3 |" in experiments and experiments.count("\n| ") == 2
 
 
 def test_summary_metric(repo):
@@ -145,11 +142,19 @@ def test_plots_and_tables(repo):
     assert hellaswag["dense_acc"] == 0.35 and hellaswag["compressed_acc_norm"] == 0.30
 
 
-def test_archive_persists_and_is_reused(repo):
-    archived = repo / "reports/experiments/shortgpt-3L"
-    assert json.loads((archived / "metrics/compressed.json").read_text())["model"]["num_layers"] == 3
-    assert json.loads((archived / "plan.json").read_text())["removed"] == [2]
-    assert (repo / "reports/experiments/laco-4L/metrics/dense.json").is_file()  # earlier experiment untouched
+def test_the_stage_writes_only_its_declared_outputs(repo):
+    """Everything the stage wrote is a declared output (metric or out) of the report stage in dvc.yaml, or the
+    git-ignored machine-local reports/timings.md; no archive of runs beside them."""
+    import yaml
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
+    declared = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage["outs"] + stage["metrics"]]
+    written = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+    inputs = [p for p in written if p in stage["deps"] or p == "params.yaml"]
+    outside = [p for p in written if p not in inputs and p != "reports/timings.md"
+               and not any(p == d or p.startswith(d + "/") for d in declared)]
+    assert not outside, f"the report stage wrote files outside its declared outputs: {outside}"
+    assert not (repo / "reports/experiments").exists()
 
 
 def test_accuracy_points_dedupe_dense():
@@ -183,7 +188,8 @@ def test_notebook_runs(repo, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     text = "".join(o.get("text", "") for o in outputs)
-    assert "2 run(s): ['laco-4L', 'workspace']" in text  # the archived copy of the workspace run is deduplicated
+    # no DVC repository around the test's folder: the workspace run alone, and the notebook says why
+    assert "1 run(s): ['workspace']" in text and "DVC lists no runs here" in text
 
 
 def test_report_counts_only_informative_tasks_and_says_why(tmp_path, monkeypatch):
@@ -247,7 +253,7 @@ def test_last_screen_flags_collapse_and_drift_and_cuts_long_lines():
 
 def test_compression_line_says_where_machine_local_timings_are(tmp_path, monkeypatch):
     """compress.json without timings (they live in the git-ignored compress_time.json): no dashes, the file named."""
-    from layerfold.report.tables import compression_line
+    from layerfold.report.markdown import compression_line
 
     plain = {"method": "shortgpt", "layers_before": 30, "layers_after": 22}
     line = compression_line(plain)

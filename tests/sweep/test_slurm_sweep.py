@@ -1,6 +1,6 @@
 """The comparison's run list on a real single-node SLURM cluster (Debian's slurm-wlm + munge, started here on
 localhost): two tiny stories260K runs submitted with ``scripts/sweep.py``, each a DVC experiment in its own clone
-sharing the repository's DVC cache, pushed back into the repository and collected with ``scripts/comparison.py
+sharing the repository's DVC cache, pushed back into the repository and collected with ``scripts/runs.py
 collect`` exactly as after the local queue."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import data_dir, make_clone, models_dir  # noqa: E402
 from slurm_cluster import INSTALL, LocalSlurm, missing_binaries  # noqa: E402
 
-from layerfold.report.comparison import load_run_list  # noqa: E402
+from layerfold.runs.plan import load_run_list  # noqa: E402
 from layerfold.sweep.slurm import SlurmSettings, SweepError, job_script, submit  # noqa: E402
 
 TINY = [
@@ -69,7 +69,7 @@ def swept(cluster, tmp_path_factory) -> tuple[Path, dict, Path, str]:
                "--sbatch-option=--cpus-per-task=1", "--wait", "1200"], repo, env, timeout=1500)
     logs = "\n".join(f"==> {p.name} <==\n{p.read_text(errors='replace')}" for p in sorted(workspaces.glob("*.log")))
     print(out + "\n" + logs)
-    run([sys.executable, "scripts/comparison.py", "--runs", str(runs), "collect", "--out", str(base / "collected")], repo, env)
+    run([sys.executable, "scripts/runs.py", "--runs", str(runs), "collect", "--out", str(base / "collected")], repo, env)
     return repo, env, base, out + logs
 
 

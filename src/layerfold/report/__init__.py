@@ -1,13 +1,13 @@
-"""Report of a run (dense vs compressed tables, Markdown, figures) and the archive of finished experiments."""
+"""Report of a run: dense vs compressed tables (``tables``), the Markdown report (``markdown`` and its
+template), figures (``plots``), and the report stage's work as one call (``build``)."""
 
+from layerfold.report.markdown import markdown_report
 from layerfold.report.plots import accuracy_vs_params, layer_importance, save_png, similarity_heatmap
 from layerfold.report.tables import (
     REPORTED_METRIC,
     TASK_ORDER,
     accuracy_points,
-    archive_run,
     average_accuracy,
-    collect_experiments,
     common_tasks,
     comparison_table,
     efficiency_speedup_rows,
@@ -15,7 +15,6 @@ from layerfold.report.tables import (
     experiment_name,
     experiments_table,
     load_run,
-    markdown_report,
     reported_metric,
 )
 
@@ -24,9 +23,7 @@ __all__ = [
     "TASK_ORDER",
     "accuracy_points",
     "accuracy_vs_params",
-    "archive_run",
     "average_accuracy",
-    "collect_experiments",
     "common_tasks",
     "comparison_table",
     "efficiency_speedup_rows",

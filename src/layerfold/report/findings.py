@@ -1,6 +1,6 @@
 """The comparison's findings, written by code from its numbers (``findings.md``).
 
-Every figure in the text comes from :func:`layerfold.report.comparison.compare_records`: the informative
+Every figure in the text comes from :func:`layerfold.report.collected.compare_records`: the informative
 tasks and their floors, each run's headline and paired Δ vs dense, the pairs at the comparison depth,
 collapse, drift, the rank agreement with perplexity, and the all-task average the comparison reported
 before the headline, so that what changed is stated by the same code. A sentence is only written when
@@ -61,8 +61,8 @@ def _verdict_word(verdict: str | None) -> str:
 
 
 def findings_markdown(result: Mapping[str, Any], title: str, model: str | None = None) -> str:
-    """``findings.md`` from :func:`layerfold.report.comparison.compare_records`'s result; ``model`` names the
-    weights the numbers belong to, as the records state them (:func:`layerfold.report.comparison.model_caveat`)."""
+    """``findings.md`` from :func:`layerfold.report.collected.compare_records`'s result; ``model`` names the
+    weights the numbers belong to, as the records state them (:func:`layerfold.report.collected.model_caveat`)."""
     decision, rows, pairs = result["decision"], result["rows"], result["pairs"]
     tasks, layers = result["tasks"], result["compare_layers"]
     dense, runs = rows[0], rows[1:]

@@ -1,7 +1,7 @@
 """One run's headline numbers, the same wherever the run is read.
 
-The report stage (``metrics/summary.json``, the archive's "Experiments" table), ``scripts/compare.py``,
-``scripts/comparison.py collect``/``recompute`` and ``scripts/results_table.py`` all take a run's
+The report stage (``metrics/summary.json``, the report's "Experiments" row) and every subcommand of
+``scripts/runs.py`` (``list``, ``table``, ``pairs``, ``collect``/``recompute``) take a run's
 headline ± se and its difference to dense ± se from :func:`run_headline`: the informative tasks are
 decided from *that run's* dense model over the tasks *that run* evaluated
 (:func:`layerfold.report.protocol.informative_tasks`), so a run's numbers do not move with the other

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from layerfold.report.noise import Z, difference, mean_difference, mean_stderr
-from layerfold.report.tables import MISSING, _ranges, _table, fmt, num, reported_metric
+from layerfold.report.markdown import markdown_table, ranges
+from layerfold.report.tables import MISSING, fmt, num, reported_metric
 
 PAPERS_FILE = Path(__file__).with_name("papers.yaml")
 
@@ -192,7 +193,7 @@ def _layers_row(reported: dict, dense: dict, final: dict) -> dict:
 def _reported(value: dict) -> dict:
     """The reported number in display units: accuracies in points, perplexities as printed."""
     if value["unit"] == "layers":
-        return {"reported": sorted(value["value"]), "reported_text": _ranges(list(value["value"]))}
+        return {"reported": sorted(value["value"]), "reported_text": ranges(list(value["value"]))}
     printed = Decimal(value["value"])
     shown = printed.scaleb(2) if value["unit"] == "fraction" else printed  # 0.641 -> 64.1, trailing zeros kept
     return {"reported": float(shown), "reported_text": str(shown)}
@@ -352,7 +353,7 @@ def comparison_lines(rows: list[dict]) -> list[str]:
         MISSING if r["diff"] is None else fmt(r["diff"], "+.0f" if r["unit"] == "count" else "+.2f"),
         r["verdict"], r["source"] if r["kind"] == "—" else f"{r['source']} ({r['kind']})", r.get("note") or "",
     ] for r in rows]
-    return _table(["task", "model", "metric (shots)", "measured ± se", "reported", "Δ measured − reported", "verdict", "source", "note"], table)
+    return markdown_table(["task", "model", "metric (shots)", "measured ± se", "reported", "Δ measured − reported", "verdict", "source", "note"], table)
 
 
 def _metric_cell(row: dict) -> str:
@@ -366,7 +367,7 @@ def _measured_cell(row: dict) -> str:
     if value is None:
         return MISSING
     if row["unit"] == "layers":
-        return _ranges(list(value))
+        return ranges(list(value))
     if row["unit"] == "count":
         return fmt(value, ".0f")
     if row["unit"] == "perplexity":

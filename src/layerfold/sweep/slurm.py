@@ -1,7 +1,7 @@
 """The comparison's run list on a SLURM cluster: one batch job per run, each a DVC experiment in its own workspace.
 
 The local way is ``dvc exp run --queue`` then ``dvc queue start`` on one machine. Here every run of the
-run list (:func:`layerfold.report.comparison.load_run_list`, composed and validated first exactly as the
+run list (:func:`layerfold.runs.plan.load_run_list`, composed and validated first exactly as the
 local queue does) becomes an ``sbatch`` job that
 
 1. clones the repository at the submitted commit into ``<workspaces>/<experiment>`` (``git clone
@@ -15,7 +15,7 @@ local queue does) becomes an ``sbatch`` job that
    cache (or, on a cluster without a shared file system, ``--dvc-remote`` pushes them to a DVC remote).
 
 So the repository ends up with the same ``refs/exps`` the local queue leaves, and the comparison is
-collected the same way (``scripts/comparison.py collect``: ``dvc exp show --json --all-commits`` and
+collected the same way (``scripts/runs.py collect``: ``dvc exp show --json --all-commits`` and
 ``git show <rev>:metrics/<file>.json``). The workspaces and the job logs must be on a file system the
 compute nodes share with the submitting host (as the repository and cache must be).
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfold.config import ConfigError
-from layerfold.report.comparison import PlannedRun, RunList
+from layerfold.runs.plan import PlannedRun, RunList
 
 
 class SweepError(RuntimeError):

@@ -1,42 +1,21 @@
-"""One protocol, every method: the run list, the commands that queue it, and the comparison collected
-from the finished runs.
+"""The comparison of collected runs: every run under one protocol in a table, the pairs at one depth, the
+depth curves and the prose findings, from the records :mod:`layerfold.runs.collect` wrote.
 
-The run list (``conf/comparison/*.yaml``) names each run and its ``dvc exp run -S`` overrides, how many
-layers it removes and which depth curve it belongs to. Before anything is queued every run is composed
-exactly as ``dvc exp run`` composes it and checked as the ``validate`` stage checks it, so a typo fails
-here, naming the run, instead of an hour into the queue.
-
-Collecting reads the finished experiments from ``dvc exp show --json`` (or ``scripts/run_methods.py``
-folders). DVC drops lists from the metrics it shows, so the per-document results that make differences
-*paired* are read from each experiment's commit (``git show <rev>:metrics/<name>.json``); where they are
-missing the standard errors fall back to unpaired ones and the table says so. Every difference comes from
-:mod:`layerfold.report.noise`: a run is ahead of another (or of dense) only when the difference is more
-than 1.96 standard errors from zero.
+Every difference comes from :mod:`layerfold.report.noise`: a run is ahead of another (or of dense) only
+when the difference is more than 1.96 standard errors from zero. Each run's headline is its own
+(:func:`layerfold.report.reader.run_headline`), the number every other reader shows for it.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import itertools
 import json
-import re
 import shutil
-import subprocess
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-from hydra.errors import HydraException
-from omegaconf import DictConfig
-
-from layerfold.config import ConfigError, compose, parse_params
 from layerfold.io import atomic_dir, portable_path, read_json, write_json
-from layerfold.models import ModelFacts, ModelSourceError, UnsupportedArchitectureError, probe
-from layerfold.evaluation.harness import merge_documents
-from layerfold.report.compare import experiment_states, runs_from_dvc_exp_show, runs_from_methods_dir
 from layerfold.report.findings import findings_markdown
 from layerfold.report.noise import difference, mean_difference, verdict
 from layerfold.report.plots import _figure, save_png
@@ -44,394 +23,9 @@ from layerfold.report.protocol import (
     COLLAPSE_FACTOR, DRIFT_ALPHA, collapsed, drift_mark, headline, informative_tasks, perplexity_agreement,
     ranking, rule_lines, run_drift, wikitext2_ppl,
 )
-from layerfold.report.tables import MISSING, average_accuracy, common_tasks, diff_cell, final_metrics, fmt, num, reported_metric
 from layerfold.report.reader import run_headline
-from layerfold.stage import expand
-from layerfold.validation import check
-
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a git ref component and a file name
-RUN_KEYS = {"overrides", "remove", "curve"}
-LIST_KEYS = {"experiment_prefix", "common", "compare_at", "runs"}
-METRIC_FILES = ("dense", "compressed", "recovered", "compress", "compress_time", "recover", "recover_time")
-PARAM_SECTIONS = ("model", "data", "method", "recovery", "eval", "runtime", "hardware")
-
-
-# ------------------------------------------------------------------------------------------------
-# the run list
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    name: str
-    overrides: tuple[str, ...]
-    remove: int  # layers the run takes away; checked against the composed method settings
-    curve: str | None = None  # line of the depth plot this run is a point of
-
-
-@dataclass(frozen=True)
-class RunList:
-    source: str  # the file it was read from, named in errors
-    runs: tuple[PlannedRun, ...]
-    common: tuple[str, ...] = ()
-    prefix: str = ""
-    compare_at: int = 8
-
-    def experiment(self, run: PlannedRun) -> str:
-        """The dvc experiment name of ``run``."""
-        return f"{self.prefix}{run.name}"
-
-    def overrides(self, run: PlannedRun, extra: Iterable[str] = ()) -> list[str]:
-        """``common``, then ``extra`` (``--set``), then the run's own: later ones win in Hydra."""
-        return [*self.common, *extra, *run.overrides]
-
-    def select(self, names: Iterable[str] | None) -> list[PlannedRun]:
-        """The runs named (all when ``names`` is empty), in run-list order."""
-        names = list(names or [])
-        known = {run.name for run in self.runs}
-        for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else f" Runs: {', '.join(sorted(known))}."
-                raise ConfigError(f"--only {name}: no such run in {self.source}.{hint}")
-        return [run for run in self.runs if not names or run.name in names]
-
-
-def _list_error(source: str, key: str, value: Any, want: str) -> ConfigError:
-    return ConfigError(f"{source}: {key} = {value!r}; {want}. Fix it in {source}.")
-
-
-def load_run_list(path: str | Path) -> RunList:
-    """Read and check a run list: known keys, names usable as experiment names, overrides as strings."""
-    source = str(path)
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = sorted(set(raw) - LIST_KEYS)
-    if unknown:
-        raise _list_error(source, unknown[0], raw[unknown[0]], f"the keys are {', '.join(sorted(LIST_KEYS))}")
-    common, prefix, compare_at = raw.get("common") or [], raw.get("experiment_prefix") or "", raw.get("compare_at", 8)
-    if not isinstance(common, list) or not all(isinstance(o, str) for o in common):
-        raise _list_error(source, "common", common, "must be a list of Hydra overrides such as 'eval=gpu'")
-    if prefix and not RUN_NAME.fullmatch(prefix):
-        raise _list_error(source, "experiment_prefix", prefix, "must use letters, digits, '-' and '_' only")
-    if isinstance(compare_at, bool) or not isinstance(compare_at, int) or compare_at < 1:
-        raise _list_error(source, "compare_at", compare_at, "must be an integer >= 1 (layers removed in the comparison)")
-    runs = []
-    for name, spec in (raw.get("runs") or {}).items():
-        key = f"runs.{name}"
-        if not RUN_NAME.fullmatch(str(name)):
-            raise _list_error(source, key, name, "a run name uses letters, digits, '-' and '_' only (it becomes a git ref)")
-        if not isinstance(spec, dict) or set(spec) - RUN_KEYS:
-            raise _list_error(source, key, spec, f"must be a mapping with the keys {', '.join(sorted(RUN_KEYS))}")
-        overrides, remove, curve = spec.get("overrides"), spec.get("remove"), spec.get("curve")
-        if not isinstance(overrides, list) or not overrides or not all(isinstance(o, str) for o in overrides):
-            raise _list_error(source, f"{key}.overrides", overrides, "must be a non-empty list of overrides such as 'method=shortgpt'")
-        if isinstance(remove, bool) or not isinstance(remove, int) or remove < 1:
-            raise _list_error(source, f"{key}.remove", remove, "must be an integer >= 1 (the layers the run removes)")
-        if curve is not None and not isinstance(curve, str):
-            raise _list_error(source, f"{key}.curve", curve, "must be a label such as 'shortgpt', or absent")
-        runs.append(PlannedRun(str(name), tuple(overrides), remove, curve))
-    if not runs:
-        raise _list_error(source, "runs", raw.get("runs"), "must name at least one run")
-    return RunList(source, tuple(runs), tuple(common), prefix, compare_at)
-
-
-# ------------------------------------------------------------------------------------------------
-# checking every run before the queue is touched
-
-
-def removed_layers(method: Mapping[str, Any], num_layers: int) -> int | None:
-    """The layers a method's settings take away: ``num_layers - target_layers`` where a target depth is
-    set (LaCo, CoMe), else ``num_remove``; None when neither fixes the depth (LaCo without a target)."""
-    if method.get("target_layers") is not None:
-        return num_layers - int(method["target_layers"])
-    if method.get("num_remove") is not None:
-        return int(method["num_remove"])
-    return None
-
-
-def model_facts(model: DictConfig) -> ModelFacts:
-    """The model's facts from its config or file header (no weights), as the ``validate`` stage reads them."""
-    model = model.copy()
-    model.path, model.tokenizer = expand(model.path), expand(model.tokenizer)
-    return probe(model)
-
-
-def check_runs(run_list: RunList, runs: list[PlannedRun], extra: Iterable[str] = (), conf_dir: str | Path = "conf",
-               facts_for: Callable[[DictConfig], ModelFacts] = model_facts) -> dict[str, dict]:
-    """Compose every run as ``dvc exp run -S`` would and validate it against its model; return the composed
-    params by run name. Raises :class:`ConfigError` naming the run, its overrides and the fix at the first
-    run that fails, including a run whose settings remove another number of layers than its ``remove``."""
-    extra = list(extra)
-    facts_cache: dict[str, ModelFacts] = {}
-    composed_by_run = {}
-    for run in runs:
-        overrides = run_list.overrides(run, extra)
-        where = f"run '{run.name}'"
-        try:
-            composed = compose(conf_dir, overrides)
-            params = parse_params(composed, where)
-            key = json.dumps(composed["model"], sort_keys=True)
-            if key not in facts_cache:
-                facts_cache[key] = facts_for(params.model)
-            check(params, facts_cache[key], where)
-        except (HydraException, ValueError, ModelSourceError, UnsupportedArchitectureError, FileNotFoundError) as err:
-            raise ConfigError(
-                f"run '{run.name}' (overrides: {' '.join(overrides)}) does not compose and validate: {err}\n"
-                f"Fix runs.{run.name}.overrides in {run_list.source} (or the --set value); nothing was queued."
-            ) from None
-        layers = facts_cache[key].num_layers
-        removed = removed_layers(composed["method"], layers)
-        if removed != run.remove:
-            how = "no num_remove or target_layers fixes its depth" if removed is None else f"its method settings remove {removed}"
-            raise ConfigError(
-                f"run '{run.name}': runs.{run.name}.remove = {run.remove} but {how} (of {layers} layers; method: "
-                f"{json.dumps(composed['method'], default=str)[:200]}). Set method.num_remove or method.target_layers in "
-                f"runs.{run.name}.overrides, or correct remove, in {run_list.source}; nothing was queued."
-            )
-        composed_by_run[run.name] = composed
-    return composed_by_run
-
-
-def queue_command(run_list: RunList, run: PlannedRun, extra: Iterable[str] = (), force: bool = False) -> list[str]:
-    """``dvc exp run --queue -n <experiment> -S <override> ...`` for one run (``-f`` replaces an
-    experiment of the same name, which DVC otherwise refuses)."""
-    options = [part for override in run_list.overrides(run, extra) for part in ("-S", override)]
-    return ["dvc", "exp", "run", "--queue", *(["-f"] if force else []), "-n", run_list.experiment(run), *options]
-
-
-# ------------------------------------------------------------------------------------------------
-# collecting finished runs into records
-
-FileReader = Callable[[str, str], "bytes | None"]  # (git revision, path in the repository) -> the file's bytes, or None
-DOCUMENT_FILES = ("dense", "compressed", "recovered")  # metrics files with a per-document output beside them
-
-
-def git_reader(root: str | Path = ".") -> FileReader:
-    """Read a file as a commit holds it (``git show <rev>:<path>``); None where git cannot."""
-
-    def read(rev: str, path: str) -> bytes | None:
-        result = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True)
-        return result.stdout if result.returncode == 0 and result.stdout.strip() else None
-
-    return read
-
-
-def _json(raw: bytes | None) -> Any:
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-def documents_path(metrics_path: str) -> str:
-    """``metrics/<name>.json`` -> its per-document output ``metrics/documents/<name>.json``."""
-    path = Path(metrics_path)
-    return str(path.parent / "documents" / path.name)
-
-
-def _timings(metrics: Mapping[str, Any], machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    # recover_time.json holds the recover stage's times; older runs kept them in recover.json
-    compress_time, recover = metrics.get("compress_time") or {}, {**(metrics.get("recover") or {}), **(metrics.get("recover_time") or {})}
-    machine = machine or {}
-    return {
-        "compress_s": num(compress_time.get("seconds")),
-        "compress_peak_mib": num(compress_time.get("peak_memory_mib")),
-        "recover_wall_s": num(recover.get("wall_seconds")),
-        "recover_train_s": num(recover.get("train_seconds")),
-        "recover_tokens_per_s": num(recover.get("tokens_per_s")),
-        "evaluate_s": {k: (metrics.get(k) or {}).get("wall_time") or (machine.get(k) or {}).get("wall_time")
-                       for k in ("dense", "compressed", "recovered") if metrics.get(k)},
-    }
-
-
-def make_record(run_list: RunList, planned: PlannedRun, metrics: dict[str, Any], params: Mapping[str, Any], source: str,
-                origin: str, timestamp: str | None = None, provenance: str | None = None,
-                machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One run's JSON: what was planned, the params that matter, every metrics file whole (per-document
-    results merged in), its timings, how its numbers were tied to the run (``provenance``) and the
-    machine facts its evaluate stages left locally (``machine``: device, versions, wall times).
-    ``source`` is "dvc experiment" or "run_methods folder"; ``origin`` the experiment's commit or the folder."""
-    recovered = metrics.get("recovered")
-    if recovered and "same_model_as" in recovered:  # recovery=none: the final model is the compressed one
-        metrics = {**metrics, "recovered": None}
-    record = {
-        "name": planned.name, "experiment": run_list.experiment(planned), "source": source, "origin": origin, "timestamp": timestamp,
-        "remove": planned.remove, "curve": planned.curve, "overrides": list(planned.overrides),
-        "params": {k: params.get(k) for k in PARAM_SECTIONS if k in params},
-        "metrics": {k: metrics.get(k) for k in METRIC_FILES},
-        "timings": _timings(metrics, machine),
-    }
-    if provenance is not None:
-        record["provenance"] = provenance
-    if machine:
-        record["machine"] = dict(machine)
-    return record
-
-
-def _dotted(tree: Mapping[str, Any], key: str) -> Any:
-    value: Any = tree
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING_PARAM
-        value = value[part]
-    return value
-
-
-_MISSING_PARAM = object()
-
-
-def provenance_problems(read_file: FileReader, rev: str, params: Mapping[str, Any], paths: Iterable[str]) -> list[str]:
-    """Why the metrics files ``paths`` at ``rev`` may not be this experiment's results; empty when they are.
-
-    An experiment's commit holds a ``dvc.lock`` that records, for every stage, the params it ran with and
-    the md5 of each output. A file counts as this experiment's result when a stage of that lock lists it
-    as an output with the md5 of the bytes at ``rev``, and that stage and every stage upstream of it (by
-    the md5s of their dependencies) ran with the params the experiment's ``params.yaml`` holds. A failed
-    queued run shows the files of the commit it was queued from, whose lock ran other params: refused.
-    """
-    raw_lock = read_file(rev, "dvc.lock")
-    lock = yaml.safe_load(raw_lock) if raw_lock else None
-    if not isinstance(lock, Mapping) or not isinstance(lock.get("stages"), Mapping):
-        return [f"no dvc.lock at {rev[:12]} to tie its metrics to the run"]
-    stages = lock["stages"]
-    producer = {out.get("path"): (name, out.get("md5")) for name, stage in stages.items() for out in (stage.get("outs") or [])}
-    problems: list[str] = []
-    checked: set[str] = set()
-
-    def check_stage(name: str) -> None:
-        if name in checked:
-            return
-        checked.add(name)
-        stage = stages[name]
-        for key, locked in ((stage.get("params") or {}).get("params.yaml") or {}).items():
-            current = _dotted(params, key)
-            if current is _MISSING_PARAM or current != locked:
-                shown = "absent" if current is _MISSING_PARAM else json.dumps(current, default=str)[:80]
-                problems.append(f"stage {name} ran with {key}={json.dumps(locked, default=str)[:80]}, the run's params.yaml has {shown}")
-        for dep in stage.get("deps") or []:
-            upstream = producer.get(dep.get("path"))
-            if upstream is None:
-                continue
-            if upstream[1] is not None and dep.get("md5") != upstream[1]:
-                problems.append(f"stage {name} read {dep.get('path')} at another version than stage {upstream[0]} wrote")
-            check_stage(upstream[0])
-
-    for path in paths:
-        if path not in producer:
-            problems.append(f"{path} is no stage's output in dvc.lock")
-            continue
-        name, md5 = producer[path]
-        raw = read_file(rev, path)
-        if raw is None or hashlib.md5(raw).hexdigest() != md5:
-            problems.append(f"{path} at {rev[:12]} is not the file stage {name} recorded")
-        check_stage(name)
-    return list(dict.fromkeys(problems))
-
-
-def _machine_files(machine_dir: Path | None, experiment: str) -> dict[str, Any]:
-    """The evaluate stages' machine-local facts of one experiment (``metrics/timings/<experiment>/``)."""
-    if machine_dir is None:
-        return {}
-    folder = Path(machine_dir) / experiment
-    return {k: read_json(folder / f"evaluate-{k}.json") for k in ("dense", "compressed", "recovered")
-            if (folder / f"evaluate-{k}.json").is_file()}
-
-
-def records_from_exp_show(payload: list[dict], run_list: RunList, read_file: FileReader | None = None,
-                          machine_dir: str | Path | None = None) -> tuple[list[dict], list[dict]]:
-    """Records of the run list's finished experiments in a ``dvc exp show --json`` payload, and every
-    planned run that has none, with its state.
-
-    A run counts only when DVC reports it finished (``executor.state`` success, or an experiment ref of a
-    plain ``dvc exp run``) without an error; the newest such run wins where a name occurs under several
-    commits. Its metrics files are read whole from its commit through ``read_file`` (with the per-document
-    outputs beside them) and must pass :func:`provenance_problems`; without ``read_file`` they are taken as
-    DVC shows them (no per-document lists) and the record says the provenance was not checked. Runs that
-    failed, are queued or running, whose numbers are not their own, or that were never run come back as
-    ``{"run", "experiment", "state", "reason"}``, never with numbers.
-    """
-    wanted = {run_list.experiment(run): run for run in run_list.runs}
-    finished: dict[str, list[dict]] = {}
-    for run in runs_from_dvc_exp_show(payload):
-        if run["name"] in wanted:
-            finished.setdefault(run["name"], []).append(run)
-    states = {s["name"]: s for s in experiment_states(payload) if s["name"] in wanted}
-    records, missing = [], []
-    for planned in run_list.runs:
-        experiment = run_list.experiment(planned)
-        candidates = sorted(finished.get(experiment, []), key=lambda r: r["timestamp"] or "", reverse=True)
-        rejected = []
-        for run in candidates:
-            metrics, paths = {}, []
-            for key in METRIC_FILES:
-                path = run["metric_files"].get(key)
-                raw = read_file(run["rev"], path) if read_file is not None and path and run.get("rev") else None
-                whole = _json(raw)
-                if whole is not None:
-                    paths.append(path)
-                    if key in DOCUMENT_FILES:
-                        documents = _json(read_file(run["rev"], documents_path(path)))  # type: ignore[misc]
-                        if documents is not None:
-                            paths.append(documents_path(path))
-                            whole = merge_documents(whole, documents)
-                metrics[key] = whole if whole is not None else run.get(key)
-            if read_file is None:
-                provenance = "not checked (metrics as dvc exp show lists them, without git)"
-            else:
-                problems = provenance_problems(read_file, run["rev"], run["params"], paths)
-                if problems:
-                    rejected.append(f"{run['rev'][:12]}: " + "; ".join(problems))
-                    continue
-                provenance = f"dvc.lock at {run['rev'][:12]}: {len(paths)} file(s) match its outputs, params as the run's"
-            machine = _machine_files(Path(machine_dir) if machine_dir else None, experiment)
-            records.append(make_record(run_list, planned, metrics, run["params"], "dvc experiment", run["rev"], run["timestamp"],
-                                       provenance, machine))
-            break
-        else:
-            state = states.get(experiment)
-            if rejected:
-                missing.append({"run": planned.name, "experiment": experiment, "state": "rejected",
-                                "reason": "its numbers are not its own: " + " | ".join(rejected)})
-            elif state is not None:
-                missing.append({"run": planned.name, "experiment": experiment, "state": state["state"], "reason": state["reason"]})
-            else:
-                missing.append({"run": planned.name, "experiment": experiment, "state": "not run",
-                                "reason": "no experiment of this name in dvc exp show"})
-    return records, missing
-
-
-def _same_settings(folder_params: Mapping[str, Any], composed: Mapping[str, Any]) -> bool:
-    """A run_methods folder ran a planned run when its method settings (the keys both have: older folders
-    lack settings added since), its recovery mode and its compensation are the planned run's."""
-    mine, theirs = folder_params.get("method") or {}, composed.get("method") or {}
-    shared = set(mine) & set(theirs)
-    return ("name" in shared and all(mine[k] == theirs[k] for k in shared)
-            and (folder_params.get("recovery") or {}).get("name") == (composed.get("recovery") or {}).get("name")
-            and (folder_params.get("compensate") or {}).get("name", "none") == (composed.get("compensate") or {}).get("name", "none"))
-
-
-def records_from_methods_dir(folder: str | Path, run_list: RunList, conf_dir: str | Path = "conf") -> tuple[list[dict], list[str]]:
-    """Records from a ``scripts/run_methods.py --out`` folder, each folder matched to the planned run with
-    the same method and recovery settings; also the folders that match none."""
-    folders = runs_from_methods_dir(folder)
-    composed = {run.name: compose(conf_dir, run_list.overrides(run)) for run in run_list.runs}
-    records, used = [], set()
-    for planned in run_list.runs:
-        match = next((f for f in folders if f["name"] not in used and _same_settings(f["params"], composed[planned.name])), None)
-        if match is None:
-            continue
-        used.add(match["name"])
-        metrics = {k: match.get(k) for k in METRIC_FILES}
-        records.append(make_record(run_list, planned, metrics, match["params"], "run_methods folder", match["path"]))
-    return records, [f["name"] for f in folders if f["name"] not in used]
-
-
-def load_records(folder: str | Path) -> list[dict]:
-    """The records a collect wrote (``<folder>/runs/*.json``), in the order of ``runs.json``."""
-    folder = Path(folder)
-    order = read_json(folder / "runs.json")["order"]
-    return [read_json(folder / "runs" / f"{name}.json") for name in order]
+from layerfold.report.tables import MISSING, average_accuracy, common_tasks, diff_cell, final_metrics, fmt, num, reported_metric
+from layerfold.runs.plan import RunList
 
 
 # ------------------------------------------------------------------------------------------------
@@ -891,3 +485,24 @@ def load_task_facts(folder: str | Path) -> dict[str, Any] | None:
     """``task_facts.json`` of a collected folder (per task: floor and gold answers), if it has one."""
     path = Path(folder) / "task_facts.json"
     return read_json(path) if path.is_file() else None
+
+
+def records_of_runs(runs: list[dict]) -> list[dict]:
+    """Runs as :mod:`layerfold.runs.sources` reads them (no run list behind them) in the record shape the
+    pairs read: ``{name, metrics: {dense, compressed, recovered, compress}, params}``."""
+    return [{"name": r["name"], "params": r.get("params") or {},
+             "metrics": {k: r.get(k) for k in ("dense", "compressed", "recovered", "compress")}} for r in runs]
+
+
+def pairs_of_runs(runs: list[dict], setting: Any = "auto", layers: int | None = None, title: str = "runs") -> str:
+    """``pairs.md`` for runs read from anywhere (``scripts/runs.py pairs``): every two runs whose final models
+    have the same depth (only ``layers`` when given), under the headline decided from the first run's dense
+    model, as :func:`pairs_markdown` writes it for a collected comparison."""
+    records = records_of_runs(runs)
+    tasks = tasks_of(records)
+    decision = decide(records, tasks, setting)
+    depths = [layers] if layers is not None else sorted({d for r in records if (d := _layers(_final(r))) is not None}, reverse=True)
+    sections = [pairs_markdown(pair_rows(records, decision["tasks"], depth), depth, title, decision, tasks, None,
+                               pair_rows(records, tasks, depth)) for depth in depths]
+    return "\n".join(sections) if sections else f"# {title}: no run with a final depth to pair\n"
+

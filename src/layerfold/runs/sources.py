@@ -1,25 +1,23 @@
-"""One line per experiment, narrow enough for a 120-column terminal.
+"""Where runs live, read into one shape: DVC experiments (``dvc exp show --json``; DVC drops per-document
+lists from metrics, so differences there use unpaired standard errors unless the files are read from each
+experiment's commit, as :mod:`layerfold.runs.collect` does) and ``scripts/run_methods.py`` output folders
+(``<out>/<name>/metrics.json`` beside ``<out>/dense/``).
 
-Runs come from the report stage's experiment archive (``reports/experiments/<name>/``), from
-``scripts/run_methods.py`` output folders (``<out>/<name>/metrics.json`` beside ``<out>/dense/``),
-or from ``dvc exp show --json`` (DVC drops per-document lists from metrics, so differences there
-use unpaired standard errors).
+Each run is ``{name, dense, compressed, recovered, plan, compress, ...}``, the shape
+:func:`layerfold.report.tables.experiments_table` and every reader of runs take.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from layerfold.evaluation.harness import merge_documents
 from layerfold.io import read_json
-from layerfold.report.tables import collect_experiments, common_tasks, experiments_table, final_metrics, fmt
 
-# (header, width, right-aligned); widths and separators sum to 120 columns
-COLUMNS = [("experiment", 20, False), ("model", 20, False), ("method", 12, False), ("L", 5, True), ("wiki2 PPL", 9, True),
-           ("c4 PPL", 9, True), ("headline %", 12, True), ("Δ vs dense", 12, True), ("flags", 5, False)]
-LEGEND = "headline: mean over the informative tasks ± se; Δ: final − dense ± se, * beyond 1.96 se; flags: C collapsed, D drift"
 
 
 def _optional_json(path: Path) -> Any:
@@ -133,45 +131,23 @@ def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
     return runs
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _acc(value: Any, se: Any) -> str:
-    v = fmt(value, ".4f")
-    return v if v == "—" else f"{100 * value:.2f}" + ("" if se is None else f"±{100 * se:.2f}")
-
-
-def format_rows(runs: list[dict], headline_tasks: Any = "auto") -> list[str]:
-    """The table as lines of at most 120 characters: the headline rule (decided from the first run's dense
-    model, :mod:`layerfold.report.protocol`), header, rule, one line per run, legend."""
-    from layerfold.report.protocol import collapsed, informative_tasks, rule_line, run_drift, wikitext2_ppl
-
-    tasks = common_tasks(runs)
-    decision = informative_tasks((runs[0].get("dense") or {}) if runs else {}, tasks, headline_tasks)
-    rows = experiments_table(runs, setting=headline_tasks)  # each run's own headline: the report's numbers
-    cells = []
-    for run, r in zip(runs, rows):
-        final = final_metrics(run)
-        flags = ("C" if collapsed(wikitext2_ppl(final), wikitext2_ppl(run.get("dense"))) else "") + \
-                ("D" if run_drift(run.get("dense"), final, tasks)["drifted"] else "")
-        dense_layers = fmt(r["dense_layers"], ".0f")
-        layers = fmt(r["layers"], ".0f") if dense_layers == "—" else f"{dense_layers}→{fmt(r['layers'], '.0f')}"
-        diff = "—" if r["diff"] is None else f"{100 * r['diff']:+.2f}" + ("" if r["diff_se"] is None else f"±{100 * r['diff_se']:.2f}") + ("*" if r["significant"] else "")
-        cells.append([r["experiment"], r.get("model") or "—", (r["method"] or "—") + ("+rec" if r.get("recovered") else ""), layers,
-                      fmt(r["wikitext2_ppl"], ".4g"), fmt(r.get("c4_ppl"), ".4g"), _acc(r["average"], r.get("average_stderr")), diff, flags])
-    line = lambda values: "  ".join(_cut(v, w).rjust(w) if right else _cut(v, w).ljust(w) for v, (_, w, right) in zip(values, COLUMNS)).rstrip()
-    out = [rule_line(decision), line([h for h, _, _ in COLUMNS]), "  ".join("-" * w for _, w, _ in COLUMNS)]
-    out += [line(c) for c in cells]
-    out.append(LEGEND if len(LEGEND) <= 120 else LEGEND[:119] + "…")
-    return out
-
-
-def load_runs(archive: str | Path | None = None, methods_dirs: list[str | Path] = (), dvc_json: str | None = None) -> list[dict]:
-    """Runs from any mix of the three sources, in that order."""
-    runs = collect_experiments(archive) if archive is not None else []
+def load_runs(methods_dirs: Iterable[str | Path] = (), dvc_json: str | None = None) -> list[dict]:
+    """Runs from any mix of ``scripts/run_methods.py`` folders and a ``dvc exp show --json`` payload, in that order."""
+    runs: list[dict] = []
     for folder in methods_dirs:
         runs += runs_from_methods_dir(folder)
     if dvc_json is not None:
         runs += runs_from_dvc_exp_show(json.loads(dvc_json))
     return runs
+
+
+def dvc_experiments_json(root: str | Path = ".") -> str:
+    """``dvc exp show --json --all-commits`` of the repository at ``root``: every commit's and experiment's
+    params and metrics. Raises ``RuntimeError`` with DVC's message where DVC cannot list them."""
+    try:
+        proc = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise RuntimeError("dvc is not installed in this environment (bash scripts/install.sh)") from err
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed in {root}: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return proc.stdout

@@ -1,35 +1,33 @@
-"""Print Markdown tables of a results directory written by scripts/run_methods.py.
-
-    python scripts/results_table.py results/smollm2-135m-q4_1_h100/suite
-    python scripts/results_table.py results/llama2-7b/presets --reported
+"""Tables of a ``scripts/run_methods.py`` output folder (``scripts/runs.py table DIR``).
 
 Table 1, quality: one row per run (``dense`` first) with the metrics of the model the run ends with
 (recovered when a recovery ran): layers, WikiText-2 / C4 perplexity, each task's reported metric (acc
-or acc_norm, see layerfold.report.REPORTED_METRIC), the headline (mean over the informative tasks, whose
-rule, set and exclusions are printed above the table: docs/protocol.md) ± its standard error and the
-difference to dense ± its standard error (paired over the same documents; ``*`` marks a difference
-beyond 1.96 standard errors — anything else is noise, not a gain or a loss).
+or acc_norm, see :data:`layerfold.report.tables.REPORTED_METRIC`), the headline (mean over the informative
+tasks, whose rule, set and exclusions are printed above the table: docs/protocol.md) ± its standard error
+and the difference to dense ± its standard error (paired over the same documents; ``*`` marks a difference
+beyond 1.96 standard errors — anything else is noise, not a gain or a loss). Each run's headline is its own
+(:func:`layerfold.report.reader.run_headline`), the number every other reader shows for it.
 
 Table 2, cost: compression wall time and peak memory (``compress_time.json``), and for recovered runs
 the training tokens, wall time, tokens/s, MFU, peak GPU memory and peak host RAM (``recover.json``).
 
-With ``--reported``, one more table per run whose ``params.yaml`` comes from a paper preset naming reported
-numbers (``protocol.reported``, see ``layerfold/report/papers.yaml``): each reported value beside the run's
-measurement of the same task and model, the difference, and a verdict that uses the measured standard error
-only (reported numbers have none).
+Measured beside reported (:func:`reported_tables`): one table per run whose ``params.yaml`` comes from a paper
+preset naming reported numbers (``protocol.reported``, see ``layerfold/report/papers.yaml``), with a verdict
+that uses the measured standard error only (reported numbers have none).
 """
 
-import argparse
+from __future__ import annotations
+
 from pathlib import Path
 
 import yaml
 
 from layerfold.evaluation.harness import merge_documents
 from layerfold.io import read_json
-from layerfold.report.compare import runs_from_methods_dir
 from layerfold.report.protocol import informative_tasks, rule_lines
 from layerfold.report.reported import LEGEND, comparison_lines, entry, load_papers, reported_name, side_by_side
 from layerfold.report.tables import REPORTED_METRIC, TASK_ORDER, experiments_table, final_metrics, fmt
+from layerfold.runs.sources import runs_from_methods_dir
 
 
 def _row(cells: list[str]) -> str:
@@ -104,23 +102,3 @@ def reported_tables(root: Path) -> list[str]:
     if not out:
         return ["No run here names reported numbers (protocol.reported in its params.yaml, set by a paper preset)."]
     return [LEGEND, "", *out]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="a scripts/run_methods.py --out folder")
-    parser.add_argument("--reported", action="store_true", help="add measured-vs-reported tables for paper-preset runs")
-    parser.add_argument("--headline-tasks", default="auto", metavar="auto|T1,T2",
-                        help="auto (tasks the dense model answers above chance and majority, docs/protocol.md) or a fixed list")
-    args = parser.parse_args(argv)
-    setting = "auto" if args.headline_tasks == "auto" else [t for t in args.headline_tasks.split(",") if t]
-    print("\n".join(quality_table(args.root, setting)))
-    print()
-    print("\n".join(cost_table(args.root)))
-    if args.reported:
-        print()
-        print("\n".join(reported_tables(args.root)))
-
-
-if __name__ == "__main__":
-    main()
