@@ -3,8 +3,9 @@
     models, data (and the helpers io, config, env, tracking)                 0
     capture, execution, surgery                                              1
     scoring                                                                  2
-    methods, recovery, compensate, evaluation, export, report               3
-    api (and validation, stage, sweep, the package root)                     4
+    methods, recovery, compensate, evaluation, export                       3
+    api, runs (run lists, queues, collection), and validation, stage, sweep, the package root   4
+    report (reads every stage's outputs and the runs; nothing imports it)   5
 
 An import inside a function counts as much as one at the top of the file (it runs the same code). Besides
 the direction, no two top-level packages may import each other, directly or through others (a cycle between
@@ -24,8 +25,9 @@ LAYERS = {
     "models": 0, "data": 0, "io": 0, "config": 0, "env": 0, "tracking": 0,
     "capture": 1, "execution": 1, "surgery": 1,
     "scoring": 2,
-    "methods": 3, "recovery": 3, "compensate": 3, "evaluation": 3, "export": 3, "report": 3,
-    "api": 4, "validation": 4, "stage": 4, "sweep": 4, "__init__": 4,
+    "methods": 3, "recovery": 3, "compensate": 3, "evaluation": 3, "export": 3,
+    "api": 4, "runs": 4, "validation": 4, "stage": 4, "sweep": 4, "__init__": 4,
+    "report": 5,
 }
 
 
@@ -76,8 +78,6 @@ UNRESOLVED_UPWARD = {
     "layerfold.execution.entry (layer 1) imports layerfold.scoring.loss (layer 2)",
     "layerfold.execution.lm_eval_layerwise (layer 1) imports layerfold.evaluation.lm (layer 3)",
     "layerfold.execution.trials (layer 1) imports layerfold.scoring.loss (layer 2)",
-    "layerfold.report.comparison (layer 3) imports layerfold.stage (layer 4)",
-    "layerfold.report.comparison (layer 3) imports layerfold.validation (layer 4)",
 }
 # The cycle those upward imports close (execution.coverage -> methods/validation -> ... -> execution).
 UNRESOLVED_CYCLES = [["compensate", "execution", "methods", "recovery", "validation"]]
