@@ -4,7 +4,7 @@
     capture, execution, surgery                                              1
     scoring                                                                  2
     methods, recovery, compensate, evaluation, export, report               3
-    api (and validation, stage, sweep, the package root)                     4
+    api (and validation, layer_major_coverage, stage, sweep, the package root) 4
 
 An import inside a function counts as much as one at the top of the file (it runs the same code). Besides
 the direction, no two top-level packages may import each other, directly or through others (a cycle between
@@ -25,7 +25,7 @@ LAYERS = {
     "capture": 1, "execution": 1, "surgery": 1,
     "scoring": 2,
     "methods": 3, "recovery": 3, "compensate": 3, "evaluation": 3, "export": 3, "report": 3,
-    "api": 4, "validation": 4, "stage": 4, "sweep": 4, "__init__": 4,
+    "api": 4, "validation": 4, "layer_major_coverage": 4, "stage": 4, "sweep": 4, "__init__": 4,
 }
 
 
@@ -70,17 +70,11 @@ EDGES = sorted({(module, target) for module, path in MODULES.items() for target 
 # Imports that run upward today, each a debt to pay (move the code to the layer it belongs to). Listed exactly: the test
 # fails on a new one and on one that was fixed (then delete its line), so the list only shrinks.
 UNRESOLVED_UPWARD = {
-    "layerfold.execution.coverage (layer 1) imports layerfold.methods (layer 3)",
-    "layerfold.execution.coverage (layer 1) imports layerfold.validation (layer 4)",
-    "layerfold.execution.entry (layer 1) imports layerfold.evaluation.perplexity (layer 3)",
-    "layerfold.execution.entry (layer 1) imports layerfold.scoring.loss (layer 2)",
-    "layerfold.execution.lm_eval_layerwise (layer 1) imports layerfold.evaluation.lm (layer 3)",
-    "layerfold.execution.trials (layer 1) imports layerfold.scoring.loss (layer 2)",
     "layerfold.report.comparison (layer 3) imports layerfold.stage (layer 4)",
     "layerfold.report.comparison (layer 3) imports layerfold.validation (layer 4)",
 }
-# The cycle those upward imports close (execution.coverage -> methods/validation -> ... -> execution).
-UNRESOLVED_CYCLES = [["compensate", "execution", "methods", "recovery", "validation"]]
+# Cycles between top-level packages that exist today (none: keep it that way).
+UNRESOLVED_CYCLES: list[list[str]] = []
 
 
 def test_every_module_has_a_layer():
