@@ -14,7 +14,7 @@ done, so each fits a bounded command):
    unless ``--save-healed`` (disk: the base is generated, never written).
 3. ``evaluate-<method>``: the lm-eval suite (local task files, ``--eval-limit`` documents per task)
    and the NLL of random windows, both layer by layer from the compressed checkpoint
-   (:mod:`layerfold.execution.lm_eval_layerwise`), on one GPU.
+   (:mod:`layerfold.evaluation.lm_eval_layerwise`), on one GPU.
 
 Random weights and token ids: time and memory, never accuracy (the scores of a random model are chance).
 """
@@ -34,9 +34,9 @@ import torch
 from common import Timing, environment, llama_config, reset_peak_gpu, row
 
 from layerfold.capture import BoundaryStatistics
+from layerfold.evaluation.lm_eval_layerwise import LayerwiseModel
 from layerfold.execution import (
     LayerMajorRunner,
-    LayerwiseModel,
     PlannedLayerLoader,
     SeededLayerLoader,
     TokenNLL,

@@ -203,7 +203,7 @@ def norm_profile(teacher, val: torch.Tensor) -> list[dict]:
 
 
 def mean_nll(model, blocks: torch.Tensor) -> float:
-    from layerfold.scoring.loss import token_nll
+    from layerfold.execution.loss import token_nll
 
     total, count = token_nll(model, blocks, batch_size=8)
     return total / count

@@ -40,10 +40,10 @@ from scipy.stats import spearmanr
 
 from layerfold.capture import capture_statistics
 from layerfold.data.calibration import build_calibration
+from layerfold.execution.loss import calibration_nll
 from layerfold.methods import MethodContext
 from layerfold.methods.mka import MKAConfig, averaged_similarity, draw_indices, layer_similarity, near_ties
 from layerfold.models import load_checkpoint, resolve_device, resolve_dtype
-from layerfold.scoring.loss import calibration_nll
 from layerfold.methods.mka import merge_alpha
 from layerfold.scoring.manifold import (
     diffusion_maps,

@@ -34,10 +34,10 @@ from common import Timing, add_layer_major_args, environment, forward_flops, res
 from layerfold.capture import BoundaryStatistics
 from layerfold.execution import LayerMajorRunner, PlannedLayerLoader, SeededLayerLoader, TokenNLL, materialise_model
 from layerfold.execution.loaders import meta_model
+from layerfold.execution.loss import token_nll as resident_token_nll
 from layerfold.methods import MethodContext, compress
 from layerfold.models import get_adapter, resolve_device, resolve_dtype
 from layerfold.models.tiny import tiny_config
-from layerfold.scoring.loss import token_nll as resident_token_nll
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -63,9 +63,9 @@ from layerfold.execution import (
     materialise_model,
 )
 from layerfold.execution.loaders import meta_model
+from layerfold.execution.loss import token_nll as resident_token_nll
 from layerfold.models import get_adapter, load_checkpoint, resolve_device, resolve_dtype
 from layerfold.models.devices import device_name, peak_flops
-from layerfold.scoring.loss import token_nll as resident_token_nll
 from layerfold.scoring.similarity import block_influence, lowest
 from layerfold.surgery import weighted
 

@@ -7,7 +7,7 @@
 
 *Before* is the search as it was, kept here as the reference: every candidate block removed on trial
 and the whole model run over the calibration windows. *After* is the ``sleb`` method, whose
-:func:`~layerfold.scoring.loss.removal_nll` keeps the hidden state entering each candidate and runs
+:func:`~layerfold.execution.loss.removal_nll` keeps the hidden state entering each candidate and runs
 only the blocks after it. Both start from the same dense model every time (each search runs inside a
 trial that is undone) and alternate round-robin in one process. The script fails unless both remove
 the same blocks in the same order; the largest difference between their candidate losses is recorded
@@ -35,10 +35,10 @@ from common import alternate, environment, forward_flops, llama_config, peak_gpu
 from omegaconf import OmegaConf
 
 import layerfold.methods.sleb as sleb_module
+from layerfold.execution.loss import calibration_nll, removal_nll
 from layerfold.methods import MethodContext
 from layerfold.methods.sleb import SLEBConfig, sleb
 from layerfold.models import get_adapter, load_checkpoint, resolve_device, resolve_dtype
-from layerfold.scoring.loss import calibration_nll, removal_nll
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from layerfold import execution
+from layerfold.evaluation import perplexity_layerwise
 from layerfold.evaluation.efficiency import device_name, measure_efficiency
+from layerfold.evaluation.lm_eval_layerwise import LayerwiseModel
 from layerfold.models.devices import library_versions
 from layerfold.io import write_json
 from layerfold.models import checkpoint_facts, describe, load_checkpoint
@@ -72,7 +73,7 @@ def main(name: str, checkpoint: str) -> None:
     # efficiency measurement (decoding) needs the whole model, so it is loaded only when that is enabled.
     layer_major = stage.params.hardware.mode == "sequential"
     if layer_major and not cfg.efficiency.enabled:
-        model = execution.LayerwiseModel.from_checkpoint(resolve_pointer(checkpoint), stage.params.hardware, stage.device, stage.dtype)
+        model = LayerwiseModel.from_checkpoint(resolve_pointer(checkpoint), stage.params.hardware, stage.device, stage.dtype)
         tokenizer = AutoTokenizer.from_pretrained(resolve_pointer(checkpoint))
         metrics: dict = {"model": {"num_layers": checkpoint_facts(resolve_pointer(checkpoint)).num_layers}}
     else:
@@ -91,8 +92,8 @@ def main(name: str, checkpoint: str) -> None:
         text = (EVAL_DATA / PPL_TEXT[dataset]).read_text(encoding="utf-8")
         p = cfg.perplexity
         source = resolve_pointer(checkpoint) if layer_major else model
-        metrics["perplexity"][dataset] = execution.perplexity(source, tokenizer, text, p.seq_len, stage.params.hardware, p.max_windows,
-                                                              p.add_bos, p.batch_size, stage.device, stage.dtype)
+        metrics["perplexity"][dataset] = perplexity_layerwise.perplexity(source, tokenizer, text, p.seq_len, stage.params.hardware,
+                                                                         p.max_windows, p.add_bos, p.batch_size, stage.device, stage.dtype)
         cost = metrics["perplexity"][dataset].pop("execution")
         logging.debug("%s perplexity cost: %s", dataset, cost)
         logging.info("%s perplexity: %.3f over %d tokens (%s, %.1f s)", dataset, metrics["perplexity"][dataset]["perplexity"],

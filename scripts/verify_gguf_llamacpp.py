@@ -93,12 +93,12 @@ def run(args: argparse.Namespace) -> None:
 
     from layerfold.data.text import load_corpus
     from layerfold.evaluation.perplexity import perplexity_windows
+    from layerfold.execution.loss import token_nll
     from layerfold.export import checkpoint_kind, export_gguf
     from layerfold.export.verify import compare_logits, load_gguf
     from layerfold.io import file_sha256, portable_path, write_json
     from layerfold.models import load_checkpoint
     from layerfold.models.devices import device_name, library_versions
-    from layerfold.scoring.loss import token_nll
 
     torch.set_num_threads(args.threads)
     entries = []

@@ -4,7 +4,7 @@
     capture, execution, surgery                                              1
     scoring                                                                  2
     methods, recovery, compensate, evaluation, export                       3
-    api, runs (run lists, queues, collection), and validation, stage, sweep, the package root   4
+    api, runs (run lists, queues, collection), validation, layer_major_coverage, stage, sweep, root   4
     report (reads every stage's outputs and the runs; nothing imports it)   5
 
 An import inside a function counts as much as one at the top of the file (it runs the same code). Besides
@@ -26,7 +26,7 @@ LAYERS = {
     "capture": 1, "execution": 1, "surgery": 1,
     "scoring": 2,
     "methods": 3, "recovery": 3, "compensate": 3, "evaluation": 3, "export": 3,
-    "api": 4, "runs": 4, "validation": 4, "stage": 4, "sweep": 4, "__init__": 4,
+    "api": 4, "runs": 4, "validation": 4, "layer_major_coverage": 4, "stage": 4, "sweep": 4, "__init__": 4,
     "report": 5,
 }
 
@@ -71,16 +71,9 @@ EDGES = sorted({(module, target) for module, path in MODULES.items() for target 
 
 # Imports that run upward today, each a debt to pay (move the code to the layer it belongs to). Listed exactly: the test
 # fails on a new one and on one that was fixed (then delete its line), so the list only shrinks.
-UNRESOLVED_UPWARD = {
-    "layerfold.execution.coverage (layer 1) imports layerfold.methods (layer 3)",
-    "layerfold.execution.coverage (layer 1) imports layerfold.validation (layer 4)",
-    "layerfold.execution.entry (layer 1) imports layerfold.evaluation.perplexity (layer 3)",
-    "layerfold.execution.entry (layer 1) imports layerfold.scoring.loss (layer 2)",
-    "layerfold.execution.lm_eval_layerwise (layer 1) imports layerfold.evaluation.lm (layer 3)",
-    "layerfold.execution.trials (layer 1) imports layerfold.scoring.loss (layer 2)",
-}
-# The cycle those upward imports close (execution.coverage -> methods/validation -> ... -> execution).
-UNRESOLVED_CYCLES = [["compensate", "execution", "methods", "recovery", "validation"]]
+UNRESOLVED_UPWARD: set[str] = set()
+# Cycles between top-level packages that exist today (none: keep it that way).
+UNRESOLVED_CYCLES: list[list[str]] = []
 
 
 def test_every_module_has_a_layer():

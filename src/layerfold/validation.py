@@ -167,7 +167,7 @@ def _check_side_layers_layer_major(params: DictConfig) -> None:
 
 def _check_eval_layer_major(params: DictConfig) -> None:
     """lm-eval runs layer by layer under ``hardware=sequential`` (unless eval.efficiency loads the whole model anyway)."""
-    from layerfold.execution.lm_eval_layerwise import refusal
+    from layerfold.evaluation.lm_eval_layerwise import refusal
 
     evaluation = params.get("eval")
     if evaluation is None or not evaluation.lm_eval.tasks or evaluation.efficiency.enabled:

@@ -14,9 +14,10 @@ from layerfold.capture import BoundaryStatistics
 from layerfold.capture import capture_statistics as resident_capture
 from layerfold.config import ConfigError, HardwareConfig, compose, parse_params
 from layerfold.evaluation.perplexity import perplexity as resident_perplexity
-from layerfold.execution import LayerMajorRunner, ModelLayerLoader, TokenNLL, capture_statistics, perplexity, token_nll
+from layerfold.evaluation.perplexity_layerwise import perplexity
+from layerfold.execution import LayerMajorRunner, ModelLayerLoader, TokenNLL, capture_statistics, token_nll
 from layerfold.execution.layer_major import LayerMajorError
-from layerfold.scoring.loss import token_nll as resident_token_nll
+from layerfold.execution.loss import token_nll as resident_token_nll
 
 RESIDENT = {"mode": "resident"}
 

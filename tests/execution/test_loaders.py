@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import layerfold.execution.loaders as loaders
 from layerfold.execution import LayerMajorRunner, SafetensorsLayerLoader, SeededLayerLoader, TokenNLL, token_nll
 from layerfold.execution.loaders import LayerIndexError
+from layerfold.execution.loss import token_nll as resident_token_nll
 from layerfold.models import ModelSourceError, save_checkpoint
 from layerfold.models.llama2c import load_llama2c_tokenizer
-from layerfold.scoring.loss import token_nll as resident_token_nll
 
 
 REAL_SAFE_OPEN = loaders.safe_open

@@ -9,6 +9,7 @@ from execution_fixtures import STORY, _single_thread, story_blocks  # noqa: F401
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.evaluation.perplexity import perplexity as resident_perplexity
+from layerfold.evaluation.perplexity_layerwise import perplexity
 from layerfold.execution import (
     ModelLayerLoader,
     PlanError,
@@ -17,11 +18,10 @@ from layerfold.execution import (
     WeightedLayerPlan,
     capture_statistics,
     coefficients_of,
-    perplexity,
     token_nll,
 )
+from layerfold.execution.loss import token_nll as resident_token_nll
 from layerfold.models import load_checkpoint
-from layerfold.scoring.loss import token_nll as resident_token_nll
 from layerfold.scoring.similarity import block_influence, lowest
 from layerfold.surgery import LayerPlan, merge_weights, rdsc_code, rdsc_paper, remove_layers, weighted
 

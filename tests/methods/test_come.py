@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from layerfold.capture import LayerBoundaries
 from layerfold.capture.channels import capture_channel_statistics
 from layerfold.config import ConfigError, compose
+from layerfold.execution.loss import calibration_nll
 from layerfold.methods import MethodContext, compress, get_method
 from layerfold.execution import trials as trials_module
 from layerfold.methods import come as come_module
@@ -27,7 +28,6 @@ from layerfold.scoring.channels import (
     top_indices,
     window_min_max,
 )
-from layerfold.scoring.loss import calibration_nll
 from layerfold.surgery.concat import concat_layout
 
 

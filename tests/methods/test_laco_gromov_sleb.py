@@ -12,10 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from layerfold.capture import BoundaryStatistics
 from layerfold.config import ConfigError
+from layerfold.execution.loss import calibration_nll
 from layerfold.methods import MethodContext, compress, get_method
 from layerfold.methods.laco import LACO_SENTENCES
 from layerfold.methods.sleb import SLEBConfig
-from layerfold.scoring.loss import calibration_nll
 from layerfold.scoring.similarity import block_angular_distance
 from layerfold.surgery import rdsc_code, rdsc_paper
 
@@ -324,8 +324,8 @@ def reference_removal_nll(model, blocks: torch.Tensor, positions, batch_size: in
 def test_removal_nll_equals_trial_removal_bit_for_bit(family) -> None:
     from conftest import tiny_model
 
+    from layerfold.execution.loss import removal_nll
     from layerfold.models.adapters import get_adapter
-    from layerfold.scoring.loss import removal_nll
 
     model = tiny_model(family, seed=1)
     adapter = get_adapter(model)
@@ -346,7 +346,7 @@ def test_removal_nll_equals_trial_removal_bit_for_bit(family) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_removal_nll_runs_each_shared_prefix_once(tokenizer) -> None:
-    from layerfold.scoring.loss import removal_nll
+    from layerfold.execution.loss import removal_nll
 
     model = tiny_llama(8)
     blocks = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))

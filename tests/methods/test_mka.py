@@ -292,7 +292,7 @@ def test_draws_average_disjoint_subsets_and_report_spread() -> None:
 
 
 def test_tie_break_by_loss_merges_the_least_harmful_near_tie(monkeypatch) -> None:
-    from layerfold.scoring.loss import calibration_nll
+    from layerfold.execution.loss import calibration_nll
     from layerfold.surgery import weighted
 
     matrix = np.full((4, 4), 0.5)

@@ -9,10 +9,10 @@ import torch
 from layerfold.capture import BoundaryStatistics
 from layerfold.capture.stats import capture_statistics as resident_capture
 from layerfold.execution import SafetensorsLayerLoader, capture_statistics, save_layerwise, token_nll
+from layerfold.execution.loss import token_nll as resident_token_nll
 from layerfold.methods import MethodContext, compress
 from layerfold.models import load_checkpoint, save_checkpoint
 from layerfold.models.tiny import MOE_FAMILIES, TINY_FAMILIES, tiny_model, tiny_tokenizer
-from layerfold.scoring.loss import token_nll as resident_token_nll
 
 SEQUENTIAL = {"mode": "sequential", "activations": "host", "logits_chunk": 7}
 TOL = dict(rel=1e-5, abs=1e-6)

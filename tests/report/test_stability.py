@@ -306,8 +306,8 @@ def test_runner_end_to_end_on_stories260k(tmp_path, monkeypatch, tiny_env):
     assert not torch.equal(draws[("wikitext2_train", 0)], draws[("wikitext2_train", 1)])
 
     # the dense loss on a draw is the base model's mean NLL on that draw's blocks
+    from layerfold.execution.loss import calibration_nll
     from layerfold.models import load_checkpoint
-    from layerfold.scoring.loss import calibration_nll
 
     base = next(work.glob("base/*/artifacts/base"))
     model, _ = load_checkpoint(base, "cpu", torch.float32)

@@ -159,7 +159,7 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int |
     (vectorised only) replaces the fixed ``batch_size`` by a budget of padded tokens per forward
     (module docstring, 4.).
     """
-    if hasattr(model, "make_lm"):  # a model that runs another way (layer by layer: layerfold.execution.lm_eval_layerwise)
+    if hasattr(model, "make_lm"):  # a model that runs another way (layer by layer: layerfold.evaluation.lm_eval_layerwise)
         return model.make_lm(tokenizer, batch_size, max_length, token_cache, scoring, head_rows, batch_tokens)
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix

@@ -12,7 +12,7 @@ import math
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from layerfold.scoring.loss import token_nll
+from layerfold.execution.loss import token_nll
 
 
 def perplexity(

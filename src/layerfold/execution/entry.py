@@ -6,8 +6,8 @@ weights read per layer. Both feed the same consumers, so a stage calls these fun
 branches on the hardware itself:
 
 - :func:`capture_statistics`: every layer boundary into :meth:`BoundaryStatistics.add`;
-- :func:`token_nll` / :func:`perplexity`: next-token NLL under the protocol of
-  :func:`layerfold.evaluation.perplexity.perplexity`.
+- :func:`token_nll`: summed next-token NLL over token blocks (perplexity under the evaluation protocol
+  is :func:`layerfold.evaluation.perplexity_layerwise.perplexity`, built on it).
 
 A ``source`` is a checkpoint directory, a :class:`~layerfold.execution.LayerLoader` (e.g. a
 :class:`~layerfold.execution.PlannedLayerLoader` of a plan never written as a checkpoint), or an HF
@@ -22,19 +22,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from layerfold.capture.stats import BoundaryStatistics
 from layerfold.capture.stats import capture_statistics as resident_capture
-from layerfold.evaluation.perplexity import perplexity as resident_perplexity
-from layerfold.evaluation.perplexity import perplexity_result, perplexity_windows
 from layerfold.execution.layer_major import ExecutionReport, LayerMajorRunner, materialise_model
 from layerfold.execution.loaders import LayerLoader, ModelLayerLoader, SafetensorsLayerLoader
+from layerfold.execution.loss import token_nll as resident_token_nll
 from layerfold.execution.nll import TokenNLL
 from layerfold.models.adapters import get_adapter
 from layerfold.models.devices import host_peak_rss_mib
 from layerfold.models.sources import load_checkpoint
-from layerfold.scoring.loss import token_nll as resident_token_nll
 
 Source = str | Path | LayerLoader | nn.Module
 MODES = ("resident", "sequential")
@@ -45,7 +42,8 @@ def _setting(hardware: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _mode(hardware: Any) -> str:
+def hardware_mode(hardware: Any) -> str:
+    """``hardware.mode`` (``resident`` by default), checked against :data:`MODES`."""
     mode = _setting(hardware, "mode", "resident")
     if mode not in MODES:
         raise ValueError(f"hardware.mode={mode!r} is not allowed: it must be one of {', '.join(MODES)}. Pick a group with `-S hardware=sequential`.")
@@ -81,12 +79,14 @@ def runner(source: Source, hardware: Any, device: torch.device | str, dtype: tor
     )
 
 
-def _reset_peaks(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the device's peak-memory count afresh (CUDA; nothing elsewhere), so a report measures one run."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _resident_report(device: torch.device, began: float) -> ExecutionReport:
+def resident_report(device: torch.device, began: float) -> ExecutionReport:
+    """What a resident run that began at ``began`` (``time.perf_counter``) cost: seconds, peak device and host memory."""
     gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     return ExecutionReport(mode="resident", activations="device", seconds=time.perf_counter() - began,
                            peak_gpu_mib=gpu, peak_host_mib=round(host_peak_rss_mib(), 1))
@@ -107,13 +107,13 @@ def capture_statistics(source: Source, blocks: torch.Tensor, hardware: Any, stat
     for windows of ``n`` layers).
     """
     device = torch.device(device)
-    _reset_peaks(device)
+    reset_peak_memory(device)
     began = time.perf_counter()
-    if _mode(hardware) == "resident":
+    if hardware_mode(hardware) == "resident":
         model = resident_model(source, device, dtype)
         _check_boundaries(stats, get_adapter(model).num_layers(model))
         resident_capture(model, blocks, batch_size, desc="capture", stats=stats)
-        return _resident_report(device, began)
+        return resident_report(device, began)
     run = runner(source, hardware, device, dtype, batch_size)
     _check_boundaries(stats, run.num_layers)
     acts = run.embed(blocks)
@@ -135,28 +135,14 @@ def token_nll(source: Source, blocks: torch.Tensor, hardware: Any, device: torch
               dtype: torch.dtype = torch.float32, batch_size: int = 1) -> tuple[float, int, ExecutionReport]:
     """Summed next-token NLL over ``blocks`` ``[n, seq]``, the number of predicted tokens, and what the run cost."""
     device = torch.device(device)
-    _reset_peaks(device)
+    reset_peak_memory(device)
     began = time.perf_counter()
-    if _mode(hardware) == "resident":
+    if hardware_mode(hardware) == "resident":
         total, count = resident_token_nll(resident_model(source, device, dtype), blocks, batch_size)
-        return total, count, _resident_report(device, began)
+        return total, count, resident_report(device, began)
     run = runner(source, hardware, device, dtype, batch_size)
     acts = run.embed(blocks)
     head = TokenNLL(run.final_norm(), run.lm_head(), acts, run.num_layers, int(_setting(hardware, "logits_chunk", 1024)))
     run.run_layers(acts, on_boundary=head)
     return head.nll, head.count, run.report
 
-
-def perplexity(source: Source, tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, hardware: Any,
-               max_windows: int | None = None, add_bos: bool = False, batch_size: int = 1,
-               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """:func:`layerfold.evaluation.perplexity.perplexity` of ``source`` (same windows, same dict), plus ``execution``: what it cost."""
-    device = torch.device(device)
-    if _mode(hardware) == "resident":
-        _reset_peaks(device)
-        began = time.perf_counter()
-        result = resident_perplexity(resident_model(source, device, dtype), tokenizer, text, seq_len, max_windows, add_bos, batch_size, desc="perplexity")
-        return {**result, "execution": _resident_report(device, began).as_dict()}
-    blocks, tokens_in_text = perplexity_windows(tokenizer, text, seq_len, max_windows, add_bos)
-    nll, count, report = token_nll(source, blocks, hardware, device, dtype, batch_size)
-    return {**perplexity_result(nll, count, blocks, tokens_in_text, add_bos), "execution": report.as_dict()}

@@ -1,6 +1,6 @@
 """Next-token NLL from the last layer boundary: final norm and LM head applied in chunks of positions.
 
-A resident forward makes ``[batch, seq, vocab]`` logits per batch (and :func:`layerfold.scoring.loss.token_nll`
+A resident forward makes ``[batch, seq, vocab]`` logits per batch (and :func:`layerfold.execution.loss.token_nll`
 widens them to fp32). Layer-major execution reaches the last boundary for every sequence at once, so
 the head here runs ``chunk_tokens`` positions at a time: for Llama-3's 128,256-token vocabulary a
 1,024-token chunk is 0.5 GB of fp32 logits, whatever the number of sequences. The loss is the same

@@ -8,7 +8,7 @@ or the layer-boundary statistics (MKA's re-scoring). Two stacks answer the same 
 - :class:`ResidentStack`: the whole model on the device, edited in place (merges written with
   :func:`~layerfold.surgery.merge_weights`, layers removed with :func:`~layerfold.surgery.remove_layers`,
   a stand-in layer re-initialised with its :class:`~layerfold.models.replacement.TensorInit`),
-  measured by the resident functions of :mod:`layerfold.scoring.loss` and :mod:`layerfold.capture`.
+  measured by the resident functions of :mod:`layerfold.execution.loss` and :mod:`layerfold.capture`.
   This is the code path methods have always run; its numbers are unchanged.
 - :class:`LayerMajorStack`: the model never exists as a whole. Edits go into the plan only (and into
   a meta skeleton that mirrors the layer list, so ``num_layers``, the config and the adapter stay
@@ -42,12 +42,12 @@ from layerfold.execution.concat import ConcatBuild, channel_statistics
 from layerfold.execution.entry import _setting, runner
 from layerfold.execution.layer_major import Activations, ExecutionReport, LayerMajorRunner
 from layerfold.execution.loaders import LayerLoader, ModelLayerLoader
+from layerfold.execution.loss import calibration_nll, final_representations, removal_nll, removal_order
 from layerfold.execution.nll import TokenNLL
 from layerfold.execution.plan import PlannedLayerLoader, WeightedLayerPlan
 from layerfold.models import layer_config
 from layerfold.models.adapters import get_adapter
 from layerfold.models.replacement import TensorInit
-from layerfold.scoring.loss import calibration_nll, final_representations, removal_nll, removal_order
 from layerfold.surgery import StackSnapshot, merge_weights, reindex_layers, remove_layers
 from layerfold.surgery.merge import Combine
 
@@ -225,7 +225,7 @@ class LayerMajorStack:
 
     @torch.no_grad()
     def removal_nll(self, plan: WeightedLayerPlan, blocks: torch.Tensor, positions: Sequence[int], desc: str | None = None) -> dict[int, float]:
-        """``{i: mean NLL without layer i}`` for each candidate, the prefix shared as in :func:`layerfold.scoring.loss.removal_nll`.
+        """``{i: mean NLL without layer i}`` for each candidate, the prefix shared as in :func:`layerfold.execution.loss.removal_nll`.
 
         Layer passes: ``order[-1]`` to carry the state entering each candidate, plus ``L - 1 - i`` per
         candidate ``i`` for its suffix, and one LM head per candidate.

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from layerfold.execution.loss import token_nll
 from layerfold.models.sources import load_checkpoint
-from layerfold.scoring.loss import token_nll
 
 
 def load_gguf(path: str | Path, tokenizer: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:

@@ -13,7 +13,7 @@ indices through :attr:`MethodContext.plan`, so it stays right after earlier edit
 **Cost.** ``k = num_remove`` steps; step ``s`` has ``L_s = L - s`` layers and ``C_s`` candidates
 (``L_s - 2`` by default), each scored on ``N`` calibration windows of ``T`` tokens. Removing block
 ``i`` leaves the blocks before it untouched, so every candidate of a step shares one pass over the
-prefix: :func:`~layerfold.scoring.loss.removal_nll` keeps the hidden state entering block ``i`` (one
+prefix: :func:`~layerfold.execution.loss.removal_nll` keeps the hidden state entering block ``i`` (one
 ``N x T x d`` tensor on the model's device), carries it forward one block per candidate, and runs
 only blocks ``i+1..L_s-1`` and the head for "without ``i``". Layer passes over the ``N T`` tokens:
 

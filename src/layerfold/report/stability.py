@@ -578,7 +578,7 @@ def measure(checkpoint: Path, draw: Path, held_out: Path, params: Mapping[str, A
     its perplexity at ``params.eval.perplexity`` (the draw's own copy of the evaluation text), as the
     pipeline runs them (``params.runtime``, ``params.hardware``; ``capture.batch_size`` for the losses).
 
-    The perplexity is :func:`layerfold.execution.perplexity`'s: the same windows
+    The perplexity is :func:`layerfold.evaluation.perplexity_layerwise.perplexity`'s: the same windows
     (:func:`~layerfold.evaluation.perplexity.perplexity_windows`) scored by the same
     :func:`~layerfold.execution.token_nll`; ``windows`` (a dict kept by the caller) keeps each text's windows,
     so a text is tokenized once for every model measured rather than once per model. What does not depend

@@ -198,7 +198,7 @@ class ChunkedForward:
         index = self.next
         if index >= len(self.batches) or not torch.equal(inps.cpu(), self.batches[index]):
             raise RuntimeError(f"the lm-eval scorer asked for a batch ({tuple(inps.shape)}) other than batch {index} of the "
-                               f"{len(self.batches)} built for it; its batching and layerfold.execution.lm_eval_layerwise disagree.")
+                               f"{len(self.batches)} built for it; its batching and layerfold.evaluation.lm_eval_layerwise disagree.")
         if self.chunk is None or not self.chunk[0] <= index < self.chunk[1]:
             self._run_chunk(index)
         first, _, acts = self.chunk

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 from test_vectorised_scoring import VOCAB, _requests, _tokenizer  # noqa: E402
 
 from layerfold.evaluation.lm import make_lm  # noqa: E402
-from layerfold.execution import LayerwiseModel  # noqa: E402
-from layerfold.execution.lm_eval_layerwise import refusal  # noqa: E402
+from layerfold.evaluation.lm_eval_layerwise import LayerwiseModel  # noqa: E402
+from layerfold.evaluation.lm_eval_layerwise import refusal  # noqa: E402
 from layerfold.models import save_checkpoint  # noqa: E402
 
 CONFIGS = {
