@@ -36,15 +36,15 @@ import transformers
 from transformers import AutoTokenizer, GenerationConfig
 
 from layerfold.data.training import build_training_data
-from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.io import atomic_dir, atomic_file, read_json, write_json
 from layerfold.models import describe, save_checkpoint
-from layerfold.models.devices import host_peak_rss_mib
+from layerfold.models.devices import device_name, host_peak_rss_mib
 from layerfold.models.fingerprint import SEAL_KEY, check_plan
 from layerfold.models.sources import PLAN_FILE, resolve_dtype, write_pointer
 from layerfold.recovery import RecoveryEngine
 from layerfold.recovery.layer_major import check_layer_major, execution_report, layer_major_engine, save_recovered
 from layerfold.recovery.distributed import end_processes, is_main_process, launched_processes, load_for_launch, process_device
+from layerfold.runtime import peak_memory_mib, reset_peak_memory
 from layerfold.stage import BASE, COMPRESSED, METRICS, RECOVERED, RECOVERY_STATE, start
 from layerfold.tracking import init_run
 

@@ -141,7 +141,7 @@ def run_report(root: str | Path, experiments_dir: str | Path, model_name: str | 
 def _timings_report(root: Path, reports: Path, run: dict) -> None:
     """``reports/timings.md`` from the evaluate stages' machine-local files (when they are there): the
     efficiency tables, the device, library versions and wall times, kept out of the committed report."""
-    experiment = os.environ.get("DVC_EXP_NAME")  # as pipeline.evaluate.timings_file places them
+    experiment = os.environ.get("DVC_EXP_NAME")  # as layerfold.checkpoint_evaluation.timings_file places them
     folder = Path(os.environ.get("DVC_ROOT") or root) / TIMINGS_DIR / experiment if experiment else root / TIMINGS_DIR
     machine = {k: read_json(folder / f"evaluate-{k}.json") for k in ("dense", "compressed", "recovered")
                if (folder / f"evaluate-{k}.json").is_file()}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.io import read_json
 from layerfold.report.compare import runs_from_methods_dir
 from layerfold.report.protocol import informative_tasks, rule_lines

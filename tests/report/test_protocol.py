@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from layerfold.evaluation.answers import answer_floor, pack_digits, target_floor, unpack_digits
-from layerfold.evaluation.harness import pack_bits
+from layerfold.evaluation.results import pack_bits
 from layerfold.report.comparison import load_records, load_task_facts, tasks_of
 from layerfold.report.noise import marginal_homogeneity, rank_agreement, retained_interval
 from layerfold.report.protocol import (

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.io import read_json
 from layerfold.report.tables import collect_experiments, common_tasks, experiments_table, final_metrics, fmt
 

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from layerfold.config import ConfigError, compose, parse_params
 from layerfold.io import atomic_dir, portable_path, read_json, write_json
 from layerfold.models import ModelFacts, ModelSourceError, UnsupportedArchitectureError, probe
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.report.compare import experiment_states, runs_from_dvc_exp_show, runs_from_methods_dir
 from layerfold.report.findings import findings_markdown
 from layerfold.report.noise import difference, mean_difference, verdict
