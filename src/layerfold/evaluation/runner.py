@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # lm-eval is heavy to import; only the functions that need it
 
 log = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------- quiet, seeded, sampled
+
+# ----------------------------------------------------------------------------- quiet, cached
 
 
 LM_EVAL_LOGGERS = ("lm_eval", "datasets", "evaluate")

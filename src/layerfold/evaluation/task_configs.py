@@ -216,6 +216,9 @@ def write_task_configs(prepared_dir: Path, task_dir: Path) -> Path:
     return task_dir
 
 
+# ----------------------------------------------------------------------------- names
+
+
 def lm_eval_tasks(tasks: list[str], local_task_dir: Path | None) -> tuple[list[str], TaskManager]:
     """lm-eval task names and the TaskManager that knows them.
 
@@ -261,6 +264,8 @@ def check_fewshot_source(name: str, shots: int, manager: TaskManager) -> None:
             "draw the shots from the evaluation split. Use 0 shots for this task."
         )
 
+
+# ----------------------------------------------------------------------------- the document sample
 
 
 def sample_indices(task_name: str, n_docs: int, limit: int | float | None, seed: int) -> list[int] | None:
