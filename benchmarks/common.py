@@ -2,7 +2,7 @@
 JSON record layout, so ``benchmarks/run.py`` can collect any script's result into one table.
 
 Timing rules (applied by :func:`timed` and :func:`alternate`, re-exported from
-:mod:`layerfold.evaluation.efficiency`): warm up first (3 rounds by default), synchronise the device
+:mod:`layerfold.runtime`): warm up first (3 rounds by default), synchronise the device
 around each run, repeat (10 by default), and report the median with the spread; variants that are
 compared run interleaved in one process (``alternate``), so drift (clocks, caches, a noisy neighbour)
 hits them alike.
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from layerfold.evaluation.efficiency import Timing, Workload, alternate, synchronize, timed  # noqa: F401 (re-exported)
 from layerfold.io import portable_path
 from layerfold.models.devices import device_name, host_peak_rss_mib, library_versions, mfu
+from layerfold.runtime import Timing, Workload, alternate, synchronize, timed  # noqa: F401 (re-exported)
 
 # Real configurations of the paper-scale models (published config.json values). Random weights of these
 # shapes give real time and memory, never accuracy.

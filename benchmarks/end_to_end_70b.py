@@ -186,7 +186,8 @@ def evaluate_step(args: argparse.Namespace, method: str, device: torch.device, d
     from transformers import AutoTokenizer
 
     from layerfold.data.benchmarks import prepare_benchmarks
-    from layerfold.evaluation.harness import LmEvalRunner, write_task_configs
+    from layerfold.evaluation.runner import LmEvalRunner
+    from layerfold.evaluation.task_configs import write_task_configs
     from layerfold.execution import SafetensorsLayerLoader
 
     reset_peak_gpu(device)

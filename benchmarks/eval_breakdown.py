@@ -6,7 +6,7 @@ forward, scoring the logits, and post-processing (filters, metrics, aggregation)
 
 ``--mode before`` runs each task through ``lm_eval.simple_evaluate`` the way layerfold used to (a
 fresh task set per call, no caches); ``--mode after`` runs the whole suite through
-:class:`layerfold.evaluation.harness.LmEvalRunner` twice on the same model ("first model": cold caches
+:class:`layerfold.evaluation.runner.LmEvalRunner` twice on the same model ("first model": cold caches
 in a fresh cache directory, "further model": warm), which is what every model after the first one
 pays. ``--tiny`` swaps the model for a 2-layer random Llama with the given tokenizer's vocabulary, so
 the forward is negligible and the overheads around it stand out (CPU).
@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from common import command_line  # noqa: E402
 
-from layerfold.evaluation import harness  # noqa: E402
+from layerfold.evaluation import runner as lm_eval_runner  # noqa: E402
+from layerfold.evaluation import task_configs  # noqa: E402
 
 SUITE = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq_notitle", "openbookqa", "mmlu"]
 
@@ -104,7 +105,7 @@ def instrumented(device: torch.device):
 
     timer.wrap(layerfold_lm, "_logits_at", "forward", exclusive_of=("forward",))
     timer.wrap(HFLM, "_loglikelihood_tokens", "score_logits", exclusive_of=("forward",))
-    make_lm = harness.make_lm
+    make_lm = lm_eval_runner.make_lm
 
     def timed_make_lm(*args, **kwargs):  # the runner's HFLM subclass tokenizes and scores in its own methods
         lm = make_lm(*args, **kwargs)
@@ -113,12 +114,12 @@ def instrumented(device: torch.device):
         timer.wrap(lm, "_loglikelihood_tokens", "score_logits", exclusive_of=("forward", "score_logits"))
         return lm
 
-    harness.make_lm = timed_make_lm
+    lm_eval_runner.make_lm = timed_make_lm
     try:
         yield timer
     finally:
         timer.restore()
-        harness.make_lm = make_lm
+        lm_eval_runner.make_lm = make_lm
 
 
 def tiny_model(tokenizer_dir: str, device: torch.device):
@@ -147,7 +148,7 @@ def run_before(model, tokenizer, tasks, shots, args, task_dir) -> dict:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     with instrumented(model.device) as timer:
         for task in tasks:
-            names, manager = harness.lm_eval_tasks([task], task_dir)
+            names, manager = task_configs.lm_eval_tasks([task], task_dir)
             start = time.perf_counter()
             results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots.get(task, 0), limit=args.limit,
                                               task_manager=manager, bootstrap_iters=args.bootstrap_iters, log_samples=False)
@@ -163,7 +164,7 @@ def run_after(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
     with instrumented(model.device) as timer:
         for label in ("first_model", "further_model_same_process", "further_model_new_runner")[:args.passes]:
             if label != "further_model_same_process":  # a new runner = what a later process sees
-                runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0,
+                runner = lm_eval_runner.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0,
                                               bootstrap_iters=args.bootstrap_iters, cache_dir=cache_dir, scoring=args.scoring,
                                               head_rows=args.head_rows, batch_tokens=args.batch_tokens)
             per_task: dict[str, dict] = {}
@@ -193,7 +194,7 @@ def run_check(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
     answers: dict[str, list] = {}
     out: dict[str, dict] = {}
     walls: dict[str, list[float]] = defaultdict(list)
-    make_lm = harness.make_lm
+    make_lm = lm_eval_runner.make_lm
     labels = [label for label in SCORERS if label in args.scorers]
     for label in labels + (labels[::-1] if args.check_rounds == 2 else []):
         scoring, head_rows, by_tokens = SCORERS[label]
@@ -211,16 +212,16 @@ def run_check(model, tokenizer, tasks, shots, args, task_dir, cache_dir: Path) -
             lm._loglikelihood_tokens = keep
             return lm
 
-        harness.make_lm = recording_make_lm
+        lm_eval_runner.make_lm = recording_make_lm
         try:
-            runner = harness.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0, bootstrap_iters=args.bootstrap_iters,
+            runner = lm_eval_runner.LmEvalRunner(tasks, shots, task_dir, limit=args.limit, seed=0, bootstrap_iters=args.bootstrap_iters,
                                           cache_dir=cache_dir, scoring=scoring, head_rows=head_rows,
                                           batch_tokens=args.batch_tokens if by_tokens else None)
             start = time.perf_counter()
             report = runner.evaluate(model, tokenizer, batch_size=args.batch_size)
             walls[label].append(round(time.perf_counter() - start, 3))
         finally:
-            harness.make_lm = make_lm
+            lm_eval_runner.make_lm = make_lm
         if label in answers:
             if answers[label] != recorded:
                 raise RuntimeError(f"{label}: two runs of the same scorer disagree; the check is meaningless")
@@ -258,7 +259,7 @@ def run_overhead_only(model, tokenizer, tasks, shots, args, task_dir) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     out: dict[str, dict] = {}
-    names, manager = harness.lm_eval_tasks(tasks, task_dir)
+    names, manager = task_configs.lm_eval_tasks(tasks, task_dir)
     loaded = {}
     for shots_n in sorted({shots.get(t, 0) for t in tasks}):
         group = [n for t, n in zip(tasks, names) if shots.get(t, 0) == shots_n]
@@ -280,7 +281,7 @@ def run_overhead_only(model, tokenizer, tasks, shots, args, task_dir) -> dict:
 
     assert not getattr(lm_eval.utils.env, "_layerfold_cached", False), "run --mode overhead in a fresh process"
     requests = build("build_contexts_stock")
-    harness.compile_templates_once()
+    lm_eval_runner.compile_templates_once()
     build("build_contexts_templates_compiled_once")
 
     plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
@@ -288,7 +289,7 @@ def run_overhead_only(model, tokenizer, tasks, shots, args, task_dir) -> dict:
     reference = [plain._encode_pair(*r.args) for r in requests if r.args[0]]
     out["tokenize_stock"] = {"seconds": round(time.perf_counter() - start, 3)}
     cache: dict = {}
-    cached = harness.make_lm(model, tokenizer, 1, None, cache)
+    cached = lm_eval_runner.make_lm(model, tokenizer, 1, None, cache)
     cached._loglikelihood_tokens = lambda reqs, disable_tqdm=False: [r[1:] for r in reqs]  # no forward
     start = time.perf_counter()
     pairs = cached.loglikelihood(requests, disable_tqdm=True)
@@ -384,7 +385,7 @@ def main() -> None:
     args.limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     args.batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     args.scorers = ["lm_eval", *(label for label in args.scorers if label != "lm_eval")]
-    harness.quiet_lm_eval(REPO / ".cache/lm_eval/logs" / f"{args.out.stem}.log")  # lm-eval's own log lines
+    lm_eval_runner.quiet_lm_eval(REPO / ".cache/lm_eval/logs" / f"{args.out.stem}.log")  # lm-eval's own log lines
 
     if args.no_forward:
         from lm_eval.models.huggingface import HFLM
@@ -419,7 +420,7 @@ def main() -> None:
         "head_rows": args.head_rows, "batch_tokens": args.batch_tokens,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        task_dir = harness.write_task_configs(Path(args.benchmarks), Path(tmp) / "tasks")
+        task_dir = task_configs.write_task_configs(Path(args.benchmarks), Path(tmp) / "tasks")
         if args.mode == "overhead":
             result["overhead"] = run_overhead_only(model, tokenizer, args.tasks, shots, args, task_dir)
         if args.mode in ("before", "both"):

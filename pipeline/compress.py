@@ -29,16 +29,16 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from layerfold import execution
 from layerfold.capture import BoundaryStatistics
-from layerfold.evaluation.efficiency import device_name, peak_memory_mib, reset_peak_memory
 from layerfold.execution.checkpoint import save_layerwise
 from layerfold.compensate import compress_and_compensate
 from layerfold.io import read_json, write_json
 from layerfold.methods import MethodContext, check_capture_reach, check_layer_major
 from layerfold.models import describe, load_checkpoint, save_checkpoint
 from layerfold.models.card import write_model_card
-from layerfold.models.devices import host_peak_rss_mib
+from layerfold.models.devices import device_name, host_peak_rss_mib
 from layerfold.models.resources import guard
 from layerfold.models.sources import PLAN_FILE, resolve_dtype
+from layerfold.runtime import peak_memory_mib, reset_peak_memory
 from layerfold.stage import BASE, CALIBRATION, COMPRESSED, CAPTURE, METRICS, start
 from layerfold.surgery.plan import describe_plan
 from layerfold.tracking import init_run

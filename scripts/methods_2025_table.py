@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from layerfold.evaluation.harness import merge_documents  # noqa: E402
+from layerfold.evaluation.results import merge_documents  # noqa: E402
 from layerfold.io import atomic_file, write_json  # noqa: E402
 from layerfold.report.noise import Z, difference, mean_difference, mean_stderr  # noqa: E402
 from layerfold.report.protocol import (  # noqa: E402

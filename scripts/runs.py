@@ -99,7 +99,7 @@ def _facts(folder: Path | None, task_data: Path | None, records: list[dict]) -> 
     """Task facts from a prepared benchmarks folder (documents the records were scored on), else the folder's own."""
     if task_data is None:
         return load_task_facts(folder) if folder is not None and folder.is_dir() else None
-    from layerfold.evaluation.harness import document_facts, write_task_configs
+    from layerfold.evaluation.task_configs import document_facts, write_task_configs
 
     settings = (records[0]["metrics"].get("dense") or {}).get("lm_eval_settings") or {}
     with tempfile.TemporaryDirectory() as task_dir:

@@ -134,6 +134,9 @@ class LmEvalConfig:
     batch_size: int = field(default=16, metadata={"ge": 1})
     max_length: Optional[int] = field(default=None, metadata={"ge": 2, "le": "context_length"})
     bootstrap_iters: int = field(default=1000, metadata={"ge": 0})
+    # the documents ``limit`` draws and the few-shot examples: fixed apart from runtime.seed, so every model and
+    # every training seed is scored on the same documents (paired differences)
+    seed: int = field(default=0, metadata={"ge": 0})
     # lm-eval's built requests, shared by every model and run (relative: from $DVC_ROOT); null = no cache
     request_cache: Optional[str] = ".cache/lm_eval"
     # vectorised: layerfold scores each batch's requests in one pass (same forward, same log-softmax,

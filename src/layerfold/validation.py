@@ -283,8 +283,8 @@ _TaggedLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 def local_task_names() -> dict[str, str]:
     """``{task or group name: benchmark}`` for every name the evaluate stage accepts with local data: the stock names of
     each local task spec's configs (``piqa``, ``mmlu``, ``mmlu_anatomy``) and their local names (``piqa_local``,
-    ``boolq_notitle``), as :func:`layerfold.evaluation.harness.lm_eval_tasks` maps them."""
-    from layerfold.evaluation.harness import load_specs
+    ``boolq_notitle``), as :func:`layerfold.evaluation.task_configs.lm_eval_tasks` maps them."""
+    from layerfold.evaluation.task_configs import load_specs
 
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:

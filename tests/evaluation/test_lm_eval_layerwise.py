@@ -84,7 +84,8 @@ def test_the_suite_through_the_harness_scores_every_document_as_resident(tmp_pat
     from test_lm_eval_runner import DATA_DIR, _tiny_model_and_tokenizer
 
     from layerfold.data.benchmarks import prepare_benchmarks
-    from layerfold.evaluation.harness import LmEvalRunner, write_task_configs
+    from layerfold.evaluation.runner import LmEvalRunner
+    from layerfold.evaluation.task_configs import write_task_configs
 
     if not DATA_DIR.is_dir():
         pytest.skip(f"benchmark files not found at {DATA_DIR}; set LAYERFOLD_DATA_DIR")

@@ -11,7 +11,9 @@ import torch
 
 from layerfold.data.benchmarks import prepare_benchmarks
 from layerfold.evaluation.answers import unpack_digits
-from layerfold.evaluation.harness import LmEvalRunner, lm_eval_tasks, sample_indices, unpack_bits, write_task_configs
+from layerfold.evaluation.results import unpack_bits
+from layerfold.evaluation.runner import LmEvalRunner
+from layerfold.evaluation.task_configs import lm_eval_tasks, sample_indices, write_task_configs
 
 DATA_DIR = Path(os.environ.get("LAYERFOLD_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "datasets"))
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark files not found at {DATA_DIR}; set LAYERFOLD_DATA_DIR")

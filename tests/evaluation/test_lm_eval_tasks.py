@@ -19,7 +19,8 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from layerfold.data.benchmarks import BENCHMARKS, prepare_benchmarks
-from layerfold.evaluation.harness import lm_eval_tasks, run_lm_eval, stock_tasks_dir, write_task_configs
+from layerfold.evaluation.runner import run_lm_eval
+from layerfold.evaluation.task_configs import lm_eval_tasks, stock_tasks_dir, write_task_configs
 
 DATA_DIR = Path(os.environ.get("LAYERFOLD_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "datasets"))
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark files not found at {DATA_DIR}; set LAYERFOLD_DATA_DIR")

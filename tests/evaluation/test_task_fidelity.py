@@ -3,7 +3,7 @@
 For each task the stock-schema rows are rebuilt here from the raw public files, independently of
 :mod:`layerfold.data.benchmarks`, and rendered by the *stock* lm-eval task (stock YAML, stock
 ``process_docs``/``doc_to_*``); the same documents are rendered by the local task that
-:func:`~layerfold.evaluation.harness.write_task_configs` generates from the converter's files. Prompt,
+:func:`~layerfold.evaluation.task_configs.write_task_configs` generates from the converter's files. Prompt,
 choices and target must agree on every document. Where the raw files lack what the stock rows hold
 (BoolQ's passage titles, the HellaSwag tags the llama.cpp dump removed) the rebuilt rows lack it too,
 so those documents are counted instead, and the counts must equal the documented ones.
@@ -27,7 +27,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from layerfold.data.benchmarks import BOOLQ_NOTITLE_DOCS, HELLASWAG_WIKIHOW_DOCS, LAMBADA_OPENAI_DOCS, MMLU_SUBJECTS, prepare_benchmarks
-from layerfold.evaluation.harness import lm_eval_tasks, stock_tasks_dir, write_task_configs
+from layerfold.evaluation.task_configs import lm_eval_tasks, stock_tasks_dir, write_task_configs
 
 DATA_DIR = Path(os.environ.get("LAYERFOLD_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "datasets"))
 pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark files not found at {DATA_DIR}; set LAYERFOLD_DATA_DIR")

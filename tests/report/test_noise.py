@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from layerfold.evaluation.harness import pack_bits, unpack_bits
+from layerfold.evaluation.results import pack_bits, unpack_bits
 from layerfold.report import comparison_table, markdown_report
 from layerfold.report.noise import difference, mean_difference
 

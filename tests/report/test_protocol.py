@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from layerfold.evaluation.answers import answer_floor, pack_digits, target_floor, unpack_digits
-from layerfold.evaluation.harness import pack_bits
+from layerfold.evaluation.results import pack_bits
 from layerfold.report.collected import load_task_facts, tasks_of
 from layerfold.runs.collect import load_records
 from layerfold.report.noise import marginal_homogeneity, rank_agreement, retained_interval

@@ -6,7 +6,7 @@ llama.cpp text dump of HellaSwag, MosaicML ``{query, choices, gold}`` JSONL for 
 and the original header-less MMLU CSVs. lm-eval's stock task configs expect the Hugging Face hub
 schema of each set. :func:`prepare_benchmarks` rewrites every raw file once into JSONL with exactly
 the fields the stock ``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` / ``process_docs`` read,
-so the local task configs (see :mod:`layerfold.evaluation.harness`) can reuse the stock prompts,
+so the local task configs (see :mod:`layerfold.evaluation.task_configs`) can reuse the stock prompts,
 choices and metrics unchanged.
 
 Layout of ``out_dir`` (split names are the stock task's split names)::

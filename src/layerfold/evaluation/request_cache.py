@@ -9,7 +9,7 @@ has another format or fails the check is ignored with a warning and lm-eval buil
 (and writes them again). lm-eval's own ``*.pickle`` files are never read.
 
 The cache key is lm-eval's (task, shots, rank, world size, chat template, tokenizer name) inside the
-folder :func:`layerfold.evaluation.harness.request_cache_key` names after lm-eval's version and the
+folder :func:`layerfold.evaluation.runner.request_cache_key` names after lm-eval's version and the
 task files' content.
 """
 

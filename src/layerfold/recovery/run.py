@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer, GenerationConfig
 
 from layerfold.data.training import build_training_data
-from layerfold.evaluation.efficiency import peak_memory_mib, reset_peak_memory
+from layerfold.runtime import peak_memory_mib, reset_peak_memory
 from layerfold.io import atomic_dir, atomic_file, link_or_copy, read_json, write_json
 from layerfold.models import describe, save_checkpoint
 from layerfold.models.card import CARD_FILE, write_model_card

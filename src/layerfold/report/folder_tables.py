@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.io import read_json
 from layerfold.report.protocol import informative_tasks, rule_lines
 from layerfold.report.reported import LEGEND, comparison_lines, entry, load_papers, reported_name, side_by_side

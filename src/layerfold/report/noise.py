@@ -2,7 +2,7 @@
 outside the noise.
 
 Where both metrics files carry per-document correctness on the same documents (``per_doc``, written
-by :class:`layerfold.evaluation.harness.LmEvalRunner`), the difference is *paired*: its standard
+by :class:`layerfold.evaluation.runner.LmEvalRunner`), the difference is *paired*: its standard
 error is that of the per-document differences, ``sd(c_i - d_i) / sqrt(n)``, which is smaller than
 the unpaired one because both models find the same questions hard. Otherwise the two reported
 stderrs are combined as independent, ``sqrt(se_d^2 + se_c^2)``. A difference is significant when it
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from layerfold.evaluation.harness import unpack_bits
+from layerfold.evaluation.results import unpack_bits
 
 Z = 1.96
 

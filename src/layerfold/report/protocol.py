@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from layerfold.evaluation.answers import class_name, unpack_digits
-from layerfold.evaluation.harness import unpack_bits
+from layerfold.evaluation.results import unpack_bits
 from layerfold.report.noise import (
     Z, difference, marginal_homogeneity, mean_difference, mean_stderr, rank_agreement, retained_interval, verdict,
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from layerfold.evaluation.efficiency import efficiency_speedups
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.io import read_json
 from layerfold.report.noise import difference, mean_difference, mean_stderr
 

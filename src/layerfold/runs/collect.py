@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from layerfold.config import compose
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.io import read_json
 from layerfold.runs.plan import PlannedRun, RunList
 from layerfold.runs.sources import experiment_states, runs_from_dvc_exp_show, runs_from_methods_dir

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from layerfold.evaluation.harness import merge_documents
+from layerfold.evaluation.results import merge_documents
 from layerfold.io import read_json
 
 
