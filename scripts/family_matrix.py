@@ -140,7 +140,7 @@ def _generates_like_itself(family: str, path: Path) -> None:
 
 
 def _compress(family: str, base: Path, method, out: Path) -> dict:
-    from pipeline.compress import compress_resident
+    from layerfold.compression import compress_resident
 
     plan, _, _ = compress_resident(base, _blocks(8, 12, seed=1), None, method, 4, torch.device("cpu"), torch.float32, torch.float32, out)
     return plan
@@ -164,7 +164,7 @@ def _sequential(family: str, base: Path, hardware, work: Path) -> None:
     """ShortGPT and a LaCo merge, resident and layer by layer: the same plan and the same checkpoint tensors."""
     from safetensors.torch import load_file
 
-    from pipeline.compress import compress_layer_major, compress_resident
+    from layerfold.compression import compress_layer_major, compress_resident
 
     blocks = _blocks(8, 12, seed=1)
     for method in SEQUENTIAL_METHODS:

@@ -1,10 +1,10 @@
 """Imports flow one way: every module of src/layerfold belongs to a layer, and none imports from a higher one.
 
-    models, data (and the helpers io, config, env, tracking)                 0
+    models, data (and the helpers io, config, env, tracking, runtime)        0
     capture, execution, surgery                                              1
     scoring                                                                  2
     methods, recovery, compensate, evaluation, export                       3
-    api, runs (run lists, queues, collection), validation, layer_major_coverage, stage, sweep, root   4
+    api, compression (the compress stage's work), runs (run lists, queues, collection), validation, layer_major_coverage, stage, sweep, root   4
     report (reads every stage's outputs and the runs; nothing imports it)   5
 
 An import inside a function counts as much as one at the top of the file (it runs the same code). Besides
@@ -22,11 +22,11 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "layerfold"
 
 LAYERS = {
-    "models": 0, "data": 0, "io": 0, "config": 0, "env": 0, "tracking": 0,
+    "models": 0, "data": 0, "io": 0, "config": 0, "env": 0, "tracking": 0, "runtime": 0,
     "capture": 1, "execution": 1, "surgery": 1,
     "scoring": 2,
     "methods": 3, "recovery": 3, "compensate": 3, "evaluation": 3, "export": 3,
-    "api": 4, "runs": 4, "validation": 4, "layer_major_coverage": 4, "stage": 4, "sweep": 4, "__init__": 4,
+    "api": 4, "compression": 4, "runs": 4, "validation": 4, "layer_major_coverage": 4, "stage": 4, "sweep": 4, "__init__": 4,
     "report": 5,
 }
 

@@ -30,7 +30,7 @@ def test_compress_equals_the_compress_stage(dense, tmp_path, method, settings, o
     from omegaconf import OmegaConf
 
     from layerfold.config import compose
-    from pipeline.compress import compress_resident
+    from layerfold.compression import compress_resident
 
     blocks = _blocks(8, 12, seed=1)
     model, plan = compress(dense, method=method, calibration=blocks, out=tmp_path / "api", **settings)

@@ -181,7 +181,7 @@ def test_a_method_not_written_for_layer_major_fails_before_loading_a_layer(stori
     {"name": "laco", "rdsc": "paper", "merge_layers": 3, "threshold": 0.1, "interval": 1},
 ])
 def test_sequential_compress_writes_the_resident_checkpoint(stories, story_blocks, tmp_path, method):
-    from pipeline.compress import compress_layer_major, compress_resident
+    from layerfold.compression import compress_layer_major, compress_resident
 
     path, model, _ = stories
     stats = BoundaryStatistics(6)

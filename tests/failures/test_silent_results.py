@@ -113,7 +113,7 @@ def timing_keys(tree, path: str = "") -> list[str]:
 
 
 def test_mka_writes_the_same_plan_twice_and_its_timings_to_metrics(stories, tmp_path):
-    from pipeline.compress import compress_resident
+    from layerfold.compression import compress_resident
 
     path, model, _ = stories
     blocks = torch.randint(0, 512, (10, 16), generator=torch.Generator().manual_seed(3))

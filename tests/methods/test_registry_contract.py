@@ -27,7 +27,7 @@ from layerfold.models.facts import facts_from_config
 from layerfold.models.replacement import attach_side_layers
 from layerfold.models.tiny import tiny_config, tiny_model, tiny_tokenizer
 from layerfold.validation import check
-from pipeline.compress import compress_layer_major, compress_resident
+from layerfold.compression import compress_layer_major, compress_resident
 
 get_method({"name": "shortgpt"})  # imports every module of layerfold.methods, which fills the registry
 METHODS = sorted(REGISTRY)

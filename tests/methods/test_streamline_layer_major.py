@@ -32,7 +32,7 @@ from layerfold.models import save_checkpoint
 from layerfold.models.adapters import get_adapter
 from layerfold.models.replacement import TensorInit
 from layerfold.surgery import rdsc_paper, remove_layers
-from pipeline.compress import compress_layer_major, compress_resident
+from layerfold.compression import compress_layer_major, compress_resident
 
 QUIET = [1, 2]  # layers that add almost nothing: the chosen window is [1, 2] (num_remove=1 plus the replacement)
 BLOCKS = torch.zeros(1, 4, dtype=torch.long)  # streamline reads only the statistics
