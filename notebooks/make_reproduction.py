@@ -1,4 +1,5 @@
-"""Write notebooks/reproduction.ipynb (run: python notebooks/make_reproduction.py).
+"""Write notebooks/reproduction.ipynb (run: python notebooks/make_reproduction.py, then python notebooks/execute.py
+reproduction.ipynb to commit it with its outputs).
 
 The notebook reads what `python scripts/runs.py collect` (or `recompute`) wrote and computes
 nothing new: every number comes from layerfold.report.collected over the collected run records, under
@@ -54,7 +55,7 @@ CELLS = [
         "tasks = tasks_of(records)\n"
         "decision = decide(records, tasks, collected.get(\"headline_setting\", \"auto\"), facts)\n"
         "rows = summary_rows(records, tasks, decision, facts)\n"
-        "print(f\"{len(records)} run(s) from {FOLDER}; headline over {len(decision['tasks'])} of {len(tasks)} task(s): \"\n"
+        "print(f\"{len(records)} run(s) from {FOLDER.parent.name}/{FOLDER.name}; headline over {len(decision['tasks'])} of {len(tasks)} task(s): \"\n"
         "      f\"{', '.join(decision['tasks'])}\")\n"
         "display(Markdown(\"\\n\".join(rule_lines(decision))))"
     ),

@@ -96,13 +96,14 @@ def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
     """Runs from ``dvc exp show --json``: the workspace, each commit and every *finished* experiment under
     it (failed, queued and running ones are left out: :func:`experiment_states` lists them).
 
-    Each run also carries ``rev`` and ``timestamp`` (None for the workspace), its ``params`` and
+    Each run also carries ``kind`` (``workspace``, ``commit`` or ``experiment``), ``rev`` and ``timestamp`` (None for
+    the workspace), its ``params`` and
     ``metric_files`` (metrics file stem -> path, to read the whole file from ``rev`` with git, since
     DVC drops lists). ``recovered`` is None where it only points at the compressed model (recovery=none).
     """
     runs = []
 
-    def visit(entry: dict[str, Any]) -> None:
+    def visit(entry: dict[str, Any], kind: str) -> None:
         data = entry.get("data") or {}
         files = data.get("metrics") or {}
         metrics = {Path(path).stem: (m or {}).get("data") for path, m in files.items()}
@@ -111,6 +112,7 @@ def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
         if metrics.get("compressed"):
             runs.append({
                 "name": entry.get("name") or _short_rev(data.get("rev") or entry.get("rev") or "?"),
+                "kind": "workspace" if (data.get("rev") or entry.get("rev")) == "workspace" else kind,
                 "rev": data.get("rev") or entry.get("rev"), "timestamp": data.get("timestamp"),
                 "dense": metrics.get("dense"), "compressed": metrics["compressed"],
                 "recovered": None if recovered and "same_model_as" in recovered else recovered,
@@ -124,10 +126,10 @@ def runs_from_dvc_exp_show(payload: list[dict[str, Any]]) -> list[dict]:
         for child in entry.get("experiments") or []:
             for revision in child.get("revs") or [child]:
                 if _unfinished(child, revision) is None:
-                    visit(revision)
+                    visit(revision, "experiment")
 
     for entry in payload:
-        visit(entry)
+        visit(entry, "commit")
     return runs
 
 
