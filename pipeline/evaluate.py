@@ -12,7 +12,7 @@ Outputs (:func:`layerfold.evaluation.checkpoint.evaluate_checkpoint` computes th
 - ``metrics/timings/[<experiment>/]evaluate-<name>.json`` (git-ignored, not a DVC output, so its
   changing bytes touch neither git nor ``dvc.lock``): wall times, the efficiency measurement, the device
   and library versions. Under ``dvc exp run`` it goes to the main workspace (``$DVC_ROOT``), one folder
-  per experiment, where ``scripts/comparison.py collect`` finds it.
+  per experiment, where ``scripts/runs.py collect`` finds it.
 
 Usage: python -m pipeline.evaluate <name> <checkpoint dir>
 """

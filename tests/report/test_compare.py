@@ -1,4 +1,4 @@
-"""scripts/compare.py's table: one line per experiment, model column, at most 120 columns."""
+"""`scripts/runs.py list`'s table (layerfold.report.listing): one line per experiment, model column, at most 120 columns."""
 
 from __future__ import annotations
 
