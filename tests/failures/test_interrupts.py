@@ -62,7 +62,9 @@ def test_sigint_during_an_atomic_write_leaves_nothing(tmp_path):
             time.sleep(60)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child even where this test runs as a background job (which ignores SIGINT)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
