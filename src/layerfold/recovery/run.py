@@ -175,9 +175,10 @@ def write_card(folder: Path, params: DictConfig, plan: dict, metrics: list[str],
 
     model = params.model
     recovery = {k: v for k, v in dict(params.recovery).items() if not isinstance(v, dict) and not hasattr(v, "keys")}
+    method = plan.get("method") or {"name": "a hand-written plan"}  # compress always records it; a plan written by hand may not
     write_model_card(
-        folder, title=f"{model.name}, {len(plan['layers'])} of {plan['original_layers']} layers, {plan['method']['name']} + recovery={params.recovery.name}",
-        path_hint=str(paths.recovered), method=plan["method"], plan_line=describe_plan(plan), recovery=recovery,
+        folder, title=f"{model.name}, {len(plan['layers'])} of {plan['original_layers']} layers, {method['name']} + recovery={params.recovery.name}",
+        path_hint=str(paths.recovered), method=method, plan_line=describe_plan(plan), recovery=recovery,
         base_model_id=model.id if model.source == "hub" else None,
         metrics=[*metrics, "accuracies and perplexity, once evaluated: `metrics/recovered.json`; the run's headline ± se and "
                  "Δ vs dense: `metrics/summary.json` and `reports/report.md`"],
