@@ -123,16 +123,22 @@ def _single_token(model: PreTrainedModel, prompt: torch.Tensor) -> Workload:
 def _decode(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int) -> Workload:
     """``new_tokens`` greedy single-token forwards on the KV cache that an untimed prefill filled."""
     forward = _last_logits_forward(model)
+    # transformers 5.2x names the KV cache `cache` (argument and output) and warns on `past_key_values`; earlier
+    # releases know only `past_key_values`
+    argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def cache_of(out: Any) -> Any:
+        return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
     def prepare() -> tuple[Any, torch.Tensor]:
         out = forward(prompt, use_cache=True)
-        return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
     def run(state: tuple[Any, torch.Tensor]) -> None:
         cache, token = state
         for _ in range(new_tokens):
-            out = forward(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = forward(token, **{argument: cache}, use_cache=True)
+            cache, token = cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
     return Workload(run=run, prepare=prepare)
 
