@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 
 import parity
-from parity.orchestrate import _parse_git_dirs, run_parity, run_side, write_outcome, write_summary
+from parity.orchestrate import _parse_git_dirs, run_parity, run_side, work, write_summary
 from parity.released import DEFAULT_RELEASED_DIR, METHODS, RELEASED, REPO, ReleasedCodeMissing, fetch_released, released_path
 from parity.runner import Settings
 
@@ -69,10 +68,7 @@ def main() -> None:
             args.mka_memoise = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
         run_parity(args)
     else:
-        settings = Settings(**json.loads(args.settings.read_text(encoding="utf-8")))
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        write_outcome(run_side(args.method, args.side, settings, torch.load(args.blocks, weights_only=True)), args.out)
+        work(args, Settings, run_side)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from parity.released import DEFAULT_RELEASED_DIR, RELEASED as ALL_RELEASED
-from parity.runner import _is_cuda
+from parity.released import RELEASED as ALL_RELEASED
+from parity.runner import Settings as SeedSettings, _is_cuda
 
 
 RELEASED = {name: ALL_RELEASED[name] for name in ("replaceme", "linear_patch")}
@@ -23,27 +23,14 @@ METHODS = tuple(RELEASED)
 
 
 @dataclass
-class Settings:
-    """What both sides share (written to JSON for the worker processes)."""
+class Settings(SeedSettings):
+    """A 2025 parity run's settings: the seed comparison's (:class:`parity.runner.Settings`, calibration data folder
+    included) with shorter blocks by default and what LinearPatch's layerfold side is handed by the released side."""
 
-    checkpoint: str
-    device: str = "cpu"
-    dtype: str = "float32"
-    num_remove: int = 8
-    blocks: int = 32
     seq_len: int = 128
-    batch_size: int = 4
-    released_dir: str = str(DEFAULT_RELEASED_DIR)
-    threads: int | None = None
     window: list[int] | None = None  # linear_patch: the released code's block, handed to layerfold's side
     released_rotation: bool = False  # linear_patch: layerfold's side uses the released Hadamard matrix
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def load_model(settings: Settings, dtype: str | None = None):
-    from layerfold.models import load_checkpoint
-
-    return load_checkpoint(settings.checkpoint, torch.device(settings.device), getattr(torch, dtype or settings.dtype))
 
 
 @contextlib.contextmanager

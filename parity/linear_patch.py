@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from parity.adapters_2025 import Settings, load_model
+from parity.adapters_2025 import Settings
 from parity.compare import same_sequence, tensor_differences
 from parity.released import released_path
-from parity.runner import Outcome, cuda_calls_to, load_module, measure, released_imports
+from parity.runner import Outcome, cuda_calls_to, load_model, load_module, measure, released_imports
 
 
 LINEAR_PATCH_ADAPTATIONS = (

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,7 +48,7 @@ from layerfold.io import atomic_file, read_json
 from parity.adapters_2025 import RELEASED, Settings
 from parity.compare import verdict
 from parity.linear_patch import LINEAR_PATCH_ADAPTATIONS, compare_linear_patch, layerfold_linear_patch, released_linear_patch
-from parity.orchestrate import SideFailed, _parse_git_dirs, write_outcome
+from parity.orchestrate import SideFailed, _parse_git_dirs, run_in_worker, work
 from parity.released import DEFAULT_RELEASED_DIR, REPO, fetch_released, released_provenance
 from parity.replaceme import REPLACEME_ADAPTATIONS, compare_replaceme, layerfold_replaceme, released_replaceme
 from parity.runner import Outcome, calibration_blocks
@@ -76,19 +74,6 @@ PARITY = {
                            compare_linear_patch, LINEAR_PATCH_ADAPTATIONS),
 }
 REPOSITORY = {"replaceme": "replaceme", "replaceme_cosine": "replaceme", "linear_patch": "linear_patch"}
-
-
-def run_in_worker(method: str, side: str, settings_file: Path, blocks_file: Path, folder: Path) -> Outcome:
-    cmd = [sys.executable, "-m", "parity.methods_2025", "worker", "--method", method, "--side", side,
-           "--settings", str(settings_file), "--blocks", str(blocks_file), "--out", str(folder)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SideFailed(method, side, done.stderr)
-    from safetensors.torch import load_file
-
-    state_file = folder / "state.safetensors"
-    payload = read_json(folder / "outcome.json")
-    return Outcome(payload["record"], load_file(state_file) if state_file.exists() else {}, payload["measurement"])
 
 
 def timing_rows(method: str, measurements: dict[str, list[dict]], device: str) -> list[dict]:
@@ -158,7 +143,8 @@ def run_parity(args: argparse.Namespace) -> None:
                     settings_file.write_text(json.dumps(asdict(settings)), encoding="utf-8")
                     for r in range(args.repeats):
                         print(f"[parity] {method}/{side} run {r + 1}/{args.repeats}", flush=True)
-                        outcome = run_in_worker(method, side, settings_file, blocks_file, Path(scratch) / method / f"{side}-{r}")
+                        outcome = run_in_worker(method, side, settings_file, blocks_file, Path(scratch) / method / f"{side}-{r}",
+                                                module="parity.methods_2025")
                         measurements.setdefault(side, []).append(outcome.measurement)
                         outcomes[side] = outcome
                     if method == "linear_patch" and side == "released":
@@ -239,10 +225,7 @@ def main() -> None:
     elif args.command == "run":
         run_parity(args)
     else:
-        settings = Settings(**json.loads(args.settings.read_text(encoding="utf-8")))
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        write_outcome(PARITY[args.method].sides[args.side](settings, torch.load(args.blocks, weights_only=True)), args.out)
+        work(args, Settings, lambda method, side, settings, blocks: PARITY[method].sides[side](settings, blocks))
 
 
 if __name__ == "__main__":

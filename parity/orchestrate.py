@@ -40,9 +40,9 @@ class SideFailed(RuntimeError):
         super().__init__(f"{method}/{side} failed:\n{self.traceback}")
 
 
-def run_in_worker(method: str, side: str, settings_file: Path, blocks_file: Path, folder: Path) -> Outcome:
-    """``run_side`` in a fresh process, so its peak memory is its own; reads back what it wrote."""
-    cmd = [sys.executable, "-m", "parity", "worker", "--method", method, "--side", side,
+def run_in_worker(method: str, side: str, settings_file: Path, blocks_file: Path, folder: Path, module: str = "parity") -> Outcome:
+    """One side in a fresh process (``python -m <module> worker``), so its peak memory is its own; reads back what it wrote."""
+    cmd = [sys.executable, "-m", module, "worker", "--method", method, "--side", side,
            "--settings", str(settings_file), "--blocks", str(blocks_file), "--out", str(folder)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -53,6 +53,15 @@ def run_in_worker(method: str, side: str, settings_file: Path, blocks_file: Path
     state = load_file(state_file) if state_file.exists() else {}
     payload = read_json(folder / "outcome.json")
     return Outcome(payload["record"], state, payload["measurement"])
+
+
+def work(args: argparse.Namespace, settings_type: type, run: Any) -> None:
+    """The worker command: ``run(method, side, settings, blocks)`` on the files ``run_in_worker`` handed over, its
+    outcome written back."""
+    settings = settings_type(**json.loads(args.settings.read_text(encoding="utf-8")))
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    write_outcome(run(args.method, args.side, settings, torch.load(args.blocks, weights_only=True)), args.out)
 
 
 def write_outcome(outcome: Outcome, folder: Path) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from parity.adapters_2025 import ReplaceMeModels, Settings, TextBlocks, _stub, _unavailable, cuda_factories_to, load_model, own_files_unpickled, stubbed_modules
+from parity.adapters_2025 import ReplaceMeModels, Settings, TextBlocks, _stub, _unavailable, cuda_factories_to, own_files_unpickled, stubbed_modules
 from parity.compare import same_sequence, tensor_differences, value_differences
 from parity.released import released_path
-from parity.runner import Outcome, Preloaded, cuda_calls_to, measure, patched, released_imports, state_of
+from parity.runner import Outcome, Preloaded, cuda_calls_to, load_model, measure, patched, released_imports, state_of
 
 
 REPLACEME_ADAPTATIONS = (

@@ -53,11 +53,12 @@ class Outcome:
     measurement: dict
 
 
-def load_model(settings: Settings):
-    """The checkpoint in the run's dtype on the run's device (the same call for both sides)."""
+def load_model(settings: Settings, dtype: str | None = None):
+    """The checkpoint on the run's device, in the run's dtype or ``dtype`` (LinearPatch's released code works in
+    float16); the same call for both sides."""
     from layerfold.models import load_checkpoint
 
-    return load_checkpoint(settings.checkpoint, torch.device(settings.device), getattr(torch, settings.dtype))
+    return load_checkpoint(settings.checkpoint, torch.device(settings.device), getattr(torch, dtype or settings.dtype))
 
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:

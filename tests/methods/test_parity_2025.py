@@ -7,6 +7,7 @@ reproduce it on stories260K: the same block, the same fitted map to 1e-6, the sa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -110,3 +111,34 @@ def test_linear_patch_reproduces_the_released_patch(stories_checkpoint: Path, on
     comparisons = linear_patch.compare_linear_patch(outcomes, 1e-6)
     assert not failed(comparisons), failed(comparisons)
     assert {c["name"]: c for c in comparisons}["rotation_construction"]["passed"]  # width 64: the same Sylvester matrix
+
+
+def test_2025_settings_extend_the_seed_settings() -> None:
+    """The 2025 comparison builds its calibration blocks with the seed comparison's ``data_dir`` and hands LinearPatch's
+    window over in the same settings file: one Settings type, extended, that survives the JSON round trip."""
+    from dataclasses import asdict
+
+    settings = adapters_2025.Settings(checkpoint="ckpt", data_dir="datasets", window=[3, 5])
+    assert isinstance(settings, runner.Settings) and settings.seq_len == 128 and settings.data_dir == "datasets"
+    assert adapters_2025.Settings(**json.loads(json.dumps(asdict(settings)))) == settings
+
+
+def test_a_side_runs_in_its_own_worker_process(stories_checkpoint: Path, tmp_path: Path) -> None:
+    """``run_in_worker`` with the 2025 registry's module: the settings file, the blocks and the outcome make the round
+    trip through ``python -m parity.methods_2025 worker`` (the path every timed run takes)."""
+    from dataclasses import asdict
+
+    from parity import orchestrate
+
+    blocks = torch.randint(3, 512, (16, 32), generator=torch.Generator().manual_seed(0))
+    blocks[:, 0] = 1
+    settings = adapters_2025.Settings(checkpoint=str(stories_checkpoint), num_remove=2, blocks=16, seq_len=32, threads=1,
+                                      released_dir=str(RELEASED_DIR))
+    (tmp_path / "settings.json").write_text(json.dumps(asdict(settings)))
+    torch.save(blocks, tmp_path / "blocks.pt")
+    outcome = orchestrate.run_in_worker("replaceme", "layerfold", tmp_path / "settings.json", tmp_path / "blocks.pt",
+                                        tmp_path / "out", module="parity.methods_2025")
+    in_process = replaceme.layerfold_replaceme(settings, blocks)
+    assert outcome.record["plan"]["removed"] == in_process.record["plan"]["removed"] and outcome.measurement["seconds"] > 0
+    assert outcome.state.keys() == in_process.state.keys()
+    assert torch.equal(outcome.state["__transform__"], in_process.state["__transform__"])
