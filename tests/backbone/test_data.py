@@ -14,7 +14,7 @@ class CharTokenizer:
 
     bos_token_id = 1
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):  # the arguments of a transformers tokenizer that layerfold passes
         return {"input_ids": [b + 3 for b in text.encode("utf-8")]}
 
 

@@ -17,7 +17,7 @@ from layerfold.models import ModelSourceError, describe, load_checkpoint, load_s
 class IdTokenizer:
     bos_token_id = 1
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):  # the arguments of a transformers tokenizer that layerfold passes
         return {"input_ids": [int(t) for t in text.split()]}
 
 

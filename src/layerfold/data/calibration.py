@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from layerfold.data.text import CALIBRATION_SOURCES, load_corpus
+from layerfold.data.text import CALIBRATION_SOURCES, load_corpus, token_ids
 
 
 class CalibrationDataError(ValueError):
@@ -39,7 +39,7 @@ def build_calibration(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, local
     generator = torch.Generator().manual_seed(cfg.seed)
 
     if cfg.chunking == "concat":
-        ids = torch.tensor(tokenizer(corpus.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = torch.tensor(token_ids(tokenizer, corpus.text), dtype=torch.long)
         available = ids.numel() // body
         _require(available, cfg, ids.numel())
         starts = torch.randperm(available, generator=generator)[: cfg.num_blocks] * body
@@ -49,7 +49,7 @@ def build_calibration(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, local
         order = torch.randperm(len(corpus.documents), generator=generator).tolist()
         windows, total_tokens = [], 0
         for i in order:
-            doc = tokenizer(corpus.documents[i], add_special_tokens=False)["input_ids"]
+            doc = token_ids(tokenizer, corpus.documents[i])
             total_tokens += len(doc)
             if len(doc) >= body:
                 windows.append(torch.tensor(doc[:body], dtype=torch.long))

@@ -170,3 +170,13 @@ def _hub_documents(name: str) -> list[str]:
             f"Could not load '{name}' from the hub ({type(err).__name__}: {err}). Offline, set ${ENV_VAR} "
             "(or data.local_dir) to the local folder of dataset files."
         ) from err
+
+
+def token_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of a text of any length.
+
+    Corpora are tokenized whole and cut into windows afterwards, so a text far longer than the model's
+    context is expected here; ``verbose=False`` keeps the tokenizer's "longer than the specified maximum
+    sequence length" warning (a 300-character line per process) out of the stage logs.
+    """
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from layerfold.data.text import load_corpus
+from layerfold.data.text import load_corpus, token_ids
 
 LOCAL_SOURCES = {"c4": "c4_calibration", "wikitext2_train": "wikitext2_train"}
 
@@ -70,7 +70,7 @@ def _blocks(docs: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, b
                 chars, used = chars + len(docs[used]) + 2, used + 1
         if used == 0:
             return torch.empty(0, seq_len, dtype=torch.long)
-        ids = torch.tensor(tokenizer("\n\n".join(docs[:used]), add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = torch.tensor(token_ids(tokenizer, "\n\n".join(docs[:used])), dtype=torch.long)
         blocks = ids[: ids.numel() // body * body].view(-1, body)
         if max_blocks is None or blocks.shape[0] >= max_blocks or used == len(docs):
             break

@@ -12,6 +12,7 @@ import math
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from layerfold.data.text import token_ids
 from layerfold.execution.loss import token_nll
 
 
@@ -50,7 +51,7 @@ def perplexity_windows(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: i
     Tokenize once, cut non-overlapping windows (``seq_len - 1`` tokens after a BOS when ``add_bos``);
     the layer-major path (:mod:`layerfold.execution`) scores the same windows.
     """
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(token_ids(tokenizer, text), dtype=torch.long)
     bos = tokenizer.bos_token_id if add_bos else None
     if add_bos and bos is None:
         raise ValueError("eval.perplexity.add_bos=true but the tokenizer has no BOS token; set it to false.")
