@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import parity
-from parity.orchestrate import _parse_git_dirs, run_parity, run_side, work, write_summary
+from parity.orchestrate import _parse_git_dirs, add_worker_command, run_parity, run_side, work, write_summary
 from parity.released import DEFAULT_RELEASED_DIR, METHODS, RELEASED, REPO, ReleasedCodeMissing, fetch_released, released_path
 from parity.runner import Settings
 
@@ -45,12 +45,7 @@ def main() -> None:
     summary = commands.add_parser("summary", help="rewrite <out>/summary.md from the JSON files there")
     summary.add_argument("--out", default="results/parity")
 
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("--method", choices=METHODS, required=True)
-    worker.add_argument("--side", required=True)
-    worker.add_argument("--settings", type=Path, required=True)
-    worker.add_argument("--blocks", type=Path, required=True)
-    worker.add_argument("--out", type=Path, required=True)
+    add_worker_command(commands, METHODS)
     args = parser.parse_args()
 
     if args.command == "fetch":

@@ -28,38 +28,27 @@ Results: ``<out>/<method>[_<tag>].json`` (benchmark layout: environment, setting
 ``released``, ``adaptations``, ``comparisons``, ``passed``) and ``<out>/summary_2025.md``.
 """
 
-
-
-
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import Timing, environment, row, write_result
+from benchmarks.common import environment, write_result
 from layerfold.io import atomic_file, read_json
 from parity.adapters_2025 import RELEASED, Settings
 from parity.compare import verdict
 from parity.linear_patch import LINEAR_PATCH_ADAPTATIONS, compare_linear_patch, layerfold_linear_patch, released_linear_patch
-from parity.orchestrate import SideFailed, _parse_git_dirs, run_in_worker, work
+from parity.orchestrate import SideFailed, _parse_git_dirs, add_worker_command, parameter_mib, run_in_worker, timing_rows, work
+from parity.registry import Parity
 from parity.released import DEFAULT_RELEASED_DIR, REPO, fetch_released, released_provenance
 from parity.replaceme import REPLACEME_ADAPTATIONS, compare_replaceme, layerfold_replaceme, released_replaceme
 from parity.runner import Outcome, calibration_blocks
-
-
-@dataclass(frozen=True)
-class Parity:
-    sides: dict[str, Callable[[Settings, torch.Tensor], Outcome]]
-    timed: dict[str, str]
-    compare: Callable[[dict[str, Outcome], float], list[dict]]
-    adaptations: tuple[str, ...]
 
 
 PARITY = {
@@ -76,19 +65,8 @@ PARITY = {
 REPOSITORY = {"replaceme": "replaceme", "replaceme_cosine": "replaceme", "linear_patch": "linear_patch"}
 
 
-def timing_rows(method: str, measurements: dict[str, list[dict]], device: str) -> list[dict]:
-    rows = []
-    for side, label in PARITY[method].timed.items():
-        runs = measurements.get(side, [])
-        if runs:
-            rows.append(row(label, timing=Timing([m["seconds"] for m in runs]), device="cpu", side=side, device_measured=device,
-                            peak_host_mib=max(m["peak_host_rss_mib"] for m in runs), host_rss_before_mib=runs[0]["host_rss_before_mib"],
-                            peak_gpu_mib=max((m["peak_gpu_mib"] for m in runs if m.get("peak_gpu_mib") is not None), default=None)))
-    return rows
-
-
 def parity_record(method: str, settings: Settings, outcomes: dict[str, Outcome], measurements: dict[str, list[dict]], tolerance: float,
-                  error: SideFailed | None = None) -> dict:
+                  weights_mib: float, error: SideFailed | None = None) -> dict:
     spec = RELEASED[REPOSITORY[method]]
     provenance = released_provenance(Path(settings.released_dir), REPOSITORY[method]) or {}
     comparisons = [] if error else PARITY[method].compare(outcomes, tolerance)
@@ -100,7 +78,7 @@ def parity_record(method: str, settings: Settings, outcomes: dict[str, Outcome],
         "adaptations": list(PARITY[method].adaptations),
         "passed": False if error else verdict(comparisons), "comparisons": comparisons,
         "records": {side: o.record for side, o in outcomes.items()},
-        "rows": timing_rows(method, measurements, settings.device),
+        "rows": timing_rows(PARITY[method].timed, measurements, settings.device, weights_mib),
         "notes": "Each side ran in its own process on the same checkpoint and calibration blocks; seconds cover the method only "
                  "(model loading excluded) after one untimed warm-up forward; peak_host_mib is the resident set size sampled every "
                  "10 ms during the method.",
@@ -124,6 +102,7 @@ def run_parity(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint)
+    weights_mib = parameter_mib(Path(settings.checkpoint), getattr(torch, settings.dtype))
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as scratch:
         for method in args.methods:
@@ -151,7 +130,7 @@ def run_parity(args: argparse.Namespace) -> None:
                         settings.extra["width"] = int(outcomes["released"].state["rotation"].shape[0])
             except SideFailed as err:
                 error = err
-            record = parity_record(method, settings, outcomes, measurements, args.tolerance, error)
+            record = parity_record(method, settings, outcomes, measurements, args.tolerance, weights_mib, error)
             record["settings"]["blocks"] = count
             name = f"{method}_{args.tag}" if args.tag else method
             write_result(out / f"{name}.json", record)
@@ -209,12 +188,7 @@ def main() -> None:
     run.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance of the fitted map T (x max|T|)")
     run.add_argument("--tag", default="", help="suffix of the result files (e.g. the model)")
     run.add_argument("--out", default="results/parity")
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("--method", choices=list(PARITY), required=True)
-    worker.add_argument("--side", required=True)
-    worker.add_argument("--settings", type=Path, required=True)
-    worker.add_argument("--blocks", type=Path, required=True)
-    worker.add_argument("--out", type=Path, required=True)
+    add_worker_command(commands, list(PARITY))
     args = parser.parse_args()
     if args.command == "fetch":
         git_dirs = _parse_git_dirs(args.git_dir)

@@ -55,6 +55,16 @@ def run_in_worker(method: str, side: str, settings_file: Path, blocks_file: Path
     return Outcome(payload["record"], state, payload["measurement"])
 
 
+def add_worker_command(commands: Any, methods: Sequence[str]) -> None:
+    """The hidden ``worker`` subcommand that :func:`run_in_worker` starts (both parity entry points have it)."""
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--method", choices=list(methods), required=True)
+    worker.add_argument("--side", required=True)
+    worker.add_argument("--settings", type=Path, required=True)
+    worker.add_argument("--blocks", type=Path, required=True)
+    worker.add_argument("--out", type=Path, required=True)
+
+
 def work(args: argparse.Namespace, settings_type: type, run: Any) -> None:
     """The worker command: ``run(method, side, settings, blocks)`` on the files ``run_in_worker`` handed over, its
     outcome written back."""
@@ -84,10 +94,11 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def timing_rows(method: str, measurements: dict[str, list[dict]], device: str, weights_mib: float) -> list[dict]:
-    """One benchmark row per timed side: median seconds over the repeats and the worst peaks seen."""
+def timing_rows(timed: dict[str, str], measurements: dict[str, list[dict]], device: str, weights_mib: float) -> list[dict]:
+    """One benchmark row per timed side (``timed``: side -> row label): median seconds over the repeats and the worst
+    peaks seen."""
     rows = []
-    for side, label in PARITY[method].timed.items():
+    for side, label in timed.items():
         runs = measurements.get(side, [])
         if not runs:
             continue
@@ -95,7 +106,7 @@ def timing_rows(method: str, measurements: dict[str, list[dict]], device: str, w
         rows.append(row(
             label, timing=Timing([m["seconds"] for m in runs]), device="cpu",  # peaks below come from the worker
             side=side, device_measured=device, peak_gpu_mib=max(gpu) if gpu else None,
-            peak_gpu_over_weights=round(max(gpu) / weights_mib, 3) if gpu else None,
+            peak_gpu_over_weights=round(max(gpu) / weights_mib, 3) if gpu and weights_mib else None,
             gpu_mib_before=runs[0].get("gpu_mib_before"), peak_host_mib=max(m["peak_host_rss_mib"] for m in runs),
             host_rss_before_mib=runs[0]["host_rss_before_mib"],
             host_rss_high_water_mib=max(m["host_rss_high_water_mib"] for m in runs),
@@ -117,7 +128,7 @@ def parity_record(method: str, settings: Settings, outcomes: dict[str, Outcome],
         "adaptations": list(PARITY[method].adaptations),
         "passed": verdict(comparisons),
         "comparisons": comparisons,
-        "rows": timing_rows(method, measurements, settings.device, weights_mib),
+        "rows": timing_rows(PARITY[method].timed, measurements, settings.device, weights_mib),
         "notes": "Each side ran in its own process on the same checkpoint, dtype, device and calibration blocks; seconds cover "
                  "the method only (scoring included, model loading excluded) after one untimed warm-up forward; "
                  "peak_gpu_mib is torch.cuda.max_memory_allocated during the method (gpu_mib_before: allocated when it "
@@ -135,7 +146,7 @@ def failure_record(method: str, settings: Settings, err: SideFailed, measurement
         "released": {"repo": spec.repo, "commit": spec.commit, "files": list(spec.paths)},
         "adaptations": list(PARITY[method].adaptations), "passed": False, "comparisons": [],
         "error": {"side": err.side, "traceback": err.traceback},
-        "rows": timing_rows(method, measurements, settings.device, weights_mib),
+        "rows": timing_rows(PARITY[method].timed, measurements, settings.device, weights_mib),
         "notes": f"The {err.side} side exited with an error, so nothing was compared; see error.traceback.",
     }
 

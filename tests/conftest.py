@@ -63,6 +63,16 @@ TINY_CONFIGS = {
 }
 
 
+class FakeClock:
+    """A clock for timing tests: it moves only when the code under test says time passed (``clock.now += s``)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import FakeClock
 from layerfold.runtime import Workload, alternate, timed
-
-
-class FakeClock:
-    """A clock that moves only when a variant says it took time."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_alternate_rotates_the_order_and_reports_median_and_spread():

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from conftest import REPO, FakeClock, tiny_model
 
 from layerfold.config import ConfigError, compose, parse_params
 from layerfold.evaluation.efficiency import (
@@ -29,16 +29,6 @@ HEAD = HIDDEN * VOCAB
 @pytest.fixture(autouse=True)
 def _single_thread(one_thread):
     """Tiny models only: one intra-op thread (see conftest.one_thread)."""
-
-
-class FakeClock:
-    """A clock that moves only when a variant says it took time."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_flop_bound_of_a_tiny_model_with_layers_removed():

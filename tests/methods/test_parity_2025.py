@@ -142,3 +142,27 @@ def test_a_side_runs_in_its_own_worker_process(stories_checkpoint: Path, tmp_pat
     assert outcome.record["plan"]["removed"] == in_process.record["plan"]["removed"] and outcome.measurement["seconds"] > 0
     assert outcome.state.keys() == in_process.state.keys()
     assert torch.equal(outcome.state["__transform__"], in_process.state["__transform__"])
+
+
+def test_the_run_command_writes_a_passing_record_with_both_timings(stories_checkpoint: Path, tmp_path: Path) -> None:
+    """``python -m parity.methods_2025 run`` end to end: calibration blocks from the data directory, both sides in their
+    worker processes, the record (with a timing row per side) and the summary written."""
+    needs("replaceme")
+    from conftest import data_dir
+
+    if not data_dir().is_dir():
+        pytest.skip("local datasets folder not present (set LAYERFOLD_DATA_DIR)")
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "parity.methods_2025", "run", "--methods", "replaceme", "--checkpoint", str(stories_checkpoint),
+                           "--num-remove", "2", "--blocks", "16", "--seq-len", "32", "--threads", "1", "--tag", "t",
+                           "--released-dir", str(RELEASED_DIR), "--data-dir", str(data_dir()), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "replaceme_t.json").read_text())
+    assert record["passed"] and record["comparisons"] and "error" not in record
+    assert [r["side"] for r in record["rows"]] == ["released", "layerfold"] and all(r["seconds"] > 0 for r in record["rows"])
+    assert record["settings"]["blocks"] == 16 and record["settings"]["num_remove"] == 2
+    assert "## replaceme_t: PASS" in (out / "summary_2025.md").read_text()
