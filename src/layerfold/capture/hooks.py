@@ -22,6 +22,11 @@ from layerfold.models.adapters import get_adapter
 BoundaryCallback = Callable[[int, torch.Tensor], None]
 
 
+class StopForward(Exception):
+    """Raised by a hook once it has taken what it waits for, so the rest of the forward is skipped; the code that
+    ran the forward catches it."""
+
+
 def hidden_into(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden state a decoder layer is called with (positionally in most families, else ``hidden_states=``)."""
     return args[0] if args else kwargs["hidden_states"]

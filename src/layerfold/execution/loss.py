@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerfold.capture.hooks import hidden_from, hidden_into, iterate_batches
+from layerfold.capture.hooks import StopForward, hidden_from, hidden_into, iterate_batches
 from layerfold.models.adapters import get_adapter
 from layerfold.surgery import StackSnapshot, remove_layers
 
@@ -64,10 +64,6 @@ def calibration_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4)
 # --------------------------------------------------------------------------------------------
 # Loss without each candidate layer, sharing the prefix
 # --------------------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised by a hook once the hidden state it waits for is taken: the rest of the forward is not needed."""
 
 
 @contextmanager
@@ -101,7 +97,7 @@ def _forward_from(model: nn.Module, batch: torch.Tensor, hidden: torch.Tensor | 
 
     def take(module, args, output):
         taken.append(hidden_from(output))
-        raise _Stop
+        raise StopForward
 
     handles = []
     if hidden is not None:
@@ -110,7 +106,7 @@ def _forward_from(model: nn.Module, batch: torch.Tensor, hidden: torch.Tensor | 
         handles.append(layers[-1].register_forward_hook(take))
     try:
         logits = model(input_ids=batch, use_cache=False).logits
-    except _Stop:
+    except StopForward:
         return taken[0]
     finally:
         for handle in handles:
@@ -125,12 +121,12 @@ def _input_of(model: nn.Module, batch: torch.Tensor, position: int) -> torch.Ten
 
     def take(module, args, kwargs):
         taken.append(hidden_into(args, kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = layers[position].register_forward_pre_hook(take, with_kwargs=True)
     try:
         model(input_ids=batch, use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()

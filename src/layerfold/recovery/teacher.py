@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from layerfold.capture.hooks import hidden_from, hidden_into
+from layerfold.capture.hooks import StopForward, hidden_from, hidden_into
 from layerfold.models.adapters import get_adapter
 from layerfold.recovery.spans import Span
 
@@ -31,10 +31,6 @@ class SpanTargets(Protocol):
 
     def teacher_flops_per_token(self, spans: list[Span]) -> float:
         """Teacher FLOPs spent per training token inside the loop (0 when the targets were computed beforehand)."""
-
-
-class _StopForward(Exception):
-    """Raised by a teacher hook once every target of the batch is captured (the rest of the forward is not needed)."""
 
 
 class TeacherTaps:
@@ -58,7 +54,7 @@ class TeacherTaps:
             def save_output(module, args, output, end=end):
                 self.outputs[end] = hidden_from(output).detach()
                 if end - 1 == self.last:
-                    raise _StopForward
+                    raise StopForward  # every target of the batch is captured
             self._handles.append(self.layers[end - 1].register_forward_hook(save_output))
         return self
 
@@ -72,7 +68,7 @@ class TeacherTaps:
         self.outputs.clear()
         try:
             teacher(input_ids=input_ids, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
 
 
